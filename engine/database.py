@@ -1,0 +1,75 @@
+"""Which PostgreSQL to use: DATABASE_URL when set, else the embedded server."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import asyncpg
+
+import schema
+from engine.embedded import Embedded
+
+DEFAULT_DATA_DIR = ".tasklease"
+
+
+class DatabaseUnavailable(RuntimeError):
+    """Said in one line to the user; no traceback."""
+
+
+def data_dir() -> Path:
+    return Path(os.environ.get("TASKLEASE_DATA_DIR", DEFAULT_DATA_DIR)).resolve()
+
+
+def embedded() -> Embedded:
+    return Embedded(data_dir())
+
+
+def normalize(url: str) -> str:
+    """Accept the SQLAlchemy and Heroku spellings too: asyncpg wants postgresql://."""
+    return re.sub(r"^(postgres|postgresql)(\+\w+)?://", "postgresql://", url)
+
+
+def redact(url: str) -> str:
+    return re.sub(r"://([^:/@]+):[^@]*@", r"://\1:***@", url)
+
+
+def resolve() -> tuple[str, Embedded | None]:
+    """The DSN to use, and the embedded server behind it (None with DATABASE_URL)."""
+    url = os.environ.get("DATABASE_URL")
+    if url:
+        return normalize(url), None
+    server = embedded()
+    return server.dsn(), server
+
+
+async def check(dsn: str, *, need_schema: bool = True, timeout: float = 10) -> None:
+    """Raise DatabaseUnavailable, in words, unless the database answers (and is migrated)."""
+    try:
+        conn = await asyncpg.connect(dsn, timeout=timeout)
+    except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        reason = str(exc) or type(exc).__name__
+        raise DatabaseUnavailable(f"cannot reach the database at {redact(dsn)}: {reason}") from None
+    try:
+        if need_schema:
+            current, head = await schema.current(conn), schema.head()
+            if current != head:
+                raise DatabaseUnavailable(
+                    f"the database schema is at {current or 'nothing'}, this tasklease needs "
+                    f"{head}: run `tasklease migrate`"
+                )
+    finally:
+        await conn.close()
+
+
+async def other_clients(dsn: str) -> int:
+    conn = await asyncpg.connect(dsn)
+    try:
+        count: int = await conn.fetchval(
+            "SELECT count(*) FROM pg_stat_activity "
+            "WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()"
+        )
+        return count
+    finally:
+        await conn.close()

@@ -1,0 +1,219 @@
+-- Every SQL statement tasklease runs, by name. Loaded by engine/queries.py.
+--
+-- A transition is one statement: a guarded UPDATE (its guard is in its WHERE
+-- clause and in its name) plus the INSERT of its history row, in CTEs, so the
+-- state change and its record commit together in one round trip. A guard that
+-- matches no row returns no row: the caller lost the race and is told so.
+-- `attempt` in a history row is the task's attempt after the transition.
+-- JSON goes in and out as text (encoded by msgspec), so asyncpg never parses it.
+
+-- name: task_submit
+-- Insert a PENDING task and its `submit` row, or return the task that already holds the
+-- idempotency key ($7). Columns: created, then the task.
+WITH new AS (
+    INSERT INTO tasks (action, queue, priority, payload, max_attempts, due_at, idempotency_key)
+    VALUES ($1, $2, $3, $4::jsonb, $5, coalesce($6, now()), $7)
+    ON CONFLICT (idempotency_key) DO NOTHING
+    RETURNING *
+), logged AS (
+    INSERT INTO task_transitions (task_id, trigger, from_state, to_state, attempt)
+    SELECT id, 'submit', NULL, 'PENDING', 0 FROM new
+)
+SELECT true AS created, new.* FROM new
+UNION ALL
+SELECT false AS created, t.* FROM tasks t
+WHERE $7::text IS NOT NULL AND t.idempotency_key = $7 AND NOT EXISTS (SELECT FROM new);
+
+-- name: task_get
+-- One task by id.
+SELECT * FROM tasks WHERE id = $1;
+
+-- name: task_history
+-- A task's transitions, oldest first.
+SELECT trigger, from_state, to_state, attempt, worker, at, detail
+FROM task_transitions WHERE task_id = $1 ORDER BY id;
+
+-- name: task_claim_due
+-- Lease up to $3 tasks to worker $4 from queues $1, for the actions in $2 with their lease
+-- seconds in $5. Expired leases come first: reclaimed (RUNNING, attempt + 1, new token)
+-- while attempts remain, else expired (DEAD). Then due PENDING/FAILED tasks are claimed,
+-- highest priority, then earliest due first. SKIP LOCKED lets workers claim side by side.
+WITH expired AS (
+    -- a crashed worker's lease: no reaper, whoever claims next takes it over
+    SELECT id, worker AS old_worker FROM tasks
+    WHERE state = 'RUNNING' AND lease_expires_at <= now()
+      AND queue = ANY($1::text[]) AND action = ANY($2::text[])
+    ORDER BY lease_expires_at
+    LIMIT $3
+    FOR UPDATE SKIP LOCKED
+), due AS (
+    SELECT id, state AS from_state FROM tasks
+    WHERE state IN ('PENDING', 'FAILED') AND due_at <= now()
+      AND queue = ANY($1::text[]) AND action = ANY($2::text[])
+    ORDER BY priority DESC, due_at, id
+    LIMIT greatest($3 - (SELECT count(*) FROM expired), 0)
+    FOR UPDATE SKIP LOCKED
+), lease AS (
+    SELECT * FROM unnest($2::text[], $5::float8[]) AS l(action, seconds)
+), reclaimed AS (
+    UPDATE tasks t
+    SET attempt = t.attempt + 1, lease_token = gen_random_uuid(),
+        lease_expires_at = now() + make_interval(secs => lease.seconds),
+        worker = $4, updated_at = now()
+    FROM expired, lease
+    WHERE t.id = expired.id AND lease.action = t.action
+      AND t.state = 'RUNNING' AND t.lease_expires_at <= now() AND t.attempt < t.max_attempts
+    RETURNING t.*, expired.old_worker
+), dead AS (
+    UPDATE tasks t
+    SET state = 'DEAD', lease_expires_at = NULL, updated_at = now(),
+        last_error = 'lease of ' || coalesce(expired.old_worker, '?')
+                     || ' expired on the last attempt'
+    FROM expired
+    WHERE t.id = expired.id
+      AND t.state = 'RUNNING' AND t.lease_expires_at <= now() AND t.attempt >= t.max_attempts
+    RETURNING t.id, t.attempt, t.last_error
+), claimed AS (
+    UPDATE tasks t
+    SET state = 'RUNNING', attempt = t.attempt + 1, lease_token = gen_random_uuid(),
+        lease_expires_at = now() + make_interval(secs => lease.seconds),
+        worker = $4, updated_at = now()
+    FROM due, lease
+    WHERE t.id = due.id AND lease.action = t.action
+      AND t.state IN ('PENDING', 'FAILED') AND t.due_at <= now()
+    RETURNING t.*, due.from_state
+), logged AS (
+    INSERT INTO task_transitions (task_id, trigger, from_state, to_state, attempt, worker, detail)
+    SELECT id, 'claim', from_state, 'RUNNING'::task_state, attempt, $4, NULL FROM claimed
+    UNION ALL
+    SELECT id, 'reclaim', 'RUNNING'::task_state, 'RUNNING'::task_state, attempt, $4,
+           'lease of ' || coalesce(old_worker, '?') || ' expired' FROM reclaimed
+    UNION ALL
+    SELECT id, 'expire', 'RUNNING'::task_state, 'DEAD'::task_state, attempt, $4, last_error
+    FROM dead
+)
+SELECT 'claim' AS trigger, from_state, id, action, queue, payload, attempt, max_attempts,
+       lease_token, lease_expires_at, idempotency_key, due_at
+FROM claimed
+UNION ALL
+SELECT 'reclaim', 'RUNNING', id, action, queue, payload, attempt, max_attempts,
+       lease_token, lease_expires_at, idempotency_key, due_at
+FROM reclaimed
+UNION ALL
+SELECT 'expire', 'RUNNING', id, NULL, NULL, NULL, attempt, NULL, NULL, NULL, NULL, NULL
+FROM dead;
+
+-- name: task_heartbeat_if_leased
+-- Extend the lease of task $1 held under token $2 by $3 seconds. No row: the lease is lost.
+UPDATE tasks SET lease_expires_at = now() + make_interval(secs => $3)
+WHERE id = $1 AND state = 'RUNNING' AND lease_token = $2
+RETURNING lease_expires_at, cancel_requested_at IS NOT NULL AS cancel_requested;
+
+-- name: task_complete_if_leased
+-- RUNNING -> COMPLETED for task $1 under token $2, storing result $3.
+WITH moved AS (
+    UPDATE tasks SET state = 'COMPLETED', result = $3::jsonb, lease_expires_at = NULL,
+                     updated_at = now()
+    WHERE id = $1 AND state = 'RUNNING' AND lease_token = $2
+    RETURNING id, attempt, worker
+), logged AS (
+    INSERT INTO task_transitions (task_id, trigger, from_state, to_state, attempt, worker)
+    SELECT id, 'complete', 'RUNNING', 'COMPLETED', attempt, worker FROM moved
+)
+SELECT id, attempt FROM moved;
+
+-- name: task_fail_if_leased
+-- RUNNING -> FAILED for task $1 under token $2 while attempts remain; the next attempt is
+-- due in $3 seconds; error $4.
+WITH moved AS (
+    UPDATE tasks SET state = 'FAILED', due_at = now() + make_interval(secs => $3),
+                     last_error = $4, lease_expires_at = NULL, updated_at = now()
+    WHERE id = $1 AND state = 'RUNNING' AND lease_token = $2 AND attempt < max_attempts
+    RETURNING id, attempt, worker, due_at
+), logged AS (
+    INSERT INTO task_transitions (task_id, trigger, from_state, to_state, attempt, worker, detail)
+    SELECT id, 'fail', 'RUNNING', 'FAILED', attempt, worker,
+           format('retry in %ss: %s', round($3::numeric, 1), $4) FROM moved
+)
+SELECT id, attempt, due_at FROM moved;
+
+-- name: task_bury_if_leased
+-- RUNNING -> DEAD for task $1 under token $2 with error $3, when attempts are exhausted
+-- or the error is permanent ($4).
+WITH moved AS (
+    UPDATE tasks SET state = 'DEAD', last_error = $3, lease_expires_at = NULL,
+                     updated_at = now()
+    WHERE id = $1 AND state = 'RUNNING' AND lease_token = $2
+      AND (attempt >= max_attempts OR $4::boolean)
+    RETURNING id, attempt, worker
+), logged AS (
+    INSERT INTO task_transitions (task_id, trigger, from_state, to_state, attempt, worker, detail)
+    SELECT id, 'bury', 'RUNNING', 'DEAD', attempt, worker, $3 FROM moved
+)
+SELECT id, attempt FROM moved;
+
+-- name: task_release_if_leased
+-- RUNNING -> PENDING for task $1 under token $2: a worker shutting down hands it back and
+-- the attempt is not counted.
+WITH moved AS (
+    UPDATE tasks SET state = 'PENDING', attempt = attempt - 1, lease_expires_at = NULL,
+                     updated_at = now()
+    WHERE id = $1 AND state = 'RUNNING' AND lease_token = $2
+    RETURNING id, attempt, worker
+), logged AS (
+    INSERT INTO task_transitions (task_id, trigger, from_state, to_state, attempt, worker, detail)
+    SELECT id, 'release', 'RUNNING', 'PENDING', attempt, worker, 'worker shutting down'
+    FROM moved
+)
+SELECT id, attempt FROM moved;
+
+-- name: task_cancel_if_waiting
+-- PENDING or FAILED -> CANCELLED for task $1; $2 is the detail for the history.
+WITH old AS (
+    SELECT id, state FROM tasks WHERE id = $1 AND state IN ('PENDING', 'FAILED') FOR UPDATE
+), moved AS (
+    UPDATE tasks t SET state = 'CANCELLED', updated_at = now()
+    FROM old WHERE t.id = old.id AND t.state IN ('PENDING', 'FAILED')
+    RETURNING t.id, t.attempt, old.state AS from_state
+), logged AS (
+    INSERT INTO task_transitions (task_id, trigger, from_state, to_state, attempt, detail)
+    SELECT id, 'cancel', from_state, 'CANCELLED', attempt, $2 FROM moved
+)
+SELECT id, attempt FROM moved;
+
+-- name: task_cancel_if_leased
+-- RUNNING -> CANCELLED for task $1 under token $2, once cancellation was requested.
+WITH moved AS (
+    UPDATE tasks SET state = 'CANCELLED', lease_expires_at = NULL, updated_at = now()
+    WHERE id = $1 AND state = 'RUNNING' AND lease_token = $2
+      AND cancel_requested_at IS NOT NULL
+    RETURNING id, attempt, worker
+), logged AS (
+    INSERT INTO task_transitions (task_id, trigger, from_state, to_state, attempt, worker, detail)
+    SELECT id, 'cancel_running', 'RUNNING', 'CANCELLED', attempt, worker,
+           'handler stopped on request' FROM moved
+)
+SELECT id, attempt FROM moved;
+
+-- name: task_request_cancel_if_running
+-- Ask the worker holding RUNNING task $1 to stop it; the worker sees it at its next heartbeat.
+UPDATE tasks SET cancel_requested_at = coalesce(cancel_requested_at, now())
+WHERE id = $1 AND state = 'RUNNING'
+RETURNING id;
+
+-- name: task_requeue_if_dead
+-- DEAD -> PENDING for task $1: attempts reset to 0, due now; $2 is the detail.
+WITH moved AS (
+    UPDATE tasks SET state = 'PENDING', attempt = 0, due_at = now(), result = NULL,
+                     cancel_requested_at = NULL, updated_at = now()
+    WHERE id = $1 AND state = 'DEAD'
+    RETURNING id, attempt
+), logged AS (
+    INSERT INTO task_transitions (task_id, trigger, from_state, to_state, attempt, detail)
+    SELECT id, 'requeue', 'DEAD', 'PENDING', attempt, $2 FROM moved
+)
+SELECT id, attempt FROM moved;
+
+-- name: task_lease_outcome
+-- After a lost reply: the state of task $1 and whether token $2 holds its latest lease.
+SELECT state, lease_token = $2 AS ours FROM tasks WHERE id = $1;

@@ -1,0 +1,126 @@
+"""The task state machine, declared once.
+
+Every other layer derives from this module: the database enum is checked
+against `TaskState`, each guarded SQL statement in `queries.sql` is tested
+against `TRANSITIONS` (tests/integration/test_transition_matrix.py), and
+docs/state-machine.md is generated from it (`tasklease diagram`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+from transitions import Machine
+
+
+class TaskState(StrEnum):
+    PENDING = "PENDING"
+    """Waiting for due_at. Left by claim (a worker) or cancel (an operator)."""
+    RUNNING = "RUNNING"
+    """Leased by one worker. Left by complete / fail / bury / release / cancel under
+    the lease token, or by reclaim / expire once the lease has run out."""
+    COMPLETED = "COMPLETED"
+    """Final: the handler returned. Nothing leaves it."""
+    FAILED = "FAILED"
+    """This attempt failed; the next one is due at due_at. Left by claim or cancel."""
+    DEAD = "DEAD"
+    """Attempts exhausted or a permanent error: the dead letter. Left by requeue."""
+    CANCELLED = "CANCELLED"
+    """Final: cancelled by an operator. Nothing leaves it."""
+
+
+S = TaskState
+FINAL_STATES = frozenset({S.COMPLETED, S.CANCELLED})
+SUBMIT = "submit"
+
+
+@dataclass(frozen=True)
+class Transition:
+    trigger: str
+    sources: tuple[TaskState, ...]
+    dest: TaskState
+    guard: str
+
+
+TRANSITIONS: tuple[Transition, ...] = (
+    Transition(
+        "claim", (S.PENDING, S.FAILED), S.RUNNING, "due_at <= db now; attempt += 1; new lease token"
+    ),
+    Transition(
+        "reclaim",
+        (S.RUNNING,),
+        S.RUNNING,
+        "lease expired; attempt < max_attempts; attempt += 1; new lease token",
+    ),
+    Transition("expire", (S.RUNNING,), S.DEAD, "lease expired; attempt >= max_attempts"),
+    Transition("complete", (S.RUNNING,), S.COMPLETED, "lease token matches"),
+    Transition(
+        "fail",
+        (S.RUNNING,),
+        S.FAILED,
+        "lease token matches; attempt < max_attempts; due_at = now + backoff",
+    ),
+    Transition(
+        "bury", (S.RUNNING,), S.DEAD, "lease token matches; attempts exhausted or permanent error"
+    ),
+    Transition("cancel", (S.PENDING, S.FAILED), S.CANCELLED, "none"),
+    Transition(
+        "cancel_running",
+        (S.RUNNING,),
+        S.CANCELLED,
+        "lease token matches; cancellation was requested",
+    ),
+    Transition(
+        "release", (S.RUNNING,), S.PENDING, "lease token matches; the attempt is given back"
+    ),
+    Transition("requeue", (S.DEAD,), S.PENDING, "attempt reset to 0; due now"),
+)
+
+TRIGGERS: tuple[str, ...] = (SUBMIT, *(t.trigger for t in TRANSITIONS))
+BY_TRIGGER: dict[str, Transition] = {t.trigger: t for t in TRANSITIONS}
+
+
+def build_machine(initial: TaskState = S.PENDING) -> Machine:
+    """A `transitions` machine over the declaration; used as the model in tests."""
+    return Machine(
+        states=[s.value for s in TaskState],
+        transitions=[
+            {"trigger": t.trigger, "source": [s.value for s in t.sources], "dest": t.dest.value}
+            for t in TRANSITIONS
+        ],
+        initial=initial.value,
+        auto_transitions=False,
+        ignore_invalid_triggers=False,
+    )
+
+
+MACHINE = build_machine()
+
+
+def can_fire(trigger: str, state: TaskState) -> bool:
+    return trigger in MACHINE.get_triggers(state.value)
+
+
+def is_path(steps: list[tuple[str, TaskState | None, TaskState]]) -> bool:
+    """True when (trigger, from, to) steps form a walk of the machine from submit."""
+    expected: TaskState | None = None
+    for i, (trigger, src, dst) in enumerate(steps):
+        if i == 0:
+            if (trigger, src, dst) != (SUBMIT, None, S.PENDING):
+                return False
+        else:
+            t = BY_TRIGGER.get(trigger)
+            if t is None or src != expected or src not in t.sources or dst != t.dest:
+                return False
+        expected = dst
+    return bool(steps)
+
+
+def mermaid() -> str:
+    """The machine as a Mermaid state diagram, generated from TRANSITIONS."""
+    lines = ["stateDiagram-v2", f"    [*] --> {S.PENDING}: {SUBMIT}"]
+    for t in TRANSITIONS:
+        lines += [f"    {src} --> {t.dest}: {t.trigger}" for src in t.sources]
+    lines += [f"    {s} --> [*]" for s in sorted(FINAL_STATES)]
+    return "\n".join(lines) + "\n"

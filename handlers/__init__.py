@@ -1,0 +1,1 @@
+"""Built-in handlers, one module per action. Every module here is loaded by workers and the API."""

@@ -1,0 +1,62 @@
+"""The database schema: Alembic migrations in plain SQL, applied under an advisory lock.
+
+This package imports nothing else of tasklease.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import asyncpg
+from alembic import command
+from alembic.config import Config
+from alembic.script import ScriptDirectory
+from sqlalchemy import Connection, text
+from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy.pool import NullPool
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+# Two processes that migrate at once queue on this lock; the second finds nothing to do.
+MIGRATE_LOCK = 0x7461736B6C65  # "taskle"
+
+
+def _config() -> Config:
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    return cfg
+
+
+def head() -> str:
+    rev = ScriptDirectory.from_config(_config()).get_current_head()
+    assert rev is not None
+    return rev
+
+
+async def current(conn: asyncpg.Connection) -> str | None:
+    """The revision the database is at, or None before the first migration."""
+    exists = await conn.fetchval("SELECT to_regclass('alembic_version') IS NOT NULL")
+    if not exists:
+        return None
+    rev: str | None = await conn.fetchval("SELECT version_num FROM alembic_version")
+    return rev
+
+
+async def upgrade(dsn: str, revision: str = "head") -> str:
+    """Bring the schema to `revision` in one transaction; safe to run from many processes."""
+    engine = create_async_engine(
+        "postgresql+asyncpg://", async_creator=lambda: asyncpg.connect(dsn), poolclass=NullPool
+    )
+    cfg = _config()
+
+    def run(sync_conn: Connection) -> None:
+        cfg.attributes["connection"] = sync_conn
+        command.upgrade(cfg, revision)
+
+    try:
+        async with engine.begin() as conn:
+            await conn.execute(text(f"SELECT pg_advisory_xact_lock({MIGRATE_LOCK})"))
+            await conn.run_sync(run)
+            rev = (await conn.execute(text("SELECT version_num FROM alembic_version"))).scalar()
+    finally:
+        await engine.dispose()
+    return str(rev)

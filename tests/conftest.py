@@ -1,0 +1,138 @@
+"""Shared fixtures: a real PostgreSQL, a migrated template database, one database per test.
+
+The server is the embedded one (under .tasklease/test) unless TASKLEASE_TEST_DATABASE_URL
+names another; that role must be allowed to create databases.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import pytest
+
+import schema
+from engine.database import normalize
+from engine.embedded import Embedded
+from engine.store import Store
+
+REPO = Path(__file__).resolve().parent.parent
+TEST_URL_ENV = "TASKLEASE_TEST_DATABASE_URL"
+# One row per handler execution (tests/support/handlers.py), whichever process ran it.
+EXECUTIONS_TABLE = """
+CREATE TABLE executions (
+    id      bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    task_id bigint NOT NULL,
+    attempt integer NOT NULL,
+    worker  text NOT NULL,
+    token   uuid NOT NULL,
+    at      timestamptz NOT NULL DEFAULT clock_timestamp()
+)"""
+
+
+def with_database(dsn: str, name: str) -> str:
+    parts = urlsplit(dsn)
+    return urlunsplit(parts._replace(path=f"/{name}"))
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[Embedded | None]:
+    if os.environ.get(TEST_URL_ENV):
+        yield None
+        return
+    server = Embedded(REPO / ".tasklease" / "test")
+    started = server.ensure_running()
+    yield server
+    if started:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def admin_dsn(pg_server: Embedded | None) -> str:
+    if pg_server is None:
+        return normalize(os.environ[TEST_URL_ENV])
+    return pg_server.dsn()
+
+
+@pytest.fixture(scope="session")
+async def server_version(admin_dsn: str) -> int:
+    conn = await asyncpg.connect(admin_dsn)
+    try:
+        return int(await conn.fetchval("SHOW server_version_num"))
+    finally:
+        await conn.close()
+
+
+@pytest.fixture(scope="session")
+async def template(admin_dsn: str) -> AsyncIterator[str]:
+    name = f"tasklease_tpl_{os.getpid()}"
+    conn = await asyncpg.connect(admin_dsn)
+    try:
+        await conn.execute(f"DROP DATABASE IF EXISTS {name}")
+        await conn.execute(f"CREATE DATABASE {name}")
+        await schema.upgrade(with_database(admin_dsn, name))
+        tpl = await asyncpg.connect(with_database(admin_dsn, name))
+        try:
+            await tpl.execute(EXECUTIONS_TABLE)
+        finally:
+            await tpl.close()
+        yield name
+        await conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    finally:
+        await conn.close()
+
+
+async def create_database(admin_dsn: str, template: str | None) -> str:
+    name = f"t_{uuid.uuid4().hex[:16]}"
+    conn = await asyncpg.connect(admin_dsn)
+    try:
+        await conn.execute(
+            f"CREATE DATABASE {name}" + (f" TEMPLATE {template}" if template else "")
+        )
+    finally:
+        await conn.close()
+    return name
+
+
+async def drop_database(admin_dsn: str, name: str) -> None:
+    conn = await asyncpg.connect(admin_dsn)
+    try:
+        await conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
+async def db(admin_dsn: str, template: str, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[str]:
+    """A migrated database of this test's own; DATABASE_URL points at it."""
+    name = await create_database(admin_dsn, template)
+    dsn = with_database(admin_dsn, name)
+    monkeypatch.setenv("DATABASE_URL", dsn)
+    yield dsn
+    await drop_database(admin_dsn, name)
+
+
+@pytest.fixture
+async def empty_db(admin_dsn: str) -> AsyncIterator[str]:
+    """A database with no schema at all."""
+    name = await create_database(admin_dsn, None)
+    yield with_database(admin_dsn, name)
+    await drop_database(admin_dsn, name)
+
+
+@pytest.fixture
+async def store(db: str) -> AsyncIterator[Store]:
+    s = await Store.connect(db, max_size=10)
+    yield s
+    await s.close()
+
+
+@pytest.fixture
+async def conn(db: str) -> AsyncIterator[asyncpg.Connection]:
+    c = await asyncpg.connect(db)
+    yield c
+    await c.close()

@@ -1,0 +1,56 @@
+"""The database agrees with the declaration, and migrating is idempotent and concurrent-safe."""
+
+import asyncio
+
+import asyncpg
+
+import schema
+from engine.states import TRIGGERS, TaskState
+
+
+async def test_enum_equals_task_state(conn: asyncpg.Connection) -> None:
+    labels = await conn.fetchval("SELECT enum_range(NULL::task_state)::text[]")
+    assert labels == [s.value for s in TaskState]
+
+
+async def test_trigger_check_equals_declared_triggers(conn: asyncpg.Connection) -> None:
+    definition = await conn.fetchval(
+        "SELECT pg_get_constraintdef(oid) FROM pg_constraint "
+        "WHERE conrelid = 'task_transitions'::regclass AND contype = 'c' "
+        "AND pg_get_constraintdef(oid) LIKE '%trigger%ANY%'"
+    )
+    in_db = {part.split("'")[1] for part in definition.split("::text")[:-1]}
+    assert in_db == set(TRIGGERS)
+
+
+async def test_migrate_is_idempotent(db: str) -> None:
+    assert await schema.upgrade(db) == schema.head()
+    assert await schema.upgrade(db) == schema.head()
+
+
+async def test_concurrent_migrations_on_an_empty_database(empty_db: str) -> None:
+    revisions = await asyncio.gather(*(schema.upgrade(empty_db) for _ in range(4)))
+    assert revisions == [schema.head()] * 4
+    conn = await asyncpg.connect(empty_db)
+    try:
+        assert await schema.current(conn) == schema.head()
+        assert await conn.fetchval("SELECT count(*) FROM alembic_version") == 1
+    finally:
+        await conn.close()
+
+
+async def test_database_refuses_what_the_machine_forbids(conn: asyncpg.Connection) -> None:
+    """Constraints back the guards: no attempt past max_attempts, no RUNNING without a lease."""
+    task_id = await conn.fetchval(
+        "INSERT INTO tasks (action, payload, max_attempts) VALUES ('noop', '{}', 2) RETURNING id"
+    )
+    for bad in (
+        "UPDATE tasks SET attempt = 3 WHERE id = $1",
+        "UPDATE tasks SET state = 'RUNNING' WHERE id = $1",
+        "UPDATE tasks SET state = 'BOGUS' WHERE id = $1",
+    ):
+        try:
+            await conn.execute(bad, task_id)
+        except (asyncpg.CheckViolationError, asyncpg.InvalidTextRepresentationError):
+            continue
+        raise AssertionError(f"the database accepted: {bad}")

@@ -1,0 +1,95 @@
+"""Every trigger fired at a task in every state, against the real database.
+
+The statement must move the task exactly when the declaration in engine/states.py
+lists that state as a source, land in the declared destination, and write one history
+row; from any other state it must change nothing at all.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+import pytest
+
+from engine.states import BY_TRIGGER, TRANSITIONS, TaskState
+from engine.store import Store
+from tests.support.db import LEASES, force_state, state_of, submit, triggers
+
+WORKER = "matrix-worker"
+
+
+@dataclass
+class Case:
+    """How to arrange a task so that only the source state decides, and how to fire."""
+
+    setup: dict[str, Any]
+    fire: Callable[[Store, int, uuid.UUID], Awaitable[Any]]
+
+
+async def claim_all(store: Store, task_id: int, token: uuid.UUID) -> None:
+    await store.claim(["default"], LEASES, 10, WORKER)
+
+
+CASES: dict[str, Case] = {
+    # due now; a RUNNING task's lease is still good, so claim must leave it alone
+    "claim": Case({"due_in": -1, "lease_in": 60}, claim_all),
+    # lease expired, attempts left; other states are not due, so claim takes nothing
+    "reclaim": Case({"due_in": 3600, "lease_in": -1, "attempt": 1}, claim_all),
+    # lease expired on the last attempt
+    "expire": Case({"due_in": 3600, "lease_in": -1, "attempt": 5}, claim_all),
+    "complete": Case({}, lambda s, i, t: s.complete(i, t, '{"ok": true}')),
+    "fail": Case({"attempt": 1}, lambda s, i, t: s.fail(i, t, 30, "boom")),
+    "bury": Case({"attempt": 1}, lambda s, i, t: s.bury(i, t, "fatal", True)),
+    "cancel": Case({"due_in": 3600}, lambda s, i, t: s.cancel(i, "by test")),
+    "cancel_running": Case({"cancel_requested": True}, lambda s, i, t: s.cancel_running(i, t)),
+    "release": Case({}, lambda s, i, t: s.release(i, t)),
+    "requeue": Case({"due_in": 3600}, lambda s, i, t: s.requeue(i, "by test")),
+}
+
+
+def test_every_declared_trigger_has_a_case() -> None:
+    assert set(CASES) == {t.trigger for t in TRANSITIONS}
+
+
+async def arrange(
+    store: Store, conn: asyncpg.Connection, state: TaskState, setup: dict[str, Any]
+) -> tuple[int, uuid.UUID]:
+    task_id = await submit(store, max_attempts=5)
+    options = {k: v for k, v in setup.items() if k != "cancel_requested"}
+    token = await force_state(conn, task_id, state, **options)
+    if setup.get("cancel_requested"):
+        await conn.execute("UPDATE tasks SET cancel_requested_at = now() WHERE id = $1", task_id)
+    return task_id, token
+
+
+@pytest.mark.parametrize("state", list(TaskState))
+@pytest.mark.parametrize("trigger", list(CASES))
+async def test_trigger_from_state(
+    store: Store, conn: asyncpg.Connection, trigger: str, state: TaskState
+) -> None:
+    declared = BY_TRIGGER[trigger]
+    case = CASES[trigger]
+    task_id, token = await arrange(store, conn, state, case.setup)
+    before = await state_of(conn, task_id)
+    history_before = await triggers(conn, task_id)
+
+    await case.fire(store, task_id, token)
+
+    after = await state_of(conn, task_id)
+    history_after = await triggers(conn, task_id)
+    if state in declared.sources:
+        assert after["state"] == declared.dest, f"{trigger} from {state} did not move the task"
+        assert history_after == [*history_before, trigger]
+        last = await conn.fetchrow(
+            "SELECT from_state, to_state FROM task_transitions WHERE task_id = $1 "
+            "ORDER BY id DESC LIMIT 1",
+            task_id,
+        )
+        assert (last["from_state"], last["to_state"]) == (state.value, declared.dest.value)
+    else:
+        assert dict(after) == dict(before), f"{trigger} changed a {state} task"
+        assert history_after == history_before

@@ -1,0 +1,266 @@
+"""The worker in this process against the real database: outcomes, leases, stops, faults."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from collections.abc import AsyncIterator, Callable
+
+import asyncpg
+import pytest
+
+from engine import registry
+from engine.states import TaskState
+from engine.store import Store
+from engine.worker import Worker, WorkerConfig
+from tests.support.db import (
+    LEASES,
+    assert_completed_once,
+    assert_histories_are_paths,
+    expire_lease,
+    state_of,
+    submit,
+    triggers,
+    wait_until,
+)
+
+S = TaskState
+HANDLERS = registry.load(["tests.support.handlers"])
+
+
+class Running:
+    def __init__(self) -> None:
+        self.workers: list[tuple[Worker, asyncio.Task[None]]] = []
+
+    def start(self, store: Store, **config: object) -> Worker:
+        cfg = WorkerConfig(
+            **{"concurrency": 4, "poll_interval": 0.05, "grace_seconds": 5, **config}
+        )  # type: ignore[arg-type]
+        worker = Worker(store, HANDLERS, cfg)
+        self.workers.append((worker, asyncio.create_task(worker.run())))
+        return worker
+
+    async def stop(self, worker: Worker) -> None:
+        for w, task in self.workers:
+            if w is worker:
+                w.stop()
+                await asyncio.wait_for(task, 30)
+
+
+@pytest.fixture
+async def workers() -> AsyncIterator[Running]:
+    running = Running()
+    yield running
+    for w, _ in running.workers:
+        w.stop()
+        w.stop()
+    await asyncio.gather(*(t for _, t in running.workers), return_exceptions=True)
+
+
+def done(conn: asyncpg.Connection, task_id: int, state: TaskState) -> Callable[[], object]:
+    async def check() -> bool:
+        return bool((await state_of(conn, task_id))["state"] == state)
+
+    return check
+
+
+async def executions(conn: asyncpg.Connection, task_id: int) -> list[asyncpg.Record]:
+    return await conn.fetch("SELECT * FROM executions WHERE task_id = $1 ORDER BY id", task_id)
+
+
+async def test_runs_tasks_to_completion(
+    store: Store, conn: asyncpg.Connection, workers: Running
+) -> None:
+    ids = [await submit(store, "test_sleep", '{"seconds": 0.01}') for _ in range(20)]
+    ids.append(await submit(store, "email_user", '{"user_id": 42}', idempotency_key="welcome-42"))
+    workers.start(store)
+    await wait_until(lambda: _all(conn, ids), "all tasks completed")
+    for task_id in ids:
+        assert await triggers(conn, task_id) == ["submit", "claim", "complete"]
+    mail = await state_of(conn, ids[-1])
+    assert json.loads(mail["result"]) == {
+        "status": "sent",
+        "user_id": 42,
+        "template": "welcome",
+        "message_id": "<welcome-42@tasklease.invalid>",
+    }
+    assert await conn.fetchval("SELECT count(*) FROM executions") == 20
+    await assert_histories_are_paths(conn)
+
+
+async def _all(conn: asyncpg.Connection, ids: list[int]) -> bool:
+    n = await conn.fetchval(
+        "SELECT count(*) FROM tasks WHERE id = ANY($1) AND state = 'COMPLETED'", ids
+    )
+    return bool(n == len(ids))
+
+
+async def test_failing_handler_walks_failed_to_dead(
+    store: Store, conn: asyncpg.Connection, workers: Running
+) -> None:
+    task_id = await submit(store, "test_fail", max_attempts=3)
+    workers.start(store)
+    await wait_until(done(conn, task_id, S.DEAD), "the task to die")  # type: ignore[arg-type]
+    assert await triggers(conn, task_id) == [
+        "submit",
+        "claim",
+        "fail",
+        "claim",
+        "fail",
+        "claim",
+        "bury",
+    ]
+    rows = await conn.fetch(
+        "SELECT trigger, attempt, detail FROM task_transitions "
+        "WHERE task_id = $1 AND trigger IN ('fail', 'bury') ORDER BY id",
+        task_id,
+    )
+    retry_in = [
+        float(re.match(r"retry in ([\d.]+)s", r["detail"]).group(1))  # type: ignore[union-attr]
+        for r in rows
+        if r["trigger"] == "fail"
+    ]
+    assert retry_in[0] < retry_in[1], "backoff must grow: handler declares [0.1, 0.2]"
+    assert [r["attempt"] for r in rows] == [1, 2, 3]
+    assert rows[-1]["detail"] == "ValueError: boom on attempt 3 (attempt 3 of 3)"
+    task = await state_of(conn, task_id)
+    assert (task["attempt"], task["last_error"]) == (3, rows[-1]["detail"])
+
+
+async def test_failed_attempt_is_due_after_backoff(store: Store, conn: asyncpg.Connection) -> None:
+    """Default backoff: the first retry is due about a minute after the failure."""
+    task_id = await submit(store)
+    leased, _ = await store.claim(["default"], LEASES, 1, "w1")
+    row = await store.fail(task_id, leased[0].lease_token, HANDLERS["noop"].retry_delay(1), "boom")
+    assert row is not None
+    delay = await conn.fetchval(
+        "SELECT extract(epoch FROM due_at - now()) FROM tasks WHERE id = $1", task_id
+    )
+    assert 50 < delay <= 66
+
+
+async def test_permanent_error_goes_dead_at_once(
+    store: Store, conn: asyncpg.Connection, workers: Running
+) -> None:
+    task_id = await submit(store, "test_permanent", max_attempts=5)
+    workers.start(store)
+    await wait_until(done(conn, task_id, S.DEAD), "the task to die")  # type: ignore[arg-type]
+    assert await triggers(conn, task_id) == ["submit", "claim", "bury"]
+    assert (await state_of(conn, task_id))["last_error"] == "PermanentError: user 42 does not exist"
+
+
+async def test_payload_that_no_longer_fits_is_buried(
+    store: Store, conn: asyncpg.Connection, workers: Running
+) -> None:
+    task_id = await submit(store, "test_sleep", '{"seconds": "soon"}')
+    workers.start(store)
+    await wait_until(done(conn, task_id, S.DEAD), "the task to die")  # type: ignore[arg-type]
+    assert "payload does not fit test_sleep" in (await state_of(conn, task_id))["last_error"]
+
+
+async def test_sync_handlers_run_in_threads(
+    store: Store, conn: asyncpg.Connection, workers: Running
+) -> None:
+    ids = [await submit(store, "test_sync", '{"seconds": 0.2}') for _ in range(4)]
+    workers.start(store, concurrency=4)
+    await wait_until(lambda: _all(conn, ids), "sync tasks completed")
+    for i in ids:
+        assert json.loads((await state_of(conn, i))["result"]) == {"slept": 0.2, "thread": True}
+
+
+async def test_heartbeats_keep_a_slow_handler_leased(
+    store: Store, conn: asyncpg.Connection, workers: Running
+) -> None:
+    """test_sleep has a 2 s lease; the handler runs 5 s and is never taken over."""
+    task_id = await submit(store, "test_sleep", '{"seconds": 5}')
+    workers.start(store, worker_id="holder")
+    await wait_until(lambda: _count_exec(conn, task_id, 1), "the handler to start")
+    workers.start(store, worker_id="rival")
+    await wait_until(done(conn, task_id, S.COMPLETED), "completion")  # type: ignore[arg-type]
+    assert await triggers(conn, task_id) == ["submit", "claim", "complete"]
+    assert len(await executions(conn, task_id)) == 1
+
+
+async def _count_exec(conn: asyncpg.Connection, task_id: int, n: int) -> bool:
+    return bool(
+        await conn.fetchval("SELECT count(*) FROM executions WHERE task_id = $1", task_id) >= n
+    )
+
+
+async def test_worker_that_lost_its_lease_drops_its_result(
+    store: Store, conn: asyncpg.Connection, workers: Running
+) -> None:
+    task_id = await submit(store, "test_sleep", '{"seconds": 3}')
+    loser = workers.start(store, worker_id="loser")
+    await wait_until(lambda: _count_exec(conn, task_id, 1), "the handler to start")
+    # the lease runs out (as if the worker had been paused) and another worker takes over
+    await expire_lease(conn, task_id)
+    leased, _ = await store.claim(["default"], LEASES, 1, "winner")
+    assert [t.id for t in leased] == [task_id]
+    await wait_until(lambda: _stat(loser, "dropped"), "the loser to notice and drop")
+    assert await store.complete(task_id, leased[0].lease_token, '"winner"')
+    row = await state_of(conn, task_id)
+    assert (row["state"], row["result"], row["worker"]) == (S.COMPLETED, '"winner"', "winner")
+    assert await triggers(conn, task_id) == ["submit", "claim", "reclaim", "complete"]
+    assert loser.stats["completed"] == 0
+
+
+async def _stat(worker: Worker, key: str) -> bool:
+    return worker.stats[key] > 0
+
+
+async def test_stop_hands_unfinished_tasks_back(
+    store: Store, conn: asyncpg.Connection, workers: Running
+) -> None:
+    task_id = await submit(store, "test_sleep", '{"seconds": 30}')
+    worker = workers.start(store, grace_seconds=0.2)
+    await wait_until(lambda: _count_exec(conn, task_id, 1), "the handler to start")
+    await workers.stop(worker)
+    row = await state_of(conn, task_id)
+    assert (row["state"], row["attempt"]) == (S.PENDING, 0)
+    assert await triggers(conn, task_id) == ["submit", "claim", "release"]
+    assert worker.stats["released"] == 1
+
+
+async def test_stop_lets_running_handlers_finish_within_grace(
+    store: Store, conn: asyncpg.Connection, workers: Running
+) -> None:
+    task_id = await submit(store, "test_sleep", '{"seconds": 0.5}')
+    worker = workers.start(store, grace_seconds=20)
+    await wait_until(lambda: _count_exec(conn, task_id, 1), "the handler to start")
+    await workers.stop(worker)
+    assert (await state_of(conn, task_id))["state"] == S.COMPLETED
+
+
+async def test_cancel_request_stops_a_running_handler(
+    store: Store, conn: asyncpg.Connection, workers: Running
+) -> None:
+    task_id = await submit(store, "test_sleep", '{"seconds": 30}')
+    workers.start(store)
+    await wait_until(lambda: _count_exec(conn, task_id, 1), "the handler to start")
+    assert await store.request_cancel(task_id)
+    await wait_until(done(conn, task_id, S.CANCELLED), "cancellation")  # type: ignore[arg-type]
+    assert await triggers(conn, task_id) == ["submit", "claim", "cancel_running"]
+
+
+async def test_survives_terminated_connections(
+    store: Store, conn: asyncpg.Connection, workers: Running, db: str
+) -> None:
+    ids = [await submit(store, "test_sleep", '{"seconds": 0.05}') for _ in range(60)]
+    own = await Store.connect(db, max_size=6)  # the worker's pool, apart from the test's
+    try:
+        workers.start(own, concurrency=6)
+        for _ in range(5):
+            await asyncio.sleep(0.2)
+            await conn.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid() "
+                "AND application_name = 'tasklease'"
+            )
+        await wait_until(lambda: _all(conn, ids), "all tasks completed", timeout=60)
+    finally:
+        await workers.stop(workers.workers[-1][0])
+        await own.close()
+    await assert_completed_once(conn)
+    await assert_histories_are_paths(conn)

@@ -1,0 +1,121 @@
+"""Real tasklease processes for end-to-end tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+class Proc:
+    """A `tasklease …` child process whose output goes to a log file."""
+
+    def __init__(
+        self, args: list[str], log_dir: Path, name: str, env: dict[str, str | None]
+    ) -> None:
+        """`env` adds to this process's environment; a None value removes that variable."""
+        self.name = name
+        self.log_path = log_dir / f"{name}.log"
+        self._log = open(self.log_path, "wb")  # noqa: SIM115
+        merged = {**os.environ, **env}
+        self.popen = subprocess.Popen(
+            [sys.executable, "-m", "engine.cli", *args],
+            cwd=REPO,
+            env={k: v for k, v in merged.items() if v is not None},
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def output(self) -> str:
+        if not self._log.closed:
+            self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def signal(self, sig: int) -> None:
+        if self.popen.poll() is None:
+            self.popen.send_signal(sig)
+
+    def wait(self, timeout: float = 60) -> int:
+        return self.popen.wait(timeout=timeout)
+
+    def stop(self, timeout: float = 60) -> int:
+        self.signal(signal.SIGTERM)
+        try:
+            return self.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            return self.popen.wait()
+        finally:
+            self._log.close()
+
+
+class Procs:
+    def __init__(self, log_dir: Path, env: dict[str, str | None]) -> None:
+        self.log_dir = log_dir
+        self.env = env
+        self.started: list[Proc] = []
+
+    def start(self, name: str, *args: str, env: dict[str, str | None] | None = None) -> Proc:
+        proc = Proc(list(args), self.log_dir, name, {**self.env, **(env or {})})
+        self.started.append(proc)
+        return proc
+
+    def api(self, *extra: str) -> tuple[Proc, str]:
+        port = free_port()
+        proc = self.start(
+            "api", "api", "--port", str(port), "--handlers", "tests.support.handlers", *extra
+        )
+        url = f"http://127.0.0.1:{port}"
+        wait_for_http(f"{url}/healthz", proc)
+        return proc, url
+
+    def worker(self, name: str, *extra: str) -> Proc:
+        return self.start(
+            name,
+            "worker",
+            "--handlers",
+            "tests.support.handlers",
+            "--poll-interval",
+            "0.05",
+            *extra,
+        )
+
+    def stop_all(self) -> None:
+        for proc in self.started:
+            proc.stop()
+
+    def dump(self) -> str:
+        return "\n".join(f"--- {p.name} ---\n{p.output()[-4000:]}" for p in self.started)
+
+
+def wait_for_http(url: str, proc: Proc, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.popen.poll() is not None:
+            raise AssertionError(f"{proc.name} exited early:\n{proc.output()}")
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"{url} did not answer within {timeout}s:\n{proc.output()}")
