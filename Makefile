@@ -18,6 +18,7 @@ dev: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 	$(BIN)/pytest $(ARGS)
 
 lint: $(STAMP)

@@ -79,7 +79,8 @@ WITH expired AS (
         lease_expires_at = now() + make_interval(secs => lease.seconds),
         worker = $4, updated_at = now()
     FROM due, lease
-    WHERE t.id = due.id AND lease.action = t.action
+    -- the id list steers the planner to the primary key rather than re-reading the due range
+    WHERE t.id = ANY(ARRAY(SELECT id FROM due)) AND t.id = due.id AND lease.action = t.action
       AND t.state IN ('PENDING', 'FAILED') AND t.due_at <= now()
     RETURNING t.*, due.from_state
 ), logged AS (

@@ -18,7 +18,7 @@ import asyncpg
 from engine.queries import SQL
 
 # Errors after which the same statement can succeed once the database is back.
-TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
+TRANSIENT_ERRORS: tuple[type[Exception], ...] = (
     OSError,
     TimeoutError,
     asyncpg.InterfaceError,

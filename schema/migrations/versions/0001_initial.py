@@ -39,9 +39,9 @@ CREATE TABLE tasks (
     CHECK ((state = 'RUNNING') = (lease_expires_at IS NOT NULL AND lease_token IS NOT NULL))
 );
 
--- Claiming reads only this index: finished tasks are not in it, however many pile up.
-CREATE INDEX tasks_claimable ON tasks (queue, priority DESC, due_at, id)
-    WHERE state IN ('PENDING', 'FAILED');
+-- Claiming reads only this index: finished tasks are not in it, however many pile up,
+-- and the range scan stops at now(), so tasks scheduled for later are not read either.
+CREATE INDEX tasks_claimable ON tasks (queue, due_at) WHERE state IN ('PENDING', 'FAILED');
 -- Leases to take over; holds only RUNNING tasks.
 CREATE INDEX tasks_lease_expiry ON tasks (lease_expires_at) WHERE state = 'RUNNING';
 

@@ -1,0 +1,50 @@
+"""The claim statement reads indexes only, whatever piles up beside the due tasks."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import asyncpg
+import msgspec
+import pytest
+
+from engine.queries import SQL
+from tests.support.db import LEASES
+
+ALLOWED_INDEXES = {"tasks_claimable", "tasks_lease_expiry", "tasks_pkey"}
+
+
+def nodes(plan: dict[str, Any]) -> list[dict[str, Any]]:
+    return [plan, *(n for child in plan.get("Plans", []) for n in nodes(child))]
+
+
+@pytest.mark.parametrize("plan_mode", ["auto", "force_generic_plan"])
+async def test_claim_never_scans_finished_or_future_tasks(
+    conn: asyncpg.Connection, plan_mode: str
+) -> None:
+    await conn.execute("""
+        INSERT INTO tasks (action, payload, state, attempt, result)
+        SELECT 'noop', '{}', 'COMPLETED', 1, 'null' FROM generate_series(1, 30000);
+        INSERT INTO tasks (action, payload, due_at)
+        SELECT 'noop', '{}', now() + interval '1 day' FROM generate_series(1, 5000);
+        INSERT INTO tasks (action, payload) SELECT 'noop', '{}' FROM generate_series(1, 50);
+        ANALYZE tasks;""")
+    await conn.execute(f"SET plan_cache_mode = {plan_mode}")
+    args = (["default"], list(LEASES), 10, "w", list(LEASES.values()))
+    tr = conn.transaction()
+    await tr.start()
+    try:
+        raw = await conn.fetchval("EXPLAIN (ANALYZE, FORMAT JSON) " + SQL["task_claim_due"], *args)
+    finally:
+        await tr.rollback()
+    plan = nodes(msgspec.json.decode(raw)[0]["Plan"])
+    seq = [n for n in plan if n["Node Type"] == "Seq Scan" and n.get("Relation Name") == "tasks"]
+    assert seq == [], "the claim reads the whole tasks table"
+    indexes = {n["Index Name"] for n in plan if "Index Name" in n}
+    assert indexes <= ALLOWED_INDEXES and "tasks_claimable" in indexes, indexes
+    # rows read through the claimable index: the 50 due tasks, not the 35,000 others
+    read = [n["Actual Rows"] for n in plan if n.get("Index Name") == "tasks_claimable"]
+    assert read and max(read) <= 50, read
+    # and it claims what is due, not the future or the finished
+    leased = await conn.fetch(SQL["task_claim_due"], *args)
+    assert len(leased) == 10
