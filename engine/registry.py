@@ -6,7 +6,6 @@ any other exception the attempt failed; retried with backoff until max_attempts
 
 from __future__ import annotations
 
-import asyncio
 import importlib
 import inspect
 import logging
@@ -164,12 +163,6 @@ def _payload_type(fn: HandlerFn) -> type | None:
     if isinstance(hint, type) and issubclass(hint, msgspec.Struct):
         return hint
     return None
-
-
-async def call(h: Handler, ctx: TaskContext, payload: Any) -> Any:
-    if h.is_async:
-        return await h.fn(ctx, payload)
-    return await asyncio.to_thread(h.fn, ctx, payload)
 
 
 BUILTIN_PACKAGE = "handlers"

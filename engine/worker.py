@@ -166,7 +166,6 @@ class Worker:
         self._stopping.set()
 
     async def run(self) -> None:
-        asyncio.get_running_loop().set_default_executor(self._executor)
         log.info(
             "worker %s started: queues=%s concurrency=%d actions=%s",
             self.config.worker_id,

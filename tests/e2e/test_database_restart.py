@@ -43,8 +43,9 @@ async def test_worker_and_api_survive_a_database_restart(
             async def submit(n: int, seconds: float) -> list[int]:
                 ids = []
                 for _ in range(n):
-                    r = await http.post("/tasks", json={"action": "test_sleep",
-                                                        "payload": {"seconds": seconds}})
+                    r = await http.post(
+                        "/tasks", json={"action": "test_sleep", "payload": {"seconds": seconds}}
+                    )
                     assert r.status_code == 201, r.text
                     ids.append(r.json()["id"])
                 return ids
@@ -52,13 +53,15 @@ async def test_worker_and_api_survive_a_database_restart(
             conn = await asyncpg.connect(dsn)
 
             async def completed(ids: list[int]) -> bool:
-                n = await conn.fetchval("SELECT count(*) FROM tasks WHERE id = ANY($1) "
-                                        "AND state = 'COMPLETED'", ids)
+                n = await conn.fetchval(
+                    "SELECT count(*) FROM tasks WHERE id = ANY($1) AND state = 'COMPLETED'", ids
+                )
                 return bool(n == len(ids))
 
             async def started(ids: list[int]) -> bool:
-                n = await conn.fetchval("SELECT count(DISTINCT task_id) FROM executions "
-                                        "WHERE task_id = ANY($1)", ids)
+                n = await conn.fetchval(
+                    "SELECT count(DISTINCT task_id) FROM executions WHERE task_id = ANY($1)", ids
+                )
                 return bool(n == len(ids))
 
             ids = await submit(30, 0.02)
