@@ -4,6 +4,8 @@ from typing import Any
 
 import msgspec
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from engine import registry
 from engine.registry import Handler, HandlerError, PermanentError, handler
@@ -135,3 +137,22 @@ def test_load_imports_builtins_and_named_modules(monkeypatch: pytest.MonkeyPatch
     assert {"email_user", "noop", "test_sleep", "test_fail"} <= set(loaded)
     with pytest.raises(HandlerError, match="cannot import handler module 'no_such_mod'"):
         registry.load(["no_such_mod"])
+
+
+@given(
+    delays=st.lists(st.floats(min_value=0, max_value=1e6), min_size=1, max_size=6),
+    attempt=st.integers(min_value=1, max_value=50),
+    jitter=st.floats(min_value=0, max_value=0.5),
+)
+def test_retry_delay_is_the_listed_delay_within_jitter(
+    delays: list[float], attempt: int, jitter: float
+) -> None:
+    base = delays[min(attempt, len(delays)) - 1]
+    delay = make(delays, jitter).retry_delay(attempt)
+    assert base * (1 - jitter) - 1e-6 <= delay <= base * (1 + jitter) + 1e-6
+
+
+@given(attempt=st.integers(min_value=1, max_value=100))
+def test_default_backoff_never_shrinks_and_is_capped(attempt: int) -> None:
+    h = make()
+    assert h.retry_delay(attempt) <= h.retry_delay(attempt + 1) <= registry.BACKOFF_CAP
