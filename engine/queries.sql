@@ -218,3 +218,59 @@ SELECT id, attempt FROM moved;
 -- name: task_lease_outcome
 -- After a lost reply: the state of task $1 and whether token $2 holds its latest lease.
 SELECT state, lease_token = $2 AS ours FROM tasks WHERE id = $1;
+
+-- name: task_submit_many
+-- Insert a batch of PENDING tasks and their `submit` rows in one statement. $1..$7 are
+-- aligned arrays, one element per task. Returns the inserted tasks (created) and, for
+-- idempotency keys already taken, the existing tasks (not created).
+WITH input AS (
+    SELECT * FROM unnest($1::text[], $2::text[], $3::smallint[], $4::text[], $5::integer[],
+                         $6::timestamptz[], $7::text[]) WITH ORDINALITY
+        AS i(action, queue, priority, payload, max_attempts, due_at, idempotency_key, ord)
+), new AS (
+    INSERT INTO tasks (action, queue, priority, payload, max_attempts, due_at, idempotency_key)
+    SELECT action, queue, priority, payload::jsonb, max_attempts, coalesce(due_at, now()),
+           idempotency_key
+    FROM input ORDER BY ord
+    ON CONFLICT (idempotency_key) DO NOTHING
+    RETURNING *
+), logged AS (
+    INSERT INTO task_transitions (task_id, trigger, from_state, to_state, attempt)
+    SELECT id, 'submit', NULL, 'PENDING', 0 FROM new
+)
+SELECT true AS created, new.* FROM new
+UNION ALL
+SELECT false AS created, t.* FROM tasks t
+WHERE t.idempotency_key = ANY($7::text[])
+  AND t.idempotency_key NOT IN (SELECT idempotency_key FROM new WHERE idempotency_key IS NOT NULL);
+
+-- name: task_list
+-- A page of tasks, newest first: id below the cursor $1, at most $2 rows. Store.list_tasks
+-- adds `AND column = $n` for each filter given (state, action, queue) in place of {filters}.
+SELECT * FROM tasks WHERE id < $1 {filters} ORDER BY id DESC LIMIT $2;
+
+-- name: task_counts
+-- How many tasks each queue holds in each state.
+SELECT queue, state, count(*) AS tasks FROM tasks GROUP BY queue, state;
+
+-- name: queue_lag
+-- Per queue: tasks due and waiting (PENDING/FAILED with due_at <= now) and the age in
+-- seconds of the oldest of them. Reads only the claimable index.
+SELECT queue, count(*) AS due,
+       extract(epoch FROM now() - min(due_at))::float8 AS oldest_due_seconds
+FROM tasks WHERE state IN ('PENDING', 'FAILED') AND due_at <= now()
+GROUP BY queue;
+
+-- name: process_report
+-- Upsert this process's row: alive now, tasks running, cumulative counters ($8, JSON);
+-- $9 marks a clean stop.
+INSERT INTO processes (id, kind, host, pid, queues, concurrency, running, counters, stopped_at)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8::jsonb, CASE WHEN $9 THEN now() END)
+ON CONFLICT (id) DO UPDATE
+SET running = excluded.running, counters = excluded.counters, last_seen_at = now(),
+    stopped_at = excluded.stopped_at;
+
+-- name: process_list
+-- Every process that has reported, with how long ago it was last seen.
+SELECT *, extract(epoch FROM now() - last_seen_at)::float8 AS seen_seconds_ago
+FROM processes ORDER BY kind, started_at;

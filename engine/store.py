@@ -55,6 +55,26 @@ class Submitted:
     task: asyncpg.Record
 
 
+@dataclass(frozen=True)
+class NewTask:
+    action: str
+    payload_json: str
+    queue: str = "default"
+    priority: int = 0
+    max_attempts: int = 5
+    due_at: datetime | None = None
+    idempotency_key: str | None = None
+
+
+# The filters GET /tasks accepts, each an equality on one indexed column.
+LIST_FILTERS = {
+    "state": "state = ${}::task_state",
+    "action": "action = ${}",
+    "queue": "queue = ${}",
+}
+FIRST_PAGE = 2**63 - 1
+
+
 class Store:
     def __init__(self, pool: asyncpg.Pool) -> None:
         self.pool = pool
@@ -91,6 +111,85 @@ class Store:
             if row is not None:
                 return Submitted(created=row["created"], task=row)
         raise RuntimeError(f"idempotency key {idempotency_key!r} neither inserted nor found")
+
+    async def submit_many(self, tasks: Sequence[NewTask]) -> list[Submitted]:
+        """All tasks in one statement (one transaction): all are written or none."""
+        columns = (
+            [t.action for t in tasks],
+            [t.queue for t in tasks],
+            [t.priority for t in tasks],
+            [t.payload_json for t in tasks],
+            [t.max_attempts for t in tasks],
+            [t.due_at for t in tasks],
+            [t.idempotency_key for t in tasks],
+        )
+        for _ in range(3):
+            rows = await self.pool.fetch(SQL["task_submit_many"], *columns)
+            by_key = {r["idempotency_key"]: r for r in rows if r["idempotency_key"] is not None}
+            # Unkeyed tasks never conflict: they come back in input order (identity order).
+            unkeyed = iter(
+                sorted((r for r in rows if r["idempotency_key"] is None), key=lambda r: r["id"])
+            )
+            result, seen = [], set()
+            for t in tasks:
+                if t.idempotency_key is None:
+                    result.append(Submitted(True, next(unkeyed)))
+                elif t.idempotency_key in by_key:
+                    row = by_key[t.idempotency_key]
+                    first = row["created"] and t.idempotency_key not in seen
+                    result.append(Submitted(first, row))
+                    seen.add(t.idempotency_key)
+                else:
+                    break  # a key taken by a submit that committed after our snapshot
+            else:
+                return result
+        raise RuntimeError("idempotency keys neither inserted nor found")
+
+    async def list_tasks(
+        self, *, limit: int, before: int | None = None, **filters: str | None
+    ) -> list[asyncpg.Record]:
+        """Newest first, ids below `before`; filters from LIST_FILTERS, None meaning any."""
+        args: list[Any] = [FIRST_PAGE if before is None else before, limit]
+        where = ""
+        for name, value in filters.items():
+            if value is not None:
+                args.append(value)
+                where += " AND " + LIST_FILTERS[name].format(len(args))
+        return await self.pool.fetch(SQL["task_list"].replace("{filters}", where), *args)
+
+    async def counts(self) -> list[asyncpg.Record]:
+        return await self.pool.fetch(SQL["task_counts"])
+
+    async def queue_lag(self) -> list[asyncpg.Record]:
+        return await self.pool.fetch(SQL["queue_lag"])
+
+    async def report_process(
+        self,
+        process_id: str,
+        kind: str,
+        host: str,
+        pid: int,
+        queues: Sequence[str],
+        concurrency: int,
+        running: int,
+        counters_json: str,
+        stopped: bool = False,
+    ) -> None:
+        await self.pool.execute(
+            SQL["process_report"],
+            process_id,
+            kind,
+            host,
+            pid,
+            list(queues),
+            concurrency,
+            running,
+            counters_json,
+            stopped,
+        )
+
+    async def processes(self) -> list[asyncpg.Record]:
+        return await self.pool.fetch(SQL["process_list"])
 
     async def get(self, task_id: int) -> asyncpg.Record | None:
         return await self.pool.fetchrow(SQL["task_get"], task_id)

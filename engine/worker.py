@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import socket
 import time
 import traceback
 from collections.abc import Awaitable, Callable
@@ -32,13 +30,11 @@ from engine.registry import (
     PermanentError,
     TaskContext,
 )
+from engine.reporting import REPORT_EVERY, Counters, Reporter, process_id
+from engine.states import BY_TRIGGER
 from engine.store import TRANSIENT_ERRORS, Claimed, Store
 
 log = logging.getLogger("tasklease.worker")
-
-
-def default_worker_id() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 @dataclass
@@ -48,7 +44,8 @@ class WorkerConfig:
     lease_seconds: float = DEFAULT_LEASE_SECONDS
     poll_interval: float = 0.5
     grace_seconds: float = 30.0
-    worker_id: str = field(default_factory=default_worker_id)
+    worker_id: str = field(default_factory=process_id)
+    report_every: float = REPORT_EVERY
 
 
 # What to write once a handler has finished (or was stopped).
@@ -149,15 +146,18 @@ class Worker:
         self._executor = ThreadPoolExecutor(
             max_workers=config.concurrency, thread_name_prefix="tasklease-handler"
         )
-        self.stats = {
-            "claimed": 0,
-            "completed": 0,
-            "failed": 0,
-            "dead": 0,
-            "released": 0,
-            "dropped": 0,
-            "cancelled": 0,
-        }
+        self.counters = Counters()
+        self.stats = self.counters.transitions
+        self.reporter = Reporter(
+            store,
+            self.counters,
+            kind="worker",
+            process=config.worker_id,
+            queues=config.queues,
+            concurrency=config.concurrency,
+            running=lambda: len(self.running),
+            every=config.report_every,
+        )
 
     def stop(self) -> None:
         """Stop claiming and wind down; called a second time, skip the grace period."""
@@ -173,11 +173,13 @@ class Worker:
             self.config.concurrency,
             ",".join(sorted(self.handlers)),
         )
+        self.reporter.start()
         try:
             await self._claim_loop()
         finally:
             await self._drain()
             self._executor.shutdown(wait=False, cancel_futures=True)
+            await self.reporter.stop()
             log.info(
                 "worker %s stopped: %s",
                 self.config.worker_id,
@@ -190,7 +192,7 @@ class Worker:
             free = self.config.concurrency - len(self.running)
             if free <= 0:
                 self._slot_freed.clear()
-                await self._wait_for(self._slot_freed, None)
+                await self._wait_for(self._slot_freed, self._stopping, timeout=None)
                 continue
             try:
                 leased, expired = await self.store.claim(
@@ -200,11 +202,12 @@ class Worker:
                 errors += 1
                 delay = min(0.25 * 2**errors, 10.0)
                 log.warning("cannot claim (%s); retrying in %.1fs", describe(exc), delay)
-                await self._wait_for(self._stopping, delay)
+                await self._wait_for(self._stopping, timeout=delay)
                 continue
             if errors:
                 log.info("database reachable again")
                 errors = 0
+            self.counters.count("expire", len(expired))
             for task_id in expired:
                 log.warning(
                     "task %d: lease expired on its last attempt: RUNNING -> DEAD (expire)", task_id
@@ -212,13 +215,12 @@ class Worker:
             for claimed in leased:
                 self._start(claimed)
             if len(leased) < free:
-                await self._wait_for(self._stopping, self.config.poll_interval)
+                await self._wait_for(self._stopping, timeout=self.config.poll_interval)
 
-    async def _wait_for(self, event: asyncio.Event, timeout: float | None) -> None:
-        waiters = {
-            asyncio.ensure_future(event.wait()),
-            asyncio.ensure_future(self._stopping.wait()),
-        }
+    @staticmethod
+    async def _wait_for(*events: asyncio.Event, timeout: float | None) -> None:
+        """Until one of the events is set, or the timeout passes."""
+        waiters = {asyncio.ensure_future(e.wait()) for e in events}
         try:
             await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -241,7 +243,7 @@ class Worker:
             _heartbeat=lambda: self._heartbeat(ex),
         )
         ex = _Execution(claimed, handler, ctx, lease_seconds)
-        self.stats["claimed"] += 1
+        self.counters.count(claimed.trigger)
         ctx.logger.info(
             "%s -> RUNNING (%s, attempt %d/%d)",
             claimed.from_state,
@@ -266,6 +268,8 @@ class Worker:
             await asyncio.wait([ex.handler_task])
         finally:
             beat.cancel()
+        if not ex.handler_task.cancelled():
+            self.counters.observe(ex.claimed.action, time.monotonic() - ex.started)
         exc = None if ex.handler_task.cancelled() else ex.handler_task.exception()
         if exc is not None and not isinstance(exc, PermanentError):
             ex.ctx.logger.warning(
@@ -315,44 +319,28 @@ class Worker:
                 ex.ctx.logger.warning("heartbeat failed (%s); will try again", describe(exc))
 
     async def _record(self, ex: _Execution, decision: Decision) -> None:
-        task_id, token, ctx = ex.claimed.id, ex.claimed.lease_token, ex.ctx
+        task_id, token, ctx, store = ex.claimed.id, ex.claimed.lease_token, ex.ctx, self.store
         took = f"{(time.monotonic() - ex.started) * 1000:.0f} ms"
         write: Callable[[], Awaitable[Any]]
+        note = ""
         match decision:
             case Complete(result_json):
-                write, change, stat = (
-                    lambda: self.store.complete(task_id, token, result_json),
-                    "RUNNING -> COMPLETED (complete)",
-                    "completed",
-                )
+                trigger, write = "complete", lambda: store.complete(task_id, token, result_json)
             case Fail(retry_in, error):
-                write, change, stat = (
-                    lambda: self.store.fail(task_id, token, retry_in, error),
-                    f"RUNNING -> FAILED (fail, retry in {retry_in:.0f}s)",
-                    "failed",
-                )
+                trigger, write = "fail", lambda: store.fail(task_id, token, retry_in, error)
+                note = f", retry in {retry_in:.0f}s"
             case Bury(error, permanent):
-                write, change, stat = (
-                    lambda: self.store.bury(task_id, token, error, permanent),
-                    f"RUNNING -> DEAD (bury: {error})",
-                    "dead",
-                )
+                trigger, write = "bury", lambda: store.bury(task_id, token, error, permanent)
+                note = f": {error}"
             case Release():
-                write, change, stat = (
-                    lambda: self.store.release(task_id, token),
-                    "RUNNING -> PENDING (release)",
-                    "released",
-                )
+                trigger, write = "release", lambda: store.release(task_id, token)
             case CancelRunning():
-                write, change, stat = (
-                    lambda: self.store.cancel_running(task_id, token),
-                    "RUNNING -> CANCELLED (cancel_running)",
-                    "cancelled",
-                )
+                trigger, write = "cancel_running", lambda: store.cancel_running(task_id, token)
             case Drop(reason):
-                self.stats["dropped"] += 1
+                self.counters.count("dropped")
                 ctx.logger.warning("result dropped: %s", reason)
                 return
+        change = f"RUNNING -> {BY_TRIGGER[trigger].dest} ({trigger}{note})"
         retried = False
         while True:
             try:
@@ -366,19 +354,19 @@ class Worker:
                     return
                 retried = True
                 ctx.logger.warning("cannot record %s yet (%s); retrying", change, describe(exc))
-                await self._wait_for(self._force, 1.0)
+                await self._wait_for(self._force, timeout=1.0)
         if not done and retried:
             # The first write may have committed before its reply was lost.
-            outcome = await self.store.lease_outcome(task_id, token)
+            outcome = await store.lease_outcome(task_id, token)
             done = outcome is not None and outcome["ours"] and outcome["state"] != "RUNNING"
         if done:
-            self.stats[stat] += 1
+            self.counters.count(trigger)
             ctx.logger.info("%s, attempt %d/%d, %s", change, ctx.attempt, ctx.max_attempts, took)
         else:
-            self.stats["dropped"] += 1
+            self.counters.count("dropped")
             ctx.logger.warning(
-                "%s refused: the lease was lost (another worker took the task "
-                "over); this attempt's outcome is dropped",
+                "%s refused: the lease was lost (another worker took the task over); "
+                "this attempt's outcome is dropped",
                 change,
             )
 

@@ -9,6 +9,7 @@ from typing import Any
 
 import asyncpg
 
+from engine.queries import SQL
 from engine.states import TaskState, is_path
 from engine.store import Store
 
@@ -109,3 +110,15 @@ async def assert_completed_once(conn: asyncpg.Connection) -> None:
         "GROUP BY task_id HAVING count(*) > 1"
     )
     assert doubles == [], f"tasks completed more than once: {doubles}"
+
+
+async def take_over(conn: asyncpg.Connection, task_id: int, worker: str) -> asyncpg.Record:
+    """Expire a task's lease and reclaim it as `worker`, in one transaction, so that no
+    running worker can reclaim it in between. Returns the new lease (id, lease_token)."""
+    async with conn.transaction():
+        await expire_lease(conn, task_id)
+        rows = await conn.fetch(
+            SQL["task_claim_due"], ["default"], list(LEASES), 1, worker, list(LEASES.values())
+        )
+    assert [(r["id"], r["trigger"]) for r in rows] == [(task_id, "reclaim")], rows
+    return rows[0]

@@ -1,0 +1,51 @@
+"""indexes for listing tasks; processes report their counters
+
+Revision ID: 0002
+Revises: 0001
+"""
+
+from schema.migrations import run_sql
+
+revision = "0002"
+down_revision = "0001"
+branch_labels = None
+depends_on = None
+
+UP = """
+-- GET /tasks pages newest first by id, optionally filtered; keyset, never OFFSET. Queues
+-- are few and unselective, so a queue filter rides on these or on the primary key; every
+-- index costs each transition a write, so there is no third one.
+CREATE INDEX tasks_state_id ON tasks (state, id);
+CREATE INDEX tasks_action_id ON tasks (action, id);
+
+-- Every API and worker process upserts its row every few seconds: what /metrics and
+-- /stats report for the whole cluster, and which workers were seen recently.
+CREATE TABLE processes (
+    id           text        PRIMARY KEY,
+    kind         text        NOT NULL CHECK (kind IN ('api', 'worker')),
+    host         text        NOT NULL,
+    pid          integer     NOT NULL,
+    queues       text[]      NOT NULL DEFAULT '{}',
+    concurrency  integer     NOT NULL DEFAULT 0,
+    running      integer     NOT NULL DEFAULT 0,
+    started_at   timestamptz NOT NULL DEFAULT now(),
+    last_seen_at timestamptz NOT NULL DEFAULT now(),
+    stopped_at   timestamptz,
+    -- {"transitions": {"claim": 3, ...}, "durations": {"action": {"buckets": [...], "sum": s}}}
+    counters     jsonb       NOT NULL DEFAULT '{}'
+);
+"""
+
+DOWN = """
+DROP TABLE processes;
+DROP INDEX tasks_action_id;
+DROP INDEX tasks_state_id;
+"""
+
+
+def upgrade() -> None:
+    run_sql(UP)
+
+
+def downgrade() -> None:
+    run_sql(DOWN)
