@@ -1,36 +1,108 @@
-"""The Litestar application: thin routes over engine.store."""
+"""The Litestar application: thin routes over engine.store and engine.operations."""
 
 from __future__ import annotations
 
+import hmac
 import logging
 import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Annotated, Any, TypeVar
 
 import msgspec
 from litestar import Litestar, Request, Response, get, post
+from litestar.connection import ASGIConnection
 from litestar.datastructures import State
 from litestar.exceptions import (
     ClientException,
     HTTPException,
+    NotAuthorizedException,
     NotFoundException,
     SerializationException,
     ValidationException,
 )
-from litestar.openapi import OpenAPIConfig
+from litestar.handlers.base import BaseRouteHandler
+from litestar.openapi import OpenAPIConfig, ResponseSpec
+from litestar.openapi.spec import Components, Example, SecurityScheme
+from litestar.params import Body, Parameter
 from litestar.status_codes import HTTP_200_OK, HTTP_201_CREATED
 
-from api.schemas import Health, TaskCreate, TaskRead, TransitionRead
+from api import metrics
+from api.schemas import (
+    ErrorBody,
+    Health,
+    QueueStats,
+    Ready,
+    Stats,
+    TaskBatchCreate,
+    TaskBatchRead,
+    TaskCreate,
+    TaskPage,
+    TaskRead,
+    TransitionRead,
+    WorkerStats,
+)
+from engine import database, operations
 from engine.registry import Handler
-from engine.store import TRANSIENT_ERRORS, Store
+from engine.reporting import Counters, Reporter, alive
+from engine.states import TaskState
+from engine.store import TRANSIENT_ERRORS, NewTask, Store
 
 log = logging.getLogger("tasklease.api")
-MAX_BODY_BYTES = 1024 * 1024
+T = TypeVar("T")
+TaskId = Annotated[int, Parameter(ge=1, le=2**63 - 1, description="the task's id")]
+DEFAULT_MAX_BODY_BYTES = 1024 * 1024
+QUICK_START = {"due_at": "2026-01-20T12:00:00Z", "payload": {"action": "email_user", "user_id": 42}}
+
+_ERRORS = {
+    400: (
+        "Malformed JSON, or a missing, unknown or wrong-typed field (named in `detail`)",
+        "invalid request: `due_at`: Invalid RFC3339 encoded datetime",
+    ),
+    401: (
+        "TASKLEASE_API_TOKEN is set and the bearer token is missing or wrong",
+        "missing or wrong bearer token",
+    ),
+    404: ("No task with this id", "no task 7"),
+    409: (
+        "The task's state does not allow this",
+        "task 7 is COMPLETED: only DEAD tasks can be requeued",
+    ),
+    413: ("The body is larger than the limit (1 MiB by default)", "Request Entity Too Large"),
+    422: (
+        "Unknown action, or a payload that does not fit the action's schema",
+        "unknown action 'send_fax'; known actions: email_user, noop",
+    ),
+    503: (
+        "The database is unreachable or its schema is not current; retry after `Retry-After`",
+        "database unavailable, retry shortly",
+    ),
+}
+
+
+def errors(*codes: int) -> dict[int, ResponseSpec]:
+    return {
+        code: ResponseSpec(
+            ErrorBody,
+            description=_ERRORS[code][0],
+            generate_examples=False,
+            examples=[Example(value={"status_code": code, "detail": _ERRORS[code][1]})],
+        )
+        for code in codes
+    }
 
 
 class UnprocessableTask(HTTPException):
     status_code = 422
+
+
+class Conflict(HTTPException):
+    status_code = 409
+
+
+def _store(state: State) -> Store:
+    store: Store = state.store
+    return store
 
 
 def payload_field(message: str) -> str:
@@ -40,57 +112,128 @@ def payload_field(message: str) -> str:
     return "payload" + (at.group(1) if at else "") + (f".{missing.group(1)}" if missing else "")
 
 
-def _store(state: State) -> Store:
-    store: Store = state.store
-    return store
+async def strict(request: Request[Any, Any, Any], kind: type[T]) -> T:
+    """The body decoded strictly: Litestar's own decoding coerces ("3" -> 3, 0 -> 1970-01-01),
+    which would accept a wrong-typed field instead of naming it."""
+    try:
+        return msgspec.json.decode(await request.body(), type=kind)
+    except msgspec.ValidationError as exc:
+        raise ValidationException(f"invalid request: {exc}".replace("$.", "")) from None
 
 
-@post("/tasks", operation_id="submitTask", status_code=HTTP_201_CREATED)
-async def submit_task(data: TaskCreate, state: State) -> Response[TaskRead]:
-    """Submit a task; a repeated idempotency key returns the existing task with 200."""
-    handlers: dict[str, Handler] = state.handlers
+def prepare(data: TaskCreate, handlers: dict[str, Handler], index: int | None = None) -> NewTask:
+    """Check one submission (the index-th of a batch) against the handler registry; 422 names
+    what is wrong."""
+    where, field = ("", "") if index is None else (f"tasks[{index}]: ", f"tasks[{index}].")
     action = data.action if data.action is not None else data.payload.get("action")
+    known = sorted(handlers)
     if not isinstance(action, str) or not action:
         raise UnprocessableTask(
-            "no action: give `action`, or `payload.action`",
-            extra={"known_actions": sorted(handlers)},
+            f"{where}no action: give `action`, or `payload.action`", extra={"known_actions": known}
         )
     handler = handlers.get(action)
     if handler is None:
         raise UnprocessableTask(
-            f"unknown action {action!r}; known actions: {', '.join(sorted(handlers))}",
-            extra={"known_actions": sorted(handlers)},
+            f"{where}unknown action {action!r}; known actions: {', '.join(known)}",
+            extra={"known_actions": known},
         )
     payload_json = msgspec.json.encode(data.payload)
     try:
         handler.validate(payload_json)
     except msgspec.ValidationError as exc:
         raise UnprocessableTask(
-            f"payload does not fit action {action!r}: {exc}",
-            extra={"field": payload_field(str(exc))},
+            f"{where}payload does not fit action {action!r}: {exc}",
+            extra={"field": field + payload_field(str(exc))},
         ) from None
-    submitted = await _store(state).submit(
-        action,
-        payload_json.decode(),
+    return NewTask(
+        action=action,
+        payload_json=payload_json.decode(),
         queue=data.queue,
         priority=data.priority,
         max_attempts=data.max_attempts or handler.max_attempts,
         due_at=data.due_at,
         idempotency_key=data.idempotency_key,
     )
+
+
+@post(
+    "/tasks",
+    operation_id="submitTask",
+    status_code=HTTP_201_CREATED,
+    responses={
+        200: ResponseSpec(
+            TaskRead,
+            generate_examples=False,
+            description="The task that already holds this idempotency key",
+        ),
+        **errors(400, 401, 413, 422, 503),
+    },
+)
+async def submit_task(
+    data: Annotated[TaskCreate, Body(examples=[Example(summary="quick start", value=QUICK_START)])],
+    state: State,
+    request: Request[Any, Any, Any],
+) -> Response[TaskRead]:
+    """Submit a task. 201 with the new task; 200 with the existing one for a repeated
+    idempotency key."""
+    new = prepare(await strict(request, TaskCreate), state.handlers)
+    submitted = (await _store(state).submit_many([new]))[0]
     task = TaskRead.from_row(submitted.task)
     if submitted.created:
+        state.counters.count("submit")
         log.info(
             "task %d %s submitted: -> PENDING (submit), due %s",
             task.id,
-            action,
+            task.action,
             task.due_at.isoformat(),
         )
     return Response(task, status_code=HTTP_201_CREATED if submitted.created else HTTP_200_OK)
 
 
-@get("/tasks/{task_id:int}", operation_id="getTask")
-async def get_task(task_id: int, state: State) -> TaskRead:
+@post(
+    "/tasks/batch",
+    operation_id="submitTasks",
+    status_code=HTTP_201_CREATED,
+    responses=errors(400, 401, 413, 422, 503),
+)
+async def submit_tasks(
+    data: TaskBatchCreate, state: State, request: Request[Any, Any, Any]
+) -> TaskBatchRead:
+    """Submit many tasks in one transaction: all are written, or none (the first bad one is
+    named). Repeated idempotency keys return the existing tasks."""
+    batch = await strict(request, TaskBatchCreate)
+    new = [prepare(t, state.handlers, i) for i, t in enumerate(batch.tasks)]
+    submitted = await _store(state).submit_many(new)
+    created = sum(s.created for s in submitted)
+    state.counters.count("submit", created)
+    log.info("batch of %d submitted: %d new -> PENDING (submit)", len(new), created)
+    return TaskBatchRead([TaskRead.from_row(s.task) for s in submitted])
+
+
+@get("/tasks", operation_id="listTasks", responses=errors(400, 401, 503))
+async def list_tasks(
+    state: State,
+    task_state: Annotated[TaskState | None, Parameter(query="state")] = None,
+    action: Annotated[str | None, Parameter(max_length=200)] = None,
+    queue: Annotated[str | None, Parameter(max_length=200)] = None,
+    limit: Annotated[int, Parameter(ge=1, le=500)] = 50,
+    cursor: Annotated[
+        str | None,
+        Parameter(pattern=r"^[0-9]{1,19}$", description="next_cursor of the previous page"),
+    ] = None,
+) -> TaskPage:
+    """A page of tasks, newest first, filtered by state, action and queue."""
+    before = int(cursor) if cursor is not None else None
+    rows = await _store(state).list_tasks(
+        limit=limit + 1, before=before, state=task_state, action=action, queue=queue
+    )
+    page = rows[:limit]
+    more = len(rows) > limit
+    return TaskPage([TaskRead.from_row(r) for r in page], str(page[-1]["id"]) if more else None)
+
+
+@get("/tasks/{task_id:int}", operation_id="getTask", responses=errors(400, 401, 404, 503))
+async def get_task(task_id: TaskId, state: State) -> TaskRead:
     """One task."""
     row = await _store(state).get(task_id)
     if row is None:
@@ -98,8 +241,12 @@ async def get_task(task_id: int, state: State) -> TaskRead:
     return TaskRead.from_row(row)
 
 
-@get("/tasks/{task_id:int}/transitions", operation_id="getTaskTransitions")
-async def get_task_transitions(task_id: int, state: State) -> list[TransitionRead]:
+@get(
+    "/tasks/{task_id:int}/transitions",
+    operation_id="getTaskTransitions",
+    responses=errors(400, 401, 404, 503),
+)
+async def get_task_transitions(task_id: TaskId, state: State) -> list[TransitionRead]:
     """A task's history, oldest first."""
     store = _store(state)
     rows = await store.history(task_id)
@@ -108,10 +255,113 @@ async def get_task_transitions(task_id: int, state: State) -> list[TransitionRea
     return [TransitionRead(**dict(r)) for r in rows]
 
 
-@get("/healthz", operation_id="health")
+@post(
+    "/tasks/{task_id:int}/cancel",
+    operation_id="cancelTask",
+    status_code=HTTP_200_OK,
+    responses=errors(400, 401, 404, 409, 503),
+)
+async def cancel_task(task_id: TaskId, state: State) -> TaskRead:
+    """Cancel a task: PENDING or FAILED at once; RUNNING by asking its worker, which stops the
+    handler and records RUNNING -> CANCELLED (see `cancel_requested_at`). 409 otherwise."""
+    outcome, row = await operations.cancel(_store(state), task_id)
+    if outcome is operations.Outcome.NOT_FOUND or row is None:
+        raise NotFoundException(f"no task {task_id}")
+    if outcome is operations.Outcome.CONFLICT:
+        raise Conflict(
+            f"task {task_id} is {row['state']}: only PENDING, FAILED or RUNNING "
+            "tasks can be cancelled",
+            extra={"state": row["state"]},
+        )
+    state.counters.count("cancel" if outcome is operations.Outcome.DONE else "cancel_request")
+    log.info(
+        "task %d: %s",
+        task_id,
+        "PENDING/FAILED -> CANCELLED (cancel)"
+        if outcome is operations.Outcome.DONE
+        else "cancellation requested",
+    )
+    return TaskRead.from_row(row)
+
+
+@post(
+    "/tasks/{task_id:int}/requeue",
+    operation_id="requeueTask",
+    status_code=HTTP_200_OK,
+    responses=errors(400, 401, 404, 409, 503),
+)
+async def requeue_task(task_id: TaskId, state: State) -> TaskRead:
+    """Requeue a DEAD task: back to PENDING, due now, attempts reset. 409 unless DEAD."""
+    outcome, row = await operations.requeue(_store(state), task_id)
+    if outcome is operations.Outcome.NOT_FOUND or row is None:
+        raise NotFoundException(f"no task {task_id}")
+    if outcome is operations.Outcome.CONFLICT:
+        raise Conflict(
+            f"task {task_id} is {row['state']}: only DEAD tasks can be requeued",
+            extra={"state": row["state"]},
+        )
+    state.counters.count("requeue")
+    log.info("task %d: DEAD -> PENDING (requeue)", task_id)
+    return TaskRead.from_row(row)
+
+
+@get("/stats", operation_id="getStats", responses=errors(401, 503))
+async def get_stats(state: State) -> Stats:
+    """Tasks by state and by queue, due tasks waiting and the age of the oldest, workers."""
+    store = _store(state)
+    counts, lags, procs = await store.counts(), await store.queue_lag(), await store.processes()
+    states = {s.value: 0 for s in TaskState}
+    queues: dict[str, QueueStats] = {}
+    for r in counts:
+        states[r["state"]] += r["tasks"]
+        q = queues.setdefault(r["queue"], QueueStats({s.value: 0 for s in TaskState}, 0, None))
+        q.states[r["state"]] = r["tasks"]
+    for r in lags:
+        q = queues.setdefault(r["queue"], QueueStats({s.value: 0 for s in TaskState}, 0, None))
+        q.due, q.oldest_due_seconds = r["due"], r["oldest_due_seconds"]
+    oldest = max((r["oldest_due_seconds"] for r in lags), default=None)
+    workers = [p for p in procs if p["kind"] == "worker" and alive(p)]
+    return Stats(
+        states, queues, oldest, WorkerStats(len(workers), sum(p["running"] for p in workers))
+    )
+
+
+@get("/healthz", operation_id="health", opt={"public": True})
 async def healthz() -> Health:
-    """The process is up (it does not touch the database)."""
+    """The process is up (it does not touch the database). Never needs a token."""
     return Health("ok")
+
+
+@get(
+    "/readyz",
+    operation_id="ready",
+    responses={
+        503: ResponseSpec(
+            Ready,
+            description="The database is unreachable or its schema is not current",
+            generate_examples=False,
+        )
+    },
+)
+async def readyz(state: State) -> Response[Ready]:
+    """Ready to serve: the database answers and its schema is current (else 503)."""
+    problem = await database.readiness(_store(state).pool)
+    if problem is not None:
+        return Response(
+            Ready("unavailable", detail=problem), status_code=503, headers={"Retry-After": "2"}
+        )
+    return Response(Ready("ready", schema=database.schema_head()))
+
+
+@get(
+    "/metrics", operation_id="metrics", media_type=metrics.CONTENT_TYPE, responses=errors(401, 503)
+)
+async def get_metrics(state: State) -> Response[bytes]:
+    """Prometheus text format: the whole cluster's figures, from the database."""
+    return Response(await metrics.render(_store(state)), media_type=metrics.CONTENT_TYPE)
+
+
+# --- errors and auth ---------------------------------------------------------------------
 
 
 def bad_request(request: Request[Any, Any, Any], exc: ClientException) -> Response[Any]:
@@ -121,7 +371,7 @@ def bad_request(request: Request[Any, Any, Any], exc: ClientException) -> Respon
         for item in exc.extra:
             message, key = str(item.get("message", "")), item.get("key")
             if message == "'data'":
-                message = "the body is empty: send a JSON object with a `payload`"
+                message = "the body is empty: send a JSON object"
             problems.append(message if key in (None, "data") else f"`{key}`: {message}")
         detail = "invalid request: " + "; ".join(problems)
     elif isinstance(exc.__cause__, SerializationException):
@@ -141,24 +391,74 @@ def database_unavailable(request: Request[Any, Any, Any], exc: Exception) -> Res
     )
 
 
-def create_app(dsn: str, handlers: dict[str, Handler], *, pool_size: int = 10) -> Litestar:
+def require_token(
+    connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler
+) -> None:
+    """With TASKLEASE_API_TOKEN set, every route but /healthz needs `Bearer <token>`."""
+    token: str | None = connection.app.state.api_token
+    if not token or handler.opt.get("public"):
+        return
+    scheme, _, given = connection.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.encode(), token.encode()):
+        raise NotAuthorizedException(
+            "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"}
+        )
+
+
+def create_app(
+    dsn: str,
+    handlers: dict[str, Handler],
+    *,
+    api_token: str | None = None,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    pool_size: int = 10,
+) -> Litestar:
+    counters = Counters()
+
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
-        app.state.store = await Store.connect(dsn, min_size=0, max_size=pool_size)
-        app.state.handlers = handlers
+        store = await Store.connect(dsn, min_size=0, max_size=pool_size)
+        reporter = Reporter(store, counters, kind="api")
+        app.state.store = store
+        reporter.start()
         try:
             yield
         finally:
-            await app.state.store.close()
+            await reporter.stop()
+            await store.close()
 
+    security: list[dict[str, list[str]]] | None = [{"bearer": []}] if api_token else None
     return Litestar(
-        route_handlers=[submit_task, get_task, get_task_transitions, healthz],
+        route_handlers=[
+            submit_task,
+            submit_tasks,
+            list_tasks,
+            get_task,
+            get_task_transitions,
+            cancel_task,
+            requeue_task,
+            get_stats,
+            healthz,
+            readyz,
+            get_metrics,
+        ],
         lifespan=[lifespan],
+        state=State({"handlers": handlers, "counters": counters, "api_token": api_token}),
+        guards=[require_token],
         exception_handlers={
             ClientException: bad_request,
             **{exc: database_unavailable for exc in TRANSIENT_ERRORS},
         },
-        request_max_body_size=MAX_BODY_BYTES,
+        request_max_body_size=max_body_bytes,
         logging_config=None,
-        openapi_config=OpenAPIConfig(title="tasklease", version="0.1.0", path="/schema"),
+        openapi_config=OpenAPIConfig(
+            title="tasklease",
+            version="0.1.0",
+            path="/schema",
+            description="A durable task scheduler on PostgreSQL.",
+            components=Components(
+                security_schemes={"bearer": SecurityScheme(type="http", scheme="bearer")}
+            ),
+            security=security,
+        ),
     )

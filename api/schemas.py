@@ -10,7 +10,10 @@ import msgspec
 from engine.states import TaskState
 
 Text = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
-AwareDatetime = Annotated[datetime, msgspec.Meta(tz=True)]
+AwareDatetime = Annotated[
+    datetime, msgspec.Meta(tz=True, description="RFC 3339 with a time zone offset")
+]
+MAX_BATCH = 10_000
 
 
 class TaskCreate(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -23,6 +26,12 @@ class TaskCreate(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     max_attempts: Annotated[int, msgspec.Meta(ge=1, le=1000)] | None = None
     queue: Text = "default"
     priority: Annotated[int, msgspec.Meta(ge=-1000, le=1000)] = 0
+
+
+class TaskBatchCreate(msgspec.Struct, forbid_unknown_fields=True):
+    """Tasks submitted together: all are written, or none."""
+
+    tasks: Annotated[list[TaskCreate], msgspec.Meta(min_length=1, max_length=MAX_BATCH)]
 
 
 class TaskRead(msgspec.Struct, kw_only=True):
@@ -67,6 +76,17 @@ class TaskRead(msgspec.Struct, kw_only=True):
         )
 
 
+class TaskBatchRead(msgspec.Struct):
+    tasks: list[TaskRead]
+
+
+class TaskPage(msgspec.Struct):
+    """Newest first. Pass `next_cursor` as `cursor` for the next page; null on the last."""
+
+    tasks: list[TaskRead]
+    next_cursor: str | None
+
+
 class TransitionRead(msgspec.Struct, kw_only=True):
     trigger: str
     from_state: TaskState | None
@@ -77,5 +97,39 @@ class TransitionRead(msgspec.Struct, kw_only=True):
     detail: str | None
 
 
+class QueueStats(msgspec.Struct):
+    states: dict[str, int]
+    due: int
+    oldest_due_seconds: float | None
+
+
+class WorkerStats(msgspec.Struct):
+    alive: int
+    running: int
+
+
+class Stats(msgspec.Struct):
+    """Counts by state (every state present), per queue, and the age of the oldest due task."""
+
+    states: dict[str, int]
+    queues: dict[str, QueueStats]
+    oldest_due_seconds: float | None
+    workers: WorkerStats
+
+
 class Health(msgspec.Struct):
     status: str
+
+
+class Ready(msgspec.Struct):
+    status: str
+    schema: str | None = None
+    detail: str | None = None
+
+
+class ErrorBody(msgspec.Struct):
+    """Every error response has this shape."""
+
+    status_code: int
+    detail: str
+    extra: Any = None

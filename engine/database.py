@@ -73,3 +73,19 @@ async def other_clients(dsn: str) -> int:
         return count
     finally:
         await conn.close()
+
+
+def schema_head() -> str:
+    return schema.head()
+
+
+async def readiness(pool: asyncpg.Pool) -> str | None:
+    """None when the database answers and its schema is current; else what is wrong."""
+    try:
+        async with pool.acquire(timeout=5) as conn:
+            current = await schema.current(conn)
+    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        return f"database unreachable: {str(exc) or type(exc).__name__}"
+    if current != schema.head():
+        return f"schema at {current or 'nothing'}, needs {schema.head()}: run `tasklease migrate`"
+    return None

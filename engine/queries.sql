@@ -7,23 +7,6 @@
 -- `attempt` in a history row is the task's attempt after the transition.
 -- JSON goes in and out as text (encoded by msgspec), so asyncpg never parses it.
 
--- name: task_submit
--- Insert a PENDING task and its `submit` row, or return the task that already holds the
--- idempotency key ($7). Columns: created, then the task.
-WITH new AS (
-    INSERT INTO tasks (action, queue, priority, payload, max_attempts, due_at, idempotency_key)
-    VALUES ($1, $2, $3, $4::jsonb, $5, coalesce($6, now()), $7)
-    ON CONFLICT (idempotency_key) DO NOTHING
-    RETURNING *
-), logged AS (
-    INSERT INTO task_transitions (task_id, trigger, from_state, to_state, attempt)
-    SELECT id, 'submit', NULL, 'PENDING', 0 FROM new
-)
-SELECT true AS created, new.* FROM new
-UNION ALL
-SELECT false AS created, t.* FROM tasks t
-WHERE $7::text IS NOT NULL AND t.idempotency_key = $7 AND NOT EXISTS (SELECT FROM new);
-
 -- name: task_get
 -- One task by id.
 SELECT * FROM tasks WHERE id = $1;

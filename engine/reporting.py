@@ -40,7 +40,7 @@ BUCKETS: tuple[float, ...] = (
     300,
     900,
 )
-REPORT_EVERY = 5.0
+REPORT_EVERY = float(os.environ.get("TASKLEASE_REPORT_SECONDS", "5"))
 
 
 def process_id() -> str:
@@ -49,7 +49,8 @@ def process_id() -> str:
 
 
 class Counters:
-    """Transitions by trigger (plus `dropped`) and handler durations by action."""
+    """Transitions by trigger, `dropped` (outcomes refused for a lost lease) and
+    `cancel_request`, and handler durations by action."""
 
     def __init__(self) -> None:
         self.transitions: Counter[str] = Counter()

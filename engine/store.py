@@ -92,26 +92,6 @@ class Store:
     async def close(self) -> None:
         await self.pool.close()
 
-    async def submit(
-        self,
-        action: str,
-        payload_json: str,
-        *,
-        queue: str = "default",
-        priority: int = 0,
-        max_attempts: int = 5,
-        due_at: datetime | None = None,
-        idempotency_key: str | None = None,
-    ) -> Submitted:
-        args = (action, queue, priority, payload_json, max_attempts, due_at, idempotency_key)
-        for _ in range(3):
-            row = await self.pool.fetchrow(SQL["task_submit"], *args)
-            # None: a concurrent submit with the same key committed after our snapshot began;
-            # the next statement sees it.
-            if row is not None:
-                return Submitted(created=row["created"], task=row)
-        raise RuntimeError(f"idempotency key {idempotency_key!r} neither inserted nor found")
-
     async def submit_many(self, tasks: Sequence[NewTask]) -> list[Submitted]:
         """All tasks in one statement (one transaction): all are written or none."""
         columns = (

@@ -6,27 +6,30 @@ This package imports nothing else of tasklease.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import asyncpg
-from alembic import command
-from alembic.config import Config
-from alembic.script import ScriptDirectory
-from sqlalchemy import Connection, text
-from sqlalchemy.ext.asyncio import create_async_engine
-from sqlalchemy.pool import NullPool
+
+if TYPE_CHECKING:
+    from alembic.config import Config
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 # Two processes that migrate at once queue on this lock; the second finds nothing to do.
 MIGRATE_LOCK = 0x7461736B6C65  # "taskle"
 
 
+# Alembic and SQLAlchemy are imported only where used: the CLI client commands start faster.
 def _config() -> Config:
+    from alembic.config import Config
+
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS))
     return cfg
 
 
 def head() -> str:
+    from alembic.script import ScriptDirectory
+
     rev = ScriptDirectory.from_config(_config()).get_current_head()
     assert rev is not None
     return rev
@@ -43,6 +46,11 @@ async def current(conn: asyncpg.Connection) -> str | None:
 
 async def upgrade(dsn: str, revision: str = "head") -> str:
     """Bring the schema to `revision` in one transaction; safe to run from many processes."""
+    from alembic import command
+    from sqlalchemy import Connection, text
+    from sqlalchemy.ext.asyncio import create_async_engine
+    from sqlalchemy.pool import NullPool
+
     engine = create_async_engine(
         "postgresql+asyncpg://", async_creator=lambda: asyncpg.connect(dsn), poolclass=NullPool
     )

@@ -75,11 +75,16 @@ async def test_worker_and_api_survive_a_database_restart(
             down = await http.post("/tasks", json={"payload": {"action": "noop"}})
             assert down.status_code == 503, down.text
             assert down.headers["retry-after"] == "2"
+            not_ready = await http.get("/readyz")
+            assert not_ready.status_code == 503, not_ready.text
+            assert not_ready.json()["detail"].startswith("database unreachable")
+            assert (await http.get("/healthz")).status_code == 200
             await asyncio.sleep(2)  # the slow handlers finish while the server is away
             await asyncio.to_thread(own_server.ensure_running)
 
             async def api_back() -> bool:
-                return (await http.get("/tasks/1")).status_code == 200
+                ready = (await http.get("/readyz")).status_code == 200
+                return ready and (await http.get("/tasks/1")).status_code == 200
 
             await wait_until(api_back, "the API to reach the database again")
             ids += in_flight + await submit(30, 0.02)

@@ -11,13 +11,13 @@ import asyncpg
 
 from engine.queries import SQL
 from engine.states import TaskState, is_path
-from engine.store import Store
+from engine.store import NewTask, Store
 
 LEASES = {"test_sleep": 2.0, "noop": 30.0, "email_user": 30.0, "test_fail": 30.0}
 
 
 async def submit(store: Store, action: str = "noop", payload: str = "{}", **kw: Any) -> int:
-    task_id: int = (await store.submit(action, payload, **kw)).task["id"]
+    task_id: int = (await store.submit_many([NewTask(action, payload, **kw)]))[0].task["id"]
     return task_id
 
 

@@ -79,10 +79,17 @@ class Procs:
         self.started.append(proc)
         return proc
 
-    def api(self, *extra: str) -> tuple[Proc, str]:
+    def api(self, *extra: str, env: dict[str, str | None] | None = None) -> tuple[Proc, str]:
         port = free_port()
         proc = self.start(
-            "api", "api", "--port", str(port), "--handlers", "tests.support.handlers", *extra
+            "api",
+            "api",
+            "--port",
+            str(port),
+            "--handlers",
+            "tests.support.handlers",
+            *extra,
+            env=env,
         )
         url = f"http://127.0.0.1:{port}"
         wait_for_http(f"{url}/healthz", proc)

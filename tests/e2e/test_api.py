@@ -1,0 +1,409 @@
+"""Every route of the HTTP API against a real `tasklease api` process and database."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from engine.states import TaskState
+from tests.conftest import create_database, drop_database, with_database
+from tests.support.db import force_state, wait_until
+from tests.support.procs import REPO, Procs
+
+
+@pytest.fixture(scope="module")
+async def api_db(admin_dsn: str, template: str) -> AsyncIterator[str]:
+    name = await create_database(admin_dsn, template)
+    yield with_database(admin_dsn, name)
+    await drop_database(admin_dsn, name)
+
+
+@pytest.fixture(scope="module")
+def api(api_db: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    procs = Procs(
+        tmp_path_factory.mktemp("api"), {"DATABASE_URL": api_db, "TASKLEASE_REPORT_SECONDS": "0.2"}
+    )
+    _, url = procs.api()
+    yield url
+    procs.stop_all()
+
+
+@pytest.fixture
+async def http(api: str) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=api) as client:
+        yield client
+
+
+@pytest.fixture
+async def conn(api_db: str) -> AsyncIterator[asyncpg.Connection]:
+    c = await asyncpg.connect(api_db)
+    yield c
+    await c.close()
+
+
+async def count(conn: asyncpg.Connection, table: str = "tasks") -> int:
+    n: int = await conn.fetchval(f"SELECT count(*) FROM {table}")
+    return n
+
+
+async def new(http: httpx.AsyncClient, **body: Any) -> dict[str, Any]:
+    body.setdefault("payload", {"action": "noop"})
+    r = await http.post("/tasks", json=body)
+    assert r.status_code == 201, r.text
+    task: dict[str, Any] = r.json()
+    return task
+
+
+# --- batch -------------------------------------------------------------------------------
+
+
+async def test_batch_submits_all_in_order(
+    http: httpx.AsyncClient, conn: asyncpg.Connection
+) -> None:
+    before = await count(conn, "task_transitions")
+    body = {
+        "tasks": [{"payload": {"action": "noop", "n": i}, "queue": "batch"} for i in range(5)]
+        + [
+            {"action": "email_user", "payload": {"user_id": 1}, "idempotency_key": "b-1"},
+            {"action": "email_user", "payload": {"user_id": 2}, "idempotency_key": "b-1"},
+        ]
+    }
+    r = await http.post("/tasks/batch", json=body)
+    assert r.status_code == 201, r.text
+    tasks = r.json()["tasks"]
+    assert [t["payload"].get("n") for t in tasks[:5]] == [0, 1, 2, 3, 4]
+    assert tasks[5]["id"] == tasks[6]["id"] and tasks[6]["payload"] == {"user_id": 1}
+    assert all(t["state"] == "PENDING" for t in tasks)
+    assert await count(conn, "task_transitions") == before + 6
+
+
+@pytest.mark.parametrize(
+    "bad, status, needle",
+    [
+        ({"payload": {"action": "send_fax"}}, 422, "tasks[2]: unknown action 'send_fax'"),
+        (
+            {"payload": {"action": "email_user", "user_id": "x"}},
+            422,
+            "tasks[2]: payload does not fit",
+        ),
+        ({"payload": {"action": "noop"}, "due_at": "soon"}, 400, "tasks[2].due_at"),
+        ({"payload": {"action": "noop"}, "priority": "high"}, 400, "tasks[2].priority"),
+        ({"payload": None}, 400, "tasks[2].payload"),
+    ],
+)
+async def test_batch_with_one_bad_task_writes_nothing(
+    http: httpx.AsyncClient,
+    conn: asyncpg.Connection,
+    bad: dict[str, Any],
+    status: int,
+    needle: str,
+) -> None:
+    before = (await count(conn), await count(conn, "task_transitions"))
+    good = {"payload": {"action": "noop"}}
+    r = await http.post("/tasks/batch", json={"tasks": [good, good, bad, good]})
+    assert r.status_code == status, r.text
+    assert needle in r.json()["detail"], r.text
+    assert (await count(conn), await count(conn, "task_transitions")) == before
+
+
+async def test_empty_batch_is_refused(http: httpx.AsyncClient) -> None:
+    r = await http.post("/tasks/batch", json={"tasks": []})
+    assert r.status_code == 400 and "tasks" in r.text
+
+
+# --- listing -----------------------------------------------------------------------------
+
+
+async def test_list_pages_newest_first_with_filters(http: httpx.AsyncClient) -> None:
+    ids = [(await new(http, queue="paging", payload={"action": "noop"}))["id"] for _ in range(5)]
+    seen: list[int] = []
+    cursor = None
+    while True:
+        params: dict[str, Any] = {"queue": "paging", "limit": 2}
+        if cursor:
+            params["cursor"] = cursor
+        page = (await http.get("/tasks", params=params)).json()
+        seen += [t["id"] for t in page["tasks"]]
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert seen == sorted(ids, reverse=True)
+
+    mail = await new(http, queue="paging", payload={"action": "email_user", "user_id": 3})
+    by_action = (
+        await http.get("/tasks", params={"action": "email_user", "queue": "paging"})
+    ).json()
+    assert [t["id"] for t in by_action["tasks"]] == [mail["id"]]
+    pending = (await http.get("/tasks", params={"state": "PENDING", "queue": "paging"})).json()
+    assert len(pending["tasks"]) == 6 and pending["next_cursor"] is None
+    none = (await http.get("/tasks", params={"state": "DEAD", "queue": "paging"})).json()
+    assert none == {"tasks": [], "next_cursor": None}
+
+
+@pytest.mark.parametrize(
+    "params, needle",
+    [
+        ({"state": "SLEEPING"}, "state"),
+        ({"limit": 0}, "limit"),
+        ({"limit": 501}, "limit"),
+        ({"cursor": "abc"}, "cursor"),
+        ({"cursor": "-1"}, "cursor"),
+        ({"limit": "x"}, "limit"),
+    ],
+)
+async def test_list_rejects_bad_parameters(
+    http: httpx.AsyncClient, params: dict[str, Any], needle: str
+) -> None:
+    r = await http.get("/tasks", params=params)
+    assert r.status_code == 400, r.text
+    assert needle in r.json()["detail"]
+
+
+# --- cancel and requeue ------------------------------------------------------------------
+
+
+async def test_cancel_waiting_tasks_at_once(
+    http: httpx.AsyncClient, conn: asyncpg.Connection
+) -> None:
+    pending = await new(http)
+    failed = await new(http)
+    await force_state(conn, failed["id"], TaskState.FAILED, due_in=60)
+    for task in (pending, failed):
+        r = await http.post(f"/tasks/{task['id']}/cancel")
+        assert r.status_code == 200 and r.json()["state"] == "CANCELLED", r.text
+    history = (await http.get(f"/tasks/{failed['id']}/transitions")).json()
+    assert history[-1]["trigger"] == "cancel" and history[-1]["from_state"] == "FAILED"
+
+
+async def test_cancel_running_task_asks_its_worker(
+    http: httpx.AsyncClient, conn: asyncpg.Connection
+) -> None:
+    task = await new(http)
+    await force_state(conn, task["id"], TaskState.RUNNING)
+    r = await http.post(f"/tasks/{task['id']}/cancel")
+    assert r.status_code == 200, r.text
+    assert r.json()["state"] == "RUNNING" and r.json()["cancel_requested_at"] is not None
+    again = await http.post(f"/tasks/{task['id']}/cancel")
+    assert again.json()["cancel_requested_at"] == r.json()["cancel_requested_at"]
+
+
+@pytest.mark.parametrize("state", [TaskState.COMPLETED, TaskState.CANCELLED, TaskState.DEAD])
+async def test_cancel_finished_task_is_a_conflict(
+    http: httpx.AsyncClient, conn: asyncpg.Connection, state: TaskState
+) -> None:
+    task = await new(http)
+    await force_state(conn, task["id"], state)
+    r = await http.post(f"/tasks/{task['id']}/cancel")
+    assert r.status_code == 409, r.text
+    assert r.json()["detail"] == (
+        f"task {task['id']} is {state}: only PENDING, FAILED or RUNNING tasks can be cancelled"
+    )
+
+
+async def test_requeue_dead_task(http: httpx.AsyncClient, conn: asyncpg.Connection) -> None:
+    task = await new(http)
+    await force_state(conn, task["id"], TaskState.DEAD, attempt=5)
+    r = await http.post(f"/tasks/{task['id']}/requeue")
+    assert r.status_code == 200, r.text
+    assert (r.json()["state"], r.json()["attempt"]) == ("PENDING", 0)
+    conflict = await http.post(f"/tasks/{task['id']}/requeue")
+    assert conflict.status_code == 409
+    assert "only DEAD tasks can be requeued" in conflict.json()["detail"]
+
+
+@pytest.mark.parametrize(
+    "method, path",
+    [
+        ("GET", "/tasks/987654"),
+        ("GET", "/tasks/987654/transitions"),
+        ("POST", "/tasks/987654/cancel"),
+        ("POST", "/tasks/987654/requeue"),
+        ("GET", "/tasks/abc"),
+        ("GET", "/nowhere"),
+    ],
+)
+async def test_unknown_ids_and_routes_are_404(
+    http: httpx.AsyncClient, method: str, path: str
+) -> None:
+    r = await http.request(method, path)
+    assert r.status_code == 404, r.text
+    assert set(r.json()) == {"status_code", "detail", "extra"}
+
+
+# --- stats, health, metrics --------------------------------------------------------------
+
+
+async def test_stats_counts_every_state_and_queue_lag(
+    http: httpx.AsyncClient, conn: asyncpg.Connection
+) -> None:
+    late = await new(http, queue="lagging", due_at="2026-01-01T00:00:00Z")
+    await new(http, queue="lagging", due_at="2099-01-01T00:00:00Z")
+    stats = (await http.get("/stats")).json()
+    assert set(stats["states"]) == {s.value for s in TaskState}
+    lagging = stats["queues"]["lagging"]
+    assert lagging["states"]["PENDING"] == 2 and lagging["due"] == 1
+    assert lagging["oldest_due_seconds"] > 3600  # due since January
+    assert stats["oldest_due_seconds"] >= lagging["oldest_due_seconds"]
+    total = await count(conn)
+    assert sum(stats["states"].values()) == total
+    await conn.execute("DELETE FROM tasks WHERE id = $1", late["id"])
+
+
+async def test_health_and_readiness(http: httpx.AsyncClient) -> None:
+    assert (await http.get("/healthz")).json() == {"status": "ok"}
+    ready = (await http.get("/readyz")).json()
+    assert ready["status"] == "ready" and ready["schema"]
+
+
+async def test_metrics_in_prometheus_format(http: httpx.AsyncClient) -> None:
+    before = await submissions(http)
+    await new(http)
+    await new(http)
+
+    async def counted() -> bool:
+        return await submissions(http) >= before + 2
+
+    await wait_until(counted, "the API's counters to reach /metrics")
+    r = await http.get("/metrics")
+    assert r.headers["content-type"].startswith("text/plain")
+    names = {f.name for f in text_string_to_metric_families(r.text)}
+    assert {
+        "tasklease_tasks",
+        "tasklease_transitions",
+        "tasklease_submissions",
+        "tasklease_handler_duration_seconds",
+        "tasklease_lease_expiries",
+        "tasklease_queue_lag_seconds",
+        "tasklease_workers",
+    } <= names
+
+
+async def submissions(http: httpx.AsyncClient) -> float:
+    text = (await http.get("/metrics")).text
+    for family in text_string_to_metric_families(text):
+        if family.name == "tasklease_submissions":
+            return float(family.samples[0].value)
+    raise AssertionError("no tasklease_submissions in /metrics")
+
+
+# --- hand-written bad input --------------------------------------------------------------
+
+
+BAD_BODIES: list[tuple[bytes, int, str]] = [
+    (b"", 400, "body is empty"),
+    (b"{", 400, "malformed JSON"),
+    (b"[]", 400, "Expected `object`"),
+    (b"null", 400, "Expected `object`"),
+    (b'{"payload": {"action": "noop"}', 400, "malformed JSON"),
+    (b'{"payload": {"action": "noop"}, "payload": 1}', 400, "payload"),
+    (b'{"payload": null}', 400, "payload"),
+    (b'{"payload": {"action": "noop"}, "queue": ""}', 400, "queue"),
+    (b'{"payload": {"action": "noop"}, "queue": null}', 400, "queue"),
+    (b'{"payload": {"action": "noop"}, "idempotency_key": 7}', 400, "idempotency_key"),
+    (b'{"payload": {"action": "noop"}, "priority": 1e9}', 400, "priority"),
+    (b'{"payload": {"action": "noop"}, "max_attempts": true}', 400, "max_attempts"),
+    (b'{"payload": {"action": "noop"}, "due_at": "2026-13-40T99:00:00Z"}', 400, "due_at"),
+    ('{"payload": {"action": "\u00e9\u00e8\U0001f4a5"}}'.encode(), 422, "unknown action"),
+    (b'{"payload": {"action": "noop"}, "action": "x\\u0000y"}', 422, "unknown action"),
+    (b'\xff\xfe{"payload": {}}', 400, "malformed JSON"),
+    (b'{"payload": {"action": 5}}', 422, "no action"),
+]
+
+
+@pytest.mark.parametrize("body, status, needle", BAD_BODIES)
+async def test_bad_bodies_get_a_clear_4xx_and_write_nothing(
+    http: httpx.AsyncClient, conn: asyncpg.Connection, body: bytes, status: int, needle: str
+) -> None:
+    before = await count(conn)
+    r = await http.post("/tasks", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == status, r.text
+    assert needle in r.json()["detail"], r.text
+    assert await count(conn) == before
+
+
+async def test_unicode_and_nested_payloads_round_trip(http: httpx.AsyncClient) -> None:
+    payload = {
+        "action": "noop",
+        "text": "héllo \u4e16\u754c \U0001f600",
+        "nested": {"a": [1, None, True]},
+    }
+    task = await new(http, payload=payload, queue="ünïcode")
+    fetched = (await http.get(f"/tasks/{task['id']}")).json()
+    assert (fetched["payload"], fetched["queue"]) == (payload, "ünïcode")
+
+
+async def test_huge_body_is_413(http: httpx.AsyncClient, conn: asyncpg.Connection) -> None:
+    before = await count(conn)
+    big = json.dumps({"payload": {"action": "noop", "blob": "x" * (1024 * 1024)}})
+    r = await http.post("/tasks", content=big, headers={"content-type": "application/json"})
+    assert r.status_code == 413
+    assert await count(conn) == before
+
+
+# --- OpenAPI -----------------------------------------------------------------------------
+
+
+async def test_openapi_documents_every_route_and_its_errors(http: httpx.AsyncClient) -> None:
+    doc = (await http.get("/schema/openapi.json")).json()
+    operations = {(m.upper(), p): op for p, item in doc["paths"].items() for m, op in item.items()}
+    expected = {
+        ("POST", "/tasks"): {"201", "400", "413", "422", "503"},
+        ("POST", "/tasks/batch"): {"201", "400", "413", "422", "503"},
+        ("GET", "/tasks"): {"200", "400", "503"},
+        ("GET", "/tasks/{task_id}"): {"200", "404", "503"},
+        ("GET", "/tasks/{task_id}/transitions"): {"200", "404", "503"},
+        ("POST", "/tasks/{task_id}/cancel"): {"200", "404", "409", "503"},
+        ("POST", "/tasks/{task_id}/requeue"): {"200", "404", "409", "503"},
+        ("GET", "/stats"): {"200", "503"},
+        ("GET", "/healthz"): {"200"},
+        ("GET", "/readyz"): {"200", "503"},
+        ("GET", "/metrics"): {"200", "503"},
+    }
+    assert set(operations) == set(expected)
+    for key, statuses in expected.items():
+        op = operations[key]
+        assert statuses <= set(op["responses"]), (key, op["responses"].keys())
+        assert op.get("operationId") and (op.get("summary") or op.get("description")), key
+    body = operations[("POST", "/tasks")]["requestBody"]["content"]["application/json"]
+    assert body["schema"]["examples"], "POST /tasks shows the quick-start example"
+
+
+def test_schemathesis_finds_no_server_error_or_schema_violation(api: str) -> None:
+    """A bounded property-based run over every operation (seeded, so CI is repeatable)."""
+    checks = (
+        "not_a_server_error,status_code_conformance,content_type_conformance,"
+        "response_schema_conformance,response_headers_conformance,negative_data_rejection"
+    )
+    command = [
+        str(Path(sys.executable).parent / "st"),
+        "run",
+        f"{api}/schema/openapi.json",
+        "--checks",
+        checks,
+        "--max-examples",
+        "25",
+        "--phases",
+        "examples,coverage,fuzzing",
+        "--seed",
+        "20261126",
+        "--workers",
+        "2",
+        "--no-color",
+    ]
+    for _ in range(2):
+        result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=REPO)
+        # CPython 3.11 can raise this inside Hypothesis while it describes a strategy
+        # (python/cpython#106905); it is not about our API, so that run is repeated once.
+        if "AST constructor recursion depth mismatch" not in result.stdout:
+            break
+    assert result.returncode == 0, result.stdout[-6000:]
+    assert " passed" in result.stdout and "failure" not in result.stdout
