@@ -12,11 +12,10 @@ branch_labels = None
 depends_on = None
 
 UP = """
--- GET /tasks pages newest first by id, optionally filtered; keyset, never OFFSET. Queues
--- are few and unselective, so a queue filter rides on these or on the primary key; every
--- index costs each transition a write, so there is no third one.
+-- GET /tasks pages newest first by id, optionally filtered; keyset, never OFFSET.
 CREATE INDEX tasks_state_id ON tasks (state, id);
 CREATE INDEX tasks_action_id ON tasks (action, id);
+CREATE INDEX tasks_queue_id ON tasks (queue, id);
 
 -- Every API and worker process upserts its row every few seconds: what /metrics and
 -- /stats report for the whole cluster, and which workers were seen recently.
@@ -38,6 +37,7 @@ CREATE TABLE processes (
 
 DOWN = """
 DROP TABLE processes;
+DROP INDEX tasks_queue_id;
 DROP INDEX tasks_action_id;
 DROP INDEX tasks_state_id;
 """

@@ -1,4 +1,4 @@
-"""The claim statement reads indexes only, whatever piles up beside the due tasks."""
+"""Claiming and listing read indexes only, whatever piles up beside what they return."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import msgspec
 import pytest
 
 from engine.queries import SQL
+from engine.store import FIRST_PAGE, LIST_FILTERS
 from tests.support.db import LEASES
 
 ALLOWED_INDEXES = {"tasks_claimable", "tasks_lease_expiry", "tasks_pkey"}
@@ -48,3 +49,28 @@ async def test_claim_never_scans_finished_or_future_tasks(
     # and it claims what is due, not the future or the finished
     leased = await conn.fetch(SQL["task_claim_due"], *args)
     assert len(leased) == 10
+
+
+@pytest.mark.parametrize(
+    "filters",
+    [{}, {"state": "DEAD"}, {"action": "rare"}, {"queue": "rare"}, {"state": "DEAD", "queue": "x"}],
+)
+async def test_listing_pages_read_an_index_whatever_the_filter(
+    conn: asyncpg.Connection, filters: dict[str, str]
+) -> None:
+    await conn.execute("""
+        INSERT INTO tasks (action, payload, state, attempt, result)
+        SELECT 'noop', '{}', 'COMPLETED', 1, 'null' FROM generate_series(1, 30000);
+        INSERT INTO tasks (action, queue, payload) VALUES ('rare', 'rare', '{}');
+        ANALYZE tasks;""")
+    args: list[Any] = [FIRST_PAGE, 51]
+    where = ""
+    for name, value in filters.items():
+        args.append(value)
+        where += " AND " + LIST_FILTERS[name].format(len(args))
+    sql = SQL["task_list"].replace("{filters}", where)
+    raw = await conn.fetchval("EXPLAIN (ANALYZE, FORMAT JSON) " + sql, *args)
+    plan = nodes(msgspec.json.decode(raw)[0]["Plan"])
+    assert not any(n["Node Type"].endswith("Seq Scan") for n in plan), plan[0]
+    # a page reads about a page of rows, not the 30,000 finished tasks around it
+    assert sum(n.get("Rows Removed by Filter", 0) for n in plan) <= 100, plan[0]
