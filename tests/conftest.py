@@ -19,6 +19,7 @@ import schema
 from engine.database import normalize
 from engine.embedded import Embedded
 from engine.store import Store
+from tests.support.procs import Procs
 
 REPO = Path(__file__).resolve().parent.parent
 TEST_URL_ENV = "TASKLEASE_TEST_DATABASE_URL"
@@ -136,3 +137,21 @@ async def conn(db: str) -> AsyncIterator[asyncpg.Connection]:
     c = await asyncpg.connect(db)
     yield c
     await c.close()
+
+
+@pytest.fixture
+def procs(db: str, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Procs]:
+    """Start tasklease processes on this test's database; their logs are shown on failure."""
+    running = Procs(tmp_path, {"DATABASE_URL": db})
+    yield running
+    running.stop_all()
+    report = getattr(request.node, "rep_call", None)
+    if report is not None and report.failed:
+        print(running.dump())
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  # type: ignore[no-untyped-def]
+    outcome = yield
+    rep = outcome.get_result()
+    setattr(item, f"rep_{rep.when}", rep)

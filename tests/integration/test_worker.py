@@ -169,19 +169,6 @@ async def test_sync_handlers_run_in_threads(
         assert json.loads((await state_of(conn, i))["result"]) == {"slept": 0.2, "thread": True}
 
 
-async def test_heartbeats_keep_a_slow_handler_leased(
-    store: Store, conn: asyncpg.Connection, workers: Running
-) -> None:
-    """test_sleep has a 2 s lease; the handler runs 5 s and is never taken over."""
-    task_id = await submit(store, "test_sleep", '{"seconds": 5}')
-    workers.start(store, worker_id="holder")
-    await wait_until(lambda: _count_exec(conn, task_id, 1), "the handler to start")
-    workers.start(store, worker_id="rival")
-    await wait_until(done(conn, task_id, S.COMPLETED), "completion")  # type: ignore[arg-type]
-    assert await triggers(conn, task_id) == ["submit", "claim", "complete"]
-    assert len(await executions(conn, task_id)) == 1
-
-
 async def _count_exec(conn: asyncpg.Connection, task_id: int, n: int) -> bool:
     return bool(
         await conn.fetchval("SELECT count(*) FROM executions WHERE task_id = $1", task_id) >= n

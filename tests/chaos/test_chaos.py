@@ -1,0 +1,118 @@
+"""Kill workers mid-lease, pause one past its lease, cut connections: nothing lost or doubled.
+
+Real `tasklease worker` and `tasklease api` processes on a real database. The long form
+of the first test is `tasklease chaos --minutes 10 --workers 6` (docs/reliability.md).
+"""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import asyncpg
+
+from engine import chaos
+from tests.support.db import assert_completed_once, assert_histories_are_paths, triggers
+from tests.support.db import wait_until as wait
+from tests.support.procs import Procs
+
+
+async def test_killed_workers_lose_nothing_and_double_nothing(
+    admin_dsn: str, tmp_path: Path
+) -> None:
+    config = chaos.ChaosConfig(
+        tasks=1000,
+        rate=50,
+        seconds=6,
+        workers=3,
+        concurrency=10,
+        lease_seconds=2,
+        kill_every=0.3,
+        terminate_every=2.0,
+        seed=7,
+    )
+    report = await chaos.run(admin_dsn, config, tmp_path, progress=print)
+    print("\n".join(report.lines()))
+    assert report.ok, report.problems
+    assert report.tasks >= 1000 and report.completed == report.tasks
+    assert (report.lost, report.double_completions, report.never_executed) == (0, 0, 0)
+    assert report.kills >= 10 and report.connection_cuts >= 2
+    # kills landed mid-lease: some tasks ran twice and were taken over after their lease
+    assert report.executions > report.tasks and report.reclaims > 0
+    assert report.running_with_live_lease == 0 and report.duplicate_tasks == 0
+
+
+async def _executions(conn: asyncpg.Connection, task_id: int) -> list[asyncpg.Record]:
+    return await conn.fetch(
+        "SELECT worker, attempt FROM executions WHERE task_id = $1 ORDER BY id", task_id
+    )
+
+
+async def _submit(conn: asyncpg.Connection, payload: str) -> int:
+    task_id: int = await conn.fetchval(
+        "WITH t AS (INSERT INTO tasks (action, payload) VALUES ('test_sleep', $1::jsonb) "
+        "RETURNING id) INSERT INTO task_transitions (task_id, trigger, to_state, attempt) "
+        "SELECT id, 'submit', 'PENDING', 0 FROM t RETURNING task_id",
+        payload,
+    )
+    return task_id
+
+
+async def test_a_paused_worker_is_fenced_off(procs: Procs, conn: asyncpg.Connection) -> None:
+    """SIGSTOP past the 2 s lease: another worker takes over and completes; after SIGCONT
+    the first worker's completion is refused by the token guard, and it says so."""
+    paused = procs.worker("paused")
+    task_id = await _submit(conn, '{"seconds": 0.5}')
+
+    async def started() -> bool:
+        return len(await _executions(conn, task_id)) == 1
+
+    await wait(started, "the first worker to start the handler")
+    paused.signal(signal.SIGSTOP)
+    other = procs.worker("other")
+
+    async def completed() -> bool:
+        return bool(
+            await conn.fetchval("SELECT state = 'COMPLETED' FROM tasks WHERE id = $1", task_id)
+        )
+
+    await wait(completed, "the other worker to take over and complete")
+    paused.signal(signal.SIGCONT)
+
+    async def refused() -> bool:
+        return "refused: the lease was lost" in paused.output()
+
+    await wait(refused, "the paused worker to try, be refused and log it")
+    assert "RUNNING -> COMPLETED (complete) refused: the lease was lost" in paused.output()
+    runs = await _executions(conn, task_id)
+    assert [r["attempt"] for r in runs] == [1, 2]
+    assert f":{paused.pid}." in runs[0]["worker"] and f":{other.pid}." in runs[1]["worker"]
+    assert await triggers(conn, task_id) == ["submit", "claim", "reclaim", "complete"]
+    winner = await conn.fetchval("SELECT worker FROM tasks WHERE id = $1", task_id)
+    assert f":{other.pid}." in winner
+    await assert_completed_once(conn)
+
+
+async def test_heartbeats_keep_a_long_handler_from_being_taken_over(
+    procs: Procs, conn: asyncpg.Connection
+) -> None:
+    """A 6.5 s handler with a 2 s lease, and an idle rival worker polling all along."""
+    holder = procs.worker("holder")
+    task_id = await _submit(conn, '{"seconds": 6.5}')
+
+    async def started() -> bool:
+        return len(await _executions(conn, task_id)) == 1
+
+    await wait(started, "the holder to start the handler")
+    procs.worker("rival")
+
+    async def completed() -> bool:
+        return bool(
+            await conn.fetchval("SELECT state = 'COMPLETED' FROM tasks WHERE id = $1", task_id)
+        )
+
+    await wait(completed, "the long handler to complete")
+    runs = await _executions(conn, task_id)
+    assert len(runs) == 1 and f":{holder.pid}." in runs[0]["worker"]
+    assert await triggers(conn, task_id) == ["submit", "claim", "complete"]
+    await assert_histories_are_paths(conn)

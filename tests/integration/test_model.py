@@ -1,0 +1,372 @@
+"""Model-based test: hypothesis drives the real engine on a real database.
+
+The model of each task is the `transitions` machine from engine/states.py plus the
+few facts its guards read (attempt, token, lease expiry, due time, cancel request).
+Each rule fires one real statement through engine.store, with right or stale tokens,
+and checks the database moved exactly as the model says. After every step the
+invariants hold: stored state equals the model's, every history is a path of the
+machine, no task is completed twice, attempt never exceeds max_attempts.
+
+Examples and steps are bounded for CI. TASKLEASE_HYPOTHESIS=long runs many more.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncpg
+from hypothesis import HealthCheck, Phase, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
+
+from engine.states import BY_TRIGGER, TaskState, build_machine, is_path
+from engine.store import NewTask, Store
+
+S = TaskState
+WORKERS = ("w1", "w2", "w3")
+LEASE = {"noop": 60.0}
+PROFILES = {
+    "ci": settings(
+        max_examples=15,
+        stateful_step_count=25,
+        deadline=None,
+        suppress_health_check=list(HealthCheck),
+    ),
+    "long": settings(
+        max_examples=400,
+        stateful_step_count=60,
+        deadline=None,
+        suppress_health_check=list(HealthCheck),
+    ),
+    # for checking that a broken guard is caught: no minimal example, just the failure
+    "noshrink": settings(
+        max_examples=15,
+        stateful_step_count=25,
+        deadline=None,
+        suppress_health_check=list(HealthCheck),
+        phases=[Phase.explicit, Phase.reuse, Phase.generate],
+    ),
+}
+
+
+@dataclass
+class Model:
+    """What the database should hold for one task."""
+
+    max_attempts: int
+    machine: Any = field(default_factory=lambda: build_machine(S.PENDING))
+    attempt: int = 0
+    token: uuid.UUID | None = None  # the latest lease's token
+    stale: list[uuid.UUID] = field(default_factory=list)  # earlier leases' tokens
+    due: bool = True
+    lease_expired: bool = False
+    cancel_requested: bool = False
+    completions: int = 0
+
+    @property
+    def state(self) -> TaskState:
+        return TaskState(self.machine.state)
+
+    def fire(self, trigger: str) -> None:
+        getattr(self.machine, trigger)()  # raises if the machine forbids it
+        assert self.state == BY_TRIGGER[trigger].dest
+
+    def holds(self, token: uuid.UUID | None) -> bool:
+        return self.state is S.RUNNING and token is not None and token == self.token
+
+
+class EngineModel(RuleBasedStateMachine):
+    dsn: str = ""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.loop = asyncio.new_event_loop()
+        self.store = self.run(Store.connect(self.dsn, min_size=1, max_size=2))
+        self.conn: asyncpg.Connection = self.run(asyncpg.connect(self.dsn))
+        self.run(self.conn.execute("TRUNCATE tasks, task_transitions RESTART IDENTITY CASCADE"))
+        self.tasks: dict[int, Model] = {}
+
+    def run(self, coro: Any) -> Any:
+        return self.loop.run_until_complete(coro)
+
+    def teardown(self) -> None:
+        try:
+            self.drain()
+        finally:
+            self.run(self.store.close())
+            self.run(self.conn.close())
+            self.loop.close()
+
+    # --- helpers ---------------------------------------------------------------------------
+
+    def pick(self, index: int, *states: TaskState) -> int | None:
+        ids = [i for i, m in sorted(self.tasks.items()) if not states or m.state in states]
+        return ids[index % len(ids)] if ids else None
+
+    def token_for(self, task_id: int, kind: str) -> uuid.UUID:
+        m = self.tasks[task_id]
+        if kind == "current" and m.token is not None:
+            return m.token
+        if kind == "stale" and m.stale:
+            return m.stale[-1]
+        return uuid.uuid4()
+
+    def row(self, task_id: int) -> asyncpg.Record:
+        return self.run(self.conn.fetchrow("SELECT * FROM tasks WHERE id = $1", task_id))
+
+    def expect(self, task_id: int, moved: bool, trigger: str, allowed: bool) -> None:
+        """The statement moved the task exactly when the model allowed it."""
+        assert moved == allowed, f"task {task_id}: {trigger} moved={moved}, model says {allowed}"
+        if allowed:
+            self.tasks[task_id].fire(trigger)
+
+    # --- rules -----------------------------------------------------------------------------
+
+    @rule(max_attempts=st.integers(1, 3), later=st.booleans())
+    def submit(self, max_attempts: int, later: bool) -> None:
+        due_at = None
+        if later:
+            due_at = self.run(self.conn.fetchval("SELECT now() + interval '1 hour'"))
+        [s] = self.run(
+            self.store.submit_many(
+                [NewTask("noop", "{}", max_attempts=max_attempts, due_at=due_at)]
+            )
+        )
+        self.tasks[s.task["id"]] = Model(max_attempts, due=not later)
+
+    @rule(worker=st.sampled_from(WORKERS), limit=st.integers(1, 3))
+    def claim(self, worker: str, limit: int) -> None:
+        expired = [i for i, m in self.tasks.items() if m.state is S.RUNNING and m.lease_expired]
+        due = [i for i, m in self.tasks.items() if m.state in (S.PENDING, S.FAILED) and m.due]
+        leased, dead = self.run(self.store.claim(["default"], LEASE, limit, worker))
+        # nothing is skipped without concurrency: exactly what fits in the limit is taken
+        assert len(leased) + len(dead) == min(limit, len(expired) + len(due))
+        for task_id in dead:
+            m = self.tasks[task_id]
+            assert task_id in expired and m.attempt >= m.max_attempts
+            m.fire("expire")
+            m.lease_expired = False
+        for t in leased:
+            m = self.tasks[t.id]
+            if t.trigger == "reclaim":
+                assert t.id in expired and m.attempt < m.max_attempts
+            else:
+                assert t.id in due
+            m.fire(t.trigger)
+            m.attempt += 1
+            assert t.attempt == m.attempt
+            if m.token is not None:
+                m.stale.append(m.token)
+            m.token, m.lease_expired = t.lease_token, False
+
+    @rule(index=st.integers(0, 50), kind=st.sampled_from(["current", "stale", "random"]))
+    def complete(self, index: int, kind: str) -> None:
+        task_id = self.pick(index)
+        if task_id is None:
+            return
+        token = self.token_for(task_id, kind)
+        allowed = self.tasks[task_id].holds(token)
+        self.expect(
+            task_id, self.run(self.store.complete(task_id, token, "1")), "complete", allowed
+        )
+        if allowed:
+            self.tasks[task_id].completions += 1
+
+    @rule(index=st.integers(0, 50), kind=st.sampled_from(["current", "stale"]), later=st.booleans())
+    def fail(self, index: int, kind: str, later: bool) -> None:
+        task_id = self.pick(index)
+        if task_id is None:
+            return
+        m, token = self.tasks[task_id], self.token_for(task_id, kind)
+        allowed = m.holds(token) and m.attempt < m.max_attempts
+        moved = self.run(self.store.fail(task_id, token, 3600 if later else 0, "boom"))
+        self.expect(task_id, moved is not None, "fail", allowed)
+        if allowed:
+            m.due = not later
+
+    @rule(
+        index=st.integers(0, 50),
+        kind=st.sampled_from(["current", "stale"]),
+        permanent=st.booleans(),
+    )
+    def bury(self, index: int, kind: str, permanent: bool) -> None:
+        task_id = self.pick(index)
+        if task_id is None:
+            return
+        m, token = self.tasks[task_id], self.token_for(task_id, kind)
+        allowed = m.holds(token) and (permanent or m.attempt >= m.max_attempts)
+        self.expect(
+            task_id, self.run(self.store.bury(task_id, token, "fatal", permanent)), "bury", allowed
+        )
+
+    @rule(index=st.integers(0, 50), kind=st.sampled_from(["current", "stale"]))
+    def release(self, index: int, kind: str) -> None:
+        task_id = self.pick(index)
+        if task_id is None:
+            return
+        m, token = self.tasks[task_id], self.token_for(task_id, kind)
+        allowed = m.holds(token)
+        self.expect(task_id, self.run(self.store.release(task_id, token)), "release", allowed)
+        if allowed:
+            m.attempt -= 1
+            m.cancel_requested = False if m.state is not S.RUNNING else m.cancel_requested
+
+    @rule(index=st.integers(0, 50), kind=st.sampled_from(["current", "stale"]))
+    def heartbeat(self, index: int, kind: str) -> None:
+        task_id = self.pick(index)
+        if task_id is None:
+            return
+        m, token = self.tasks[task_id], self.token_for(task_id, kind)
+        before = dict(self.row(task_id))
+        row = self.run(self.store.heartbeat(task_id, token, 60))
+        assert (row is not None) == m.holds(token)
+        if row is None:
+            assert dict(self.row(task_id)) == before, "a refused heartbeat changed the task"
+        else:
+            m.lease_expired = False
+
+    @precondition(lambda self: any(m.state is S.RUNNING for m in self.tasks.values()))
+    @rule(index=st.integers(0, 50))
+    def lease_runs_out(self, index: int) -> None:
+        task_id = self.pick(index, S.RUNNING)
+        assert task_id is not None
+        self.run(
+            self.conn.execute(
+                "UPDATE tasks SET lease_expires_at = now() - interval '1s' WHERE id = $1", task_id
+            )
+        )
+        self.tasks[task_id].lease_expired = True
+
+    @precondition(lambda self: any(not m.due for m in self.tasks.values()))
+    @rule(index=st.integers(0, 50))
+    def time_passes(self, index: int) -> None:
+        task_id = self.pick(index, S.PENDING, S.FAILED)
+        if task_id is None or self.tasks[task_id].due:
+            return
+        self.run(
+            self.conn.execute(
+                "UPDATE tasks SET due_at = now() - interval '1s' WHERE id = $1", task_id
+            )
+        )
+        self.tasks[task_id].due = True
+
+    @rule(index=st.integers(0, 50))
+    def cancel(self, index: int) -> None:
+        task_id = self.pick(index)
+        if task_id is None:
+            return
+        allowed = self.tasks[task_id].state in BY_TRIGGER["cancel"].sources
+        self.expect(task_id, self.run(self.store.cancel(task_id, "test")), "cancel", allowed)
+
+    @rule(index=st.integers(0, 50))
+    def request_cancel(self, index: int) -> None:
+        task_id = self.pick(index)
+        if task_id is None:
+            return
+        m = self.tasks[task_id]
+        assert self.run(self.store.request_cancel(task_id)) == (m.state is S.RUNNING)
+        if m.state is S.RUNNING:
+            m.cancel_requested = True
+
+    @rule(index=st.integers(0, 50), kind=st.sampled_from(["current", "stale"]))
+    def cancel_running(self, index: int, kind: str) -> None:
+        task_id = self.pick(index)
+        if task_id is None:
+            return
+        m, token = self.tasks[task_id], self.token_for(task_id, kind)
+        allowed = m.holds(token) and self.row(task_id)["cancel_requested_at"] is not None
+        self.expect(
+            task_id, self.run(self.store.cancel_running(task_id, token)), "cancel_running", allowed
+        )
+
+    @rule(index=st.integers(0, 50))
+    def requeue(self, index: int) -> None:
+        task_id = self.pick(index)
+        if task_id is None:
+            return
+        m = self.tasks[task_id]
+        allowed = m.state is S.DEAD
+        self.expect(task_id, self.run(self.store.requeue(task_id, "test")), "requeue", allowed)
+        if allowed:
+            m.attempt, m.due = 0, True
+
+    # --- invariants ------------------------------------------------------------------------
+
+    @invariant()
+    def database_matches_model(self) -> None:
+        rows = self.run(self.conn.fetch("SELECT id, state, attempt, max_attempts FROM tasks"))
+        assert len(rows) == len(self.tasks), "a submitted task is missing"
+        for r in rows:
+            m = self.tasks[r["id"]]
+            assert (TaskState(r["state"]), r["attempt"]) == (m.state, m.attempt), (
+                f"task {r['id']}: stored {r['state']}/{r['attempt']}, model {m.state}/{m.attempt}"
+            )
+            assert 0 <= r["attempt"] <= r["max_attempts"]
+
+    @invariant()
+    def histories_are_paths_with_at_most_one_completion(self) -> None:
+        rows = self.run(
+            self.conn.fetch(
+                "SELECT task_id, trigger, from_state, to_state FROM task_transitions "
+                "ORDER BY task_id, id"
+            )
+        )
+        steps: dict[int, list[tuple[str, TaskState | None, TaskState]]] = {}
+        for r in rows:
+            steps.setdefault(r["task_id"], []).append(
+                (
+                    r["trigger"],
+                    TaskState(r["from_state"]) if r["from_state"] else None,
+                    TaskState(r["to_state"]),
+                )
+            )
+        for task_id, path in steps.items():
+            assert is_path(path), f"task {task_id}: {path}"
+            assert path[-1][2] == self.tasks[task_id].state
+            assert sum(t == "complete" for t, _, _ in path) <= 1
+            assert self.tasks[task_id].completions <= 1
+
+    def drain(self) -> None:
+        """Let everything run out: nothing may stay PENDING, FAILED or RUNNING."""
+        for _ in range(20):
+            self.run(
+                self.conn.execute(
+                    "UPDATE tasks SET due_at = now() - interval '1s' WHERE state IN ('PENDING', "
+                    "'FAILED'); UPDATE tasks SET lease_expires_at = now() - interval '1s' "
+                    "WHERE state = 'RUNNING'"
+                )
+            )
+            leased, _ = self.run(self.store.claim(["default"], LEASE, 1000, "drainer"))
+            for t in leased:
+                assert self.run(self.store.complete(t.id, t.lease_token, "1"))
+            left = self.run(
+                self.conn.fetchval(
+                    "SELECT count(*) FROM tasks WHERE state IN ('PENDING', 'FAILED', 'RUNNING')"
+                )
+            )
+            if left == 0:
+                break
+        assert left == 0, f"{left} tasks never finished"
+        doubles = self.run(
+            self.conn.fetchval(
+                "SELECT count(*) FROM (SELECT task_id FROM task_transitions WHERE trigger = "
+                "'complete' GROUP BY task_id HAVING count(*) > 1) d"
+            )
+        )
+        assert doubles == 0
+
+
+def test_engine_follows_the_model(db: str) -> None:
+    EngineModel.dsn = db
+    profile = PROFILES[os.environ.get("TASKLEASE_HYPOTHESIS", "ci")]
+    run_state_machine_as_test(EngineModel, settings=profile)
