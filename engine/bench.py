@@ -1,0 +1,347 @@
+"""`tasklease bench`: throughput and latency, measured on a database of its own.
+
+Scenarios (each on a fresh database, created and dropped here):
+
+- drain:   N no-op tasks inserted in bulk (insert tasks/s), then W worker processes with
+           concurrency C drain them: completed tasks/s from the first claim to the last
+           completion, by the database clock;
+- latency: idle workers; tasks due at a steady rate; start lag = handler start - due_at;
+- submit:  tasks/s through the HTTP API, single POST /tasks from K concurrent clients, and
+           POST /tasks/batch with batches of B;
+- backlog: the drain again with 1,000,000 finished tasks (and their history) in the tables.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import platform
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import httpx
+
+import schema
+from engine import TaskContext, handler
+from engine.store import NewTask, Store
+
+Say = Callable[[str], None]
+
+
+@handler("bench_probe")
+async def bench_probe(ctx: TaskContext, payload: dict[str, Any]) -> float:
+    """No work; returns when it started (epoch seconds), for the latency scenario."""
+    return time.time()
+
+
+@dataclass
+class BenchConfig:
+    tasks: int = 20_000
+    workers: int = 2
+    concurrency: int = 100
+    latency_rate: float = 100.0
+    latency_seconds: float = 15.0
+    submit_clients: int = 16
+    submit_seconds: float = 10.0
+    batch_size: int = 1000
+    backlog: int = 1_000_000
+    scenarios: tuple[str, ...] = ("drain", "latency", "submit", "backlog")
+
+
+@dataclass
+class BenchResult:
+    environment: dict[str, Any] = field(default_factory=dict)
+    figures: dict[str, Any] = field(default_factory=dict)
+
+    def table(self) -> str:
+        rows = [(k, _fmt(v)) for k, v in self.figures.items()]
+        width = max((len(k) for k, _ in rows), default=10)
+        env = "\n".join(f"  {k}: {v}" for k, v in self.environment.items())
+        return ("environment:\n" + env + "\n\n" + "\n".join(
+            f"  {k:<{width}}  {v}" for k, v in rows))
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:,.1f}"
+    if isinstance(v, int):
+        return f"{v:,}"
+    return str(v)
+
+
+def _with_database(dsn: str, name: str) -> str:
+    return urlunsplit(urlsplit(dsn)._replace(path=f"/{name}"))
+
+
+async def environment(dsn: str) -> dict[str, Any]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        settings = {r["name"]: r["setting"] for r in await conn.fetch(
+            "SELECT name, setting FROM pg_settings WHERE name = ANY($1)",
+            ["shared_buffers", "synchronous_commit", "fsync", "max_connections", "wal_level"])}
+        version = await conn.fetchval("SHOW server_version")
+    finally:
+        await conn.close()
+    cpu = "unknown"
+    if Path("/proc/cpuinfo").exists():
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    where = urlsplit(dsn)
+    return {
+        "machine": f"{os.cpu_count()} cores ({cpu}), {mem:.0f} GiB, {platform.platform()}",
+        "python": platform.python_version(),
+        "postgresql": f"{version} on {'a Unix socket' if 'host=/' in dsn else where.hostname}",
+        "postgresql settings": ", ".join(f"{k}={v}" for k, v in sorted(settings.items())),
+    }
+
+
+class Database:
+    """A fresh, migrated database for one scenario."""
+
+    def __init__(self, admin_dsn: str) -> None:
+        self.admin_dsn = admin_dsn
+        self.name = f"tasklease_bench_{uuid.uuid4().hex[:10]}"
+        self.dsn = _with_database(admin_dsn, self.name)
+
+    async def __aenter__(self) -> Database:
+        conn = await asyncpg.connect(self.admin_dsn)
+        try:
+            await conn.execute(f"CREATE DATABASE {self.name}")
+        finally:
+            await conn.close()
+        await schema.upgrade(self.dsn)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        conn = await asyncpg.connect(self.admin_dsn)
+        try:
+            await conn.execute(f"DROP DATABASE IF EXISTS {self.name} WITH (FORCE)")
+        finally:
+            await conn.close()
+
+
+class Processes:
+    def __init__(self, dsn: str, log_dir: Path) -> None:
+        self.dsn, self.log_dir = dsn, log_dir
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def start(self, name: str, *args: str) -> subprocess.Popen[bytes]:
+        out = open(self.log_dir / f"{name}.log", "wb")  # noqa: SIM115
+        env = {**os.environ, "DATABASE_URL": self.dsn, "TASKLEASE_LOG_LABEL": name}
+        proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "--log-level", "warning",
+                                 *args], env=env, stdout=out, stderr=subprocess.STDOUT)
+        self.procs.append(proc)
+        return proc
+
+    def workers(self, n: int, concurrency: int) -> None:
+        for i in range(n):
+            self.start(f"worker-{i + 1}", "worker", "--handlers", "engine.bench",
+                       "--concurrency", str(concurrency))
+
+    def api(self) -> str:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.start("api", "api", "--port", str(port), "--handlers", "engine.bench")
+        return f"http://127.0.0.1:{port}"
+
+    def stop(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in self.procs:
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+async def _insert(dsn: str, n: int, action: str = "noop") -> float:
+    """Bulk insert n tasks through Store.submit_many; returns tasks/s."""
+    store = await Store.connect(dsn, min_size=1, max_size=1)
+    try:
+        began = time.perf_counter()
+        for start in range(0, n, 5000):
+            await store.submit_many([NewTask(action, "{}") for _ in range(min(5000, n - start))])
+        return n / (time.perf_counter() - began)
+    finally:
+        await store.close()
+
+
+async def _wait_done(conn: asyncpg.Connection, n: int, say: Say, what: str) -> None:
+    last = time.monotonic()
+    while True:
+        done = await conn.fetchval("SELECT count(*) FROM tasks WHERE state = 'COMPLETED'")
+        if done >= n:
+            return
+        if time.monotonic() - last > 2:
+            say(f"  {what}: {done:,}/{n:,} completed")
+            last = time.monotonic()
+        await asyncio.sleep(0.2)
+
+
+async def drain(admin_dsn: str, config: BenchConfig, log_dir: Path, say: Say,
+                backlog: int = 0) -> dict[str, float]:
+    async with Database(admin_dsn) as db:
+        conn = await asyncpg.connect(db.dsn)
+        try:
+            if backlog:
+                say(f"  writing {backlog:,} finished tasks and their history")
+                await _backlog(conn, backlog)
+            insert_rate = await _insert(db.dsn, config.tasks)
+            say(f"  inserted {config.tasks:,} tasks ({insert_rate:,.0f}/s); draining with "
+                f"{config.workers} workers x concurrency {config.concurrency}")
+            procs = Processes(db.dsn, log_dir)
+            procs.workers(config.workers, config.concurrency)
+            try:
+                await _wait_done(conn, backlog + config.tasks, say, "drain")
+            finally:
+                procs.stop()
+            first, last = await conn.fetchrow(
+                "SELECT min(at) FILTER (WHERE trigger = 'claim'), "
+                "max(at) FILTER (WHERE trigger = 'complete') FROM task_transitions "
+                "WHERE task_id > $1", backlog)
+            seconds = (last - first).total_seconds()
+        finally:
+            await conn.close()
+    return {"insert_per_s": insert_rate, "drain_per_s": config.tasks / seconds,
+            "drain_seconds": seconds}
+
+
+async def _backlog(conn: asyncpg.Connection, n: int) -> None:
+    await conn.execute(f"""
+        INSERT INTO tasks (action, payload, state, attempt, result, worker, lease_token,
+                           created_at, updated_at, due_at)
+        SELECT 'noop', '{{}}', 'COMPLETED', 1, 'null', 'old', gen_random_uuid(),
+               now() - interval '1 day', now() - interval '1 day', now() - interval '1 day'
+        FROM generate_series(1, {n});
+        INSERT INTO task_transitions (task_id, trigger, from_state, to_state, attempt, worker, at)
+        SELECT id, t.trigger, t.from_state::task_state, t.to_state::task_state, t.attempt,
+               CASE WHEN t.trigger = 'submit' THEN NULL ELSE 'old' END, now() - interval '1 day'
+        FROM tasks, (VALUES ('submit', NULL, 'PENDING', 0), ('claim', 'PENDING', 'RUNNING', 1),
+                            ('complete', 'RUNNING', 'COMPLETED', 1))
+                     AS t(trigger, from_state, to_state, attempt);
+        VACUUM ANALYZE tasks;
+        VACUUM ANALYZE task_transitions;""")
+
+
+async def latency(admin_dsn: str, config: BenchConfig, log_dir: Path, say: Say) -> dict[str, float]:
+    n = int(config.latency_rate * config.latency_seconds)
+    async with Database(admin_dsn) as db:
+        procs = Processes(db.dsn, log_dir)
+        procs.workers(config.workers, config.concurrency)
+        conn = await asyncpg.connect(db.dsn)
+        try:
+            await asyncio.sleep(3)  # the workers start and go idle
+            # Every task is submitted ahead of time, due at its own moment: rate/s from t0.
+            t0 = await conn.fetchval("SELECT now() + interval '2 seconds'")
+            store = await Store.connect(db.dsn, min_size=1, max_size=1)
+            step = 1 / config.latency_rate
+            from datetime import timedelta
+            await store.submit_many([NewTask("bench_probe", "{}", due_at=t0 + timedelta(
+                seconds=i * step)) for i in range(n)])
+            await store.close()
+            say(f"  {n:,} tasks due at {config.latency_rate:.0f}/s over "
+                f"{config.latency_seconds:.0f}s")
+            await _wait_done(conn, n, say, "latency")
+            rows = await conn.fetch(
+                "SELECT (result::text)::float8 - extract(epoch FROM due_at) AS lag FROM tasks")
+        finally:
+            await conn.close()
+            procs.stop()
+    lags = sorted(r["lag"] * 1000 for r in rows)
+    return {"p50_ms": statistics.median(lags), "p99_ms": lags[int(len(lags) * 0.99) - 1],
+            "max_ms": lags[-1]}
+
+
+async def submit(admin_dsn: str, config: BenchConfig, log_dir: Path, say: Say) -> dict[str, float]:
+    async with Database(admin_dsn) as db:
+        procs = Processes(db.dsn, log_dir)
+        url = procs.api()
+        try:
+            async with httpx.AsyncClient(base_url=url, timeout=30,
+                                         limits=httpx.Limits(max_connections=64)) as http:
+                for _ in range(100):
+                    try:
+                        if (await http.get("/healthz")).status_code == 200:
+                            break
+                    except httpx.HTTPError:
+                        await asyncio.sleep(0.1)
+                body = {"payload": {"action": "noop"}}
+                count = 0
+                stop = time.perf_counter() + config.submit_seconds
+
+                async def client() -> None:
+                    nonlocal count
+                    while time.perf_counter() < stop:
+                        r = await http.post("/tasks", json=body)
+                        assert r.status_code == 201, r.text
+                        count += 1
+
+                began = time.perf_counter()
+                await asyncio.gather(*(client() for _ in range(config.submit_clients)))
+                single = count / (time.perf_counter() - began)
+                say(f"  single POST /tasks: {single:,.0f}/s with {config.submit_clients} clients")
+                batch = {"tasks": [body] * config.batch_size}
+                batches = 0
+                stop = time.perf_counter() + config.submit_seconds
+
+                async def batcher() -> None:
+                    nonlocal batches
+                    while time.perf_counter() < stop:
+                        r = await http.post("/tasks/batch", json=batch)
+                        assert r.status_code == 201, r.text
+                        batches += 1
+
+                began = time.perf_counter()
+                await asyncio.gather(*(batcher() for _ in range(4)))
+                batched = batches * config.batch_size / (time.perf_counter() - began)
+        finally:
+            procs.stop()
+    return {"single_per_s": single, "batch_per_s": batched}
+
+
+async def run(admin_dsn: str, config: BenchConfig, log_dir: Path, say: Say) -> BenchResult:
+    result = BenchResult(environment=await environment(admin_dsn))
+    f = result.figures
+    if "drain" in config.scenarios:
+        say(f"drain: {config.tasks:,} no-op tasks")
+        d = await drain(admin_dsn, config, log_dir, say)
+        f["insert (tasks/s)"] = d["insert_per_s"]
+        f["drain (tasks/s)"] = d["drain_per_s"]
+    if "latency" in config.scenarios:
+        say(f"latency: {config.latency_rate:.0f} tasks/s for {config.latency_seconds:.0f}s")
+        lat = await latency(admin_dsn, config, log_dir, say)
+        f["start lag p50 (ms)"], f["start lag p99 (ms)"], f["start lag max (ms)"] = (
+            lat["p50_ms"], lat["p99_ms"], lat["max_ms"])
+    if "submit" in config.scenarios:
+        say("submit: through the HTTP API")
+        s = await submit(admin_dsn, config, log_dir, say)
+        f[f"POST /tasks, {config.submit_clients} clients (tasks/s)"] = s["single_per_s"]
+        f[f"POST /tasks/batch of {config.batch_size} (tasks/s)"] = s["batch_per_s"]
+    if "backlog" in config.scenarios:
+        say(f"backlog: drain with {config.backlog:,} finished tasks already stored")
+        b = await drain(admin_dsn, config, log_dir, say, backlog=config.backlog)
+        f[f"drain over {config.backlog:,} finished (tasks/s)"] = b["drain_per_s"]
+        if "drain (tasks/s)" in f:
+            f["backlog vs empty (%)"] = 100 * b["drain_per_s"] / f["drain (tasks/s)"]
+    return result
+
+
+def to_json(result: BenchResult, config: BenchConfig) -> str:
+    return json.dumps({"config": asdict(config), **asdict(result)}, indent=2, default=str)
