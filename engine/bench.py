@@ -69,8 +69,7 @@ class BenchResult:
         rows = [(k, _fmt(v)) for k, v in self.figures.items()]
         width = max((len(k) for k, _ in rows), default=10)
         env = "\n".join(f"  {k}: {v}" for k, v in self.environment.items())
-        return ("environment:\n" + env + "\n\n" + "\n".join(
-            f"  {k:<{width}}  {v}" for k, v in rows))
+        return "environment:\n" + env + "\n\n" + "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
 
 
 def _fmt(v: Any) -> str:
@@ -85,21 +84,27 @@ def _with_database(dsn: str, name: str) -> str:
     return urlunsplit(urlsplit(dsn)._replace(path=f"/{name}"))
 
 
+def _cpu_model() -> str:
+    info = Path("/proc/cpuinfo")
+    lines = info.read_text().splitlines() if info.exists() else []
+    return next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")),
+                "unknown")
+
+
 async def environment(dsn: str) -> dict[str, Any]:
     conn = await asyncpg.connect(dsn)
     try:
-        settings = {r["name"]: r["setting"] for r in await conn.fetch(
-            "SELECT name, setting FROM pg_settings WHERE name = ANY($1)",
-            ["shared_buffers", "synchronous_commit", "fsync", "max_connections", "wal_level"])}
+        settings = {
+            r["name"]: r["setting"]
+            for r in await conn.fetch(
+                "SELECT name, setting FROM pg_settings WHERE name = ANY($1)",
+                ["shared_buffers", "synchronous_commit", "fsync", "max_connections", "wal_level"],
+            )
+        }
         version = await conn.fetchval("SHOW server_version")
     finally:
         await conn.close()
-    cpu = "unknown"
-    if Path("/proc/cpuinfo").exists():
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+    cpu = _cpu_model()
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     where = urlsplit(dsn)
     return {
@@ -143,15 +148,25 @@ class Processes:
     def start(self, name: str, *args: str) -> subprocess.Popen[bytes]:
         out = open(self.log_dir / f"{name}.log", "wb")  # noqa: SIM115
         env = {**os.environ, "DATABASE_URL": self.dsn, "TASKLEASE_LOG_LABEL": name}
-        proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "--log-level", "warning",
-                                 *args], env=env, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "engine.cli", "--log-level", "warning", *args],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
         self.procs.append(proc)
         return proc
 
     def workers(self, n: int, concurrency: int) -> None:
         for i in range(n):
-            self.start(f"worker-{i + 1}", "worker", "--handlers", "engine.bench",
-                       "--concurrency", str(concurrency))
+            self.start(
+                f"worker-{i + 1}",
+                "worker",
+                "--handlers",
+                "engine.bench",
+                "--concurrency",
+                str(concurrency),
+            )
 
     def api(self) -> str:
         with socket.socket() as s:
@@ -195,8 +210,9 @@ async def _wait_done(conn: asyncpg.Connection, n: int, say: Say, what: str) -> N
         await asyncio.sleep(0.2)
 
 
-async def drain(admin_dsn: str, config: BenchConfig, log_dir: Path, say: Say,
-                backlog: int = 0) -> dict[str, float]:
+async def drain(
+    admin_dsn: str, config: BenchConfig, log_dir: Path, say: Say, backlog: int = 0
+) -> dict[str, float]:
     async with Database(admin_dsn) as db:
         conn = await asyncpg.connect(db.dsn)
         try:
@@ -204,8 +220,10 @@ async def drain(admin_dsn: str, config: BenchConfig, log_dir: Path, say: Say,
                 say(f"  writing {backlog:,} finished tasks and their history")
                 await _backlog(conn, backlog)
             insert_rate = await _insert(db.dsn, config.tasks)
-            say(f"  inserted {config.tasks:,} tasks ({insert_rate:,.0f}/s); draining with "
-                f"{config.workers} workers x concurrency {config.concurrency}")
+            say(
+                f"  inserted {config.tasks:,} tasks ({insert_rate:,.0f}/s); draining with "
+                f"{config.workers} workers x concurrency {config.concurrency}"
+            )
             procs = Processes(db.dsn, log_dir)
             procs.workers(config.workers, config.concurrency)
             try:
@@ -215,12 +233,17 @@ async def drain(admin_dsn: str, config: BenchConfig, log_dir: Path, say: Say,
             first, last = await conn.fetchrow(
                 "SELECT min(at) FILTER (WHERE trigger = 'claim'), "
                 "max(at) FILTER (WHERE trigger = 'complete') FROM task_transitions "
-                "WHERE task_id > $1", backlog)
+                "WHERE task_id > $1",
+                backlog,
+            )
             seconds = (last - first).total_seconds()
         finally:
             await conn.close()
-    return {"insert_per_s": insert_rate, "drain_per_s": config.tasks / seconds,
-            "drain_seconds": seconds}
+    return {
+        "insert_per_s": insert_rate,
+        "drain_per_s": config.tasks / seconds,
+        "drain_seconds": seconds,
+    }
 
 
 async def _backlog(conn: asyncpg.Connection, n: int) -> None:
@@ -253,20 +276,31 @@ async def latency(admin_dsn: str, config: BenchConfig, log_dir: Path, say: Say) 
             store = await Store.connect(db.dsn, min_size=1, max_size=1)
             step = 1 / config.latency_rate
             from datetime import timedelta
-            await store.submit_many([NewTask("bench_probe", "{}", due_at=t0 + timedelta(
-                seconds=i * step)) for i in range(n)])
+
+            await store.submit_many(
+                [
+                    NewTask("bench_probe", "{}", due_at=t0 + timedelta(seconds=i * step))
+                    for i in range(n)
+                ]
+            )
             await store.close()
-            say(f"  {n:,} tasks due at {config.latency_rate:.0f}/s over "
-                f"{config.latency_seconds:.0f}s")
+            say(
+                f"  {n:,} tasks due at {config.latency_rate:.0f}/s over "
+                f"{config.latency_seconds:.0f}s"
+            )
             await _wait_done(conn, n, say, "latency")
             rows = await conn.fetch(
-                "SELECT (result::text)::float8 - extract(epoch FROM due_at) AS lag FROM tasks")
+                "SELECT (result::text)::float8 - extract(epoch FROM due_at) AS lag FROM tasks"
+            )
         finally:
             await conn.close()
             procs.stop()
     lags = sorted(r["lag"] * 1000 for r in rows)
-    return {"p50_ms": statistics.median(lags), "p99_ms": lags[int(len(lags) * 0.99) - 1],
-            "max_ms": lags[-1]}
+    return {
+        "p50_ms": statistics.median(lags),
+        "p99_ms": lags[int(len(lags) * 0.99) - 1],
+        "max_ms": lags[-1],
+    }
 
 
 async def submit(admin_dsn: str, config: BenchConfig, log_dir: Path, say: Say) -> dict[str, float]:
@@ -274,8 +308,9 @@ async def submit(admin_dsn: str, config: BenchConfig, log_dir: Path, say: Say) -
         procs = Processes(db.dsn, log_dir)
         url = procs.api()
         try:
-            async with httpx.AsyncClient(base_url=url, timeout=30,
-                                         limits=httpx.Limits(max_connections=64)) as http:
+            async with httpx.AsyncClient(
+                base_url=url, timeout=30, limits=httpx.Limits(max_connections=64)
+            ) as http:
                 for _ in range(100):
                     try:
                         if (await http.get("/healthz")).status_code == 200:
@@ -328,7 +363,10 @@ async def run(admin_dsn: str, config: BenchConfig, log_dir: Path, say: Say) -> B
         say(f"latency: {config.latency_rate:.0f} tasks/s for {config.latency_seconds:.0f}s")
         lat = await latency(admin_dsn, config, log_dir, say)
         f["start lag p50 (ms)"], f["start lag p99 (ms)"], f["start lag max (ms)"] = (
-            lat["p50_ms"], lat["p99_ms"], lat["max_ms"])
+            lat["p50_ms"],
+            lat["p99_ms"],
+            lat["max_ms"],
+        )
     if "submit" in config.scenarios:
         say("submit: through the HTTP API")
         s = await submit(admin_dsn, config, log_dir, say)

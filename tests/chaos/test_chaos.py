@@ -59,31 +59,33 @@ async def _submit(conn: asyncpg.Connection, payload: str) -> int:
 
 
 async def test_a_paused_worker_is_fenced_off(procs: Procs, conn: asyncpg.Connection) -> None:
-    """SIGSTOP past the 2 s lease: another worker takes over and completes; after SIGCONT
-    the first worker's completion is refused by the token guard, and it says so."""
+    """SIGSTOP past the 2 s lease: another worker takes the task over. Woken while the other
+    still runs it, the first worker's completion is refused by the token guard (it says so);
+    the task is completed once, by the other."""
     paused = procs.worker("paused")
-    task_id = await _submit(conn, '{"seconds": 0.5}')
+    task_id = await _submit(conn, '{"seconds": 1.5}')
 
-    async def started() -> bool:
-        return len(await _executions(conn, task_id)) == 1
+    async def started(n: int) -> bool:
+        return len(await _executions(conn, task_id)) == n
 
-    await wait(started, "the first worker to start the handler")
+    await wait(lambda: started(1), "the first worker to start the handler")
     paused.signal(signal.SIGSTOP)
     other = procs.worker("other")
-
-    async def completed() -> bool:
-        return bool(
-            await conn.fetchval("SELECT state = 'COMPLETED' FROM tasks WHERE id = $1", task_id)
-        )
-
-    await wait(completed, "the other worker to take over and complete")
-    paused.signal(signal.SIGCONT)
+    await wait(lambda: started(2), "the other worker to take the task over")
+    paused.signal(signal.SIGCONT)  # its handler's sleep is long over: it completes at once
 
     async def refused() -> bool:
         return "refused: the lease was lost" in paused.output()
 
     await wait(refused, "the paused worker to try, be refused and log it")
     assert "RUNNING -> COMPLETED (complete) refused: the lease was lost" in paused.output()
+
+    async def completed() -> bool:
+        return bool(
+            await conn.fetchval("SELECT state = 'COMPLETED' FROM tasks WHERE id = $1", task_id)
+        )
+
+    await wait(completed, "the other worker to complete")
     runs = await _executions(conn, task_id)
     assert [r["attempt"] for r in runs] == [1, 2]
     assert f":{paused.pid}." in runs[0]["worker"] and f":{other.pid}." in runs[1]["worker"]

@@ -203,3 +203,15 @@ async def test_requeue_resets_attempts(store: Store, conn: asyncpg.Connection) -
     leased, _ = await store.claim(["default"], LEASES, 10, "w2")
     assert [t.attempt for t in leased] == [1]
     await assert_histories_are_paths(conn)
+
+
+async def test_claim_skips_locked_rows_instead_of_waiting(
+    store: Store, conn: asyncpg.Connection
+) -> None:
+    """Workers never wait on each other: a row locked by another transaction is skipped."""
+    first = await submit(store)
+    second = await submit(store)
+    async with conn.transaction():
+        await conn.execute("SELECT 1 FROM tasks WHERE id = $1 FOR UPDATE", first)
+        leased, _ = await asyncio.wait_for(store.claim(["default"], LEASES, 2, "w1"), 5)
+        assert [t.id for t in leased] == [second]
