@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, TypeVar
 
+import asyncpg
 import msgspec
 from litestar import Litestar, Request, Response, get, post
 from litestar.connection import ASGIConnection
@@ -382,6 +383,12 @@ def bad_request(request: Request[Any, Any, Any], exc: ClientException) -> Respon
     return Response(body, status_code=exc.status_code, headers=exc.headers)
 
 
+def refused_value(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
+    """A value the database cannot hold (a NUL in a query parameter, say) is the client's."""
+    detail = f"invalid value: {getattr(exc, 'message', None) or exc}"
+    return Response({"status_code": 400, "detail": detail, "extra": {}}, status_code=400)
+
+
 def database_unavailable(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
     log.warning("database unavailable: %s", exc)
     return Response(
@@ -447,6 +454,7 @@ def create_app(
         guards=[require_token],
         exception_handlers={
             ClientException: bad_request,
+            asyncpg.DataError: refused_value,
             **{exc: database_unavailable for exc in TRANSIENT_ERRORS},
         },
         request_max_body_size=max_body_bytes,

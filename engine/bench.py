@@ -87,8 +87,9 @@ def _with_database(dsn: str, name: str) -> str:
 def _cpu_model() -> str:
     info = Path("/proc/cpuinfo")
     lines = info.read_text().splitlines() if info.exists() else []
-    return next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")),
-                "unknown")
+    return next(
+        (ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), "unknown"
+    )
 
 
 async def environment(dsn: str) -> dict[str, Any]:

@@ -29,10 +29,10 @@ class Fatal(Exception):
     """An error told to the user in one line; exit status 1."""
 
 
-def setup_logging(label: str, verbose: bool = False) -> None:
+def setup_logging(label: str, level: str = "info") -> None:
     label = os.environ.get(LABEL_ENV, label)
     logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
+        level=level.upper(),
         format=f"%(asctime)s {label:<9} %(levelname)-7s %(message)s",
         datefmt="%H:%M:%S",
         stream=sys.stderr,
@@ -207,6 +207,31 @@ def cmd_chaos(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    import tempfile
+    from pathlib import Path
+
+    from engine import bench
+
+    admin = database_url()
+    config = bench.BenchConfig(
+        tasks=args.tasks,
+        workers=args.workers,
+        concurrency=args.concurrency,
+        latency_rate=args.latency_rate,
+        latency_seconds=args.latency_seconds,
+        submit_clients=args.submit_clients,
+        batch_size=args.batch_size,
+        backlog=args.backlog,
+        scenarios=tuple(args.only.split(",")) if args.only else bench.BenchConfig.scenarios,
+    )
+    log_dir = Path(tempfile.mkdtemp(prefix="tasklease-bench-"))
+    log.info("bench: process logs in %s", log_dir)
+    result = asyncio.run(bench.run(admin, config, log_dir, lambda line: log.info("%s", line)))
+    print(bench.to_json(result, config) if args.json else result.table())
+    return 0
+
+
 def cmd_dev(args: argparse.Namespace) -> int:
     load_handlers(args.handlers)
     dsn, server = database.resolve()
@@ -236,7 +261,7 @@ def _supervise(args: argparse.Namespace, dsn: str) -> int:
     """Run the API and the workers as child processes until Ctrl-C or SIGTERM."""
     env = {**os.environ, "DATABASE_URL": dsn}
     common = ["--handlers", *args.handlers] if args.handlers else []
-    base = [sys.executable, "-m", "engine.cli"] + (["-v"] if args.verbose else [])
+    base = [sys.executable, "-m", "engine.cli", "--log-level", args.log_level]
     commands = {"api": [*base, "api", "--host", args.host, "--port", str(args.port), *common]}
     for n in range(1, args.workers + 1):
         commands[f"worker-{n}"] = [
@@ -354,7 +379,23 @@ def parser() -> argparse.ArgumentParser:
         description="A durable task scheduler on PostgreSQL. Uses DATABASE_URL when set, "
         "else an embedded PostgreSQL under .tasklease/ (TASKLEASE_DATA_DIR).",
     )
-    root.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    root.add_argument(
+        "-v",
+        "--verbose",
+        action="store_const",
+        const="debug",
+        dest="log_level",
+        help="debug logging (same as --log-level debug)",
+    )
+    root.add_argument(
+        "--log-level",
+        default=os.environ.get("TASKLEASE_LOG_LEVEL", "info"),
+        type=str.lower,
+        choices=["debug", "info", "warning", "error"],
+        help="how much to log (default: $TASKLEASE_LOG_LEVEL or info; at info, "
+        "workers log every transition)",
+    )
+    root.set_defaults(log_level=os.environ.get("TASKLEASE_LOG_LEVEL", "info").lower())
     sub = root.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     dev = sub.add_parser(
@@ -412,9 +453,10 @@ def parser() -> argparse.ArgumentParser:
     worker.add_argument(
         "--poll-interval",
         type=_positive(float),
-        default=0.5,
+        default=5.0,
         metavar="S",
-        help="how often an idle worker looks for due tasks (default: 0.5)",
+        help="the longest an idle worker waits before looking for due tasks; it is woken "
+        "sooner by NOTIFY on submission and by the next known due time (default: 5)",
     )
     _handlers_option(worker)
     worker.set_defaults(func=cmd_worker)
@@ -478,6 +520,48 @@ def parser() -> argparse.ArgumentParser:
     ch.add_argument("--json", action="store_true", help="print the report as JSON")
     ch.set_defaults(func=cmd_chaos)
 
+    be = sub.add_parser(
+        "bench",
+        help="measure drain speed, start lag and submission rate",
+        description="Benchmarks on fresh databases (created and dropped) of the embedded "
+        "PostgreSQL or DATABASE_URL: drain (bulk insert, then workers drain), latency (tasks "
+        "due at a steady rate, start lag percentiles), submit (HTTP API, single and batch), "
+        "backlog (drain beside a million finished tasks). Prints a table, or --json.",
+    )
+    be.add_argument("--tasks", type=_positive(int), default=20_000, help="tasks to drain (20000)")
+    be.add_argument("--workers", type=_positive(int), default=2, help="worker processes (2)")
+    be.add_argument("--concurrency", type=_positive(int), default=100, help="per worker (100)")
+    be.add_argument(
+        "--latency-rate",
+        type=_positive(float),
+        default=100.0,
+        help="tasks due per second in the latency run (100)",
+    )
+    be.add_argument(
+        "--latency-seconds",
+        type=_positive(float),
+        default=15.0,
+        help="length of the latency run (15)",
+    )
+    be.add_argument(
+        "--submit-clients",
+        type=_positive(int),
+        default=16,
+        help="concurrent HTTP clients for single POST /tasks (16)",
+    )
+    be.add_argument(
+        "--batch-size", type=_positive(int), default=1000, help="tasks per POST /tasks/batch (1000)"
+    )
+    be.add_argument(
+        "--backlog",
+        type=_positive(int),
+        default=1_000_000,
+        help="finished tasks stored for the backlog run (1000000)",
+    )
+    be.add_argument("--only", metavar="a,b", help="some of: drain,latency,submit,backlog")
+    be.add_argument("--json", action="store_true", help="print JSON")
+    be.set_defaults(func=cmd_bench)
+
     client.add_commands(sub, [s.value for s in states.TaskState])
     for name in ("submit", "show", "ls", "cancel", "requeue", "stats"):
         sub.choices[name].set_defaults(func=client.run)
@@ -486,7 +570,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    setup_logging(args.command, args.verbose)
+    setup_logging(args.command, args.log_level)
     try:
         return int(args.func(args))
     except (Fatal, database.DatabaseUnavailable, client.ClientError) as exc:

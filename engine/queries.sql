@@ -21,6 +21,8 @@ FROM task_transitions WHERE task_id = $1 ORDER BY id;
 -- seconds in $5. Expired leases come first: reclaimed (RUNNING, attempt + 1, new token)
 -- while attempts remain, else expired (DEAD). Then due PENDING/FAILED tasks are claimed,
 -- highest priority, then earliest due first. SKIP LOCKED lets workers claim side by side.
+-- A last row (trigger 'wait') says in how many seconds the next task comes due or the
+-- next lease runs out (NULL: none known), so an idle worker sleeps exactly that long.
 WITH expired AS (
     -- a crashed worker's lease: no reaper, whoever claims next takes it over
     SELECT id, worker AS old_worker FROM tasks
@@ -66,6 +68,18 @@ WITH expired AS (
     WHERE t.id = ANY(ARRAY(SELECT id FROM due)) AND t.id = due.id AND lease.action = t.action
       AND t.state IN ('PENDING', 'FAILED') AND t.due_at <= now()
     RETURNING t.*, due.from_state
+), wake AS (
+    -- per queue, the earliest future due time (an ordered probe of tasks_claimable)
+    SELECT least(
+        (SELECT min(next.due_at) FROM unnest($1::text[]) AS q(name),
+             LATERAL (SELECT due_at FROM tasks
+                      WHERE queue = q.name AND state IN ('PENDING', 'FAILED') AND due_at > now()
+                        AND action = ANY($2::text[])
+                      ORDER BY due_at LIMIT 1) AS next),
+        (SELECT min(lease_expires_at) FROM tasks
+         WHERE state = 'RUNNING' AND lease_expires_at > now()
+           AND queue = ANY($1::text[]) AND action = ANY($2::text[]))
+    ) AS at
 ), logged AS (
     INSERT INTO task_transitions (task_id, trigger, from_state, to_state, attempt, worker, detail)
     SELECT id, 'claim', from_state, 'RUNNING'::task_state, attempt, $4, NULL FROM claimed
@@ -77,15 +91,19 @@ WITH expired AS (
     FROM dead
 )
 SELECT 'claim' AS trigger, from_state, id, action, queue, payload, attempt, max_attempts,
-       lease_token, lease_expires_at, idempotency_key, due_at
+       lease_token, lease_expires_at, idempotency_key, due_at, NULL::float8 AS wait_seconds
 FROM claimed
 UNION ALL
 SELECT 'reclaim', 'RUNNING', id, action, queue, payload, attempt, max_attempts,
-       lease_token, lease_expires_at, idempotency_key, due_at
+       lease_token, lease_expires_at, idempotency_key, due_at, NULL
 FROM reclaimed
 UNION ALL
-SELECT 'expire', 'RUNNING', id, NULL, NULL, NULL, attempt, NULL, NULL, NULL, NULL, NULL
-FROM dead;
+SELECT 'expire', 'RUNNING', id, NULL, NULL, NULL, attempt, NULL, NULL, NULL, NULL, NULL, NULL
+FROM dead
+UNION ALL
+SELECT 'wait', NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
+       extract(epoch FROM at - now())::float8
+FROM wake;
 
 -- name: task_heartbeat_if_leased
 -- Extend the lease of task $1 held under token $2 by $3 seconds. No row: the lease is lost.
@@ -93,48 +111,69 @@ UPDATE tasks SET lease_expires_at = now() + make_interval(secs => $3)
 WHERE id = $1 AND state = 'RUNNING' AND lease_token = $2
 RETURNING lease_expires_at, cancel_requested_at IS NOT NULL AS cancel_requested;
 
--- name: task_complete_if_leased
--- RUNNING -> COMPLETED for task $1 under token $2, storing result $3.
-WITH moved AS (
-    UPDATE tasks SET state = 'COMPLETED', result = $3::jsonb, lease_expires_at = NULL,
-                     updated_at = now()
-    WHERE id = $1 AND state = 'RUNNING' AND lease_token = $2
-    RETURNING id, attempt, worker
+-- name: task_heartbeat_many_if_leased
+-- Extend each lease (id $1[i], token $2[i]) by $3[i] seconds; returns those still held,
+-- with whether cancellation was requested. A missing id: that lease is lost.
+UPDATE tasks t SET lease_expires_at = now() + make_interval(secs => i.seconds)
+FROM unnest($1::bigint[], $2::uuid[], $3::float8[]) AS i(id, token, seconds)
+WHERE t.id = i.id AND t.state = 'RUNNING' AND t.lease_token = i.token
+RETURNING t.id, t.cancel_requested_at IS NOT NULL AS cancel_requested;
+
+-- name: task_complete_many_if_leased
+-- RUNNING -> COMPLETED for each (id $1[i], token $2[i], result $3[i]) whose token still
+-- holds the lease; returns the ids that moved. One statement for a whole batch.
+WITH input AS (
+    SELECT * FROM unnest($1::bigint[], $2::uuid[], $3::text[]) AS i(id, token, result)
+), moved AS (
+    UPDATE tasks t SET state = 'COMPLETED', result = input.result::jsonb,
+                       lease_expires_at = NULL, updated_at = now()
+    FROM input
+    WHERE t.id = input.id AND t.state = 'RUNNING' AND t.lease_token = input.token
+    RETURNING t.id, t.attempt, t.worker
 ), logged AS (
     INSERT INTO task_transitions (task_id, trigger, from_state, to_state, attempt, worker)
     SELECT id, 'complete', 'RUNNING', 'COMPLETED', attempt, worker FROM moved
 )
-SELECT id, attempt FROM moved;
+SELECT id FROM moved;
 
--- name: task_fail_if_leased
--- RUNNING -> FAILED for task $1 under token $2 while attempts remain; the next attempt is
--- due in $3 seconds; error $4.
-WITH moved AS (
-    UPDATE tasks SET state = 'FAILED', due_at = now() + make_interval(secs => $3),
-                     last_error = $4, lease_expires_at = NULL, updated_at = now()
-    WHERE id = $1 AND state = 'RUNNING' AND lease_token = $2 AND attempt < max_attempts
-    RETURNING id, attempt, worker, due_at
+-- name: task_fail_many_if_leased
+-- RUNNING -> FAILED for each (id $1[i], token $2[i]) whose token holds the lease and that
+-- has attempts left; the next attempt is due in $3[i] seconds; error $4[i].
+WITH input AS (
+    SELECT * FROM unnest($1::bigint[], $2::uuid[], $3::float8[], $4::text[])
+        AS i(id, token, retry_in, error)
+), moved AS (
+    UPDATE tasks t SET state = 'FAILED', due_at = now() + make_interval(secs => input.retry_in),
+                       last_error = input.error, lease_expires_at = NULL, updated_at = now()
+    FROM input
+    WHERE t.id = input.id AND t.state = 'RUNNING' AND t.lease_token = input.token
+      AND t.attempt < t.max_attempts
+    RETURNING t.id, t.attempt, t.worker, input.retry_in, input.error
 ), logged AS (
     INSERT INTO task_transitions (task_id, trigger, from_state, to_state, attempt, worker, detail)
     SELECT id, 'fail', 'RUNNING', 'FAILED', attempt, worker,
-           format('retry in %ss: %s', round($3::numeric, 1), $4) FROM moved
+           format('retry in %ss: %s', round(retry_in::numeric, 1), error) FROM moved
 )
-SELECT id, attempt, due_at FROM moved;
+SELECT id FROM moved;
 
--- name: task_bury_if_leased
--- RUNNING -> DEAD for task $1 under token $2 with error $3, when attempts are exhausted
--- or the error is permanent ($4).
-WITH moved AS (
-    UPDATE tasks SET state = 'DEAD', last_error = $3, lease_expires_at = NULL,
-                     updated_at = now()
-    WHERE id = $1 AND state = 'RUNNING' AND lease_token = $2
-      AND (attempt >= max_attempts OR $4::boolean)
-    RETURNING id, attempt, worker
+-- name: task_bury_many_if_leased
+-- RUNNING -> DEAD for each (id $1[i], token $2[i]) whose token holds the lease, when its
+-- attempts are exhausted or its error $3[i] is permanent ($4[i]).
+WITH input AS (
+    SELECT * FROM unnest($1::bigint[], $2::uuid[], $3::text[], $4::boolean[])
+        AS i(id, token, error, permanent)
+), moved AS (
+    UPDATE tasks t SET state = 'DEAD', last_error = input.error, lease_expires_at = NULL,
+                       updated_at = now()
+    FROM input
+    WHERE t.id = input.id AND t.state = 'RUNNING' AND t.lease_token = input.token
+      AND (t.attempt >= t.max_attempts OR input.permanent)
+    RETURNING t.id, t.attempt, t.worker, input.error
 ), logged AS (
     INSERT INTO task_transitions (task_id, trigger, from_state, to_state, attempt, worker, detail)
-    SELECT id, 'bury', 'RUNNING', 'DEAD', attempt, worker, $3 FROM moved
+    SELECT id, 'bury', 'RUNNING', 'DEAD', attempt, worker, error FROM moved
 )
-SELECT id, attempt FROM moved;
+SELECT id FROM moved;
 
 -- name: task_release_if_leased
 -- RUNNING -> PENDING for task $1 under token $2: a worker shutting down hands it back and
@@ -143,11 +182,11 @@ WITH moved AS (
     UPDATE tasks SET state = 'PENDING', attempt = attempt - 1, lease_expires_at = NULL,
                      updated_at = now()
     WHERE id = $1 AND state = 'RUNNING' AND lease_token = $2
-    RETURNING id, attempt, worker
+    RETURNING id, attempt, worker, queue
 ), logged AS (
     INSERT INTO task_transitions (task_id, trigger, from_state, to_state, attempt, worker, detail)
     SELECT id, 'release', 'RUNNING', 'PENDING', attempt, worker, 'worker shutting down'
-    FROM moved
+    FROM moved WHERE pg_notify('tasklease', queue) IS NOT NULL
 )
 SELECT id, attempt FROM moved;
 
@@ -191,10 +230,11 @@ WITH moved AS (
     UPDATE tasks SET state = 'PENDING', attempt = 0, due_at = now(), result = NULL,
                      cancel_requested_at = NULL, updated_at = now()
     WHERE id = $1 AND state = 'DEAD'
-    RETURNING id, attempt
+    RETURNING id, attempt, queue
 ), logged AS (
     INSERT INTO task_transitions (task_id, trigger, from_state, to_state, attempt, detail)
     SELECT id, 'requeue', 'DEAD', 'PENDING', attempt, $2 FROM moved
+    WHERE pg_notify('tasklease', queue) IS NOT NULL
 )
 SELECT id, attempt FROM moved;
 
@@ -218,8 +258,10 @@ WITH input AS (
     ON CONFLICT (idempotency_key) DO NOTHING
     RETURNING *
 ), logged AS (
+    -- NOTIFY wakes idle workers of the queue (pg_notify returns void, which IS NOT NULL)
     INSERT INTO task_transitions (task_id, trigger, from_state, to_state, attempt)
     SELECT id, 'submit', NULL, 'PENDING', 0 FROM new
+    WHERE pg_notify('tasklease', queue) IS NOT NULL
 )
 SELECT true AS created, new.* FROM new
 UNION ALL

@@ -75,9 +75,22 @@ LIST_FILTERS = {
 FIRST_PAGE = 2**63 - 1
 
 
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """Pool release without asyncpg's reset query (a round trip per statement): tasklease
+    sets no session state (no LISTEN, advisory locks or SET) on pooled connections."""
+
+
+@dataclass(frozen=True)
+class Claim:
+    leased: list[Claimed]
+    expired: list[int]  # ids whose lease ran out on their last attempt: now DEAD
+    wait_seconds: float | None  # until the next task comes due or lease runs out
+
+
 class Store:
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(self, pool: asyncpg.Pool, dsn: str) -> None:
         self.pool = pool
+        self.dsn = dsn  # for connections of their own (LISTEN)
 
     @classmethod
     async def connect(cls, dsn: str, *, min_size: int = 1, max_size: int = 10) -> Store:
@@ -86,8 +99,9 @@ class Store:
             min_size=min_size,
             max_size=max_size,
             server_settings={"application_name": "tasklease"},
+            reset=_keep_session,
         )
-        return cls(pool)
+        return cls(pool, dsn)
 
     async def close(self) -> None:
         await self.pool.close()
@@ -183,14 +197,21 @@ class Store:
         leases: dict[str, float],
         limit: int,
         worker: str,
-    ) -> tuple[list[Claimed], list[int]]:
-        """Lease up to `limit` tasks. Returns (leased tasks, ids that expired to DEAD)."""
+    ) -> Claim:
+        """Lease up to `limit` tasks (claim or reclaim), expire dead leases, and say when to
+        look again."""
         rows = await self.pool.fetch(
             SQL["task_claim_due"], list(queues), list(leases), limit, worker, list(leases.values())
         )
-        leased = [Claimed(**dict(r)) for r in rows if r["trigger"] != "expire"]
-        expired = [r["id"] for r in rows if r["trigger"] == "expire"]
-        return leased, expired
+        leased, expired, wait = [], [], None
+        for r in rows:
+            if r["trigger"] == "wait":
+                wait = r["wait_seconds"]
+            elif r["trigger"] == "expire":
+                expired.append(r["id"])
+            else:
+                leased.append(Claimed(**{k: v for k, v in r.items() if k != "wait_seconds"}))
+        return Claim(leased, expired, wait)
 
     async def heartbeat(
         self, task_id: int, token: uuid.UUID, lease_seconds: float
@@ -199,16 +220,33 @@ class Store:
             SQL["task_heartbeat_if_leased"], task_id, token, lease_seconds
         )
 
-    async def complete(self, task_id: int, token: uuid.UUID, result_json: str) -> bool:
-        return await self._moved("task_complete_if_leased", task_id, token, result_json)
+    async def heartbeat_many(
+        self, leases: Sequence[tuple[int, uuid.UUID, float]]
+    ) -> dict[int, bool]:
+        """Extend many leases at once: {id: cancel_requested} for those still held."""
+        rows = await self.pool.fetch(SQL["task_heartbeat_many_if_leased"], *_columns(leases, 3))
+        return {r["id"]: r["cancel_requested"] for r in rows}
 
-    async def fail(
-        self, task_id: int, token: uuid.UUID, retry_in: float, error: str
-    ) -> asyncpg.Record | None:
-        return await self.pool.fetchrow(SQL["task_fail_if_leased"], task_id, token, retry_in, error)
+    async def complete_many(self, items: Sequence[tuple[int, uuid.UUID, str]]) -> set[int]:
+        """(id, token, result JSON) each: the ids that moved to COMPLETED."""
+        return await self._moved_many("task_complete_many_if_leased", items, 3)
+
+    async def fail_many(self, items: Sequence[tuple[int, uuid.UUID, float, str]]) -> set[int]:
+        """(id, token, retry in seconds, error) each: the ids that moved to FAILED."""
+        return await self._moved_many("task_fail_many_if_leased", items, 4)
+
+    async def bury_many(self, items: Sequence[tuple[int, uuid.UUID, str, bool]]) -> set[int]:
+        """(id, token, error, permanent) each: the ids that moved to DEAD."""
+        return await self._moved_many("task_bury_many_if_leased", items, 4)
+
+    async def complete(self, task_id: int, token: uuid.UUID, result_json: str) -> bool:
+        return task_id in await self.complete_many([(task_id, token, result_json)])
+
+    async def fail(self, task_id: int, token: uuid.UUID, retry_in: float, error: str) -> bool:
+        return task_id in await self.fail_many([(task_id, token, retry_in, error)])
 
     async def bury(self, task_id: int, token: uuid.UUID, error: str, permanent: bool) -> bool:
-        return await self._moved("task_bury_if_leased", task_id, token, error, permanent)
+        return task_id in await self.bury_many([(task_id, token, error, permanent)])
 
     async def release(self, task_id: int, token: uuid.UUID) -> bool:
         return await self._moved("task_release_if_leased", task_id, token)
@@ -230,3 +268,14 @@ class Store:
 
     async def _moved(self, query: str, *args: Any) -> bool:
         return await self.pool.fetchrow(SQL[query], *args) is not None
+
+    async def _moved_many(
+        self, query: str, items: Sequence[tuple[Any, ...]], width: int
+    ) -> set[int]:
+        rows = await self.pool.fetch(SQL[query], *_columns(items, width))
+        return {r["id"] for r in rows}
+
+
+def _columns(items: Sequence[tuple[Any, ...]], width: int) -> list[list[Any]]:
+    """Rows to the aligned arrays that unnest() takes back apart."""
+    return [[item[i] for item in items] for i in range(width)] if items else [[]] * width

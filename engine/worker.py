@@ -1,14 +1,21 @@
 """The worker: claims due tasks, runs their handlers, records each outcome under its lease.
 
-One claim loop per process leases up to `concurrency` tasks at a time. Each leased
-task runs as an asyncio task with a heartbeat beside it that extends the lease
-every lease/3 seconds. The outcome is decided in `decide` and written by one
-guarded statement; a write that matches no row means the lease was lost (the task
-was taken over), so the result is dropped and logged, never forced.
+One claim loop per process leases up to its free slots in one statement. Each leased
+task runs as an asyncio task. Every statement on the hot path serves many tasks at once:
 
-Stopping (SIGTERM/SIGINT): stop claiming, let running handlers finish within the
-grace period, then cancel the rest and hand their tasks back (`release`). A second
-signal skips what is left of the grace period.
+- claim: one statement leases a batch, takes over expired leases, and says how long until
+  the next task comes due; an idle worker sleeps that long, or until a NOTIFY from a
+  submission wakes it (`--poll-interval` is only a safety net);
+- heartbeat: one statement every lease/3 seconds extends the leases of all running tasks;
+- outcomes: finished tasks queue their outcome, and one statement per kind (complete, fail,
+  bury) writes everything that queued while the previous write was in flight.
+
+Each outcome is decided in `decide` and written under the task's lease token; a token that
+no longer holds the lease matches no row, so the result is dropped and logged, never forced.
+
+Stopping (SIGTERM/SIGINT): stop claiming, let running handlers finish within the grace
+period, then cancel the rest and hand their tasks back (`release`). A second signal skips
+what is left of the grace period.
 """
 
 from __future__ import annotations
@@ -17,11 +24,12 @@ import asyncio
 import logging
 import time
 import traceback
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+import asyncpg
 import msgspec
 
 from engine.registry import (
@@ -35,6 +43,8 @@ from engine.states import BY_TRIGGER
 from engine.store import TRANSIENT_ERRORS, Claimed, Store
 
 log = logging.getLogger("tasklease.worker")
+CHANNEL = "tasklease"
+MAX_BATCH = 1000
 
 
 @dataclass
@@ -42,7 +52,7 @@ class WorkerConfig:
     concurrency: int = 10
     queues: tuple[str, ...] = ("default",)
     lease_seconds: float = DEFAULT_LEASE_SECONDS
-    poll_interval: float = 0.5
+    poll_interval: float = 5.0
     grace_seconds: float = 30.0
     worker_id: str = field(default_factory=process_id)
     report_every: float = REPORT_EVERY
@@ -82,6 +92,9 @@ class Drop:
 
 
 Decision = Complete | Fail | Bury | Release | CancelRunning | Drop
+# Why a running handler was stopped: the worker is stopping, the lease was lost, or an
+# operator asked for the task to be cancelled.
+RELEASE, LEASE_LOST, CANCEL = "release", "lease lost", "cancel"
 
 
 def describe(exc: BaseException) -> str:
@@ -90,30 +103,32 @@ def describe(exc: BaseException) -> str:
 
 
 def decide(
-    handler: Handler, ctx: TaskContext, outcome: asyncio.Task[Any], releasing: bool
+    handler: Handler,
+    ctx: TaskContext,
+    *,
+    result: Any = None,
+    error: BaseException | None = None,
+    stopped: str | None = None,
 ) -> Decision:
     """The policy: from how the handler ended to the transition to record."""
-    if outcome.cancelled():
-        if releasing:
-            return Release()
-        if ctx.cancel_requested:
-            return CancelRunning()
-        if ctx.lease_lost:
-            return Drop("the lease was lost while the handler ran")
-        return Fail(handler.retry_delay(ctx.attempt), "handler was cancelled")
-    exc = outcome.exception()
-    if exc is None:
+    if stopped == RELEASE:
+        return Release()
+    if stopped == CANCEL:
+        return CancelRunning()
+    if stopped == LEASE_LOST:
+        return Drop("the lease was lost while the handler ran")
+    if error is None:
         try:
-            return Complete(msgspec.json.encode(outcome.result()).decode())
+            return Complete(msgspec.json.encode(result).decode())
         except (TypeError, msgspec.EncodeError) as err:
             return Bury(f"result is not JSON: {err}", permanent=True)
-    if isinstance(exc, PermanentError):
-        return Bury(describe(exc), permanent=True)
+    if isinstance(error, PermanentError):
+        return Bury(describe(error), permanent=True)
     if ctx.is_last_attempt:
         return Bury(
-            f"{describe(exc)} (attempt {ctx.attempt} of {ctx.max_attempts})", permanent=False
+            f"{describe(error)} (attempt {ctx.attempt} of {ctx.max_attempts})", permanent=False
         )
-    return Fail(handler.retry_delay(ctx.attempt), describe(exc))
+    return Fail(handler.retry_delay(ctx.attempt), describe(error))
 
 
 class _TaskLogger(logging.LoggerAdapter[logging.Logger]):
@@ -129,8 +144,82 @@ class _Execution:
     ctx: TaskContext
     lease_seconds: float
     started: float = field(default_factory=time.monotonic)
-    handler_task: asyncio.Task[Any] | None = None
-    releasing: bool = False
+    task: asyncio.Task[None] | None = None
+    in_handler: bool = False
+    stopped: str | None = None  # RELEASE, LEASE_LOST or CANCEL once the handler is stopped
+
+
+class Outcomes:
+    """Writes finished tasks' outcomes, many per statement.
+
+    `put` queues one outcome and waits for its write. A writer loop takes whatever has
+    queued of each kind and writes it with one statement (so one commit), while new
+    outcomes queue for the next: under load the batches grow, when idle an outcome is
+    written at once. A write that fails on the connection is retried; if a retried write
+    finds the row already moved, `task_lease_outcome` tells whether the first attempt had
+    committed before its reply was lost.
+    """
+
+    def __init__(self, store: Store, give_up: asyncio.Event) -> None:
+        self.store = store
+        self.give_up = give_up
+        self.writers: dict[str, Callable[[Sequence[Any]], Awaitable[set[int]]]] = {
+            "complete": store.complete_many,
+            "fail": store.fail_many,
+            "bury": store.bury_many,
+        }
+        self.queued: dict[str, list[tuple[tuple[Any, ...], asyncio.Future[bool | None]]]] = {
+            kind: [] for kind in self.writers
+        }
+        self.ready = asyncio.Event()
+
+    async def put(self, kind: str, item: tuple[Any, ...]) -> bool | None:
+        """True: recorded. False: refused, the lease was lost. None: gave up (stopping with
+        the database unreachable), so the lease will run out."""
+        future: asyncio.Future[bool | None] = asyncio.get_running_loop().create_future()
+        self.queued[kind].append((item, future))
+        self.ready.set()
+        return await future
+
+    async def run(self) -> None:
+        while True:
+            await self.ready.wait()
+            self.ready.clear()
+            for kind, queue in self.queued.items():
+                while queue:
+                    batch = queue[:MAX_BATCH]
+                    del queue[:MAX_BATCH]
+                    await self._write(kind, batch)
+
+    async def _write(
+        self, kind: str, batch: list[tuple[tuple[Any, ...], asyncio.Future[bool | None]]]
+    ) -> None:
+        retried = False
+        while True:
+            try:
+                moved = await self.writers[kind]([item for item, _ in batch])
+                break
+            except TRANSIENT_ERRORS as exc:
+                if self.give_up.is_set():
+                    log.error(
+                        "could not record %d outcome(s) (%s); their leases will run out",
+                        len(batch),
+                        describe(exc),
+                    )
+                    for _, future in batch:
+                        future.set_result(None)
+                    return
+                retried = True
+                log.warning(
+                    "cannot record %d outcome(s) yet (%s); retrying", len(batch), describe(exc)
+                )
+                await Worker.wait_for(self.give_up, timeout=1.0)
+        for item, future in batch:
+            done = item[0] in moved
+            if not done and retried:
+                outcome = await self.store.lease_outcome(item[0], item[1])
+                done = outcome is not None and outcome["ours"] and outcome["state"] != "RUNNING"
+            future.set_result(done)
 
 
 class Worker:
@@ -143,9 +232,11 @@ class Worker:
         self._stopping = asyncio.Event()
         self._force = asyncio.Event()
         self._slot_freed = asyncio.Event()
+        self._wake = asyncio.Event()
         self._executor = ThreadPoolExecutor(
             max_workers=config.concurrency, thread_name_prefix="tasklease-handler"
         )
+        self.outcomes = Outcomes(store, self._force)
         self.counters = Counters()
         self.stats = self.counters.transitions
         self.reporter = Reporter(
@@ -174,10 +265,16 @@ class Worker:
             ",".join(sorted(self.handlers)),
         )
         self.reporter.start()
+        helpers = [
+            asyncio.create_task(c)
+            for c in (self.outcomes.run(), self._heartbeat_loop(), self._listen())
+        ]
         try:
             await self._claim_loop()
         finally:
             await self._drain()
+            for helper in helpers:
+                helper.cancel()
             self._executor.shutdown(wait=False, cancel_futures=True)
             await self.reporter.stop()
             log.info(
@@ -186,39 +283,8 @@ class Worker:
                 " ".join(f"{k}={v}" for k, v in self.stats.items()),
             )
 
-    async def _claim_loop(self) -> None:
-        errors = 0
-        while not self._stopping.is_set():
-            free = self.config.concurrency - len(self.running)
-            if free <= 0:
-                self._slot_freed.clear()
-                await self._wait_for(self._slot_freed, self._stopping, timeout=None)
-                continue
-            try:
-                leased, expired = await self.store.claim(
-                    self.config.queues, self.leases, free, self.config.worker_id
-                )
-            except TRANSIENT_ERRORS as exc:
-                errors += 1
-                delay = min(0.25 * 2**errors, 10.0)
-                log.warning("cannot claim (%s); retrying in %.1fs", describe(exc), delay)
-                await self._wait_for(self._stopping, timeout=delay)
-                continue
-            if errors:
-                log.info("database reachable again")
-                errors = 0
-            self.counters.count("expire", len(expired))
-            for task_id in expired:
-                log.warning(
-                    "task %d: lease expired on its last attempt: RUNNING -> DEAD (expire)", task_id
-                )
-            for claimed in leased:
-                self._start(claimed)
-            if len(leased) < free:
-                await self._wait_for(self._stopping, timeout=self.config.poll_interval)
-
     @staticmethod
-    async def _wait_for(*events: asyncio.Event, timeout: float | None) -> None:
+    async def wait_for(*events: asyncio.Event, timeout: float | None) -> None:
         """Until one of the events is set, or the timeout passes."""
         waiters = {asyncio.ensure_future(e.wait()) for e in events}
         try:
@@ -226,6 +292,70 @@ class Worker:
         finally:
             for w in waiters:
                 w.cancel()
+
+    # --- claiming ----------------------------------------------------------------------------
+
+    async def _claim_loop(self) -> None:
+        errors = 0
+        while not self._stopping.is_set():
+            free = self.config.concurrency - len(self.running)
+            if free <= 0:
+                self._slot_freed.clear()
+                await self.wait_for(self._slot_freed, self._stopping, timeout=None)
+                continue
+            self._wake.clear()  # before the claim: a NOTIFY during it must not be lost
+            try:
+                claim = await self.store.claim(
+                    self.config.queues, self.leases, free, self.config.worker_id
+                )
+            except TRANSIENT_ERRORS as exc:
+                errors += 1
+                delay = min(0.25 * 2**errors, 10.0)
+                log.warning("cannot claim (%s); retrying in %.1fs", describe(exc), delay)
+                await self.wait_for(self._stopping, timeout=delay)
+                continue
+            if errors:
+                log.info("database reachable again")
+                errors = 0
+            self.counters.count("expire", len(claim.expired))
+            for task_id in claim.expired:
+                log.warning(
+                    "task %d: lease expired on its last attempt: RUNNING -> DEAD (expire)", task_id
+                )
+            for claimed in claim.leased:
+                self._start(claimed)
+            if len(claim.leased) < free:
+                # Nothing more is due: sleep until the next task comes due or lease runs out,
+                # a NOTIFY of new work, or the safety-net poll, whichever is first.
+                wait = self.config.poll_interval
+                if claim.wait_seconds is not None:
+                    wait = min(wait, max(claim.wait_seconds, 0.0))
+                await self.wait_for(self._wake, self._stopping, timeout=wait)
+
+    async def _listen(self) -> None:
+        """LISTEN for submissions on a connection of its own; reconnect when it drops."""
+        delay = 0.5
+        while True:
+            conn = None
+            try:
+                conn = await asyncpg.connect(self.store.dsn)
+                dropped = asyncio.Event()
+                conn.add_termination_listener(lambda _, d=dropped: d.set())
+                await conn.add_listener(CHANNEL, self._notified)
+                self._wake.set()  # anything submitted while we were not listening
+                delay = 0.5
+                await dropped.wait()
+            except TRANSIENT_ERRORS as exc:
+                log.debug("cannot listen for new tasks (%s); polling meanwhile", describe(exc))
+            finally:
+                if conn is not None and not conn.is_closed():
+                    await conn.close()
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 10.0)
+
+    def _notified(self, conn: Any, pid: int, channel: str, queue: str) -> None:
+        if queue in self.config.queues:
+            self._wake.set()
 
     def _start(self, claimed: Claimed) -> None:
         handler = self.handlers[claimed.action]
@@ -240,7 +370,7 @@ class Worker:
             queue=claimed.queue,
             worker=self.config.worker_id,
             logger=_TaskLogger(log, {"task_id": claimed.id, "action": claimed.action}),
-            _heartbeat=lambda: self._heartbeat(ex),
+            _heartbeat=lambda: self._heartbeat_one(ex),
         )
         ex = _Execution(claimed, handler, ctx, lease_seconds)
         self.counters.count(claimed.trigger)
@@ -251,9 +381,9 @@ class Worker:
             claimed.attempt,
             claimed.max_attempts,
         )
-        task = asyncio.create_task(self._execute(ex), name=f"task-{claimed.id}")
-        self.running[task] = ex
-        task.add_done_callback(self._finished)
+        ex.task = asyncio.create_task(self._execute(ex), name=f"task-{claimed.id}")
+        self.running[ex.task] = ex
+        ex.task.add_done_callback(self._finished)
 
     def _finished(self, task: asyncio.Task[None]) -> None:
         self.running.pop(task, None)
@@ -261,114 +391,145 @@ class Worker:
         if not task.cancelled() and task.exception() is not None:
             log.error("execution crashed", exc_info=task.exception())
 
+    # --- running -----------------------------------------------------------------------------
+
     async def _execute(self, ex: _Execution) -> None:
-        ex.handler_task = asyncio.create_task(self._invoke(ex))
-        beat = asyncio.create_task(self._heartbeat_loop(ex))
+        result: Any = None
+        error: BaseException | None = None
+        ex.in_handler = True
         try:
-            await asyncio.wait([ex.handler_task])
+            payload = ex.handler.decode(ex.claimed.payload)
+            if ex.handler.is_async:
+                result = await ex.handler.fn(ex.ctx, payload)
+            else:
+                loop = asyncio.get_running_loop()
+                result = await loop.run_in_executor(self._executor, ex.handler.fn, ex.ctx, payload)
+        except asyncio.CancelledError:
+            if ex.stopped is None:  # not ours: the event loop itself is going away
+                raise
+            asyncio.current_task().uncancel()  # type: ignore[union-attr]
+        except Exception as exc:
+            error = exc
         finally:
-            beat.cancel()
-        if not ex.handler_task.cancelled():
+            ex.in_handler = False
+        if ex.stopped is None:
             self.counters.observe(ex.claimed.action, time.monotonic() - ex.started)
-        exc = None if ex.handler_task.cancelled() else ex.handler_task.exception()
-        if exc is not None and not isinstance(exc, PermanentError):
+        if error is not None and not isinstance(error, PermanentError):
             ex.ctx.logger.warning(
                 "attempt %d failed: %s\n%s",
                 ex.ctx.attempt,
-                describe(exc),
-                "".join(traceback.format_exception(exc)).rstrip(),
+                describe(error),
+                "".join(traceback.format_exception(error)).rstrip(),
             )
-        await self._record(ex, decide(ex.handler, ex.ctx, ex.handler_task, ex.releasing))
+        await self._record(
+            ex, decide(ex.handler, ex.ctx, result=result, error=error, stopped=ex.stopped)
+        )
 
-    async def _invoke(self, ex: _Execution) -> Any:
-        payload = ex.handler.decode(ex.claimed.payload)
-        if ex.handler.is_async:
-            return await ex.handler.fn(ex.ctx, payload)
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, ex.handler.fn, ex.ctx, payload)
+    def _stop_handler(self, ex: _Execution, why: str) -> None:
+        if ex.in_handler and ex.stopped is None and ex.task is not None:
+            ex.stopped = why
+            ex.task.cancel()
 
-    async def _heartbeat(self, ex: _Execution) -> bool:
-        """Extend the lease; on a lost lease or a cancel request, stop the handler."""
-        row = await self.store.heartbeat(ex.claimed.id, ex.claimed.lease_token, ex.lease_seconds)
-        if row is None:
+    def _lease_answer(self, ex: _Execution, held: bool, cancel_requested: bool) -> None:
+        """React to a heartbeat: a lost lease or a cancel request stops the handler."""
+        if not held:
             if not ex.ctx.lease_lost:
                 ex.ctx.lease_lost = True
-                ex.ctx.logger.warning(
-                    "lease lost (taken over after it expired); stopping the handler"
-                )
-                self._stop_handler(ex)
-            return False
-        if row["cancel_requested"] and not ex.ctx.cancel_requested:
+                if ex.in_handler:
+                    ex.ctx.logger.warning(
+                        "lease lost (taken over after it expired); stopping the handler"
+                    )
+                self._stop_handler(ex, LEASE_LOST)
+        elif cancel_requested and not ex.ctx.cancel_requested:
             ex.ctx.cancel_requested = True
             ex.ctx.logger.info("cancellation requested; stopping the handler")
-            self._stop_handler(ex)
-        return True
+            self._stop_handler(ex, CANCEL)
 
-    def _stop_handler(self, ex: _Execution) -> None:
-        if ex.handler_task is not None and not ex.handler_task.done():
-            ex.handler_task.cancel()
+    async def _heartbeat_one(self, ex: _Execution) -> bool:
+        """ctx.heartbeat(): extend this task's lease now."""
+        row = await self.store.heartbeat(ex.claimed.id, ex.claimed.lease_token, ex.lease_seconds)
+        self._lease_answer(ex, row is not None, bool(row and row["cancel_requested"]))
+        return row is not None
 
-    async def _heartbeat_loop(self, ex: _Execution) -> None:
-        interval = ex.lease_seconds / 3
+    async def _heartbeat_loop(self) -> None:
+        """Every lease/3 seconds, extend the leases of all running tasks in one statement."""
+        interval = min(self.leases.values(), default=DEFAULT_LEASE_SECONDS) / 3
         while True:
             await asyncio.sleep(interval)
+            held = [ex for ex in self.running.values() if not ex.ctx.lease_lost]
+            if not held:
+                continue
             try:
-                if not await self._heartbeat(ex):
-                    return
+                alive = await self.store.heartbeat_many(
+                    [(ex.claimed.id, ex.claimed.lease_token, ex.lease_seconds) for ex in held]
+                )
             except TRANSIENT_ERRORS as exc:
-                ex.ctx.logger.warning("heartbeat failed (%s); will try again", describe(exc))
+                log.warning("heartbeat failed (%s); will try again", describe(exc))
+                continue
+            for ex in held:
+                if ex.task in self.running:
+                    self._lease_answer(ex, ex.claimed.id in alive, alive.get(ex.claimed.id, False))
+
+    # --- recording ---------------------------------------------------------------------------
 
     async def _record(self, ex: _Execution, decision: Decision) -> None:
-        task_id, token, ctx, store = ex.claimed.id, ex.claimed.lease_token, ex.ctx, self.store
+        task_id, token, ctx = ex.claimed.id, ex.claimed.lease_token, ex.ctx
         took = f"{(time.monotonic() - ex.started) * 1000:.0f} ms"
-        write: Callable[[], Awaitable[Any]]
         note = ""
+        done: bool | None
         match decision:
             case Complete(result_json):
-                trigger, write = "complete", lambda: store.complete(task_id, token, result_json)
+                trigger = "complete"
+                done = await self.outcomes.put(trigger, (task_id, token, result_json))
             case Fail(retry_in, error):
-                trigger, write = "fail", lambda: store.fail(task_id, token, retry_in, error)
-                note = f", retry in {retry_in:.0f}s"
+                trigger, note = "fail", f", retry in {retry_in:.0f}s"
+                done = await self.outcomes.put(trigger, (task_id, token, retry_in, error))
+                if done:
+                    self._wake_in(retry_in)
             case Bury(error, permanent):
-                trigger, write = "bury", lambda: store.bury(task_id, token, error, permanent)
-                note = f": {error}"
+                trigger, note = "bury", f": {error}"
+                done = await self.outcomes.put(trigger, (task_id, token, error, permanent))
             case Release():
-                trigger, write = "release", lambda: store.release(task_id, token)
+                trigger = "release"
+                done = await self._write_one(lambda: self.store.release(task_id, token))
             case CancelRunning():
-                trigger, write = "cancel_running", lambda: store.cancel_running(task_id, token)
+                trigger = "cancel_running"
+                done = await self._write_one(lambda: self.store.cancel_running(task_id, token))
             case Drop(reason):
                 self.counters.count("dropped")
                 ctx.logger.warning("result dropped: %s", reason)
                 return
         change = f"RUNNING -> {BY_TRIGGER[trigger].dest} ({trigger}{note})"
-        retried = False
-        while True:
-            try:
-                done = bool(await write())
-                break
-            except TRANSIENT_ERRORS as exc:
-                if self._force.is_set():
-                    ctx.logger.error(
-                        "could not record %s (%s); the lease will expire", change, describe(exc)
-                    )
-                    return
-                retried = True
-                ctx.logger.warning("cannot record %s yet (%s); retrying", change, describe(exc))
-                await self._wait_for(self._force, timeout=1.0)
-        if not done and retried:
-            # The first write may have committed before its reply was lost.
-            outcome = await store.lease_outcome(task_id, token)
-            done = outcome is not None and outcome["ours"] and outcome["state"] != "RUNNING"
         if done:
             self.counters.count(trigger)
             ctx.logger.info("%s, attempt %d/%d, %s", change, ctx.attempt, ctx.max_attempts, took)
-        else:
+        elif done is False:
             self.counters.count("dropped")
             ctx.logger.warning(
                 "%s refused: the lease was lost (another worker took the task over); "
                 "this attempt's outcome is dropped",
                 change,
             )
+
+    async def _write_one(self, write: Callable[[], Awaitable[bool]]) -> bool | None:
+        """The rare outcomes (release, cancel_running), one statement each, retried."""
+        while True:
+            try:
+                return await write()
+            except TRANSIENT_ERRORS as exc:
+                if self._force.is_set():
+                    log.error(
+                        "could not record an outcome (%s); its lease will run out", describe(exc)
+                    )
+                    return None
+                log.warning("cannot record an outcome yet (%s); retrying", describe(exc))
+                await self.wait_for(self._force, timeout=1.0)
+
+    def _wake_in(self, seconds: float) -> None:
+        """A task this worker failed comes due again then: look for it."""
+        asyncio.get_running_loop().call_later(max(seconds, 0.0), self._wake.set)
+
+    # --- stopping ----------------------------------------------------------------------------
 
     async def _drain(self) -> None:
         if not self.running:
@@ -389,7 +550,6 @@ class Worker:
             force.cancel()
         if self.running:
             log.info("handing %d unfinished task(s) back", len(self.running))
-            for ex in self.running.values():
-                ex.releasing = True
-                self._stop_handler(ex)
+            for ex in list(self.running.values()):
+                self._stop_handler(ex, RELEASE)
             await asyncio.wait(list(self.running), timeout=15)

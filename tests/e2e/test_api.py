@@ -158,6 +158,7 @@ async def test_list_pages_newest_first_with_filters(http: httpx.AsyncClient) -> 
         ({"cursor": "abc"}, "cursor"),
         ({"cursor": "-1"}, "cursor"),
         ({"limit": "x"}, "limit"),
+        ({"queue": "a\x00b"}, "invalid value"),
     ],
 )
 async def test_list_rejects_bad_parameters(
@@ -316,6 +317,7 @@ BAD_BODIES: list[tuple[bytes, int, str]] = [
     (b'{"payload": {"action": "noop"}, "action": "x\\u0000y"}', 422, "unknown action"),
     (b'\xff\xfe{"payload": {}}', 400, "malformed JSON"),
     (b'{"payload": {"action": 5}}', 422, "no action"),
+    (b'{"payload": {"action": "noop", "text": "a\\u0000b"}}', 400, "invalid value"),
 ]
 
 

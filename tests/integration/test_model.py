@@ -148,7 +148,8 @@ class EngineModel(RuleBasedStateMachine):
     def claim(self, worker: str, limit: int) -> None:
         expired = [i for i, m in self.tasks.items() if m.state is S.RUNNING and m.lease_expired]
         due = [i for i, m in self.tasks.items() if m.state in (S.PENDING, S.FAILED) and m.due]
-        leased, dead = self.run(self.store.claim(["default"], LEASE, limit, worker))
+        c = self.run(self.store.claim(["default"], LEASE, limit, worker))
+        leased, dead = c.leased, c.expired
         # nothing is skipped without concurrency: exactly what fits in the limit is taken
         assert len(leased) + len(dead) == min(limit, len(expired) + len(due))
         for task_id in dead:
@@ -190,7 +191,7 @@ class EngineModel(RuleBasedStateMachine):
         m, token = self.tasks[task_id], self.token_for(task_id, kind)
         allowed = m.holds(token) and m.attempt < m.max_attempts
         moved = self.run(self.store.fail(task_id, token, 3600 if later else 0, "boom"))
-        self.expect(task_id, moved is not None, "fail", allowed)
+        self.expect(task_id, moved, "fail", allowed)
         if allowed:
             m.due = not later
 
@@ -346,7 +347,7 @@ class EngineModel(RuleBasedStateMachine):
                     "WHERE state = 'RUNNING'"
                 )
             )
-            leased, _ = self.run(self.store.claim(["default"], LEASE, 1000, "drainer"))
+            leased = self.run(self.store.claim(["default"], LEASE, 1000, "drainer")).leased
             for t in leased:
                 assert self.run(self.store.complete(t.id, t.lease_token, "1"))
             left = self.run(

@@ -47,8 +47,9 @@ async def test_claim_never_scans_finished_or_future_tasks(
     read = [n["Actual Rows"] for n in plan if n.get("Index Name") == "tasks_claimable"]
     assert read and max(read) <= 50, read
     # and it claims what is due, not the future or the finished
-    leased = await conn.fetch(SQL["task_claim_due"], *args)
-    assert len(leased) == 10
+    rows = await conn.fetch(SQL["task_claim_due"], *args)
+    assert [r["trigger"] for r in rows] == ["claim"] * 10 + ["wait"]
+    assert 86000 < rows[-1]["wait_seconds"] <= 86400  # the tasks due in a day
 
 
 @pytest.mark.parametrize(

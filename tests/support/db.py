@@ -120,5 +120,6 @@ async def take_over(conn: asyncpg.Connection, task_id: int, worker: str) -> asyn
         rows = await conn.fetch(
             SQL["task_claim_due"], ["default"], list(LEASES), 1, worker, list(LEASES.values())
         )
+    rows = [r for r in rows if r["trigger"] != "wait"]
     assert [(r["id"], r["trigger"]) for r in rows] == [(task_id, "reclaim")], rows
     return rows[0]

@@ -12,9 +12,9 @@ def test_every_query_is_named_and_described() -> None:
 def test_every_transition_statement_names_its_guard() -> None:
     transitions = [n for n in QUERIES if n.startswith("task_") and "_if_" in n]
     assert {
-        "task_complete_if_leased",
-        "task_fail_if_leased",
-        "task_bury_if_leased",
+        "task_complete_many_if_leased",
+        "task_fail_many_if_leased",
+        "task_bury_many_if_leased",
         "task_release_if_leased",
         "task_cancel_if_waiting",
         "task_cancel_if_leased",
