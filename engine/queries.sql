@@ -1,5 +1,9 @@
 -- Every SQL statement tasklease runs, by name. Loaded by engine/queries.py.
 --
+-- A statement over a batch takes aligned arrays: ids in $1, and the i-th element of every
+-- other array belongs to $1[i] (`array_position($1, t.id)` finds it). `t.id = ANY($1)` reads
+-- the batch's rows through the primary key; no join, so no plan can go wrong on it.
+--
 -- A transition is one statement: a guarded UPDATE (its guard is in its WHERE
 -- clause and in its name) plus the INSERT of its history row, in CTEs, so the
 -- state change and its record commit together in one round trip. A guard that
@@ -17,7 +21,7 @@ SELECT trigger, from_state, to_state, attempt, worker, at, detail
 FROM task_transitions WHERE task_id = $1 ORDER BY id;
 
 -- name: task_claim_due
--- Lease up to $3 tasks to worker $4 from queues $1, for the actions in $2 with their lease
+-- Lease up to $3 tasks to worker $4 from queue $1, for the actions in $2 with their lease
 -- seconds in $5. Expired leases come first: reclaimed (RUNNING, attempt + 1, new token)
 -- while attempts remain, else expired (DEAD). Then due PENDING/FAILED tasks are claimed,
 -- highest priority, then earliest due first. SKIP LOCKED lets workers claim side by side.
@@ -27,14 +31,14 @@ WITH expired AS (
     -- a crashed worker's lease: no reaper, whoever claims next takes it over
     SELECT id, worker AS old_worker FROM tasks
     WHERE state = 'RUNNING' AND lease_expires_at <= now()
-      AND queue = ANY($1::text[]) AND action = ANY($2::text[])
+      AND queue = $1 AND action = ANY($2::text[])
     ORDER BY lease_expires_at
     LIMIT $3
     FOR UPDATE SKIP LOCKED
 ), due AS (
     SELECT id, state AS from_state FROM tasks
     WHERE state IN ('PENDING', 'FAILED') AND due_at <= now()
-      AND queue = ANY($1::text[]) AND action = ANY($2::text[])
+      AND queue = $1 AND action = ANY($2::text[])
     ORDER BY priority DESC, due_at, id
     LIMIT greatest($3 - (SELECT count(*) FROM expired), 0)
     FOR UPDATE SKIP LOCKED
@@ -69,16 +73,15 @@ WITH expired AS (
       AND t.state IN ('PENDING', 'FAILED') AND t.due_at <= now()
     RETURNING t.*, due.from_state
 ), wake AS (
-    -- per queue, the earliest future due time (an ordered probe of tasks_claimable)
+    -- the earliest future due time: one ordered probe of tasks_claimable
     SELECT least(
-        (SELECT min(next.due_at) FROM unnest($1::text[]) AS q(name),
-             LATERAL (SELECT due_at FROM tasks
-                      WHERE queue = q.name AND state IN ('PENDING', 'FAILED') AND due_at > now()
-                        AND action = ANY($2::text[])
-                      ORDER BY due_at LIMIT 1) AS next),
+        (SELECT due_at FROM tasks
+         WHERE queue = $1 AND state IN ('PENDING', 'FAILED') AND due_at > now()
+           AND action = ANY($2::text[])
+         ORDER BY due_at LIMIT 1),
         (SELECT min(lease_expires_at) FROM tasks
          WHERE state = 'RUNNING' AND lease_expires_at > now()
-           AND queue = ANY($1::text[]) AND action = ANY($2::text[]))
+           AND queue = $1 AND action = ANY($2::text[]))
     ) AS at
 ), logged AS (
     INSERT INTO task_transitions (task_id, trigger, from_state, to_state, attempt, worker, detail)
@@ -114,21 +117,21 @@ RETURNING lease_expires_at, cancel_requested_at IS NOT NULL AS cancel_requested;
 -- name: task_heartbeat_many_if_leased
 -- Extend each lease (id $1[i], token $2[i]) by $3[i] seconds; returns those still held,
 -- with whether cancellation was requested. A missing id: that lease is lost.
-UPDATE tasks t SET lease_expires_at = now() + make_interval(secs => i.seconds)
-FROM unnest($1::bigint[], $2::uuid[], $3::float8[]) AS i(id, token, seconds)
-WHERE t.id = i.id AND t.state = 'RUNNING' AND t.lease_token = i.token
+UPDATE tasks t
+SET lease_expires_at = now() + make_interval(secs => ($3::float8[])[array_position($1, t.id)])
+WHERE t.id = ANY($1::bigint[]) AND t.state = 'RUNNING'
+  AND t.lease_token = ($2::uuid[])[array_position($1, t.id)]
 RETURNING t.id, t.cancel_requested_at IS NOT NULL AS cancel_requested;
 
 -- name: task_complete_many_if_leased
 -- RUNNING -> COMPLETED for each (id $1[i], token $2[i], result $3[i]) whose token still
 -- holds the lease; returns the ids that moved. One statement for a whole batch.
-WITH input AS (
-    SELECT * FROM unnest($1::bigint[], $2::uuid[], $3::text[]) AS i(id, token, result)
-), moved AS (
-    UPDATE tasks t SET state = 'COMPLETED', result = input.result::jsonb,
-                       lease_expires_at = NULL, updated_at = now()
-    FROM input
-    WHERE t.id = input.id AND t.state = 'RUNNING' AND t.lease_token = input.token
+WITH moved AS (
+    UPDATE tasks t
+    SET state = 'COMPLETED', result = ($3::text[])[array_position($1, t.id)]::jsonb,
+        lease_expires_at = NULL, updated_at = now()
+    WHERE t.id = ANY($1::bigint[]) AND t.state = 'RUNNING'
+      AND t.lease_token = ($2::uuid[])[array_position($1, t.id)]
     RETURNING t.id, t.attempt, t.worker
 ), logged AS (
     INSERT INTO task_transitions (task_id, trigger, from_state, to_state, attempt, worker)
@@ -139,39 +142,38 @@ SELECT id FROM moved;
 -- name: task_fail_many_if_leased
 -- RUNNING -> FAILED for each (id $1[i], token $2[i]) whose token holds the lease and that
 -- has attempts left; the next attempt is due in $3[i] seconds; error $4[i].
-WITH input AS (
-    SELECT * FROM unnest($1::bigint[], $2::uuid[], $3::float8[], $4::text[])
-        AS i(id, token, retry_in, error)
-), moved AS (
-    UPDATE tasks t SET state = 'FAILED', due_at = now() + make_interval(secs => input.retry_in),
-                       last_error = input.error, lease_expires_at = NULL, updated_at = now()
-    FROM input
-    WHERE t.id = input.id AND t.state = 'RUNNING' AND t.lease_token = input.token
+WITH moved AS (
+    UPDATE tasks t
+    SET state = 'FAILED',
+        due_at = now() + make_interval(secs => ($3::float8[])[array_position($1, t.id)]),
+        last_error = ($4::text[])[array_position($1, t.id)],
+        lease_expires_at = NULL, updated_at = now()
+    WHERE t.id = ANY($1::bigint[]) AND t.state = 'RUNNING'
+      AND t.lease_token = ($2::uuid[])[array_position($1, t.id)]
       AND t.attempt < t.max_attempts
-    RETURNING t.id, t.attempt, t.worker, input.retry_in, input.error
+    RETURNING t.id, t.attempt, t.worker, t.last_error,
+              ($3::float8[])[array_position($1, t.id)] AS retry_in
 ), logged AS (
     INSERT INTO task_transitions (task_id, trigger, from_state, to_state, attempt, worker, detail)
     SELECT id, 'fail', 'RUNNING', 'FAILED', attempt, worker,
-           format('retry in %ss: %s', round(retry_in::numeric, 1), error) FROM moved
+           format('retry in %ss: %s', round(retry_in::numeric, 1), last_error) FROM moved
 )
 SELECT id FROM moved;
 
 -- name: task_bury_many_if_leased
 -- RUNNING -> DEAD for each (id $1[i], token $2[i]) whose token holds the lease, when its
 -- attempts are exhausted or its error $3[i] is permanent ($4[i]).
-WITH input AS (
-    SELECT * FROM unnest($1::bigint[], $2::uuid[], $3::text[], $4::boolean[])
-        AS i(id, token, error, permanent)
-), moved AS (
-    UPDATE tasks t SET state = 'DEAD', last_error = input.error, lease_expires_at = NULL,
-                       updated_at = now()
-    FROM input
-    WHERE t.id = input.id AND t.state = 'RUNNING' AND t.lease_token = input.token
-      AND (t.attempt >= t.max_attempts OR input.permanent)
-    RETURNING t.id, t.attempt, t.worker, input.error
+WITH moved AS (
+    UPDATE tasks t
+    SET state = 'DEAD', last_error = ($3::text[])[array_position($1, t.id)],
+        lease_expires_at = NULL, updated_at = now()
+    WHERE t.id = ANY($1::bigint[]) AND t.state = 'RUNNING'
+      AND t.lease_token = ($2::uuid[])[array_position($1, t.id)]
+      AND (t.attempt >= t.max_attempts OR ($4::boolean[])[array_position($1, t.id)])
+    RETURNING t.id, t.attempt, t.worker, t.last_error
 ), logged AS (
     INSERT INTO task_transitions (task_id, trigger, from_state, to_state, attempt, worker, detail)
-    SELECT id, 'bury', 'RUNNING', 'DEAD', attempt, worker, error FROM moved
+    SELECT id, 'bury', 'RUNNING', 'DEAD', attempt, worker, last_error FROM moved
 )
 SELECT id FROM moved;
 
@@ -255,7 +257,7 @@ WITH input AS (
     SELECT action, queue, priority, payload::jsonb, max_attempts, coalesce(due_at, now()),
            idempotency_key
     FROM input ORDER BY ord
-    ON CONFLICT (idempotency_key) DO NOTHING
+    ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
     RETURNING *
 ), logged AS (
     -- NOTIFY wakes idle workers of the queue (pg_notify returns void, which IS NOT NULL)

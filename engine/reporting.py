@@ -7,6 +7,7 @@ replica can answer /metrics and /stats for the whole cluster from one query.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import logging
 import os
 import secrets
@@ -61,7 +62,7 @@ class Counters:
 
     def observe(self, action: str, seconds: float) -> None:
         h = self.durations.setdefault(action, {"buckets": [0] * (len(BUCKETS) + 1), "sum": 0.0})
-        slot = next((i for i, bound in enumerate(BUCKETS) if seconds <= bound), len(BUCKETS))
+        slot = bisect.bisect_left(BUCKETS, seconds)
         h["buckets"][slot] += 1
         h["sum"] += seconds
 

@@ -31,7 +31,7 @@ TRANSIENT_ERRORS: tuple[type[Exception], ...] = (
 )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Claimed:
     """A task leased to this worker by claim or reclaim."""
 
@@ -46,7 +46,7 @@ class Claimed:
     lease_token: uuid.UUID
     lease_expires_at: datetime
     idempotency_key: str | None
-    due_at: datetime
+    due_at: datetime  # the columns of task_claim_due, in order, before wait_seconds
 
 
 @dataclass(frozen=True)
@@ -191,17 +191,11 @@ class Store:
     async def history(self, task_id: int) -> list[asyncpg.Record]:
         return await self.pool.fetch(SQL["task_history"], task_id)
 
-    async def claim(
-        self,
-        queues: Sequence[str],
-        leases: dict[str, float],
-        limit: int,
-        worker: str,
-    ) -> Claim:
-        """Lease up to `limit` tasks (claim or reclaim), expire dead leases, and say when to
-        look again."""
+    async def claim(self, queue: str, leases: dict[str, float], limit: int, worker: str) -> Claim:
+        """Lease up to `limit` tasks of `queue` (claim or reclaim), expire dead leases, and say
+        when to look again. `leases`: lease seconds by action, the actions this worker runs."""
         rows = await self.pool.fetch(
-            SQL["task_claim_due"], list(queues), list(leases), limit, worker, list(leases.values())
+            SQL["task_claim_due"], queue, list(leases), limit, worker, list(leases.values())
         )
         leased, expired, wait = [], [], None
         for r in rows:
@@ -210,7 +204,7 @@ class Store:
             elif r["trigger"] == "expire":
                 expired.append(r["id"])
             else:
-                leased.append(Claimed(**{k: v for k, v in r.items() if k != "wait_seconds"}))
+                leased.append(Claimed(*r[:12]))
         return Claim(leased, expired, wait)
 
     async def heartbeat(

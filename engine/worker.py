@@ -21,6 +21,7 @@ what is left of the grace period.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
 import traceback
@@ -232,6 +233,9 @@ class Worker:
         self._stopping = asyncio.Event()
         self._force = asyncio.Event()
         self._slot_freed = asyncio.Event()
+        # Handlers running now. A slot is free once its handler returns: the outcome is
+        # written meanwhile, batched with others, while the next tasks are already claimed.
+        self.handling = 0
         self._wake = asyncio.Event()
         self._executor = ThreadPoolExecutor(
             max_workers=config.concurrency, thread_name_prefix="tasklease-handler"
@@ -297,17 +301,16 @@ class Worker:
 
     async def _claim_loop(self) -> None:
         errors = 0
+        queues = collections.deque(self.config.queues)
         while not self._stopping.is_set():
-            free = self.config.concurrency - len(self.running)
-            if free <= 0:
+            if self.config.concurrency - self.handling <= 0:
                 self._slot_freed.clear()
                 await self.wait_for(self._slot_freed, self._stopping, timeout=None)
                 continue
-            self._wake.clear()  # before the claim: a NOTIFY during it must not be lost
+            self._wake.clear()  # before claiming: a NOTIFY meanwhile must not be lost
+            queues.rotate(-1)  # each round starts at the next queue, so none starves
             try:
-                claim = await self.store.claim(
-                    self.config.queues, self.leases, free, self.config.worker_id
-                )
+                busy, wait = await self._claim_round(queues)
             except TRANSIENT_ERRORS as exc:
                 errors += 1
                 delay = min(0.25 * 2**errors, 10.0)
@@ -317,6 +320,20 @@ class Worker:
             if errors:
                 log.info("database reachable again")
                 errors = 0
+            if not busy:
+                # Nothing more is due: sleep until the next task comes due or lease runs out,
+                # a NOTIFY of new work, or the safety-net poll, whichever is first.
+                await self.wait_for(self._wake, self._stopping, timeout=wait)
+
+    async def _claim_round(self, queues: Sequence[str]) -> tuple[bool, float]:
+        """Claim from each queue while slots are free. Returns (some queue had more due work
+        than we could take, seconds until the next known due time or lease expiry)."""
+        busy, wait = False, self.config.poll_interval
+        for queue in queues:
+            free = self.config.concurrency - self.handling
+            if free <= 0:
+                return True, 0.0
+            claim = await self.store.claim(queue, self.leases, free, self.config.worker_id)
             self.counters.count("expire", len(claim.expired))
             for task_id in claim.expired:
                 log.warning(
@@ -324,13 +341,10 @@ class Worker:
                 )
             for claimed in claim.leased:
                 self._start(claimed)
-            if len(claim.leased) < free:
-                # Nothing more is due: sleep until the next task comes due or lease runs out,
-                # a NOTIFY of new work, or the safety-net poll, whichever is first.
-                wait = self.config.poll_interval
-                if claim.wait_seconds is not None:
-                    wait = min(wait, max(claim.wait_seconds, 0.0))
-                await self.wait_for(self._wake, self._stopping, timeout=wait)
+            busy = busy or len(claim.leased) == free
+            if claim.wait_seconds is not None:
+                wait = min(wait, max(claim.wait_seconds, 0.0))
+        return busy, wait
 
     async def _listen(self) -> None:
         """LISTEN for submissions on a connection of its own; reconnect when it drops."""
@@ -381,7 +395,7 @@ class Worker:
             claimed.attempt,
             claimed.max_attempts,
         )
-        ex.task = asyncio.create_task(self._execute(ex), name=f"task-{claimed.id}")
+        ex.task = asyncio.create_task(self._execute(ex))
         self.running[ex.task] = ex
         ex.task.add_done_callback(self._finished)
 
@@ -397,6 +411,7 @@ class Worker:
         result: Any = None
         error: BaseException | None = None
         ex.in_handler = True
+        self.handling += 1
         try:
             payload = ex.handler.decode(ex.claimed.payload)
             if ex.handler.is_async:
@@ -412,6 +427,8 @@ class Worker:
             error = exc
         finally:
             ex.in_handler = False
+            self.handling -= 1
+            self._slot_freed.set()
         if ex.stopped is None:
             self.counters.observe(ex.claimed.action, time.monotonic() - ex.started)
         if error is not None and not isinstance(error, PermanentError):
@@ -474,7 +491,6 @@ class Worker:
 
     async def _record(self, ex: _Execution, decision: Decision) -> None:
         task_id, token, ctx = ex.claimed.id, ex.claimed.lease_token, ex.ctx
-        took = f"{(time.monotonic() - ex.started) * 1000:.0f} ms"
         note = ""
         done: bool | None
         match decision:
@@ -499,16 +515,26 @@ class Worker:
                 self.counters.count("dropped")
                 ctx.logger.warning("result dropped: %s", reason)
                 return
-        change = f"RUNNING -> {BY_TRIGGER[trigger].dest} ({trigger}{note})"
         if done:
             self.counters.count(trigger)
-            ctx.logger.info("%s, attempt %d/%d, %s", change, ctx.attempt, ctx.max_attempts, took)
+            if log.isEnabledFor(logging.INFO):
+                ctx.logger.info(
+                    "RUNNING -> %s (%s%s), attempt %d/%d, %.0f ms",
+                    BY_TRIGGER[trigger].dest,
+                    trigger,
+                    note,
+                    ctx.attempt,
+                    ctx.max_attempts,
+                    (time.monotonic() - ex.started) * 1000,
+                )
         elif done is False:
             self.counters.count("dropped")
             ctx.logger.warning(
-                "%s refused: the lease was lost (another worker took the task over); "
-                "this attempt's outcome is dropped",
-                change,
+                "RUNNING -> %s (%s%s) refused: the lease was lost (another worker took the "
+                "task over); this attempt's outcome is dropped",
+                BY_TRIGGER[trigger].dest,
+                trigger,
+                note,
             )
 
     async def _write_one(self, write: Callable[[], Awaitable[bool]]) -> bool | None:

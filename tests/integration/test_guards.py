@@ -24,7 +24,7 @@ S = TaskState
 
 
 async def claim_one(store: Store, worker: str = "w1") -> tuple[int, uuid.UUID]:
-    leased = (await store.claim(["default"], LEASES, 1, worker)).leased
+    leased = (await store.claim("default", LEASES, 1, worker)).leased
     assert len(leased) == 1
     return leased[0].id, leased[0].lease_token
 
@@ -81,19 +81,19 @@ async def test_fail_refused_on_last_attempt_and_bury_needs_exhaustion_or_permane
 async def test_claim_takes_only_due_tasks(store: Store, conn: asyncpg.Connection) -> None:
     later = await submit(store)
     await force_state(conn, later, S.PENDING, due_in=60)
-    leased = (await store.claim(["default"], LEASES, 10, "w1")).leased
+    leased = (await store.claim("default", LEASES, 10, "w1")).leased
     assert leased == []
     await force_state(conn, later, S.PENDING, due_in=-1)
-    leased = (await store.claim(["default"], LEASES, 10, "w1")).leased
+    leased = (await store.claim("default", LEASES, 10, "w1")).leased
     assert [t.id for t in leased] == [later]
 
 
 async def test_claim_filters_by_queue_and_action(store: Store) -> None:
     mail = await submit(store, queue="mail")
     await submit(store, action="unknown_action")
-    leased = (await store.claim(["default"], LEASES, 10, "w1")).leased
+    leased = (await store.claim("default", LEASES, 10, "w1")).leased
     assert leased == []
-    leased = (await store.claim(["mail", "other"], LEASES, 10, "w1")).leased
+    leased = (await store.claim("mail", LEASES, 10, "w1")).leased
     assert [t.id for t in leased] == [mail]
 
 
@@ -104,13 +104,13 @@ async def test_claim_orders_by_priority_then_due_time(
     await force_state(conn, old_low, S.PENDING, due_in=-100)
     new_low = await submit(store, priority=0)
     high = await submit(store, priority=5)
-    order = [(await store.claim(["default"], LEASES, 1, "w1")).leased[0].id for _ in range(3)]
+    order = [(await store.claim("default", LEASES, 1, "w1")).leased[0].id for _ in range(3)]
     assert order == [high, old_low, new_low]
 
 
 async def test_claim_sets_lease_from_the_action(store: Store) -> None:
     await submit(store, action="test_sleep")
-    leased = (await store.claim(["default"], {"test_sleep": 7.0}, 1, "w1")).leased
+    leased = (await store.claim("default", {"test_sleep": 7.0}, 1, "w1")).leased
     task = leased[0]
     rows = await store.pool.fetchval(
         "SELECT extract(epoch FROM lease_expires_at - now()) FROM tasks WHERE id = $1", task.id
@@ -121,7 +121,7 @@ async def test_claim_sets_lease_from_the_action(store: Store) -> None:
 async def test_a_live_lease_is_not_taken_over(store: Store) -> None:
     await submit(store)
     await claim_one(store, "w1")
-    c = await store.claim(["default"], LEASES, 10, "w2")
+    c = await store.claim("default", LEASES, 10, "w2")
     leased, expired = c.leased, c.expired
     assert leased == [] and expired == []
 
@@ -132,7 +132,7 @@ async def test_expired_lease_is_reclaimed_and_the_old_worker_is_fenced(
     task_id = await submit(store)
     _, old_token = await claim_one(store, "w1")
     await expire_lease(conn, task_id)
-    leased = (await store.claim(["default"], LEASES, 10, "w2")).leased
+    leased = (await store.claim("default", LEASES, 10, "w2")).leased
     assert [(t.id, t.trigger, t.attempt) for t in leased] == [(task_id, "reclaim", 2)]
     new_token = leased[0].lease_token
     assert new_token != old_token
@@ -156,7 +156,7 @@ async def test_expired_lease_on_last_attempt_goes_dead(
     task_id = await submit(store, max_attempts=1)
     await claim_one(store, "w1")
     await expire_lease(conn, task_id)
-    c = await store.claim(["default"], LEASES, 10, "w2")
+    c = await store.claim("default", LEASES, 10, "w2")
     leased, expired = c.leased, c.expired
     assert leased == [] and expired == [task_id]
     row = await state_of(conn, task_id)
@@ -170,18 +170,16 @@ async def test_heartbeat_extends_the_lease(store: Store, conn: asyncpg.Connectio
     await expire_lease(conn, task_id)
     row = await store.heartbeat(task_id, token, 60)
     assert row is not None
-    leased = (await store.claim(["default"], LEASES, 10, "w2")).leased
+    leased = (await store.claim("default", LEASES, 10, "w2")).leased
     assert leased == []
 
 
 async def test_concurrent_claims_never_share_a_task(store: Store) -> None:
     ids = {await submit(store) for _ in range(60)}
-    results = await asyncio.gather(
-        *(store.claim(["default"], LEASES, 7, f"w{i}") for i in range(10))
-    )
+    results = await asyncio.gather(*(store.claim("default", LEASES, 7, f"w{i}") for i in range(10)))
     claimed = [t.id for c in results for t in c.leased]
     assert len(claimed) == len(set(claimed)) and set(claimed) <= ids
-    leased = (await store.claim(["default"], LEASES, 100, "last")).leased
+    leased = (await store.claim("default", LEASES, 100, "last")).leased
     assert set(claimed) | {t.id for t in leased} == ids
 
 
@@ -191,7 +189,7 @@ async def test_release_gives_the_attempt_back(store: Store, conn: asyncpg.Connec
     assert await store.release(task_id, token)
     row = await state_of(conn, task_id)
     assert (row["state"], row["attempt"]) == (S.PENDING, 0)
-    leased = (await store.claim(["default"], LEASES, 10, "w2")).leased
+    leased = (await store.claim("default", LEASES, 10, "w2")).leased
     assert [(t.id, t.attempt) for t in leased] == [(task_id, 1)]
 
 
@@ -202,7 +200,7 @@ async def test_requeue_resets_attempts(store: Store, conn: asyncpg.Connection) -
     assert await store.requeue(task_id, "operator")
     row = await state_of(conn, task_id)
     assert (row["state"], row["attempt"]) == (S.PENDING, 0)
-    leased = (await store.claim(["default"], LEASES, 10, "w2")).leased
+    leased = (await store.claim("default", LEASES, 10, "w2")).leased
     assert [t.attempt for t in leased] == [1]
     await assert_histories_are_paths(conn)
 
@@ -215,5 +213,5 @@ async def test_claim_skips_locked_rows_instead_of_waiting(
     second = await submit(store)
     async with conn.transaction():
         await conn.execute("SELECT 1 FROM tasks WHERE id = $1 FOR UPDATE", first)
-        leased = (await asyncio.wait_for(store.claim(["default"], LEASES, 2, "w1"), 5)).leased
+        leased = (await asyncio.wait_for(store.claim("default", LEASES, 2, "w1"), 5)).leased
         assert [t.id for t in leased] == [second]

@@ -148,7 +148,7 @@ class EngineModel(RuleBasedStateMachine):
     def claim(self, worker: str, limit: int) -> None:
         expired = [i for i, m in self.tasks.items() if m.state is S.RUNNING and m.lease_expired]
         due = [i for i, m in self.tasks.items() if m.state in (S.PENDING, S.FAILED) and m.due]
-        c = self.run(self.store.claim(["default"], LEASE, limit, worker))
+        c = self.run(self.store.claim("default", LEASE, limit, worker))
         leased, dead = c.leased, c.expired
         # nothing is skipped without concurrency: exactly what fits in the limit is taken
         assert len(leased) + len(dead) == min(limit, len(expired) + len(due))
@@ -347,7 +347,7 @@ class EngineModel(RuleBasedStateMachine):
                     "WHERE state = 'RUNNING'"
                 )
             )
-            leased = self.run(self.store.claim(["default"], LEASE, 1000, "drainer")).leased
+            leased = self.run(self.store.claim("default", LEASE, 1000, "drainer")).leased
             for t in leased:
                 assert self.run(self.store.complete(t.id, t.lease_token, "1"))
             left = self.run(

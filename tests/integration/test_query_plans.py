@@ -12,11 +12,49 @@ from engine.queries import SQL
 from engine.store import FIRST_PAGE, LIST_FILTERS
 from tests.support.db import LEASES
 
-ALLOWED_INDEXES = {"tasks_claimable", "tasks_lease_expiry", "tasks_pkey"}
+# tasks_state_id serves `state = 'RUNNING'` as well as tasks_lease_expiry: RUNNING rows only
+ALLOWED_INDEXES = {
+    "tasks_claimable",
+    "tasks_claimable_order",
+    "tasks_lease_expiry",
+    "tasks_state_id",
+    "tasks_pkey",
+}
 
 
 def nodes(plan: dict[str, Any]) -> list[dict[str, Any]]:
     return [plan, *(n for child in plan.get("Plans", []) for n in nodes(child))]
+
+
+async def claim_plan(conn: asyncpg.Connection, plan_mode: str) -> list[dict[str, Any]]:
+    await conn.execute(f"SET plan_cache_mode = {plan_mode}")
+    tr = conn.transaction()
+    await tr.start()
+    try:
+        raw = await conn.fetchval(
+            "EXPLAIN (ANALYZE, FORMAT JSON) " + SQL["task_claim_due"], *CLAIM_ARGS
+        )
+    finally:
+        await tr.rollback()
+    plan = nodes(msgspec.json.decode(raw)[0]["Plan"])
+    seq = [n for n in plan if n["Node Type"] == "Seq Scan" and n.get("Relation Name") == "tasks"]
+    assert seq == [], "the claim reads the whole tasks table"
+    indexes = {n["Index Name"] for n in plan if "Index Name" in n}
+    assert indexes <= ALLOWED_INDEXES, indexes
+    assert {"tasks_claimable", "tasks_claimable_order"} & indexes, indexes
+    return plan
+
+
+def rows_read(plan: list[dict[str, Any]]) -> int:
+    """Rows read through the two claimable indexes."""
+    return max(
+        n["Actual Rows"]
+        for n in plan
+        if n.get("Index Name") in ("tasks_claimable", "tasks_claimable_order")
+    )
+
+
+CLAIM_ARGS = ("default", list(LEASES), 10, "w", list(LEASES.values()))
 
 
 @pytest.mark.parametrize("plan_mode", ["auto", "force_generic_plan"])
@@ -30,26 +68,25 @@ async def test_claim_never_scans_finished_or_future_tasks(
         SELECT 'noop', '{}', now() + interval '1 day' FROM generate_series(1, 5000);
         INSERT INTO tasks (action, payload) SELECT 'noop', '{}' FROM generate_series(1, 50);
         ANALYZE tasks;""")
-    await conn.execute(f"SET plan_cache_mode = {plan_mode}")
-    args = (["default"], list(LEASES), 10, "w", list(LEASES.values()))
-    tr = conn.transaction()
-    await tr.start()
-    try:
-        raw = await conn.fetchval("EXPLAIN (ANALYZE, FORMAT JSON) " + SQL["task_claim_due"], *args)
-    finally:
-        await tr.rollback()
-    plan = nodes(msgspec.json.decode(raw)[0]["Plan"])
-    seq = [n for n in plan if n["Node Type"] == "Seq Scan" and n.get("Relation Name") == "tasks"]
-    assert seq == [], "the claim reads the whole tasks table"
-    indexes = {n["Index Name"] for n in plan if "Index Name" in n}
-    assert indexes <= ALLOWED_INDEXES and "tasks_claimable" in indexes, indexes
-    # rows read through the claimable index: the 50 due tasks, not the 35,000 others
-    read = [n["Actual Rows"] for n in plan if n.get("Index Name") == "tasks_claimable"]
-    assert read and max(read) <= 50, read
+    # rows read through the claimable indexes: the 50 due tasks, not the 35,000 others
+    assert rows_read(await claim_plan(conn, plan_mode)) <= 50
+    args = CLAIM_ARGS
     # and it claims what is due, not the future or the finished
     rows = await conn.fetch(SQL["task_claim_due"], *args)
     assert [r["trigger"] for r in rows] == ["claim"] * 10 + ["wait"]
     assert 86000 < rows[-1]["wait_seconds"] <= 86400  # the tasks due in a day
+
+
+@pytest.mark.parametrize("plan_mode", ["auto", "force_generic_plan"])
+async def test_claim_from_a_backlog_reads_one_batch(
+    conn: asyncpg.Connection, plan_mode: str
+) -> None:
+    """20,000 tasks due: the claim walks the order index and stops after its 10."""
+    await conn.execute("""
+        INSERT INTO tasks (action, payload, priority)
+        SELECT 'noop', '{}', g % 3 FROM generate_series(1, 20000) g;
+        ANALYZE tasks;""")
+    assert rows_read(await claim_plan(conn, plan_mode)) <= 10
 
 
 @pytest.mark.parametrize(

@@ -31,7 +31,7 @@ class Case:
 
 
 async def claim_all(store: Store, task_id: int, token: uuid.UUID) -> None:
-    await store.claim(["default"], LEASES, 10, WORKER)
+    await store.claim("default", LEASES, 10, WORKER)
 
 
 CASES: dict[str, Case] = {

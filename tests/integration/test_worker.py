@@ -131,7 +131,7 @@ async def test_failing_handler_walks_failed_to_dead(
 async def test_failed_attempt_is_due_after_backoff(store: Store, conn: asyncpg.Connection) -> None:
     """Default backoff: the first retry is due about a minute after the failure."""
     task_id = await submit(store)
-    leased = (await store.claim(["default"], LEASES, 1, "w1")).leased
+    leased = (await store.claim("default", LEASES, 1, "w1")).leased
     assert await store.fail(task_id, leased[0].lease_token, HANDLERS["noop"].retry_delay(1), "boom")
     delay = await conn.fetchval(
         "SELECT extract(epoch FROM due_at - now()) FROM tasks WHERE id = $1", task_id

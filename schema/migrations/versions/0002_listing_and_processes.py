@@ -13,7 +13,10 @@ depends_on = None
 
 UP = """
 -- GET /tasks pages newest first by id, optionally filtered; keyset, never OFFSET.
-CREATE INDEX tasks_state_id ON tasks (state, id);
+-- COMPLETED (the bulk: a page of them is found by walking the primary key) and RUNNING
+-- (few: tasks_lease_expiry holds exactly those) are left out, so neither claiming nor
+-- completing a task writes an entry here.
+CREATE INDEX tasks_state_id ON tasks (state, id) WHERE state NOT IN ('COMPLETED', 'RUNNING');
 CREATE INDEX tasks_action_id ON tasks (action, id);
 CREATE INDEX tasks_queue_id ON tasks (queue, id);
 
