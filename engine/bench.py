@@ -307,52 +307,105 @@ async def latency(admin_dsn: str, config: BenchConfig, log_dir: Path, say: Say) 
     }
 
 
+async def _post_loop(port: int, path: str, body: bytes | None, seconds: float, expect: int) -> int:
+    """POST `body` to `path` (GET when None) over one keep-alive connection until time is up;
+    returns how many succeeded. A minimal HTTP/1.1 client: general-purpose clients cost more
+    CPU per request than the server does, and would measure themselves."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    if body is None:
+        request = f"GET {path} HTTP/1.1\r\nHost: bench\r\n\r\n".encode()
+    else:
+        request = (
+            f"POST {path} HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        ).encode() + body
+    done, stop = 0, time.perf_counter() + seconds
+    try:
+        while time.perf_counter() < stop:
+            writer.write(request)
+            head = await reader.readuntil(b"\r\n\r\n")
+            status = int(head.split(b" ", 2)[1])
+            length = next(
+                int(line.split(b":", 1)[1])
+                for line in head.split(b"\r\n")
+                if line.lower().startswith(b"content-length:")
+            )
+            await reader.readexactly(length)
+            if status != expect:
+                raise RuntimeError(f"{path} answered {status}")
+            done += 1
+    finally:
+        writer.close()
+    return done
+
+
 async def submit(admin_dsn: str, config: BenchConfig, log_dir: Path, say: Say) -> dict[str, float]:
     async with Database(admin_dsn) as db:
         procs = Processes(db.dsn, log_dir)
         url = procs.api()
+        port = int(url.rsplit(":", 1)[1])
         try:
-            async with httpx.AsyncClient(
-                base_url=url, timeout=30, limits=httpx.Limits(max_connections=64)
-            ) as http:
+            async with httpx.AsyncClient(base_url=url) as http:
                 for _ in range(100):
                     try:
                         if (await http.get("/healthz")).status_code == 200:
                             break
                     except httpx.HTTPError:
                         await asyncio.sleep(0.1)
-                body = {"payload": {"action": "noop"}}
-                count = 0
-                stop = time.perf_counter() + config.submit_seconds
-
-                async def client() -> None:
-                    nonlocal count
-                    while time.perf_counter() < stop:
-                        r = await http.post("/tasks", json=body)
-                        assert r.status_code == 201, r.text
-                        count += 1
-
-                began = time.perf_counter()
-                await asyncio.gather(*(client() for _ in range(config.submit_clients)))
-                single = count / (time.perf_counter() - began)
-                say(f"  single POST /tasks: {single:,.0f}/s with {config.submit_clients} clients")
-                batch = {"tasks": [body] * config.batch_size}
-                batches = 0
-                stop = time.perf_counter() + config.submit_seconds
-
-                async def batcher() -> None:
-                    nonlocal batches
-                    while time.perf_counter() < stop:
-                        r = await http.post("/tasks/batch", json=batch)
-                        assert r.status_code == 201, r.text
-                        batches += 1
-
-                began = time.perf_counter()
-                await asyncio.gather(*(batcher() for _ in range(4)))
-                batched = batches * config.batch_size / (time.perf_counter() - began)
+            one = json.dumps({"payload": {"action": "noop"}}).encode()
+            seconds = config.submit_seconds
+            clients = config.submit_clients
+            # Reference points: the same HTTP path without the database, and the database
+            # without HTTP (one-task statements from as many connections).
+            began = time.perf_counter()
+            counts = await asyncio.gather(
+                *(_post_loop(port, "/healthz", None, seconds / 2, 200) for _ in range(clients))
+            )
+            health = sum(counts) / (time.perf_counter() - began)
+            direct = await _direct_submits(db.dsn, clients, seconds / 2)
+            say(f"  GET /healthz: {health:,.0f}/s; one-task submits without HTTP: {direct:,.0f}/s")
+            began = time.perf_counter()
+            counts = await asyncio.gather(
+                *(
+                    _post_loop(port, "/tasks", one, seconds, 201)
+                    for _ in range(config.submit_clients)
+                )
+            )
+            single = sum(counts) / (time.perf_counter() - began)
+            say(f"  single POST /tasks: {single:,.0f}/s with {config.submit_clients} clients")
+            batch = json.dumps({"tasks": [{"payload": {"action": "noop"}}] * config.batch_size})
+            began = time.perf_counter()
+            counts = await asyncio.gather(
+                *(_post_loop(port, "/tasks/batch", batch.encode(), seconds, 201) for _ in range(4))
+            )
+            batched = sum(counts) * config.batch_size / (time.perf_counter() - began)
+            say(f"  POST /tasks/batch: {batched:,.0f} tasks/s")
         finally:
             procs.stop()
-    return {"single_per_s": single, "batch_per_s": batched}
+    return {
+        "single_per_s": single,
+        "batch_per_s": batched,
+        "healthz_per_s": health,
+        "direct_per_s": direct,
+    }
+
+
+async def _direct_submits(dsn: str, clients: int, seconds: float) -> float:
+    store = await Store.connect(dsn, min_size=clients, max_size=clients)
+    count, stop = 0, time.perf_counter() + seconds
+
+    async def one() -> None:
+        nonlocal count
+        while time.perf_counter() < stop:
+            await store.submit_many([NewTask("noop", "{}")])
+            count += 1
+
+    try:
+        began = time.perf_counter()
+        await asyncio.gather(*(one() for _ in range(clients)))
+        return count / (time.perf_counter() - began)
+    finally:
+        await store.close()
 
 
 async def run(admin_dsn: str, config: BenchConfig, log_dir: Path, say: Say) -> BenchResult:
@@ -375,6 +428,8 @@ async def run(admin_dsn: str, config: BenchConfig, log_dir: Path, say: Say) -> B
         say("submit: through the HTTP API")
         s = await submit(admin_dsn, config, log_dir, say)
         f[f"POST /tasks, {config.submit_clients} clients (tasks/s)"] = s["single_per_s"]
+        f["  for reference: GET /healthz (req/s)"] = s["healthz_per_s"]
+        f["  for reference: one-task submits, no HTTP (tasks/s)"] = s["direct_per_s"]
         f[f"POST /tasks/batch of {config.batch_size} (tasks/s)"] = s["batch_per_s"]
     if "backlog" in config.scenarios:
         say(f"backlog: drain with {config.backlog:,} finished tasks already stored")
