@@ -17,11 +17,7 @@ import asyncio
 import json
 import os
 import platform
-import signal
-import socket
 import statistics
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -35,6 +31,7 @@ import httpx
 
 import schema
 from engine import TaskContext, handler
+from engine.cluster import Cluster
 from engine.store import NewTask, Store
 
 Say = Callable[[str], None]
@@ -141,52 +138,6 @@ class Database:
             await conn.close()
 
 
-class Processes:
-    def __init__(self, dsn: str, log_dir: Path) -> None:
-        self.dsn, self.log_dir = dsn, log_dir
-        self.procs: list[subprocess.Popen[bytes]] = []
-
-    def start(self, name: str, *args: str) -> subprocess.Popen[bytes]:
-        out = open(self.log_dir / f"{name}.log", "wb")  # noqa: SIM115
-        env = {**os.environ, "DATABASE_URL": self.dsn, "TASKLEASE_LOG_LABEL": name}
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "engine.cli", "--log-level", "warning", *args],
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-        self.procs.append(proc)
-        return proc
-
-    def workers(self, n: int, concurrency: int) -> None:
-        for i in range(n):
-            self.start(
-                f"worker-{i + 1}",
-                "worker",
-                "--handlers",
-                "engine.bench",
-                "--concurrency",
-                str(concurrency),
-            )
-
-    def api(self) -> str:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        self.start("api", "api", "--port", str(port), "--handlers", "engine.bench")
-        return f"http://127.0.0.1:{port}"
-
-    def stop(self) -> None:
-        for p in self.procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in self.procs:
-            try:
-                p.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                p.kill()
-
-
 async def _insert(dsn: str, n: int, action: str = "noop") -> float:
     """Bulk insert n tasks through Store.submit_many; returns tasks/s."""
     store = await Store.connect(dsn, min_size=1, max_size=1)
@@ -237,8 +188,9 @@ async def drain(
                 f"  inserted {config.tasks:,} tasks ({insert_rate:,.0f}/s); draining with "
                 f"{config.workers} workers x concurrency {config.concurrency}"
             )
-            procs = Processes(db.dsn, log_dir)
-            procs.workers(config.workers, config.concurrency)
+            procs = Cluster(db.dsn, log_dir, "engine.bench", log_level="warning")
+            for _ in range(config.workers):
+                procs.worker("--concurrency", str(config.concurrency))
             try:
                 await _wait_done(conn, config.tasks, say, "drain", after_id)
             finally:
@@ -279,8 +231,9 @@ async def _backlog(conn: asyncpg.Connection, n: int) -> None:
 async def latency(admin_dsn: str, config: BenchConfig, log_dir: Path, say: Say) -> dict[str, float]:
     n = int(config.latency_rate * config.latency_seconds)
     async with Database(admin_dsn) as db:
-        procs = Processes(db.dsn, log_dir)
-        procs.workers(config.workers, config.concurrency)
+        procs = Cluster(db.dsn, log_dir, "engine.bench", log_level="warning")
+        for _ in range(config.workers):
+            procs.worker("--concurrency", str(config.concurrency))
         conn = await asyncpg.connect(db.dsn)
         try:
             await asyncio.sleep(3)  # the workers start and go idle
@@ -350,7 +303,7 @@ async def _post_loop(port: int, path: str, body: bytes | None, seconds: float, e
 
 async def submit(admin_dsn: str, config: BenchConfig, log_dir: Path, say: Say) -> dict[str, float]:
     async with Database(admin_dsn) as db:
-        procs = Processes(db.dsn, log_dir)
+        procs = Cluster(db.dsn, log_dir, "engine.bench", log_level="warning")
         url = procs.api()
         port = int(url.rsplit(":", 1)[1])
         try:

@@ -17,9 +17,6 @@ import asyncio
 import logging
 import os
 import random
-import signal
-import subprocess
-import sys
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -32,6 +29,7 @@ import httpx
 
 import schema
 from engine import TaskContext, handler
+from engine.cluster import Cluster
 
 log = logging.getLogger("tasklease.chaos")
 ACTION = "chaos_probe"
@@ -116,74 +114,17 @@ def with_database(dsn: str, name: str) -> str:
     return urlunsplit(urlsplit(dsn)._replace(path=f"/{name}"))
 
 
-class Cluster:
-    """The API and worker processes of one run; logs go to files in `log_dir`."""
-
-    def __init__(self, dsn: str, config: ChaosConfig, log_dir: Path) -> None:
-        self.dsn, self.config, self.log_dir = dsn, config, log_dir
-        self.workers: list[subprocess.Popen[bytes]] = []
-        self.started = 0
-        self.api: subprocess.Popen[bytes] | None = None
-        self.port = 0
-
-    def _spawn(self, name: str, *args: str) -> subprocess.Popen[bytes]:
-        out = open(self.log_dir / f"{name}.log", "wb")  # noqa: SIM115
-        env = {**os.environ, "DATABASE_URL": self.dsn, "TASKLEASE_LOG_LABEL": name}
-        return subprocess.Popen(
-            [sys.executable, "-m", "engine.cli", *args],
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-
-    def start_worker(self) -> None:
-        self.started += 1
-        self.workers.append(
-            self._spawn(
-                f"worker-{self.started}",
-                "worker",
-                "--handlers",
-                "engine.chaos",
-                "--concurrency",
-                str(self.config.concurrency),
-                "--lease-seconds",
-                str(self.config.lease_seconds),
-                "--poll-interval",
-                "0.05",
-                "--grace-seconds",
-                "5",
-            )
-        )
-
-    def start_api(self) -> str:
-        import socket
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.api = self._spawn("api", "api", "--port", str(self.port), "--handlers", "engine.chaos")
-        return f"http://127.0.0.1:{self.port}"
-
-    def kill_one(self, rng: random.Random) -> int:
-        alive = [p for p in self.workers if p.poll() is None]
-        victim = rng.choice(alive)
-        victim.send_signal(signal.SIGKILL)
-        victim.wait()
-        self.workers.remove(victim)
-        self.start_worker()
-        return victim.pid
-
-    def stop(self) -> None:
-        procs = [*self.workers, *([self.api] if self.api else [])]
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+def start_worker(cluster: Cluster, config: ChaosConfig) -> None:
+    cluster.worker(
+        "--concurrency",
+        str(config.concurrency),
+        "--lease-seconds",
+        str(config.lease_seconds),
+        "--poll-interval",
+        "0.05",
+        "--grace-seconds",
+        "5",
+    )
 
 
 async def _submit(
@@ -249,15 +190,15 @@ async def run(
     admin = await asyncpg.connect(admin_dsn)
     await admin.execute(f"CREATE DATABASE {name}")
     dsn = with_database(admin_dsn, name)
-    cluster = Cluster(dsn, config, log_dir)
+    cluster = Cluster(dsn, log_dir, "engine.chaos")
     began = time.monotonic()
     try:
         await schema.upgrade(dsn)
         conn = await asyncpg.connect(dsn)
         await conn.execute(EXECUTIONS)
-        url = cluster.start_api()
+        url = cluster.api()
         for _ in range(config.workers):
-            cluster.start_worker()
+            start_worker(cluster, config)
         await _wait_api(url)
         low, high = config.sleep_ms
         async with httpx.AsyncClient(base_url=url) as http:
@@ -296,7 +237,8 @@ async def _chaos(
     next_submit, next_line, submitted = time.monotonic(), time.monotonic() + 5, config.tasks
     while (now := time.monotonic()) < end:
         if config.kill_every and now >= next_kill:
-            cluster.kill_one(rng)
+            cluster.kill(rng.choice([p for p in cluster.workers if p.poll() is None]))
+            start_worker(cluster, config)
             report.kills += 1
             next_kill = now + config.kill_every * rng.uniform(0.5, 1.5)
         if now >= next_cut:
