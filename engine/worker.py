@@ -215,6 +215,15 @@ class Outcomes:
                     "cannot record %d outcome(s) yet (%s); retrying", len(batch), describe(exc)
                 )
                 await Worker.wait_for(self.give_up, timeout=1.0)
+            except asyncpg.PostgresError as exc:
+                # Not the connection: some item cannot be stored (a result PostgreSQL refuses).
+                # Write the others alone; the culprit's own write fails with this error.
+                if len(batch) == 1:
+                    batch[0][1].set_exception(exc)
+                    return
+                for one in batch:
+                    await self._write(kind, [one])
+                return
         for item, future in batch:
             done = item[0] in moved
             if not done and retried:
@@ -496,7 +505,11 @@ class Worker:
         match decision:
             case Complete(result_json):
                 trigger = "complete"
-                done = await self.outcomes.put(trigger, (task_id, token, result_json))
+                try:
+                    done = await self.outcomes.put(trigger, (task_id, token, result_json))
+                except asyncpg.PostgresError as exc:
+                    error = f"result cannot be stored: {describe(exc)}"
+                    return await self._record(ex, Bury(error, permanent=True))
             case Fail(retry_in, error):
                 trigger, note = "fail", f", retry in {retry_in:.0f}s"
                 done = await self.outcomes.put(trigger, (task_id, token, retry_in, error))

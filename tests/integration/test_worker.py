@@ -158,6 +158,17 @@ async def test_payload_that_no_longer_fits_is_buried(
     assert "payload does not fit test_sleep" in (await state_of(conn, task_id))["last_error"]
 
 
+async def test_a_result_postgresql_refuses_buries_only_that_task(
+    store: Store, conn: asyncpg.Connection, workers: Running
+) -> None:
+    bad = await submit(store, "test_unstorable")
+    good = [await submit(store, "test_sleep", '{"seconds": 0}') for _ in range(5)]
+    workers.start(store)
+    await wait_until(done(conn, bad, S.DEAD), "the unstorable result to bury its task")  # type: ignore[arg-type]
+    assert "result cannot be stored" in (await state_of(conn, bad))["last_error"]
+    await wait_until(lambda: _all(conn, good), "the other tasks to complete")
+
+
 async def test_sync_handlers_run_in_threads(
     store: Store, conn: asyncpg.Connection, workers: Running
 ) -> None:

@@ -59,3 +59,9 @@ async def permanent(ctx: TaskContext, payload: dict[str, Any]) -> None:
 def sync_sleep(ctx: TaskContext, payload: Sleep) -> dict[str, Any]:
     time.sleep(payload.seconds)
     return {"slept": payload.seconds, "thread": True}
+
+
+@handler("test_unstorable", max_attempts=3)
+async def unstorable(ctx: TaskContext, payload: dict[str, Any]) -> dict[str, Any]:
+    """JSON that PostgreSQL's jsonb refuses (a NUL character)."""
+    return {"text": "a\x00b"}
