@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import asyncpg
 import httpx
@@ -32,6 +32,7 @@ import httpx
 import schema
 from engine import TaskContext, handler
 from engine.cluster import Cluster
+from engine.database import with_database
 from engine.store import NewTask, Store
 
 Say = Callable[[str], None]
@@ -77,10 +78,6 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-def _with_database(dsn: str, name: str) -> str:
-    return urlunsplit(urlsplit(dsn)._replace(path=f"/{name}"))
-
-
 def _cpu_model() -> str:
     info = Path("/proc/cpuinfo")
     lines = info.read_text().splitlines() if info.exists() else []
@@ -119,7 +116,7 @@ class Database:
     def __init__(self, admin_dsn: str) -> None:
         self.admin_dsn = admin_dsn
         self.name = f"tasklease_bench_{uuid.uuid4().hex[:10]}"
-        self.dsn = _with_database(admin_dsn, self.name)
+        self.dsn = with_database(admin_dsn, self.name)
 
     async def __aenter__(self) -> Database:
         conn = await asyncpg.connect(self.admin_dsn)

@@ -22,7 +22,6 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import httpx
@@ -30,6 +29,7 @@ import httpx
 import schema
 from engine import TaskContext, handler
 from engine.cluster import Cluster
+from engine.database import with_database
 
 log = logging.getLogger("tasklease.chaos")
 ACTION = "chaos_probe"
@@ -108,10 +108,6 @@ class ChaosReport:
             else f"{k.replace('_', ' '):>24}: {v}"
             for k, v in d.items()
         ]
-
-
-def with_database(dsn: str, name: str) -> str:
-    return urlunsplit(urlsplit(dsn)._replace(path=f"/{name}"))
 
 
 def start_worker(cluster: Cluster, config: ChaosConfig) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
@@ -29,6 +30,11 @@ def embedded() -> Embedded:
 def normalize(url: str) -> str:
     """Accept the SQLAlchemy and Heroku spellings too: asyncpg wants postgresql://."""
     return re.sub(r"^(postgres|postgresql)(\+\w+)?://", "postgresql://", url)
+
+
+def with_database(dsn: str, name: str) -> str:
+    """The same server and credentials, another database."""
+    return urlunsplit(urlsplit(dsn)._replace(path=f"/{name}"))
 
 
 def redact(url: str) -> str:

@@ -10,13 +10,12 @@ import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
 
 import schema
-from engine.database import normalize
+from engine.database import normalize, with_database
 from engine.embedded import Embedded
 from engine.store import Store
 from tests.support.procs import Procs
@@ -33,11 +32,6 @@ CREATE TABLE executions (
     token   uuid NOT NULL,
     at      timestamptz NOT NULL DEFAULT clock_timestamp()
 )"""
-
-
-def with_database(dsn: str, name: str) -> str:
-    parts = urlsplit(dsn)
-    return urlunsplit(parts._replace(path=f"/{name}"))
 
 
 @pytest.fixture(scope="session")
