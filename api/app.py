@@ -256,6 +256,19 @@ async def get_task_transitions(task_id: TaskId, state: State) -> list[Transition
     return [TransitionRead(**dict(r)) for r in rows]
 
 
+def answered(
+    task_id: int, outcome: operations.Outcome, row: Any, allowed: str
+) -> tuple[operations.Outcome, Any]:
+    """404 for no such task, 409 (naming its state) when the operation does not apply."""
+    if outcome is operations.Outcome.NOT_FOUND or row is None:
+        raise NotFoundException(f"no task {task_id}")
+    if outcome is operations.Outcome.CONFLICT:
+        raise Conflict(
+            f"task {task_id} is {row['state']}: only {allowed}", extra={"state": row["state"]}
+        )
+    return outcome, row
+
+
 @post(
     "/tasks/{task_id:int}/cancel",
     operation_id="cancelTask",
@@ -265,15 +278,11 @@ async def get_task_transitions(task_id: TaskId, state: State) -> list[Transition
 async def cancel_task(task_id: TaskId, state: State) -> TaskRead:
     """Cancel a task: PENDING or FAILED at once; RUNNING by asking its worker, which stops the
     handler and records RUNNING -> CANCELLED (see `cancel_requested_at`). 409 otherwise."""
-    outcome, row = await operations.cancel(_store(state), task_id)
-    if outcome is operations.Outcome.NOT_FOUND or row is None:
-        raise NotFoundException(f"no task {task_id}")
-    if outcome is operations.Outcome.CONFLICT:
-        raise Conflict(
-            f"task {task_id} is {row['state']}: only PENDING, FAILED or RUNNING "
-            "tasks can be cancelled",
-            extra={"state": row["state"]},
-        )
+    outcome, row = answered(
+        task_id,
+        *await operations.cancel(_store(state), task_id),
+        allowed="PENDING, FAILED or RUNNING tasks can be cancelled",
+    )
     state.counters.count("cancel" if outcome is operations.Outcome.DONE else "cancel_request")
     log.info(
         "task %d: %s",
@@ -293,14 +302,11 @@ async def cancel_task(task_id: TaskId, state: State) -> TaskRead:
 )
 async def requeue_task(task_id: TaskId, state: State) -> TaskRead:
     """Requeue a DEAD task: back to PENDING, due now, attempts reset. 409 unless DEAD."""
-    outcome, row = await operations.requeue(_store(state), task_id)
-    if outcome is operations.Outcome.NOT_FOUND or row is None:
-        raise NotFoundException(f"no task {task_id}")
-    if outcome is operations.Outcome.CONFLICT:
-        raise Conflict(
-            f"task {task_id} is {row['state']}: only DEAD tasks can be requeued",
-            extra={"state": row["state"]},
-        )
+    _, row = answered(
+        task_id,
+        *await operations.requeue(_store(state), task_id),
+        allowed="DEAD tasks can be requeued",
+    )
     state.counters.count("requeue")
     log.info("task %d: DEAD -> PENDING (requeue)", task_id)
     return TaskRead.from_row(row)

@@ -50,23 +50,39 @@ def resolve() -> tuple[str, Embedded | None]:
     return server.dsn(), server
 
 
+# What a failed connection attempt can raise.
+UNREACHABLE = (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError)
+
+
+def reason(exc: BaseException) -> str:
+    return str(exc) or type(exc).__name__
+
+
+async def schema_problem(conn: asyncpg.Connection) -> str | None:
+    """None when the schema is current; else what to do about it."""
+    current, head = await schema.current(conn), schema.head()
+    if current == head:
+        return None
+    return (
+        f"the database schema is at {current or 'nothing'}, this tasklease needs {head}: "
+        "run `tasklease migrate`"
+    )
+
+
 async def check(dsn: str, *, need_schema: bool = True, timeout: float = 10) -> None:
     """Raise DatabaseUnavailable, in words, unless the database answers (and is migrated)."""
     try:
         conn = await asyncpg.connect(dsn, timeout=timeout)
-    except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-        reason = str(exc) or type(exc).__name__
-        raise DatabaseUnavailable(f"cannot reach the database at {redact(dsn)}: {reason}") from None
+    except UNREACHABLE as exc:
+        raise DatabaseUnavailable(
+            f"cannot reach the database at {redact(dsn)}: {reason(exc)}"
+        ) from None
     try:
-        if need_schema:
-            current, head = await schema.current(conn), schema.head()
-            if current != head:
-                raise DatabaseUnavailable(
-                    f"the database schema is at {current or 'nothing'}, this tasklease needs "
-                    f"{head}: run `tasklease migrate`"
-                )
+        problem = await schema_problem(conn) if need_schema else None
     finally:
         await conn.close()
+    if problem:
+        raise DatabaseUnavailable(problem)
 
 
 async def other_clients(dsn: str) -> int:
@@ -89,9 +105,6 @@ async def readiness(pool: asyncpg.Pool) -> str | None:
     """None when the database answers and its schema is current; else what is wrong."""
     try:
         async with pool.acquire(timeout=5) as conn:
-            current = await schema.current(conn)
-    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-        return f"database unreachable: {str(exc) or type(exc).__name__}"
-    if current != schema.head():
-        return f"schema at {current or 'nothing'}, needs {schema.head()}: run `tasklease migrate`"
-    return None
+            return await schema_problem(conn)
+    except UNREACHABLE as exc:
+        return f"database unreachable: {reason(exc)}"

@@ -410,7 +410,6 @@ class Worker:
 
     def _finished(self, task: asyncio.Task[None]) -> None:
         self.running.pop(task, None)
-        self._slot_freed.set()
         if not task.cancelled() and task.exception() is not None:
             log.error("execution crashed", exc_info=task.exception())
 
