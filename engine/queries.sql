@@ -22,56 +22,109 @@ FROM task_transitions WHERE task_id = $1 ORDER BY id;
 
 -- name: task_claim_due
 -- Lease up to $3 tasks to worker $4 from queue $1, for the actions in $2 with their lease
--- seconds in $5. Expired leases come first: reclaimed (RUNNING, attempt + 1, new token)
--- while attempts remain, else expired (DEAD). Then due PENDING/FAILED tasks are claimed,
--- highest priority, then earliest due first. SKIP LOCKED lets workers claim side by side.
--- A last row (trigger 'wait') says in how many seconds the next task comes due or the
--- next lease runs out (NULL: none known), so an idle worker sleeps exactly that long.
-WITH expired AS (
+-- seconds in $5 (a task's own lease_seconds wins). Expired leases come first: reclaimed
+-- (RUNNING, attempt + 1, new token) while attempts remain, else expired (DEAD). Then due
+-- PENDING/FAILED tasks are claimed: highest priority, then earliest due, except that with
+-- aging on ($6 seconds) about half of each claim goes to tasks due for longer than that,
+-- oldest first, so no priority starves another. Global limits ($7 running tasks of the
+-- queue; per action $8: $9 running tasks, $10 starts per $11 seconds) are checked under
+-- the locks of tasklease_claim_capacity. SKIP LOCKED lets workers claim side by side.
+-- A last row (trigger 'wait') says in how many seconds to look again: the next due time or
+-- lease expiry, or, when a limit held due work back, when it may let some through.
+WITH caps AS MATERIALIZED (
+    -- only when a limit applies to this claim: no lock, no call otherwise
+    SELECT c.* FROM (SELECT WHERE $7::integer IS NOT NULL OR cardinality($8::text[]) > 0) AS l,
+        LATERAL tasklease_claim_capacity($1, $7, $8, $9::integer[], $10::integer[],
+                                         $11::float8[]) AS c
+), blocked AS MATERIALIZED (
+    -- limited actions that may start nothing now
+    SELECT name FROM caps
+    WHERE scope = 'action' AND (running_left <= 0 OR starts_left <= 0)
+), expired_locked AS (
     -- a crashed worker's lease: no reaper, whoever claims next takes it over
-    SELECT id, worker AS old_worker FROM tasks
+    SELECT id, worker AS old_worker, action, attempt < max_attempts AS restart FROM tasks
     WHERE state = 'RUNNING' AND lease_expires_at <= now()
       AND queue = $1 AND action = ANY($2::text[])
     ORDER BY lease_expires_at
     LIMIT $3
     FOR UPDATE SKIP LOCKED
-), due AS (
-    SELECT id, state AS from_state FROM tasks
+), expired AS (
+    -- a reclaim is a start: a rate limit holds it back (it already counts as running)
+    SELECT e.* FROM (
+        SELECT *, row_number() OVER (PARTITION BY action, restart ORDER BY id) AS n
+        FROM expired_locked) AS e
+    LEFT JOIN caps ON caps.scope = 'action' AND caps.name = e.action
+    WHERE NOT e.restart OR e.n <= coalesce(caps.starts_left, 2147483647)
+), room AS MATERIALIZED (
+    SELECT greatest(least($3 - (SELECT count(*) FROM expired),
+                          (SELECT running_left FROM caps WHERE scope = 'queue')), 0) AS n
+), aged AS (
+    SELECT id, state, action, priority, due_at FROM tasks
+    WHERE state IN ('PENDING', 'FAILED') AND due_at <= now() - make_interval(secs => $6)
+      AND queue = $1 AND action = ANY($2::text[])
+      AND action NOT IN (SELECT name FROM blocked)
+    ORDER BY due_at, id
+    -- half the room, rounded up or down at random: a one-slot claim takes the oldest half
+    -- of the time
+    LIMIT (SELECT floor(n * 0.5 + random())::integer FROM room)
+    FOR UPDATE SKIP LOCKED
+), ranked AS (
+    SELECT id, state, action, priority, due_at FROM tasks
     WHERE state IN ('PENDING', 'FAILED') AND due_at <= now()
       AND queue = $1 AND action = ANY($2::text[])
+      AND action NOT IN (SELECT name FROM blocked)
+      AND id <> ALL(ARRAY(SELECT id FROM aged))
     ORDER BY priority DESC, due_at, id
-    LIMIT greatest($3 - (SELECT count(*) FROM expired), 0)
+    LIMIT (SELECT n FROM room) - (SELECT count(*) FROM aged)
     FOR UPDATE SKIP LOCKED
+), picked AS (
+    SELECT *, 0 AS part FROM aged UNION ALL SELECT *, 1 FROM ranked
+), due AS (
+    -- each limited action keeps at most what it may still start (its reclaims included)
+    SELECT p.id, p.state AS from_state FROM (
+        SELECT *, row_number() OVER (PARTITION BY action
+            ORDER BY part, CASE part WHEN 1 THEN -priority END, due_at, id) AS n
+        FROM picked) AS p
+    LEFT JOIN caps ON caps.scope = 'action' AND caps.name = p.action
+    WHERE caps.name IS NULL
+       OR p.n <= least(coalesce(caps.running_left, 2147483647),
+                       coalesce(caps.starts_left, 2147483647)
+                       - (SELECT count(*) FROM expired WHERE restart AND action = p.action))
 ), lease AS (
     SELECT * FROM unnest($2::text[], $5::float8[]) AS l(action, seconds)
 ), reclaimed AS (
     UPDATE tasks t
     SET attempt = t.attempt + 1, lease_token = gen_random_uuid(),
-        lease_expires_at = now() + make_interval(secs => lease.seconds),
+        lease_expires_at = now() + make_interval(secs => coalesce(t.lease_seconds, lease.seconds)),
         worker = $4, updated_at = now()
     FROM expired, lease
-    WHERE t.id = expired.id AND lease.action = t.action
+    WHERE t.id = expired.id AND lease.action = t.action AND expired.restart
       AND t.state = 'RUNNING' AND t.lease_expires_at <= now() AND t.attempt < t.max_attempts
-    RETURNING t.*, expired.old_worker
+    RETURNING t.*, expired.old_worker, coalesce(t.lease_seconds, lease.seconds) AS lease_for
 ), dead AS (
     UPDATE tasks t
     SET state = 'DEAD', lease_expires_at = NULL, updated_at = now(),
         last_error = 'lease of ' || coalesce(expired.old_worker, '?')
                      || ' expired on the last attempt'
     FROM expired
-    WHERE t.id = expired.id
+    WHERE t.id = expired.id AND NOT expired.restart
       AND t.state = 'RUNNING' AND t.lease_expires_at <= now() AND t.attempt >= t.max_attempts
     RETURNING t.id, t.attempt, t.last_error
 ), claimed AS (
     UPDATE tasks t
     SET state = 'RUNNING', attempt = t.attempt + 1, lease_token = gen_random_uuid(),
-        lease_expires_at = now() + make_interval(secs => lease.seconds),
+        lease_expires_at = now() + make_interval(secs => coalesce(t.lease_seconds, lease.seconds)),
         worker = $4, updated_at = now()
     FROM due, lease
     -- the id list steers the planner to the primary key rather than re-reading the due range
     WHERE t.id = ANY(ARRAY(SELECT id FROM due)) AND t.id = due.id AND lease.action = t.action
       AND t.state IN ('PENDING', 'FAILED') AND t.due_at <= now()
-    RETURNING t.*, due.from_state
+    RETURNING t.*, due.from_state, coalesce(t.lease_seconds, lease.seconds) AS lease_for
+), started AS (
+    INSERT INTO action_starts (action, at)
+    SELECT s.action, now() FROM (SELECT action FROM claimed UNION ALL SELECT action FROM reclaimed)
+        AS s
+    JOIN caps ON caps.scope = 'action' AND caps.name = s.action AND caps.starts_left IS NOT NULL
 ), wake AS (
     -- the earliest future due time: one ordered probe of tasks_claimable
     SELECT least(
@@ -83,6 +136,16 @@ WITH expired AS (
          WHERE state = 'RUNNING' AND lease_expires_at > now()
            AND queue = $1 AND action = ANY($2::text[]))
     ) AS at
+), held_back AS (
+    -- a limit is reached and due work remains: look again soon (a rate window: when it frees)
+    SELECT min(coalesce(c.retry_in, 0.1)) AS retry_in FROM caps AS c
+    WHERE (c.running_left <= (SELECT count(*) FROM due)
+           OR c.starts_left <= (SELECT count(*) FROM due))
+      AND (SELECT t.id FROM tasks t
+           WHERE t.queue = $1 AND t.state IN ('PENDING', 'FAILED') AND t.due_at <= now()
+             AND t.action = ANY($2::text[]) AND t.id <> ALL(ARRAY(SELECT id FROM due))
+             AND (c.scope = 'queue' OR t.action = c.name)
+           ORDER BY t.due_at LIMIT 1) IS NOT NULL
 ), logged AS (
     INSERT INTO task_transitions (task_id, trigger, from_state, to_state, attempt, worker, detail)
     SELECT id, 'claim', from_state, 'RUNNING'::task_state, attempt, $4, NULL FROM claimed
@@ -94,18 +157,20 @@ WITH expired AS (
     FROM dead
 )
 SELECT 'claim' AS trigger, from_state, id, action, queue, payload, attempt, max_attempts,
-       lease_token, lease_expires_at, idempotency_key, due_at, NULL::float8 AS wait_seconds
+       lease_token, lease_expires_at, idempotency_key, due_at, lease_for, timeout_seconds,
+       NULL::float8 AS wait_seconds
 FROM claimed
 UNION ALL
 SELECT 'reclaim', 'RUNNING', id, action, queue, payload, attempt, max_attempts,
-       lease_token, lease_expires_at, idempotency_key, due_at, NULL
+       lease_token, lease_expires_at, idempotency_key, due_at, lease_for, timeout_seconds, NULL
 FROM reclaimed
 UNION ALL
-SELECT 'expire', 'RUNNING', id, NULL, NULL, NULL, attempt, NULL, NULL, NULL, NULL, NULL, NULL
+SELECT 'expire', 'RUNNING', id, NULL, NULL, NULL, attempt, NULL, NULL, NULL, NULL, NULL, NULL,
+       NULL, NULL
 FROM dead
 UNION ALL
-SELECT 'wait', NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
-       extract(epoch FROM at - now())::float8
+SELECT 'wait', NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
+       least(extract(epoch FROM at - now())::float8, (SELECT retry_in FROM held_back))
 FROM wake;
 
 -- name: task_heartbeat_if_leased
@@ -192,6 +257,22 @@ WITH moved AS (
 )
 SELECT id, attempt FROM moved;
 
+-- name: task_snooze_if_leased
+-- RUNNING -> PENDING for task $1 under token $2, due again in $3 seconds: the handler asked
+-- to run later; the attempt is given back, so a snooze never counts as a failure.
+WITH moved AS (
+    UPDATE tasks SET state = 'PENDING', attempt = attempt - 1, lease_expires_at = NULL,
+                     due_at = now() + make_interval(secs => $3), updated_at = now()
+    WHERE id = $1 AND state = 'RUNNING' AND lease_token = $2
+    RETURNING id, attempt, worker
+), logged AS (
+    INSERT INTO task_transitions (task_id, trigger, from_state, to_state, attempt, worker, detail)
+    SELECT id, 'snooze', 'RUNNING', 'PENDING', attempt, worker,
+           format('snoozed for %ss', round($3::numeric, 1)) || coalesce(': ' || $4, '')
+    FROM moved
+)
+SELECT id, attempt FROM moved;
+
 -- name: task_cancel_if_waiting
 -- PENDING or FAILED -> CANCELLED for task $1; $2 is the detail for the history.
 WITH old AS (
@@ -245,17 +326,20 @@ SELECT id, attempt FROM moved;
 SELECT state, lease_token = $2 AS ours FROM tasks WHERE id = $1;
 
 -- name: task_submit_many
--- Insert a batch of PENDING tasks and their `submit` rows in one statement. $1..$7 are
+-- Insert a batch of PENDING tasks and their `submit` rows in one statement. $1..$9 are
 -- aligned arrays, one element per task. Returns the inserted tasks (created) and, for
 -- idempotency keys already taken, the existing tasks (not created).
 WITH input AS (
     SELECT * FROM unnest($1::text[], $2::text[], $3::smallint[], $4::text[], $5::integer[],
-                         $6::timestamptz[], $7::text[]) WITH ORDINALITY
-        AS i(action, queue, priority, payload, max_attempts, due_at, idempotency_key, ord)
+                         $6::timestamptz[], $7::text[], $8::float8[], $9::float8[])
+        WITH ORDINALITY
+        AS i(action, queue, priority, payload, max_attempts, due_at, idempotency_key,
+             lease_seconds, timeout_seconds, ord)
 ), new AS (
-    INSERT INTO tasks (action, queue, priority, payload, max_attempts, due_at, idempotency_key)
+    INSERT INTO tasks (action, queue, priority, payload, max_attempts, due_at, idempotency_key,
+                       lease_seconds, timeout_seconds)
     SELECT action, queue, priority, payload::jsonb, max_attempts, coalesce(due_at, now()),
-           idempotency_key
+           idempotency_key, lease_seconds, timeout_seconds
     FROM input ORDER BY ord
     ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
     RETURNING *

@@ -16,10 +16,11 @@ from transitions import Machine
 
 class TaskState(StrEnum):
     PENDING = "PENDING"
-    """Waiting for due_at. Left by claim (a worker) or cancel (an operator)."""
+    """Waiting for due_at (new, released, snoozed or requeued). Left by claim (a worker) or
+    cancel (an operator)."""
     RUNNING = "RUNNING"
-    """Leased by one worker. Left by complete / fail / bury / release / cancel under
-    the lease token, or by reclaim / expire once the lease has run out."""
+    """Leased by one worker. Left by complete / fail / bury / release / snooze / cancel
+    under the lease token, or by reclaim / expire once the lease has run out."""
     COMPLETED = "COMPLETED"
     """Final: the handler returned. Nothing leaves it."""
     FAILED = "FAILED"
@@ -75,6 +76,12 @@ TRANSITIONS: tuple[Transition, ...] = (
         "release", (S.RUNNING,), S.PENDING, "lease token matches; the attempt is given back"
     ),
     Transition("requeue", (S.DEAD,), S.PENDING, "attempt reset to 0; due now"),
+    Transition(
+        "snooze",
+        (S.RUNNING,),
+        S.PENDING,
+        "lease token matches; due_at = now + the delay asked for; the attempt is given back",
+    ),
 )
 
 TRIGGERS: tuple[str, ...] = (SUBMIT, *(t.trigger for t in TRANSITIONS))

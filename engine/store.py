@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -46,7 +46,10 @@ class Claimed:
     lease_token: uuid.UUID
     lease_expires_at: datetime
     idempotency_key: str | None
-    due_at: datetime  # the columns of task_claim_due, in order, before wait_seconds
+    due_at: datetime
+    lease_seconds: float  # the task's own, else its action's
+    timeout_seconds: float | None  # the task's own (the action's applies when None)
+    # the columns of task_claim_due, in order, before wait_seconds
 
 
 @dataclass(frozen=True)
@@ -64,8 +67,32 @@ class NewTask:
     max_attempts: int = 5
     due_at: datetime | None = None
     idempotency_key: str | None = None
+    lease_seconds: float | None = None
+    timeout_seconds: float | None = None
 
 
+@dataclass(frozen=True)
+class ActionLimit:
+    """Global limits of one action, across all workers: at most `max_running` RUNNING, at
+    most `rate` starts in any `period` seconds. None: no such limit."""
+
+    max_running: int | None = None
+    rate: int | None = None
+    period: float | None = None
+
+
+@dataclass(frozen=True)
+class ClaimRules:
+    """What a claim obeys besides free slots: aging (seconds a task may wait before it is
+    taken ahead of higher priorities; None: strict priority), the queue's global limit of
+    running tasks, and the actions' global limits."""
+
+    aging_seconds: float | None = None
+    queue_max_running: int | None = None
+    actions: dict[str, ActionLimit] = field(default_factory=dict)
+
+
+NO_RULES = ClaimRules()
 # The filters GET /tasks accepts, each an equality on one indexed column.
 LIST_FILTERS = {
     "state": "state = ${}::task_state",
@@ -116,6 +143,8 @@ class Store:
             [t.max_attempts for t in tasks],
             [t.due_at for t in tasks],
             [t.idempotency_key for t in tasks],
+            [t.lease_seconds for t in tasks],
+            [t.timeout_seconds for t in tasks],
         )
         for _ in range(3):
             rows = await self.pool.fetch(SQL["task_submit_many"], *columns)
@@ -191,11 +220,30 @@ class Store:
     async def history(self, task_id: int) -> list[asyncpg.Record]:
         return await self.pool.fetch(SQL["task_history"], task_id)
 
-    async def claim(self, queue: str, leases: dict[str, float], limit: int, worker: str) -> Claim:
+    async def claim(
+        self,
+        queue: str,
+        leases: dict[str, float],
+        limit: int,
+        worker: str,
+        rules: ClaimRules = NO_RULES,
+    ) -> Claim:
         """Lease up to `limit` tasks of `queue` (claim or reclaim), expire dead leases, and say
         when to look again. `leases`: lease seconds by action, the actions this worker runs."""
+        limited = [a for a in leases if a in rules.actions]
         rows = await self.pool.fetch(
-            SQL["task_claim_due"], queue, list(leases), limit, worker, list(leases.values())
+            SQL["task_claim_due"],
+            queue,
+            list(leases),
+            limit,
+            worker,
+            list(leases.values()),
+            rules.aging_seconds,
+            rules.queue_max_running,
+            limited,
+            [rules.actions[a].max_running for a in limited],
+            [rules.actions[a].rate for a in limited],
+            [rules.actions[a].period for a in limited],
         )
         leased, expired, wait = [], [], None
         for r in rows:
@@ -204,7 +252,7 @@ class Store:
             elif r["trigger"] == "expire":
                 expired.append(r["id"])
             else:
-                leased.append(Claimed(*r[:12]))
+                leased.append(Claimed(*r[:14]))
         return Claim(leased, expired, wait)
 
     async def heartbeat(
@@ -244,6 +292,11 @@ class Store:
 
     async def release(self, task_id: int, token: uuid.UUID) -> bool:
         return await self._moved("task_release_if_leased", task_id, token)
+
+    async def snooze(
+        self, task_id: int, token: uuid.UUID, seconds: float, reason: str | None = None
+    ) -> bool:
+        return await self._moved("task_snooze_if_leased", task_id, token, seconds, reason)
 
     async def cancel(self, task_id: int, detail: str | None = None) -> bool:
         return await self._moved("task_cancel_if_waiting", task_id, detail)

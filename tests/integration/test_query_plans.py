@@ -13,6 +13,7 @@ from engine.store import FIRST_PAGE, LIST_FILTERS
 from tests.support.db import LEASES
 
 # tasks_state_id serves `state = 'RUNNING'` as well as tasks_lease_expiry: RUNNING rows only
+OURS = ("tasks", "action_starts")
 ALLOWED_INDEXES = {
     "tasks_claimable",
     "tasks_claimable_order",
@@ -26,19 +27,38 @@ def nodes(plan: dict[str, Any]) -> list[dict[str, Any]]:
     return [plan, *(n for child in plan.get("Plans", []) for n in nodes(child))]
 
 
-async def claim_plan(conn: asyncpg.Connection, plan_mode: str) -> list[dict[str, Any]]:
-    await conn.execute(f"SET plan_cache_mode = {plan_mode}")
+async def claim_plan(
+    conn: asyncpg.Connection, plan_mode: str, args: tuple[Any, ...]
+) -> list[dict[str, Any]]:
+    """The claim's plan, and (through auto_explain) those of the statements that
+    tasklease_claim_capacity runs inside it when a limit applies."""
+    await conn.execute(f"""SET plan_cache_mode = {plan_mode}; LOAD 'auto_explain';
+        SET auto_explain.log_min_duration = 0; SET auto_explain.log_nested_statements = on;
+        SET auto_explain.log_format = json; SET auto_explain.log_analyze = on;
+        SET client_min_messages = log""")
+    nested: list[str] = []
+    conn.add_log_listener(lambda _, msg: nested.append(msg.message))
     tr = conn.transaction()
     await tr.start()
     try:
-        raw = await conn.fetchval(
-            "EXPLAIN (ANALYZE, FORMAT JSON) " + SQL["task_claim_due"], *CLAIM_ARGS
-        )
+        raw = await conn.fetchval("EXPLAIN (ANALYZE, FORMAT JSON) " + SQL["task_claim_due"], *args)
     finally:
         await tr.rollback()
+        await conn.execute("SET auto_explain.log_min_duration = -1")
     plan = nodes(msgspec.json.decode(raw)[0]["Plan"])
-    seq = [n for n in plan if n["Node Type"] == "Seq Scan" and n.get("Relation Name") == "tasks"]
-    assert seq == [], "the claim reads the whole tasks table"
+    inner = [
+        n
+        for m in nested
+        if "{" in m
+        for n in nodes(msgspec.json.decode(m[m.index("{") :])["Plan"])
+    ]
+    if args[7]:  # limits: the function ran its counts
+        assert any(n.get("Relation Name") == "action_starts" for n in inner), nested
+    for n in plan + inner:
+        if n["Node Type"] == "Seq Scan" and n.get("Relation Name") == "tasks":
+            raise AssertionError(f"the claim reads the whole tasks table: {plan[0]}\n{nested}")
+    ours = {n["Index Name"] for n in inner if "Index Name" in n and n.get("Relation Name") in OURS}
+    assert ours <= ALLOWED_INDEXES | {"action_starts_action_at"}, ours
     indexes = {n["Index Name"] for n in plan if "Index Name" in n}
     assert indexes <= ALLOWED_INDEXES, indexes
     assert {"tasks_claimable", "tasks_claimable_order"} & indexes, indexes
@@ -54,12 +74,24 @@ def rows_read(plan: list[dict[str, Any]]) -> int:
     )
 
 
-CLAIM_ARGS = ("default", list(LEASES), 10, "w", list(LEASES.values()))
+PLAIN = ("default", list(LEASES), 10, "w", list(LEASES.values()), None, None, [], [], [], [])
+# aging on, a queue limit and every limit on every action: each set well above the load
+RULED = (
+    *PLAIN[:5],
+    60.0,
+    100_000,
+    list(LEASES),
+    [100_000] * len(LEASES),
+    [100_000] * len(LEASES),
+    [1.0] * len(LEASES),
+)
+RULES = pytest.mark.parametrize("args", [PLAIN, RULED], ids=["no-limits", "aging-and-limits"])
 
 
+@RULES
 @pytest.mark.parametrize("plan_mode", ["auto", "force_generic_plan"])
 async def test_claim_never_scans_finished_or_future_tasks(
-    conn: asyncpg.Connection, plan_mode: str
+    conn: asyncpg.Connection, plan_mode: str, args: tuple[Any, ...]
 ) -> None:
     await conn.execute("""
         INSERT INTO tasks (action, payload, state, attempt, result)
@@ -69,24 +101,24 @@ async def test_claim_never_scans_finished_or_future_tasks(
         INSERT INTO tasks (action, payload) SELECT 'noop', '{}' FROM generate_series(1, 50);
         ANALYZE tasks;""")
     # rows read through the claimable indexes: the 50 due tasks, not the 35,000 others
-    assert rows_read(await claim_plan(conn, plan_mode)) <= 50
-    args = CLAIM_ARGS
+    assert rows_read(await claim_plan(conn, plan_mode, args)) <= 50
     # and it claims what is due, not the future or the finished
     rows = await conn.fetch(SQL["task_claim_due"], *args)
     assert [r["trigger"] for r in rows] == ["claim"] * 10 + ["wait"]
     assert 86000 < rows[-1]["wait_seconds"] <= 86400  # the tasks due in a day
 
 
+@RULES
 @pytest.mark.parametrize("plan_mode", ["auto", "force_generic_plan"])
 async def test_claim_from_a_backlog_reads_one_batch(
-    conn: asyncpg.Connection, plan_mode: str
+    conn: asyncpg.Connection, plan_mode: str, args: tuple[Any, ...]
 ) -> None:
     """20,000 tasks due: the claim walks the order index and stops after its 10."""
     await conn.execute("""
         INSERT INTO tasks (action, payload, priority)
         SELECT 'noop', '{}', g % 3 FROM generate_series(1, 20000) g;
         ANALYZE tasks;""")
-    assert rows_read(await claim_plan(conn, plan_mode)) <= 10
+    assert rows_read(await claim_plan(conn, plan_mode, args)) <= 10
 
 
 @pytest.mark.parametrize(

@@ -48,6 +48,7 @@ CASES: dict[str, Case] = {
     "cancel_running": Case({"cancel_requested": True}, lambda s, i, t: s.cancel_running(i, t)),
     "release": Case({}, lambda s, i, t: s.release(i, t)),
     "requeue": Case({"due_in": 3600}, lambda s, i, t: s.requeue(i, "by test")),
+    "snooze": Case({"attempt": 1}, lambda s, i, t: s.snooze(i, t, 30, "not yet")),
 }
 
 

@@ -118,7 +118,18 @@ async def take_over(conn: asyncpg.Connection, task_id: int, worker: str) -> asyn
     async with conn.transaction():
         await expire_lease(conn, task_id)
         rows = await conn.fetch(
-            SQL["task_claim_due"], "default", list(LEASES), 1, worker, list(LEASES.values())
+            SQL["task_claim_due"],
+            "default",
+            list(LEASES),
+            1,
+            worker,
+            list(LEASES.values()),
+            None,
+            None,
+            [],
+            [],
+            [],
+            [],
         )
     rows = [r for r in rows if r["trigger"] != "wait"]
     assert [(r["id"], r["trigger"]) for r in rows] == [(task_id, "reclaim")], rows
