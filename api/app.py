@@ -34,6 +34,7 @@ from api.schemas import (
     Health,
     QueueStats,
     Ready,
+    ScheduleRead,
     Stats,
     TaskBatchCreate,
     TaskBatchRead,
@@ -154,6 +155,8 @@ def prepare(data: TaskCreate, handlers: dict[str, Handler], index: int | None = 
         max_attempts=data.max_attempts or handler.max_attempts,
         due_at=data.due_at,
         idempotency_key=data.idempotency_key,
+        lease_seconds=data.lease_seconds,
+        timeout_seconds=data.timeout_seconds,
     )
 
 
@@ -333,6 +336,12 @@ async def get_stats(state: State) -> Stats:
     )
 
 
+@get("/schedules", operation_id="listSchedules", responses=errors(401, 503))
+async def list_schedules(state: State) -> list[ScheduleRead]:
+    """Periodic tasks as the workers declare them, with the next run time of each."""
+    return [ScheduleRead.from_row(r) for r in await _store(state).schedules()]
+
+
 @get("/healthz", operation_id="health", opt={"public": True})
 async def healthz() -> Health:
     """The process is up (it does not touch the database). Never needs a token."""
@@ -451,6 +460,7 @@ def create_app(
             cancel_task,
             requeue_task,
             get_stats,
+            list_schedules,
             healthz,
             readyz,
             get_metrics,

@@ -10,6 +10,10 @@ import msgspec
 from engine.states import TaskState
 
 Text = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
+Seconds = Annotated[
+    float,
+    msgspec.Meta(gt=0, le=7 * 86400, description="seconds; null: the action's own setting"),
+]
 AwareDatetime = Annotated[
     datetime, msgspec.Meta(tz=True, description="RFC 3339 with a time zone offset")
 ]
@@ -26,6 +30,8 @@ class TaskCreate(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     max_attempts: Annotated[int, msgspec.Meta(ge=1, le=1000)] | None = None
     queue: Text = "default"
     priority: Annotated[int, msgspec.Meta(ge=-1000, le=1000)] = 0
+    lease_seconds: Seconds | None = None
+    timeout_seconds: Seconds | None = None
 
 
 class TaskBatchCreate(msgspec.Struct, forbid_unknown_fields=True):
@@ -52,6 +58,8 @@ class TaskRead(msgspec.Struct, kw_only=True):
     lease_expires_at: datetime | None
     worker: str | None
     cancel_requested_at: datetime | None
+    lease_seconds: float | None
+    timeout_seconds: float | None
 
     @classmethod
     def from_row(cls, row: Any) -> TaskRead:
@@ -73,6 +81,8 @@ class TaskRead(msgspec.Struct, kw_only=True):
             lease_expires_at=row["lease_expires_at"],
             worker=row["worker"],
             cancel_requested_at=row["cancel_requested_at"],
+            lease_seconds=row["lease_seconds"],
+            timeout_seconds=row["timeout_seconds"],
         )
 
 
@@ -95,6 +105,29 @@ class TransitionRead(msgspec.Struct, kw_only=True):
     worker: str | None
     at: datetime
     detail: str | None
+
+
+class ScheduleRead(msgspec.Struct, kw_only=True):
+    """A periodic task as the workers declare it, and when it runs next."""
+
+    name: str
+    action: str
+    cron: str | None
+    every_seconds: float | None
+    timezone: str
+    payload: dict[str, Any]
+    queue: str
+    priority: int
+    missed: str
+    next_run_at: datetime
+    last_slot_at: datetime | None
+    last_task_id: int | None
+    updated_at: datetime
+
+    @classmethod
+    def from_row(cls, row: Any) -> ScheduleRead:
+        fields = {f: row[f] for f in cls.__struct_fields__ if f != "payload"}
+        return cls(**fields, payload=msgspec.json.decode(row["payload"]))
 
 
 class QueueStats(msgspec.Struct):

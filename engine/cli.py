@@ -19,7 +19,7 @@ from engine import client, database, registry, states
 from engine.embedded import EmbeddedError
 from engine.registry import DEFAULT_LEASE_SECONDS, HandlerError
 from engine.store import Store
-from engine.worker import Worker, WorkerConfig
+from engine.worker import DEFAULT_AGING_SECONDS, Worker, WorkerConfig
 
 log = logging.getLogger("tasklease")
 LABEL_ENV = "TASKLEASE_LOG_LABEL"
@@ -51,6 +51,13 @@ def _queues(value: str) -> tuple[str, ...]:
     if not queues:
         raise argparse.ArgumentTypeError("give at least one queue name")
     return queues
+
+
+def _queue_limit(value: str) -> tuple[str, int]:
+    name, _, limit = value.partition("=")
+    if not name.strip() or not limit.strip().isdigit() or int(limit) < 1:
+        raise argparse.ArgumentTypeError(f"{value!r} is not NAME=N (N at least 1), e.g. emails=5")
+    return name.strip(), int(limit)
 
 
 def _positive(kind: type[int] | type[float]):  # type: ignore[no-untyped-def]
@@ -126,6 +133,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
         lease_seconds=args.lease_seconds,
         poll_interval=args.poll_interval,
         grace_seconds=args.grace_seconds,
+        aging_seconds=args.aging_seconds or None,
+        queue_limits=dict(args.queue_limit),
     )
 
     async def main() -> None:
@@ -281,6 +290,9 @@ def _supervise(args: argparse.Namespace, dsn: str) -> int:
             ",".join(args.queues),
             "--lease-seconds",
             str(args.lease_seconds),
+            "--aging-seconds",
+            str(args.aging_seconds),
+            *(f"--queue-limit={q}={n}" for q, n in args.queue_limit),
             *common,
         ]
     children: dict[str, subprocess.Popen[bytes]] = {}
@@ -367,6 +379,24 @@ def _worker_options(p: argparse.ArgumentParser) -> None:
         metavar="S",
         help="lease for handlers that do not set one; heartbeats renew "
         f"it every S/3 seconds (default: {DEFAULT_LEASE_SECONDS:.0f})",
+    )
+    p.add_argument(
+        "--aging-seconds",
+        type=float,
+        default=DEFAULT_AGING_SECONDS,
+        metavar="S",
+        help="a task due for longer than S seconds gets about half of each claim, oldest "
+        "first, ahead of higher priorities, so none starves; 0: strict priority "
+        f"(default: {DEFAULT_AGING_SECONDS:.0f})",
+    )
+    p.add_argument(
+        "--queue-limit",
+        type=_queue_limit,
+        action="append",
+        default=[],
+        metavar="QUEUE=N",
+        help="at most N tasks of QUEUE running at once over all workers (global; give every "
+        "worker of the queue the same limit); repeat for more queues",
     )
 
 
@@ -571,7 +601,7 @@ def parser() -> argparse.ArgumentParser:
     be.set_defaults(func=cmd_bench)
 
     client.add_commands(sub, [s.value for s in states.TaskState])
-    for name in ("submit", "show", "ls", "cancel", "requeue", "stats"):
+    for name in ("submit", "show", "ls", "cancel", "requeue", "stats", "schedules"):
         sub.choices[name].set_defaults(func=client.run)
     return root
 

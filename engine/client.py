@@ -122,6 +122,8 @@ def show_task(task: dict[str, Any], history: list[dict[str, Any]]) -> str:
         "worker",
         "lease_expires_at",
         "cancel_requested_at",
+        "lease_seconds",
+        "timeout_seconds",
         "last_error",
     ]
     width = max(map(len, fields)) + 1
@@ -157,7 +159,14 @@ def run(args: argparse.Namespace) -> int:
                 body["due_at"] = args.due_at
             elif args.delay is not None:
                 body["due_at"] = (datetime.now(UTC) + args.delay).isoformat()
-            for name in ("idempotency_key", "queue", "priority", "max_attempts"):
+            for name in (
+                "idempotency_key",
+                "queue",
+                "priority",
+                "max_attempts",
+                "lease_seconds",
+                "timeout_seconds",
+            ):
                 if getattr(args, name) is not None:
                     body[name] = getattr(args, name)
             out = client.call("POST", "/tasks", json=body)
@@ -210,6 +219,21 @@ def run(args: argparse.Namespace) -> int:
                 f"\nworkers alive: {out['workers']['alive']}, "
                 f"running tasks: {out['workers']['running']}"
             )
+        case "schedules":
+            out = client.call("GET", "/schedules")
+            rows = [
+                [
+                    s["name"],
+                    s["action"],
+                    s["cron"] or f"every {s['every_seconds']:g}s",
+                    s["timezone"],
+                    s["missed"],
+                    s["next_run_at"],
+                    s["last_task_id"] or "-",
+                ]
+                for s in out
+            ]
+            text = table(rows, ["NAME", "ACTION", "WHEN", "TZ", "MISSED", "NEXT RUN", "LAST TASK"])
         case _:
             raise ClientError(f"unknown command {args.command}")
     sys.stdout.write((json.dumps(out, indent=2) if args.json else text) + "\n")
@@ -241,6 +265,10 @@ def add_commands(sub: Any, state_choices: list[str]) -> None:
     p.add_argument("--queue", help="queue (default: default)")
     p.add_argument("--priority", type=int, help="higher runs first (default 0)")
     p.add_argument("--max-attempts", type=int, help="default: the handler's")
+    p.add_argument("--lease-seconds", type=float, help="default: the handler's")
+    p.add_argument(
+        "--timeout-seconds", type=float, help="stop an attempt after this long (the handler's)"
+    )
 
     p = sub.add_parser("show", parents=[common], help="a task and its history")
     p.add_argument("id", type=int)
@@ -260,3 +288,4 @@ def add_commands(sub: Any, state_choices: list[str]) -> None:
         p.add_argument("id", type=int)
 
     sub.add_parser("stats", parents=[common], help="counts by state and queue, queue lag")
+    sub.add_parser("schedules", parents=[common], help="periodic tasks and when each runs next")

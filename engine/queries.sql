@@ -385,3 +385,43 @@ SET running = excluded.running, counters = excluded.counters, last_seen_at = now
 -- Every process that has reported, with how long ago it was last seen.
 SELECT *, extract(epoch FROM now() - last_seen_at)::float8 AS seen_seconds_ago
 FROM processes ORDER BY kind, started_at;
+
+-- name: db_now
+-- The database clock, which decides what is due.
+SELECT now();
+
+-- name: schedule_declare
+-- Upsert a schedule as a worker's code declares it ($1..$9) with its first run time $10.
+-- A changed time rule ($3 cron, $4 every, $5 timezone) starts over from $10; otherwise the
+-- row's progress (last_slot_at, next_run_at) is kept.
+INSERT INTO schedules AS s (name, action, cron, every_seconds, timezone, payload, queue,
+                            priority, missed, next_run_at)
+VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7, $8, $9, $10)
+ON CONFLICT (name) DO UPDATE
+SET action = excluded.action, cron = excluded.cron, every_seconds = excluded.every_seconds,
+    timezone = excluded.timezone, payload = excluded.payload, queue = excluded.queue,
+    priority = excluded.priority, missed = excluded.missed, updated_at = now(),
+    next_run_at = CASE
+        WHEN (s.cron, s.every_seconds, s.timezone)
+             IS DISTINCT FROM (excluded.cron, excluded.every_seconds, excluded.timezone)
+        THEN excluded.next_run_at ELSE s.next_run_at END
+WHERE (s.action, s.cron, s.every_seconds, s.timezone, s.payload, s.queue, s.priority, s.missed)
+      IS DISTINCT FROM (excluded.action, excluded.cron, excluded.every_seconds,
+                        excluded.timezone, excluded.payload, excluded.queue,
+                        excluded.priority, excluded.missed);
+
+-- name: schedule_state
+-- Progress of the schedules named in $1, with the database's now.
+SELECT name, last_slot_at, next_run_at, now() AS now FROM schedules WHERE name = ANY($1::text[]);
+
+-- name: schedule_advance_if_at
+-- Move schedule $1 from slot $2 (as read) to slot $3, next run at $4, its task $5. No row:
+-- another scheduler advanced it first.
+UPDATE schedules SET last_slot_at = $3, next_run_at = $4, last_task_id = coalesce($5, last_task_id),
+                     updated_at = now()
+WHERE name = $1 AND last_slot_at IS NOT DISTINCT FROM $2
+RETURNING name;
+
+-- name: schedule_list
+-- Every schedule, by name.
+SELECT * FROM schedules ORDER BY name;

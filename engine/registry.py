@@ -1,6 +1,7 @@
 """Handlers: the `@handler` decorator, the registry it fills, and what a handler receives.
 
 PermanentError      raise it to send the task to DEAD at once, without retries
+Snooze(seconds)     raise it to run the task again later; not a failure, no attempt used
 any other exception the attempt failed; retried with backoff until max_attempts
 """
 
@@ -20,6 +21,8 @@ from typing import Any, get_type_hints
 
 import msgspec
 
+from engine.schedules import schedule
+
 DEFAULT_LEASE_SECONDS = 120.0
 DEFAULT_MAX_ATTEMPTS = 5
 DEFAULT_BACKOFF: tuple[float, ...] = (60, 300, 900)
@@ -32,6 +35,18 @@ Backoff = Sequence[float] | Callable[[int], float]
 
 class PermanentError(Exception):
     """The task cannot succeed by retrying (bad input, a refused request): bury it now."""
+
+
+class Snooze(Exception):
+    """Run this task again in `seconds` (RUNNING -> PENDING): not a failure, and the
+    attempt is given back."""
+
+    def __init__(self, seconds: float, reason: str | None = None) -> None:
+        if not seconds >= 0:
+            raise ValueError("Snooze needs a delay of 0 seconds or more")
+        super().__init__(reason or f"snoozed for {seconds}s")
+        self.seconds = float(seconds)
+        self.reason = reason
 
 
 class HandlerError(Exception):
@@ -79,6 +94,9 @@ class Handler:
     backoff: Backoff
     jitter: float
     is_async: bool
+    timeout: float | None = None
+    global_limit: int | None = None
+    rate_limit: tuple[int, float] | None = None
 
     def lease(self, default: float) -> float:
         return self.lease_seconds if self.lease_seconds is not None else default
@@ -110,6 +128,25 @@ class Handler:
 
 
 REGISTRY: dict[str, Handler] = {}
+RATE_UNITS = {"s": 1.0, "sec": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0, "hour": 3600.0}
+
+
+def parse_rate(action: str, rate: str | tuple[int, float] | None) -> tuple[int, float] | None:
+    """ "10/s", "600/min", "1000/h" or (starts, period seconds)."""
+    if rate is None:
+        return None
+    if isinstance(rate, str):
+        count, _, unit = rate.partition("/")
+        if not count.strip().isdigit() or unit.strip() not in RATE_UNITS:
+            raise HandlerError(
+                f"{action}: rate_limit {rate!r} is not like '10/s', '600/min' or '1000/h'"
+            )
+        starts, period = int(count), RATE_UNITS[unit.strip()]
+    else:
+        starts, period = int(rate[0]), float(rate[1])
+    if starts < 1 or period <= 0:
+        raise HandlerError(f"{action}: rate_limit needs at least 1 start per positive period")
+    return starts, period
 
 
 def handler(
@@ -119,6 +156,13 @@ def handler(
     max_attempts: int = DEFAULT_MAX_ATTEMPTS,
     backoff: Backoff = DEFAULT_BACKOFF,
     jitter: float = DEFAULT_JITTER,
+    timeout: float | None = None,
+    global_limit: int | None = None,
+    rate_limit: str | tuple[int, float] | None = None,
+    cron: str | None = None,
+    every: float | None = None,
+    timezone: str = "UTC",
+    missed: str = "once",
 ) -> Callable[[HandlerFn], HandlerFn]:
     """Register a function as the handler of `action`.
 
@@ -126,6 +170,13 @@ def handler(
     have it validated at submission and decoded for you. `backoff` is a sequence of
     delays in seconds (the last one repeats) or a function from the attempt number
     to seconds. Sync functions run in a thread, off the event loop.
+
+    `timeout`: seconds an attempt may run before it is stopped and counted as failed.
+    `global_limit`: at most this many tasks of the action RUNNING at once, over all
+    workers. `rate_limit`: at most N starts per period over all workers ("10/s").
+    `cron` or `every` (seconds) also schedules the action periodically, with an empty
+    payload (see `engine.schedule` for more), in `timezone`; `missed` says what happens
+    to times missed while no worker ran: "once" (run the latest of them once) or "skip".
     """
     if max_attempts < 1:
         raise HandlerError(f"{action}: max_attempts must be at least 1")
@@ -133,6 +184,13 @@ def handler(
         raise HandlerError(f"{action}: lease_seconds must be positive")
     if not callable(backoff) and not list(backoff):
         raise HandlerError(f"{action}: backoff needs at least one delay")
+    if timeout is not None and timeout <= 0:
+        raise HandlerError(f"{action}: timeout must be positive")
+    if global_limit is not None and global_limit < 1:
+        raise HandlerError(f"{action}: global_limit must be at least 1")
+    rate = parse_rate(action, rate_limit)
+    if cron is not None or every is not None:
+        schedule(action, action, cron=cron, every=every, timezone=timezone, missed=missed)
 
     def register(fn: HandlerFn) -> HandlerFn:
         if action in REGISTRY and REGISTRY[action].fn is not fn:
@@ -149,6 +207,9 @@ def handler(
             backoff=backoff,
             jitter=jitter,
             is_async=inspect.iscoroutinefunction(fn),
+            timeout=timeout,
+            global_limit=global_limit,
+            rate_limit=rate,
         )
         return fn
 

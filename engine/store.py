@@ -14,6 +14,7 @@ from datetime import datetime
 from typing import Any
 
 import asyncpg
+import msgspec
 
 from engine.queries import SQL
 
@@ -309,6 +310,44 @@ class Store:
 
     async def requeue(self, task_id: int, detail: str | None = None) -> bool:
         return await self._moved("task_requeue_if_dead", task_id, detail)
+
+    async def db_now(self) -> datetime:
+        now: datetime = await self.pool.fetchval(SQL["db_now"])
+        return now
+
+    async def declare_schedule(self, s: Any, next_run_at: datetime) -> None:
+        """Upsert an engine.schedules.Schedule."""
+        await self.pool.execute(
+            SQL["schedule_declare"],
+            s.name,
+            s.action,
+            s.cron,
+            s.every,
+            s.timezone,
+            msgspec.json.encode(s.payload).decode(),
+            s.queue,
+            s.priority,
+            s.missed,
+            next_run_at,
+        )
+
+    async def schedules_state(self, names: Sequence[str]) -> list[asyncpg.Record]:
+        return await self.pool.fetch(SQL["schedule_state"], list(names))
+
+    async def advance_schedule(
+        self,
+        name: str,
+        last_slot_at: datetime | None,
+        slot: datetime,
+        next_run_at: datetime,
+        task_id: int | None,
+    ) -> bool:
+        return await self._moved(
+            "schedule_advance_if_at", name, last_slot_at, slot, next_run_at, task_id
+        )
+
+    async def schedules(self) -> list[asyncpg.Record]:
+        return await self.pool.fetch(SQL["schedule_list"])
 
     async def lease_outcome(self, task_id: int, token: uuid.UUID) -> asyncpg.Record | None:
         return await self.pool.fetchrow(SQL["task_lease_outcome"], task_id, token)

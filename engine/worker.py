@@ -10,6 +10,12 @@ task runs as an asyncio task. Every statement on the hot path serves many tasks 
 - outcomes: finished tasks queue their outcome, and one statement per kind (complete, fail,
   bury) writes everything that queued while the previous write was in flight.
 
+Each claim also obeys the claim rules (engine.store.ClaimRules): aging, the queue's global
+limit (`--queue-limit`) and the actions' global and rate limits (`@handler(global_limit=,
+rate_limit=)`). An attempt that runs past its timeout (the task's, else the action's) is
+cancelled and counts as failed. Beside claiming, each worker runs the scheduler of the
+periodic tasks its modules declare (engine.schedules).
+
 Each outcome is decided in `decide` and written under the task's lease token; a token that
 no longer holds the lease matches no row, so the result is dropped and logged, never forced.
 
@@ -37,15 +43,18 @@ from engine.registry import (
     DEFAULT_LEASE_SECONDS,
     Handler,
     PermanentError,
+    Snooze,
     TaskContext,
 )
 from engine.reporting import REPORT_EVERY, Counters, Reporter, process_id
+from engine.schedules import SCHEDULES, Scheduler
 from engine.states import BY_TRIGGER
-from engine.store import TRANSIENT_ERRORS, Claimed, Store
+from engine.store import TRANSIENT_ERRORS, ActionLimit, Claimed, ClaimRules, Store
 
 log = logging.getLogger("tasklease.worker")
 CHANNEL = "tasklease"
 MAX_BATCH = 1000
+DEFAULT_AGING_SECONDS = 300.0
 
 
 @dataclass
@@ -57,6 +66,9 @@ class WorkerConfig:
     grace_seconds: float = 30.0
     worker_id: str = field(default_factory=process_id)
     report_every: float = REPORT_EVERY
+    # due for longer than this, a task is taken ahead of higher priorities (None: never)
+    aging_seconds: float | None = DEFAULT_AGING_SECONDS
+    queue_limits: dict[str, int] = field(default_factory=dict)  # global RUNNING per queue
 
 
 # What to write once a handler has finished (or was stopped).
@@ -83,6 +95,16 @@ class Release:
 
 
 @dataclass(frozen=True)
+class Snoozed:
+    seconds: float
+    reason: str | None
+
+
+class TaskTimeout(Exception):
+    """The attempt ran longer than its timeout and was stopped."""
+
+
+@dataclass(frozen=True)
 class CancelRunning:
     pass
 
@@ -92,7 +114,7 @@ class Drop:
     reason: str
 
 
-Decision = Complete | Fail | Bury | Release | CancelRunning | Drop
+Decision = Complete | Fail | Bury | Release | Snoozed | CancelRunning | Drop
 # Why a running handler was stopped: the worker is stopping, the lease was lost, or an
 # operator asked for the task to be cancelled.
 RELEASE, LEASE_LOST, CANCEL = "release", "lease lost", "cancel"
@@ -123,6 +145,8 @@ def decide(
             return Complete(msgspec.json.encode(result).decode())
         except (TypeError, msgspec.EncodeError) as err:
             return Bury(f"result is not JSON: {err}", permanent=True)
+    if isinstance(error, Snooze):
+        return Snoozed(error.seconds, error.reason)
     if isinstance(error, PermanentError):
         return Bury(describe(error), permanent=True)
     if ctx.is_last_attempt:
@@ -238,6 +262,18 @@ class Worker:
         self.handlers = handlers
         self.config = config
         self.leases = {a: h.lease(config.lease_seconds) for a, h in handlers.items()}
+        limits = {
+            a: ActionLimit(h.global_limit, *(h.rate_limit or (None, None)))
+            for a, h in handlers.items()
+            if h.global_limit is not None or h.rate_limit is not None
+        }
+        self.rules = {
+            q: ClaimRules(config.aging_seconds, config.queue_limits.get(q), limits)
+            for q in config.queues
+        }
+        self.scheduler = Scheduler(
+            store, {n: s for n, s in SCHEDULES.items() if s.action in handlers}
+        )
         self.running: dict[asyncio.Task[None], _Execution] = {}
         self._stopping = asyncio.Event()
         self._force = asyncio.Event()
@@ -280,7 +316,12 @@ class Worker:
         self.reporter.start()
         helpers = [
             asyncio.create_task(c)
-            for c in (self.outcomes.run(), self._heartbeat_loop(), self._listen())
+            for c in (
+                self.outcomes.run(),
+                self._heartbeat_loop(),
+                self._listen(),
+                self.scheduler.run(),
+            )
         ]
         try:
             await self._claim_loop()
@@ -342,7 +383,9 @@ class Worker:
             free = self.config.concurrency - self.handling
             if free <= 0:
                 return True, 0.0
-            claim = await self.store.claim(queue, self.leases, free, self.config.worker_id)
+            claim = await self.store.claim(
+                queue, self.leases, free, self.config.worker_id, self.rules[queue]
+            )
             self.counters.count("expire", len(claim.expired))
             for task_id in claim.expired:
                 log.warning(
@@ -382,7 +425,7 @@ class Worker:
 
     def _start(self, claimed: Claimed) -> None:
         handler = self.handlers[claimed.action]
-        lease_seconds = self.leases[claimed.action]
+        lease_seconds = claimed.lease_seconds
         ctx = TaskContext(
             task_id=claimed.id,
             action=claimed.action,
@@ -420,13 +463,25 @@ class Worker:
         error: BaseException | None = None
         ex.in_handler = True
         self.handling += 1
+        timeout = ex.claimed.timeout_seconds or ex.handler.timeout
+        limit: asyncio.Timeout | None = None
         try:
             payload = ex.handler.decode(ex.claimed.payload)
-            if ex.handler.is_async:
-                result = await ex.handler.fn(ex.ctx, payload)
-            else:
-                loop = asyncio.get_running_loop()
-                result = await loop.run_in_executor(self._executor, ex.handler.fn, ex.ctx, payload)
+            async with asyncio.timeout(timeout) as limit:
+                if ex.handler.is_async:
+                    result = await ex.handler.fn(ex.ctx, payload)
+                else:
+                    # a thread cannot be interrupted: past the timeout it runs on unobserved
+                    loop = asyncio.get_running_loop()
+                    result = await loop.run_in_executor(
+                        self._executor, ex.handler.fn, ex.ctx, payload
+                    )
+        except TimeoutError as exc:
+            error = (
+                TaskTimeout(f"timed out after {timeout:g}s")
+                if limit is not None and limit.expired()
+                else exc
+            )
         except asyncio.CancelledError:
             if ex.stopped is None:  # not ours: the event loop itself is going away
                 raise
@@ -439,7 +494,7 @@ class Worker:
             self._slot_freed.set()
         if ex.stopped is None:
             self.counters.observe(ex.claimed.action, time.monotonic() - ex.started)
-        if error is not None and not isinstance(error, PermanentError):
+        if error is not None and not isinstance(error, PermanentError | Snooze):
             ex.ctx.logger.warning(
                 "attempt %d failed: %s\n%s",
                 ex.ctx.attempt,
@@ -520,6 +575,13 @@ class Worker:
             case Release():
                 trigger = "release"
                 done = await self._write_one(lambda: self.store.release(task_id, token))
+            case Snoozed(seconds, reason):
+                trigger, note = "snooze", f" for {seconds:g}s"
+                done = await self._write_one(
+                    lambda: self.store.snooze(task_id, token, seconds, reason)
+                )
+                if done:
+                    self._wake_in(seconds)
             case CancelRunning():
                 trigger = "cancel_running"
                 done = await self._write_one(lambda: self.store.cancel_running(task_id, token))

@@ -47,10 +47,7 @@ async def claim_plan(
         await conn.execute("SET auto_explain.log_min_duration = -1")
     plan = nodes(msgspec.json.decode(raw)[0]["Plan"])
     inner = [
-        n
-        for m in nested
-        if "{" in m
-        for n in nodes(msgspec.json.decode(m[m.index("{") :])["Plan"])
+        n for m in nested if "{" in m for n in nodes(msgspec.json.decode(m[m.index("{") :])["Plan"])
     ]
     if args[7]:  # limits: the function ran its counts
         assert any(n.get("Relation Name") == "action_starts" for n in inner), nested
