@@ -30,7 +30,9 @@ CREATE TABLE executions (
     attempt integer NOT NULL,
     worker  text NOT NULL,
     token   uuid NOT NULL,
-    at      timestamptz NOT NULL DEFAULT clock_timestamp()
+    at      timestamptz NOT NULL DEFAULT clock_timestamp(),
+    -- set by handlers that say when they finished (tests of concurrency limits)
+    finished_at timestamptz
 )"""
 
 

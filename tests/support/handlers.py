@@ -14,7 +14,7 @@ from typing import Any
 import asyncpg
 import msgspec
 
-from engine import PermanentError, TaskContext, handler
+from engine import PermanentError, Snooze, TaskContext, handler
 
 
 class Sleep(msgspec.Struct):
@@ -22,15 +22,38 @@ class Sleep(msgspec.Struct):
     fail: bool = False
 
 
-async def record(ctx: TaskContext) -> None:
+async def record(ctx: TaskContext) -> int:
+    """One row in `executions` for this run; returns how many runs the task has had."""
     conn = await asyncpg.connect(os.environ["DATABASE_URL"])
     try:
-        await conn.execute(
-            "INSERT INTO executions (task_id, attempt, worker, token) VALUES ($1, $2, $3, $4)",
+        runs: int = await conn.fetchval(
+            "WITH new AS (INSERT INTO executions (task_id, attempt, worker, token) "
+            "VALUES ($1, $2, $3, $4)) SELECT count(*) + 1 FROM executions WHERE task_id = $1",
             ctx.task_id,
             ctx.attempt,
             ctx.worker,
             ctx.lease_token,
+        )
+        return runs
+    finally:
+        await conn.close()
+
+
+async def run_timed(ctx: TaskContext, seconds: float) -> None:
+    """Record the run, sleep, record when it finished (database clock at both ends)."""
+    conn = await asyncpg.connect(os.environ["DATABASE_URL"])
+    try:
+        row = await conn.fetchval(
+            "INSERT INTO executions (task_id, attempt, worker, token) VALUES ($1, $2, $3, $4) "
+            "RETURNING id",
+            ctx.task_id,
+            ctx.attempt,
+            ctx.worker,
+            ctx.lease_token,
+        )
+        await asyncio.sleep(seconds)
+        await conn.execute(
+            "UPDATE executions SET finished_at = clock_timestamp() WHERE id = $1", row
         )
     finally:
         await conn.close()
@@ -65,3 +88,35 @@ def sync_sleep(ctx: TaskContext, payload: Sleep) -> dict[str, Any]:
 async def unstorable(ctx: TaskContext, payload: dict[str, Any]) -> dict[str, Any]:
     """JSON that PostgreSQL's jsonb refuses (a NUL character)."""
     return {"text": "a\x00b"}
+
+
+# --- scheduling (tests/e2e/test_scheduling.py) ------------------------------------------
+
+
+@handler("test_limited", global_limit=2, lease_seconds=5)
+async def limited(ctx: TaskContext, payload: Sleep) -> None:
+    """At most 2 running at once over all workers."""
+    await run_timed(ctx, payload.seconds)
+
+
+@handler("test_rated", rate_limit=(5, 1.0), lease_seconds=5)
+async def rated(ctx: TaskContext, payload: dict[str, Any]) -> None:
+    """At most 5 starts in any second over all workers."""
+
+
+@handler("test_timeout", timeout=0.5, max_attempts=2, backoff=[0.1])
+async def overrun(ctx: TaskContext, payload: Sleep) -> None:
+    await asyncio.sleep(payload.seconds)
+
+
+class SnoozeTimes(msgspec.Struct):
+    times: int = 2
+
+
+@handler("test_snooze", max_attempts=1)
+async def snooze(ctx: TaskContext, payload: SnoozeTimes) -> dict[str, int]:
+    """Snooze `times` times (0.1 s each), then complete; one attempt is enough for all."""
+    runs = await record(ctx)
+    if runs <= payload.times:
+        raise Snooze(0.1, f"not ready yet (run {runs})")
+    return {"runs": runs}

@@ -1,0 +1,235 @@
+"""Scheduling across several real worker processes on one database: global concurrency
+and rate limits, aging, timeouts, snooze and periodic tasks (docs/scheduling.md)."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import asyncpg
+import httpx
+
+from engine.store import NewTask, Store
+from tests.support.db import assert_completed_once, assert_histories_are_paths, wait_until
+from tests.support.procs import Procs
+
+
+async def all_completed(conn: asyncpg.Connection, action: str, n: int) -> bool:
+    done = await conn.fetchval(
+        "SELECT count(*) FROM tasks WHERE action = $1 AND state = 'COMPLETED'", action
+    )
+    return bool(done == n)
+
+
+async def start_workers(procs: Procs, conn: asyncpg.Connection, n: int, *args: str) -> None:
+    """n workers, up and idle, so that one submission wakes them all at once."""
+    for i in range(n):
+        procs.worker(f"worker-{i}", *args)
+
+    async def up() -> bool:
+        return bool(
+            await conn.fetchval("SELECT count(*) FROM processes WHERE kind = 'worker'") == n
+        )
+
+    await wait_until(up, f"{n} workers to report", 60)
+
+
+async def most_at_once(conn: asyncpg.Connection, action: str) -> int:
+    """The most handler runs of `action` that overlapped in time (database clock), over
+    every worker: each run is [start, finish]; a sweep over the sorted ends counts them."""
+    rows = await conn.fetch(
+        "SELECT e.at, e.finished_at FROM executions e JOIN tasks t ON t.id = e.task_id "
+        "WHERE t.action = $1",
+        action,
+    )
+    assert rows and all(r["finished_at"] is not None for r in rows), rows
+    events = sorted([(r["at"], 1) for r in rows] + [(r["finished_at"], -1) for r in rows])
+    running = peak = 0
+    for _, step in events:  # a finish sorts before a start at the same instant
+        running += step
+        peak = max(peak, running)
+    return peak
+
+
+async def test_global_limit_is_never_exceeded_across_workers(
+    procs: Procs, store: Store, conn: asyncpg.Connection
+) -> None:
+    """test_limited has global_limit=2; three workers of concurrency 5 could run 15."""
+    await start_workers(procs, conn, 3, "--concurrency", "5")
+    await store.submit_many([NewTask("test_limited", '{"seconds": 0.2}') for _ in range(24)])
+    await wait_until(lambda: all_completed(conn, "test_limited", 24), "24 limited tasks", 60)
+    assert await most_at_once(conn, "test_limited") == 2
+    workers = await conn.fetchval(
+        "SELECT count(DISTINCT e.worker) FROM executions e JOIN tasks t ON t.id = e.task_id "
+        "WHERE t.action = 'test_limited'"
+    )
+    assert workers >= 2, "the limit was only ever tested inside one process"
+    await assert_completed_once(conn)
+
+
+async def test_queue_limit_is_never_exceeded_across_workers(
+    procs: Procs, store: Store, conn: asyncpg.Connection
+) -> None:
+    await start_workers(
+        procs, conn, 3, "--concurrency", "4", "--queues", "slow", "--queue-limit", "slow=3"
+    )
+    # test_limited's own limit (2) would hide the queue's: use two actions of the queue
+    tasks = [NewTask("test_limited", '{"seconds": 0.3}', queue="slow") for _ in range(6)]
+    tasks += [NewTask("test_sleep", '{"seconds": 0.3}', queue="slow") for _ in range(14)]
+    await store.submit_many(tasks)
+
+    async def done() -> bool:
+        n = await conn.fetchval("SELECT count(*) FROM tasks WHERE state = 'COMPLETED'")
+        return bool(n == 20)
+
+    await wait_until(done, "20 tasks of the limited queue", 60)
+    # test_sleep records only its start: take each run's end from its completion
+    rows = await conn.fetch("""
+        SELECT e.at, coalesce(e.finished_at, c.at) AS finished_at
+        FROM executions e JOIN task_transitions c ON c.task_id = e.task_id
+                                                  AND c.trigger = 'complete'""")
+    events = sorted([(r["at"], 1) for r in rows] + [(r["finished_at"], -1) for r in rows])
+    running = peak = 0
+    for _, step in events:
+        running += step
+        peak = max(peak, running)
+    assert peak == 3, peak
+
+
+async def test_rate_limit_holds_in_every_window_across_workers(
+    procs: Procs, store: Store, conn: asyncpg.Connection
+) -> None:
+    """test_rated allows 5 starts per second over all workers."""
+    await start_workers(procs, conn, 3, "--concurrency", "10")
+    await store.submit_many([NewTask("test_rated", "{}") for _ in range(20)])
+    await wait_until(lambda: all_completed(conn, "test_rated", 20), "20 rated tasks", 60)
+    starts = [
+        r["at"]
+        for r in await conn.fetch(
+            "SELECT h.at FROM task_transitions h JOIN tasks t ON t.id = h.task_id "
+            "WHERE t.action = 'test_rated' AND h.trigger IN ('claim', 'reclaim') ORDER BY h.at"
+        )
+    ]
+    assert len(starts) == 20
+    window = timedelta(seconds=1)
+    busiest = max(sum(1 for s in starts if t <= s < t + window) for t in starts)
+    assert busiest == 5, busiest
+    # 20 starts at 5 per second cannot take less than 3 seconds from first to last
+    assert starts[-1] - starts[0] >= timedelta(seconds=3)
+
+
+async def test_aging_lets_an_old_low_priority_task_through_a_flood(
+    procs: Procs, store: Store, conn: asyncpg.Connection
+) -> None:
+    """Strict priority would leave the priority -5 task behind the 300 priority 5 tasks;
+    due for longer than --aging-seconds, it gets its turn while they still wait."""
+    low = (await store.submit_many([NewTask("test_sleep", '{"seconds": 0}', priority=-5)]))[0]
+    await conn.execute(
+        "UPDATE tasks SET due_at = now() - interval '10 seconds' WHERE id = $1", low.task["id"]
+    )
+    await store.submit_many(
+        [NewTask("test_sleep", '{"seconds": 0.05}', priority=5) for _ in range(300)]
+    )
+    procs.worker("worker-0", "--concurrency", "2", "--aging-seconds", "5")
+    procs.worker("worker-1", "--concurrency", "2", "--aging-seconds", "5")
+
+    async def low_done() -> bool:
+        state = await conn.fetchval("SELECT state FROM tasks WHERE id = $1", low.task["id"])
+        return bool(state == "COMPLETED")
+
+    await wait_until(low_done, "the aged low-priority task to complete", 60)
+    waiting = await conn.fetchval("SELECT count(*) FROM tasks WHERE state = 'PENDING'")
+    assert waiting > 100, "it only ran once the flood was over: no aging happened"
+
+
+async def test_timeouts_fail_the_attempt_and_say_so(
+    procs: Procs, store: Store, conn: asyncpg.Connection
+) -> None:
+    procs.worker("worker")
+    by_action = (
+        await store.submit_many([NewTask("test_timeout", '{"seconds": 5}', max_attempts=2)])
+    )[0]
+    by_task = (
+        await store.submit_many(
+            [NewTask("test_sleep", '{"seconds": 5}', timeout_seconds=0.3, max_attempts=1)]
+        )
+    )[0]
+
+    async def dead(task_id: int) -> bool:
+        return bool(await conn.fetchval("SELECT state FROM tasks WHERE id = $1", task_id) == "DEAD")
+
+    await wait_until(lambda: dead(by_action.task["id"]), "the overrunning task to die", 30)
+    await wait_until(lambda: dead(by_task.task["id"]), "the task with its own timeout to die")
+    history = await conn.fetch(
+        "SELECT trigger, detail FROM task_transitions WHERE task_id = $1 ORDER BY id",
+        by_action.task["id"],
+    )
+    assert [h["trigger"] for h in history] == ["submit", "claim", "fail", "claim", "bury"]
+    assert "timed out after 0.5s" in history[2]["detail"]
+    assert "timed out after 0.5s" in history[4]["detail"]
+    last = await conn.fetchval("SELECT last_error FROM tasks WHERE id = $1", by_task.task["id"])
+    assert "timed out after 0.3s" in last
+
+
+async def test_snooze_runs_again_later_without_using_an_attempt(
+    procs: Procs, store: Store, conn: asyncpg.Connection
+) -> None:
+    procs.worker("worker-0")
+    procs.worker("worker-1")
+    task = (await store.submit_many([NewTask("test_snooze", '{"times": 2}', max_attempts=1)]))[0]
+    await wait_until(lambda: all_completed(conn, "test_snooze", 1), "the snoozing task")
+    history = await conn.fetch(
+        "SELECT trigger, from_state, to_state, attempt, detail FROM task_transitions "
+        "WHERE task_id = $1 ORDER BY id",
+        task.task["id"],
+    )
+    assert [h["trigger"] for h in history] == [
+        "submit",
+        "claim",
+        "snooze",
+        "claim",
+        "snooze",
+        "claim",
+        "complete",
+    ]
+    snoozes = [h for h in history if h["trigger"] == "snooze"]
+    assert all((h["from_state"], h["to_state"]) == ("RUNNING", "PENDING") for h in snoozes)
+    assert snoozes[0]["detail"] == "snoozed for 0.1s: not ready yet (run 1)"
+    # max_attempts is 1: only because a snooze gives the attempt back could it run 3 times
+    assert [h["attempt"] for h in history if h["trigger"] == "claim"] == [1, 1, 1]
+    await assert_histories_are_paths(conn)
+
+
+async def test_one_task_per_slot_however_many_schedulers(
+    procs: Procs, conn: asyncpg.Connection
+) -> None:
+    """Three workers each run the scheduler of test_tick (every second)."""
+    _, url = procs.api("--handlers", "tests.support.scheduled")
+    for n in range(3):
+        procs.worker(f"worker-{n}", "--handlers", "tests.support.scheduled")
+
+    async def slots() -> bool:
+        n = await conn.fetchval(
+            "SELECT count(*) FROM tasks WHERE action = 'test_tick' AND state = 'COMPLETED'"
+        )
+        return bool(n >= 5)
+
+    await wait_until(slots, "five periodic tasks", 60)
+    rows = await conn.fetch(
+        "SELECT due_at, idempotency_key FROM tasks WHERE action = 'test_tick' ORDER BY due_at"
+    )
+    dues = [r["due_at"] for r in rows]
+    assert len(dues) == len(set(dues)), f"two tasks for one slot: {dues}"
+    assert all(d.microsecond == 0 for d in dues), "slots are whole seconds"
+    assert all(
+        r["idempotency_key"] == f"schedule:test_tick:{r['due_at'].isoformat()}" for r in rows
+    )
+    # slots follow each other one second apart, a gap only if every scheduler was late
+    gaps = [(b - a).total_seconds() for a, b in zip(dues, dues[1:], strict=False)]
+    assert gaps.count(1.0) >= len(gaps) - 1, gaps
+    async with httpx.AsyncClient(base_url=url) as http:
+        schedules = (await http.get("/schedules")).json()
+    assert [(s["name"], s["every_seconds"], s["missed"]) for s in schedules] == [
+        ("test_tick", 1.0, "once")
+    ]
+    assert schedules[0]["next_run_at"] > schedules[0]["last_slot_at"]
+    await assert_completed_once(conn)
