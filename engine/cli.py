@@ -18,6 +18,7 @@ import schema
 from engine import client, database, registry, states
 from engine.embedded import EmbeddedError
 from engine.registry import DEFAULT_LEASE_SECONDS, HandlerError
+from engine.retention import RetentionConfig
 from engine.store import Store
 from engine.worker import DEFAULT_AGING_SECONDS, Worker, WorkerConfig
 
@@ -58,6 +59,16 @@ def _queue_limit(value: str) -> tuple[str, int]:
     if not name.strip() or not limit.strip().isdigit() or int(limit) < 1:
         raise argparse.ArgumentTypeError(f"{value!r} is not NAME=N (N at least 1), e.g. emails=5")
     return name.strip(), int(limit)
+
+
+def _retain(value: str) -> float | None:
+    """A duration like 7d or 12h; `forever` keeps them."""
+    if value.strip().lower() == "forever":
+        return None
+    seconds = client.duration(value).total_seconds()
+    if seconds <= 0:
+        raise argparse.ArgumentTypeError("give a positive duration, or `forever`")
+    return seconds
 
 
 def _positive(kind: type[int] | type[float]):  # type: ignore[no-untyped-def]
@@ -135,6 +146,11 @@ def cmd_worker(args: argparse.Namespace) -> int:
         grace_seconds=args.grace_seconds,
         aging_seconds=args.aging_seconds or None,
         queue_limits=dict(args.queue_limit),
+        retention=RetentionConfig(
+            finished_seconds=args.retain_finished,
+            dead_seconds=args.retain_dead,
+            every=args.retention_interval,
+        ),
     )
 
     async def main() -> None:
@@ -495,6 +511,28 @@ def parser() -> argparse.ArgumentParser:
         metavar="S",
         help="the longest an idle worker waits before looking for due tasks; it is woken "
         "sooner by NOTIFY on submission and by the next known due time (default: 5)",
+    )
+    worker.add_argument(
+        "--retain-finished",
+        type=_retain,
+        default=RetentionConfig.finished_seconds,
+        metavar="AGE",
+        help="delete COMPLETED and CANCELLED tasks and their history this long after they "
+        "finished, e.g. 12h, 7d, or `forever` (default: 7d)",
+    )
+    worker.add_argument(
+        "--retain-dead",
+        type=_retain,
+        default=RetentionConfig.dead_seconds,
+        metavar="AGE",
+        help="the same for DEAD tasks, kept longer to be inspected and requeued (default: 30d)",
+    )
+    worker.add_argument(
+        "--retention-interval",
+        type=_positive(float),
+        default=RetentionConfig.every,
+        metavar="S",
+        help="seconds between retention rounds; one worker at a time runs a round (default: 60)",
     )
     _handlers_option(worker)
     worker.set_defaults(func=cmd_worker)

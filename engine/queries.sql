@@ -425,3 +425,43 @@ RETURNING name;
 -- name: schedule_list
 -- Every schedule, by name.
 SELECT * FROM schedules ORDER BY name;
+
+-- name: retention_try_lock
+-- Whether this session won the retention lock (held until it unlocks or disconnects).
+SELECT pg_try_advisory_lock(hashtextextended('tasklease.retention', 0));
+
+-- name: retention_unlock
+SELECT pg_advisory_unlock(hashtextextended('tasklease.retention', 0));
+
+-- name: task_prune_finished
+-- Delete, with their history, the tasks among the next $2 ids after $1 that finished long
+-- enough ago: COMPLETED or CANCELLED for more than $3 seconds, DEAD for more than $4 (NULL:
+-- keep). The window walks the primary key, so no index on finished tasks is needed (one would
+-- cost every completion); the caller stops at the first window created after the cutoff.
+-- A task that moved meanwhile (a DEAD one requeued) is skipped or re-checked under its lock.
+WITH scanned AS (
+    SELECT id, state, updated_at, created_at FROM tasks WHERE id > $1 ORDER BY id LIMIT $2
+), doomed AS (
+    SELECT id FROM tasks
+    WHERE id = ANY(ARRAY(
+        SELECT id FROM scanned
+        WHERE (state IN ('COMPLETED', 'CANCELLED') AND updated_at < now() - make_interval(secs => $3))
+           OR (state = 'DEAD' AND updated_at < now() - make_interval(secs => $4))))
+    FOR UPDATE SKIP LOCKED
+), gone AS (
+    DELETE FROM tasks t USING doomed
+    WHERE t.id = doomed.id
+      AND ((t.state IN ('COMPLETED', 'CANCELLED') AND t.updated_at < now() - make_interval(secs => $3))
+           OR (t.state = 'DEAD' AND t.updated_at < now() - make_interval(secs => $4)))
+    RETURNING t.id
+), history AS (
+    DELETE FROM task_transitions WHERE task_id = ANY(ARRAY(SELECT id FROM gone)) RETURNING 1
+)
+SELECT (SELECT count(*) FROM gone) AS tasks, (SELECT count(*) FROM history) AS transitions,
+       (SELECT max(id) FROM scanned) AS last_id,
+       (SELECT min(created_at) >= now() - make_interval(secs => least($3, $4)) FROM scanned)
+           AS past_cutoff;
+
+-- name: process_prune
+-- Forget processes not seen for $1 seconds.
+DELETE FROM processes WHERE last_seen_at < now() - make_interval(secs => $1);

@@ -14,7 +14,8 @@ Each claim also obeys the claim rules (engine.store.ClaimRules): aging, the queu
 limit (`--queue-limit`) and the actions' global and rate limits (`@handler(global_limit=,
 rate_limit=)`). An attempt that runs past its timeout (the task's, else the action's) is
 cancelled and counts as failed. Beside claiming, each worker runs the scheduler of the
-periodic tasks its modules declare (engine.schedules).
+periodic tasks its modules declare (engine.schedules) and the retention loop
+(engine.retention), whose rounds run in one worker at a time.
 
 Each outcome is decided in `decide` and written under the task's lease token; a token that
 no longer holds the lease matches no row, so the result is dropped and logged, never forced.
@@ -47,6 +48,7 @@ from engine.registry import (
     TaskContext,
 )
 from engine.reporting import REPORT_EVERY, Counters, Reporter, process_id
+from engine.retention import Retention, RetentionConfig
 from engine.schedules import SCHEDULES, Scheduler
 from engine.states import BY_TRIGGER
 from engine.store import TRANSIENT_ERRORS, ActionLimit, Claimed, ClaimRules, Store
@@ -69,6 +71,7 @@ class WorkerConfig:
     # due for longer than this, a task is taken ahead of higher priorities (None: never)
     aging_seconds: float | None = DEFAULT_AGING_SECONDS
     queue_limits: dict[str, int] = field(default_factory=dict)  # global RUNNING per queue
+    retention: RetentionConfig = field(default_factory=RetentionConfig)
 
 
 # What to write once a handler has finished (or was stopped).
@@ -321,6 +324,7 @@ class Worker:
                 self._heartbeat_loop(),
                 self._listen(),
                 self.scheduler.run(),
+                Retention(self.store.dsn, self.config.retention).run(),
             )
         ]
         try:

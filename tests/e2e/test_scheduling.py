@@ -3,6 +3,7 @@ and rate limits, aging, timeouts, snooze and periodic tasks (docs/scheduling.md)
 
 from __future__ import annotations
 
+import itertools
 from datetime import timedelta
 
 import asyncpg
@@ -224,7 +225,7 @@ async def test_one_task_per_slot_however_many_schedulers(
         r["idempotency_key"] == f"schedule:test_tick:{r['due_at'].isoformat()}" for r in rows
     )
     # slots follow each other one second apart, a gap only if every scheduler was late
-    gaps = [(b - a).total_seconds() for a, b in zip(dues, dues[1:], strict=False)]
+    gaps = [(b - a).total_seconds() for a, b in itertools.pairwise(dues)]
     assert gaps.count(1.0) >= len(gaps) - 1, gaps
     async with httpx.AsyncClient(base_url=url) as http:
         schedules = (await http.get("/schedules")).json()
@@ -233,3 +234,21 @@ async def test_one_task_per_slot_however_many_schedulers(
     ]
     assert schedules[0]["next_run_at"] > schedules[0]["last_slot_at"]
     await assert_completed_once(conn)
+
+
+async def test_workers_prune_finished_tasks(
+    procs: Procs, store: Store, conn: asyncpg.Connection
+) -> None:
+    for n in range(2):
+        procs.worker(f"worker-{n}", "--retain-finished", "1s", "--retention-interval", "0.3")
+    await store.submit_many([NewTask("test_sleep", '{"seconds": 0}') for _ in range(20)])
+    dead = (await store.submit_many([NewTask("test_permanent", "{}")]))[0].task["id"]
+
+    async def pruned() -> bool:
+        left = await conn.fetchval("SELECT count(*) FROM tasks")
+        return bool(left == 1)
+
+    await wait_until(pruned, "the completed tasks to be deleted", 60)
+    assert await conn.fetchval("SELECT state FROM tasks") == "DEAD"  # kept 30 days
+    history = await conn.fetch("SELECT DISTINCT task_id FROM task_transitions")
+    assert [r["task_id"] for r in history] == [dead]
