@@ -431,6 +431,7 @@ SELECT * FROM schedules ORDER BY name;
 SELECT pg_try_advisory_lock(hashtextextended('tasklease.retention', 0));
 
 -- name: retention_unlock
+-- Give the retention lock back at the end of a round.
 SELECT pg_advisory_unlock(hashtextextended('tasklease.retention', 0));
 
 -- name: task_prune_finished

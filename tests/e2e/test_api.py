@@ -64,6 +64,16 @@ async def new(http: httpx.AsyncClient, **body: Any) -> dict[str, Any]:
     return task
 
 
+async def test_per_task_scheduling_options_are_kept_and_shown(http: httpx.AsyncClient) -> None:
+    plain = await new(http)
+    assert (plain["lease_seconds"], plain["timeout_seconds"]) == (None, None)  # the action's
+    task = await new(http, queue="reports", priority=-3, lease_seconds=600, timeout_seconds=90.5)
+    shown = (await http.get(f"/tasks/{task['id']}")).json()
+    assert (shown["queue"], shown["priority"]) == ("reports", -3)
+    assert (shown["lease_seconds"], shown["timeout_seconds"]) == (600.0, 90.5)
+    assert (await http.get("/schedules")).json() == []  # no periodic handler loaded here
+
+
 # --- batch -------------------------------------------------------------------------------
 
 
@@ -319,6 +329,8 @@ BAD_BODIES: list[tuple[bytes, int, str]] = [
     (b'\xff\xfe{"payload": {}}', 400, "malformed JSON"),
     (b'{"payload": {"action": 5}}', 422, "no action"),
     (b'{"payload": {"action": "noop", "text": "a\\u0000b"}}', 400, "invalid value"),
+    (b'{"payload": {"action": "noop"}, "timeout_seconds": 0}', 400, "timeout_seconds"),
+    (b'{"payload": {"action": "noop"}, "lease_seconds": "60"}', 400, "lease_seconds"),
 ]
 
 
@@ -367,6 +379,7 @@ async def test_openapi_documents_every_route_and_its_errors(http: httpx.AsyncCli
         ("POST", "/tasks/{task_id}/cancel"): {"200", "404", "409", "503"},
         ("POST", "/tasks/{task_id}/requeue"): {"200", "404", "409", "503"},
         ("GET", "/stats"): {"200", "503"},
+        ("GET", "/schedules"): {"200", "503"},
         ("GET", "/healthz"): {"200"},
         ("GET", "/readyz"): {"200", "503"},
         ("GET", "/metrics"): {"200", "503"},

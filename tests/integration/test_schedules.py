@@ -1,0 +1,109 @@
+"""The scheduler against the real database: one task per slot, and the missed-run policy."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+from zoneinfo import ZoneInfo
+
+import asyncpg
+
+from engine.schedules import Schedule, Scheduler
+from engine.store import Store
+
+
+async def tasks_of(conn: asyncpg.Connection, action: str) -> list[asyncpg.Record]:
+    return await conn.fetch(
+        "SELECT id, due_at, payload, queue, priority, idempotency_key FROM tasks "
+        "WHERE action = $1 ORDER BY due_at",
+        action,
+    )
+
+
+async def downtime(conn: asyncpg.Connection, name: str, hours: float) -> None:
+    """As if no worker had run for `hours`: the last slot and the next run lie behind."""
+    await conn.execute(
+        "UPDATE schedules SET last_slot_at = now() - make_interval(hours => $2::int), "
+        "next_run_at = now() - make_interval(hours => $2::int) + interval '1 minute' "
+        "WHERE name = $1",
+        name,
+        hours,
+    )
+
+
+async def test_a_slot_makes_its_task_once_with_many_schedulers(
+    store: Store, conn: asyncpg.Connection
+) -> None:
+    s = Schedule("tick", "noop", every=1, payload={"x": 1}, queue="cron", priority=3)
+    schedulers = [Scheduler(store, {"tick": s}) for _ in range(5)]
+    for sched in schedulers:
+        await sched.declare()
+    await conn.execute("UPDATE schedules SET next_run_at = now() - interval '1 second'")
+    await asyncio.gather(*(sched.tick() for sched in schedulers))
+    rows = await tasks_of(conn, "noop")
+    assert len(rows) == 1
+    task = rows[0]
+    assert (task["queue"], task["priority"], task["payload"]) == ("cron", 3, '{"x": 1}')
+    assert task["idempotency_key"] == s.key(task["due_at"])
+    state = await conn.fetchrow("SELECT * FROM schedules WHERE name = 'tick'")
+    assert state["last_slot_at"] == task["due_at"] and state["last_task_id"] == task["id"]
+    assert state["next_run_at"] == task["due_at"] + timedelta(seconds=1)
+
+
+async def test_missed_once_runs_the_latest_missed_slot_once(
+    store: Store, conn: asyncpg.Connection
+) -> None:
+    s = Schedule("hourly", "noop", cron="0 * * * *", missed="once")
+    scheduler = Scheduler(store, {"hourly": s})
+    await scheduler.declare()
+    await downtime(conn, "hourly", 5)
+    assert await scheduler.tick() == 0.0  # it made a task: look again at once
+    await scheduler.tick()
+    rows = await tasks_of(conn, "noop")
+    now = await conn.fetchval("SELECT now()")
+    assert [r["due_at"] for r in rows] == [s.latest_slot(now)]  # five missed, one run
+    nxt = await conn.fetchval("SELECT next_run_at FROM schedules")
+    assert nxt == s.next_slot(now) and nxt > now
+
+
+async def test_missed_skip_runs_nothing_late(store: Store, conn: asyncpg.Connection) -> None:
+    # hourly at half an hour from now's minute: the latest slot is ~30 minutes late
+    minute = ((await conn.fetchval("SELECT now()")).minute + 30) % 60
+    s = Schedule("hourly", "noop", cron=f"{minute} * * * *", missed="skip")
+    scheduler = Scheduler(store, {"hourly": s})
+    await scheduler.declare()
+    await downtime(conn, "hourly", 5)
+    await scheduler.tick()
+    await scheduler.tick()
+    now = await conn.fetchval("SELECT now()")
+    assert (now - s.latest_slot(now)).total_seconds() > 25 * 60
+    assert await tasks_of(conn, "noop") == []
+    assert await conn.fetchval("SELECT last_slot_at FROM schedules") == s.latest_slot(now)
+    assert await conn.fetchval("SELECT next_run_at FROM schedules") > now
+
+
+async def test_a_new_schedule_starts_at_its_next_slot_without_backfill(
+    store: Store, conn: asyncpg.Connection
+) -> None:
+    s = Schedule("nightly", "noop", cron="0 3 * * *", timezone="Europe/Paris")
+    scheduler = Scheduler(store, {"nightly": s})
+    await scheduler.declare()
+    wait = await scheduler.tick()
+    assert await tasks_of(conn, "noop") == []
+    row = await conn.fetchrow("SELECT next_run_at, now() AS now FROM schedules")
+    assert 0 < wait <= 30 and row["next_run_at"] == s.next_slot(row["now"])
+    local = row["next_run_at"].astimezone(ZoneInfo("Europe/Paris"))
+    assert (local.hour, local.minute) == (3, 0)
+
+
+async def test_changing_the_rule_starts_over_and_keeps_progress_otherwise(
+    store: Store, conn: asyncpg.Connection
+) -> None:
+    await Scheduler(store, {"s": Schedule("s", "noop", every=3600)}).declare()
+    await conn.execute("UPDATE schedules SET next_run_at = now() + interval '5 days'")
+    await Scheduler(store, {"s": Schedule("s", "noop", every=3600, payload={"a": 1})}).declare()
+    row = await conn.fetchrow("SELECT next_run_at - now() AS ahead, payload FROM schedules")
+    assert row["ahead"] > timedelta(days=4) and row["payload"] == '{"a": 1}'  # kept
+    await Scheduler(store, {"s": Schedule("s", "noop", every=60)}).declare()
+    ahead = await conn.fetchval("SELECT next_run_at - now() FROM schedules")
+    assert ahead <= timedelta(seconds=60)  # a new rule: from its next slot
