@@ -301,3 +301,31 @@ SET running = excluded.running, counters = excluded.counters, last_seen_at = now
 -- Every process that has reported, with how long ago it was last seen.
 SELECT *, extract(epoch FROM now() - last_seen_at)::float8 AS seen_seconds_ago
 FROM processes ORDER BY kind, started_at;
+
+-- name: task_get_by_idempotency_key
+-- The task holding idempotency key $1 (the partial unique index tasks_idempotency_key).
+SELECT * FROM tasks WHERE idempotency_key = $1;
+
+-- name: dead_by_action
+-- How many DEAD tasks each action has. Reads the partial index tasks_state_id.
+SELECT action, count(*) AS tasks FROM tasks WHERE state = 'DEAD' GROUP BY action ORDER BY action;
+
+-- name: task_requeue_action_if_dead
+-- DEAD -> PENDING for up to $3 DEAD tasks of action $1 with ids above $2, lowest ids first:
+-- attempts reset to 0, due now; $4 is the detail. Callers page through with the last id.
+WITH picked AS (
+    SELECT id FROM tasks WHERE state = 'DEAD' AND action = $1 AND id > $2
+    ORDER BY id LIMIT $3
+    FOR UPDATE SKIP LOCKED
+), moved AS (
+    UPDATE tasks t SET state = 'PENDING', attempt = 0, due_at = now(), result = NULL,
+                       cancel_requested_at = NULL, updated_at = now()
+    FROM picked WHERE t.id = picked.id AND t.state = 'DEAD'
+    RETURNING t.id, t.attempt, t.queue
+), logged AS (
+    -- one NOTIFY per queue reaches the workers: PostgreSQL folds identical ones
+    INSERT INTO task_transitions (task_id, trigger, from_state, to_state, attempt, detail)
+    SELECT id, 'requeue', 'DEAD', 'PENDING', attempt, $4 FROM moved
+    WHERE pg_notify('tasklease', queue) IS NOT NULL
+)
+SELECT id FROM moved ORDER BY id;
