@@ -141,7 +141,8 @@ SELECT id FROM moved;
 
 -- name: task_fail_many_if_leased
 -- RUNNING -> FAILED for each (id $1[i], token $2[i]) whose token holds the lease and that
--- has attempts left; the next attempt is due in $3[i] seconds; error $4[i].
+-- has attempts left; the next attempt is due in $3[i] seconds; error $4[i] (its first line,
+-- the description, goes to the history; the rest is the traceback).
 WITH moved AS (
     UPDATE tasks t
     SET state = 'FAILED',
@@ -156,13 +157,15 @@ WITH moved AS (
 ), logged AS (
     INSERT INTO task_transitions (task_id, trigger, from_state, to_state, attempt, worker, detail)
     SELECT id, 'fail', 'RUNNING', 'FAILED', attempt, worker,
-           format('retry in %ss: %s', round(retry_in::numeric, 1), last_error) FROM moved
+           format('retry in %ss: %s', round(retry_in::numeric, 1), split_part(last_error, E'\n', 1))
+    FROM moved
 )
 SELECT id FROM moved;
 
 -- name: task_bury_many_if_leased
 -- RUNNING -> DEAD for each (id $1[i], token $2[i]) whose token holds the lease, when its
--- attempts are exhausted or its error $3[i] is permanent ($4[i]).
+-- attempts are exhausted or its error $3[i] is permanent ($4[i]); the history keeps the
+-- error's first line.
 WITH moved AS (
     UPDATE tasks t
     SET state = 'DEAD', last_error = ($3::text[])[array_position($1, t.id)],
@@ -173,7 +176,8 @@ WITH moved AS (
     RETURNING t.id, t.attempt, t.worker, t.last_error
 ), logged AS (
     INSERT INTO task_transitions (task_id, trigger, from_state, to_state, attempt, worker, detail)
-    SELECT id, 'bury', 'RUNNING', 'DEAD', attempt, worker, last_error FROM moved
+    SELECT id, 'bury', 'RUNNING', 'DEAD', attempt, worker, split_part(last_error, E'\n', 1)
+    FROM moved
 )
 SELECT id FROM moved;
 
