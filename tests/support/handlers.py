@@ -65,3 +65,19 @@ def sync_sleep(ctx: TaskContext, payload: Sleep) -> dict[str, Any]:
 async def unstorable(ctx: TaskContext, payload: dict[str, Any]) -> dict[str, Any]:
     """JSON that PostgreSQL's jsonb refuses (a NUL character)."""
     return {"text": "a\x00b"}
+
+
+@handler("test_fail_once", max_attempts=1)
+async def fail_once(ctx: TaskContext, payload: dict[str, Any]) -> dict[str, Any]:
+    """Fails the first time a task runs (DEAD: it has one attempt), succeeds once requeued."""
+    await record(ctx)
+    conn = await asyncpg.connect(os.environ["DATABASE_URL"])
+    try:
+        runs = await conn.fetchval(
+            "SELECT count(*) FROM executions WHERE task_id = $1", ctx.task_id
+        )
+    finally:
+        await conn.close()
+    if runs == 1:
+        raise RuntimeError("the first run of every task fails")
+    return {"runs": runs}
