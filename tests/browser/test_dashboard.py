@@ -176,7 +176,7 @@ def test_dead_task_history_requeue_and_completion(page: Page, procs: Procs) -> N
         if state.text_content() == "COMPLETED":
             break
         page.wait_for_timeout(250)
-        page.reload()
+        page.goto(f"{url}/ui/tasks/{task['id']}")
     expect(state).to_have_text("COMPLETED")
     expect(page.locator("#result")).to_contain_text('"runs": 2')
     expect(history.last).to_contain_text("RUNNING → COMPLETED")
@@ -297,17 +297,16 @@ def test_login_with_the_api_token(page: Page, procs: Procs) -> None:
     expect(count(page, "PENDING")).to_have_text("0")
 
     # the JSON API still wants the bearer token; the cookie is for the dashboard only
-    jar = {"tasklease_session": cookie["value"]}
-    assert httpx.get(f"{url}/stats", cookies=jar).status_code == 401
+    jar = {"Cookie": f"tasklease_session={cookie['value']}"}
+    assert httpx.get(f"{url}/stats", headers=jar).status_code == 401
     bearer = {"Authorization": f"Bearer {TOKEN}"}
     assert httpx.get(f"{url}/stats", headers=bearer).status_code == 200
-    assert httpx.get(f"{url}/ui/", cookies=jar, follow_redirects=False).status_code == 200
+    assert httpx.get(f"{url}/ui/", headers=jar).status_code == 200
     # a form on another site cannot make the logged-in browser act
     task = submit(url, {"action": "noop", "payload": {}, "due_at": later()}, token=TOKEN)[0]
     forged = httpx.post(
         f"{url}/ui/tasks/{task['id']}/cancel",
-        cookies=jar,
-        headers={"Origin": "https://attacker.example", "Sec-Fetch-Site": "cross-site"},
+        headers={**jar, "Origin": "https://attacker.example", "Sec-Fetch-Site": "cross-site"},
     )
     assert forged.status_code == 403
     assert httpx.get(f"{url}/tasks/{task['id']}", headers=bearer).json()["state"] == "PENDING"
@@ -317,3 +316,9 @@ def test_login_with_the_api_token(page: Page, procs: Procs) -> None:
     assert page.context.cookies() == []
     page.goto(f"{url}/ui/")
     expect(page).to_have_url(re.compile(r"/ui/login"))
+
+    page.get_by_label("API token").fill(TOKEN)
+    page.keyboard.press("Enter")
+    expect(count(page, "PENDING")).to_have_text("1")
+    page.context.clear_cookies()  # the session ends: the overview's next refresh notices
+    expect(page.get_by_role("heading", name="Log in")).to_be_visible()
