@@ -45,7 +45,9 @@ WORKERS_SEEN_SECONDS = 300  # workers shown on the overview: seen in the last 5 
 FAILURES = ("fail", "bury", "expire")
 TaskId = Annotated[int, Parameter(ge=1, le=2**63 - 1)]
 
-# Messages shown after an action, chosen by code: the URL never carries free text.
+# Messages shown after an action, chosen by code in the URL; the values filled in are
+# checked (ids and counts are digits, a state is a state, an action name is cut at 200
+# characters), so a crafted link cannot put a sentence of its own on the page.
 NOTICES = {
     "cancelled": ("ok", "Task {id} cancelled."),
     "cancel_requested": (
@@ -179,6 +181,12 @@ def page(
     notice = NOTICES.get(request.query_params.get("notice", ""))
     if notice is not None:
         fields = {k: request.query_params.get(k, "") for k in ("id", "state", "n", "action")}
+        fields = {
+            "id": fields["id"] if fields["id"].isdigit() else "?",
+            "n": fields["n"] if fields["n"].isdigit() else "?",
+            "state": fields["state"] if fields["state"] in TaskState.__members__ else "?",
+            "action": fields["action"][:200],
+        }
         context["notice"] = (notice[0], notice[1].format(**fields))
     context.update(auth=bool(request.app.state.api_token), path=request.url.path)
     return Template(template_name=f"ui/{name}", context=context, status_code=status_code)
