@@ -47,7 +47,7 @@ TaskId = Annotated[int, Parameter(ge=1, le=2**63 - 1)]
 
 # Messages shown after an action, chosen by code in the URL; the values filled in are
 # checked (ids and counts are digits, a state is a state, an action name is cut at 200
-# characters), so a crafted link cannot put a sentence of its own on the page.
+# characters; Jinja escapes it), so a crafted link can change little of what the page says.
 NOTICES = {
     "cancelled": ("ok", "Task {id} cancelled."),
     "cancel_requested": (
