@@ -5,7 +5,9 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: dev test lint typecheck lock clean
+CHROMIUM ?= /usr/bin/chromium
+
+.PHONY: dev test lint typecheck lock clean chromium
 
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -16,10 +18,17 @@ $(STAMP): pyproject.toml requirements.lock
 dev: $(STAMP)
 	$(BIN)/tasklease dev $(ARGS)
 
-test: $(STAMP)
+test: $(STAMP) chromium
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 	$(BIN)/pytest $(ARGS)
+
+# The browser tests (tests/browser) drive Debian's Chromium: Playwright cannot download its
+# own browsers here. As root, install it from Debian's packages; otherwise they are skipped.
+chromium:
+	@test -x $(CHROMIUM) || [ "$$(id -u)" != 0 ] || { apt-get update -q && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium; }
+	@test -x $(CHROMIUM) || echo "no $(CHROMIUM), and not root to install it: browser tests skipped" >&2
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -28,7 +28,7 @@ from litestar.openapi.spec import Components, Example, SecurityScheme
 from litestar.params import Body, Parameter
 from litestar.status_codes import HTTP_200_OK, HTTP_201_CREATED
 
-from api import metrics
+from api import metrics, ui
 from api.schemas import (
     ErrorBody,
     Health,
@@ -416,9 +416,10 @@ def database_unavailable(request: Request[Any, Any, Any], exc: Exception) -> Res
 def require_token(
     connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler
 ) -> None:
-    """With TASKLEASE_API_TOKEN set, every route but /healthz needs `Bearer <token>`."""
+    """With TASKLEASE_API_TOKEN set, every route but /healthz needs `Bearer <token>`. The
+    dashboard's pages (/ui) check their session cookie themselves (api/ui.py)."""
     token: str | None = connection.app.state.api_token
-    if not token or handler.opt.get("public"):
+    if not token or handler.opt.get("public") or handler.opt.get("ui"):
         return
     scheme, _, given = connection.headers.get("authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not hmac.compare_digest(given.encode(), token.encode()):
@@ -464,6 +465,8 @@ def create_app(
             healthz,
             readyz,
             get_metrics,
+            ui.router,
+            ui.static,
         ],
         lifespan=[lifespan],
         state=State({"handlers": handlers, "counters": counters, "api_token": api_token}),
@@ -473,6 +476,7 @@ def create_app(
             asyncpg.DataError: refused_value,
             **{exc: database_unavailable for exc in TRANSIENT_ERRORS},
         },
+        template_config=ui.TEMPLATES,
         request_max_body_size=max_body_bytes,
         logging_config=None,
         openapi_config=OpenAPIConfig(

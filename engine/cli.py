@@ -186,7 +186,10 @@ def cmd_api(args: argparse.Namespace) -> int:
     app = create_app(dsn, handlers, api_token=token, max_body_bytes=body_limit)
     where = "loopback only" if args.host in ("127.0.0.1", "localhost", "::1") else "all interfaces"
     log.info(
-        "API on http://%s:%d (%s); OpenAPI at /schema/openapi.json", args.host, args.port, where
+        "API on http://%s:%d (%s); OpenAPI at /schema/openapi.json; dashboard at /ui/",
+        args.host,
+        args.port,
+        where,
     )
     log.info(
         "authentication: %s",
@@ -341,6 +344,7 @@ def _supervise(args: argparse.Namespace, dsn: str) -> int:
             args.host,
             args.port,
         )
+        log.info("dashboard: http://%s:%d/ui/", args.host, args.port)
         log.info("press Ctrl-C to stop")
         status = 0
         while not signals:

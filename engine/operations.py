@@ -11,6 +11,7 @@ from engine.store import Store
 
 S = TaskState
 CANCELLABLE = (S.PENDING, S.FAILED, S.RUNNING)
+REQUEUE_BATCH = 1000
 
 
 class Outcome(enum.Enum):
@@ -42,3 +43,17 @@ async def requeue(store: Store, task_id: int) -> tuple[Outcome, asyncpg.Record |
         return Outcome.DONE, await store.get(task_id)
     row = await store.get(task_id)
     return (Outcome.NOT_FOUND if row is None else Outcome.CONFLICT), row
+
+
+async def requeue_action(store: Store, action: str, batch: int = REQUEUE_BATCH) -> int:
+    """Every DEAD task of `action` -> PENDING, `batch` per transaction, so a large dead
+    letter never holds thousands of row locks at once. Each task is looked at once (ids
+    ascending), so tasks that die again meanwhile are not requeued twice. Returns how many
+    moved."""
+    moved, after = 0, 0
+    while True:
+        ids = await store.requeue_action(action, after, batch, "requeued by an operator (all)")
+        moved += len(ids)
+        if len(ids) < batch:
+            return moved
+        after = ids[-1]

@@ -206,7 +206,8 @@ SELECT id FROM moved;
 
 -- name: task_fail_many_if_leased
 -- RUNNING -> FAILED for each (id $1[i], token $2[i]) whose token holds the lease and that
--- has attempts left; the next attempt is due in $3[i] seconds; error $4[i].
+-- has attempts left; the next attempt is due in $3[i] seconds; error $4[i] (its first line,
+-- the description, goes to the history; the rest is the traceback).
 WITH moved AS (
     UPDATE tasks t
     SET state = 'FAILED',
@@ -221,13 +222,15 @@ WITH moved AS (
 ), logged AS (
     INSERT INTO task_transitions (task_id, trigger, from_state, to_state, attempt, worker, detail)
     SELECT id, 'fail', 'RUNNING', 'FAILED', attempt, worker,
-           format('retry in %ss: %s', round(retry_in::numeric, 1), last_error) FROM moved
+           format('retry in %ss: %s', round(retry_in::numeric, 1), split_part(last_error, E'\n', 1))
+    FROM moved
 )
 SELECT id FROM moved;
 
 -- name: task_bury_many_if_leased
 -- RUNNING -> DEAD for each (id $1[i], token $2[i]) whose token holds the lease, when its
--- attempts are exhausted or its error $3[i] is permanent ($4[i]).
+-- attempts are exhausted or its error $3[i] is permanent ($4[i]); the history keeps the
+-- error's first line.
 WITH moved AS (
     UPDATE tasks t
     SET state = 'DEAD', last_error = ($3::text[])[array_position($1, t.id)],
@@ -238,7 +241,8 @@ WITH moved AS (
     RETURNING t.id, t.attempt, t.worker, t.last_error
 ), logged AS (
     INSERT INTO task_transitions (task_id, trigger, from_state, to_state, attempt, worker, detail)
-    SELECT id, 'bury', 'RUNNING', 'DEAD', attempt, worker, last_error FROM moved
+    SELECT id, 'bury', 'RUNNING', 'DEAD', attempt, worker, split_part(last_error, E'\n', 1)
+    FROM moved
 )
 SELECT id FROM moved;
 
@@ -466,3 +470,31 @@ SELECT (SELECT count(*) FROM gone) AS tasks, (SELECT count(*) FROM history) AS t
 -- name: process_prune
 -- Forget processes not seen for $1 seconds.
 DELETE FROM processes WHERE last_seen_at < now() - make_interval(secs => $1);
+
+-- name: task_get_by_idempotency_key
+-- The task holding idempotency key $1 (the partial unique index tasks_idempotency_key).
+SELECT * FROM tasks WHERE idempotency_key = $1;
+
+-- name: dead_by_action
+-- How many DEAD tasks each action has. Reads the partial index tasks_state_id.
+SELECT action, count(*) AS tasks FROM tasks WHERE state = 'DEAD' GROUP BY action ORDER BY action;
+
+-- name: task_requeue_action_if_dead
+-- DEAD -> PENDING for up to $3 DEAD tasks of action $1 with ids above $2, lowest ids first:
+-- attempts reset to 0, due now; $4 is the detail. Callers page through with the last id.
+WITH picked AS (
+    SELECT id FROM tasks WHERE state = 'DEAD' AND action = $1 AND id > $2
+    ORDER BY id LIMIT $3
+    FOR UPDATE SKIP LOCKED
+), moved AS (
+    UPDATE tasks t SET state = 'PENDING', attempt = 0, due_at = now(), result = NULL,
+                       cancel_requested_at = NULL, updated_at = now()
+    FROM picked WHERE t.id = picked.id AND t.state = 'DEAD'
+    RETURNING t.id, t.attempt, t.queue
+), logged AS (
+    -- one NOTIFY per queue reaches the workers: PostgreSQL folds identical ones
+    INSERT INTO task_transitions (task_id, trigger, from_state, to_state, attempt, detail)
+    SELECT id, 'requeue', 'DEAD', 'PENDING', attempt, $4 FROM moved
+    WHERE pg_notify('tasklease', queue) IS NOT NULL
+)
+SELECT id FROM moved ORDER BY id;

@@ -12,6 +12,7 @@ import logging
 import os
 import secrets
 import socket
+import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -42,6 +43,8 @@ BUCKETS: tuple[float, ...] = (
     900,
 )
 REPORT_EVERY = float(os.environ.get("TASKLEASE_REPORT_SECONDS", "5"))
+# Transitions are also kept per wall-clock minute for the last hour (the dashboard's chart).
+MINUTES_KEPT = 60
 
 
 def process_id() -> str:
@@ -49,16 +52,31 @@ def process_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}.{secrets.token_hex(2)}"
 
 
+def minute_now() -> int:
+    """The current minute since the Unix epoch, by this machine's clock."""
+    return int(time.time() // 60)
+
+
 class Counters:
     """Transitions by trigger, `dropped` (outcomes refused for a lost lease) and
-    `cancel_request`, and handler durations by action."""
+    `cancel_request`, and handler durations by action. `minutes` holds the same
+    transitions per minute (Unix time // 60) for the last MINUTES_KEPT minutes."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], int] = minute_now) -> None:
         self.transitions: Counter[str] = Counter()
         self.durations: dict[str, dict[str, Any]] = {}
+        self.minutes: dict[int, Counter[str]] = {}
+        self._clock = clock
 
     def count(self, trigger: str, n: int = 1) -> None:
         self.transitions[trigger] += n
+        minute = self._clock()
+        bucket = self.minutes.get(minute)
+        if bucket is None:
+            bucket = self.minutes[minute] = Counter()
+            for old in [m for m in self.minutes if m <= minute - MINUTES_KEPT]:
+                del self.minutes[old]
+        bucket[trigger] += n
 
     def observe(self, action: str, seconds: float) -> None:
         h = self.durations.setdefault(action, {"buckets": [0] * (len(BUCKETS) + 1), "sum": 0.0})
@@ -67,7 +85,11 @@ class Counters:
         h["sum"] += seconds
 
     def to_json(self) -> str:
-        body = {"transitions": dict(self.transitions), "durations": self.durations}
+        body = {
+            "transitions": dict(self.transitions),
+            "durations": self.durations,
+            "minutes": {str(m): dict(c) for m, c in self.minutes.items()},
+        }
         return msgspec.json.encode(body).decode()
 
 
@@ -83,6 +105,20 @@ def merge(counters_json: Sequence[str]) -> tuple[Counter[str], dict[str, dict[st
             total["buckets"] = [a + b for a, b in zip(total["buckets"], h["buckets"], strict=False)]
             total["sum"] += h["sum"]
     return transitions, durations
+
+
+def per_minute(
+    counters_json: Sequence[str], now: int, minutes: int = MINUTES_KEPT
+) -> list[Counter[str]]:
+    """Transitions per minute summed over many processes, oldest first: the `minutes`
+    ending with minute `now` (Unix time // 60)."""
+    first = now - minutes + 1
+    out: list[Counter[str]] = [Counter() for _ in range(minutes)]
+    for raw in counters_json:
+        for key, counts in msgspec.json.decode(raw).get("minutes", {}).items():
+            if first <= int(key) <= now:
+                out[int(key) - first].update(counts)
+    return out
 
 
 def cumulative(buckets: Sequence[int]) -> list[tuple[str, int]]:

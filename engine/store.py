@@ -221,6 +221,12 @@ class Store:
     async def history(self, task_id: int) -> list[asyncpg.Record]:
         return await self.pool.fetch(SQL["task_history"], task_id)
 
+    async def get_by_idempotency_key(self, key: str) -> asyncpg.Record | None:
+        return await self.pool.fetchrow(SQL["task_get_by_idempotency_key"], key)
+
+    async def dead_by_action(self) -> list[asyncpg.Record]:
+        return await self.pool.fetch(SQL["dead_by_action"])
+
     async def claim(
         self,
         queue: str,
@@ -348,6 +354,16 @@ class Store:
 
     async def schedules(self) -> list[asyncpg.Record]:
         return await self.pool.fetch(SQL["schedule_list"])
+
+    async def requeue_action(
+        self, action: str, after: int, limit: int, detail: str | None = None
+    ) -> list[int]:
+        """DEAD -> PENDING for up to `limit` DEAD tasks of `action` with ids above `after`;
+        the ids moved, ascending."""
+        rows = await self.pool.fetch(
+            SQL["task_requeue_action_if_dead"], action, after, limit, detail
+        )
+        return [r["id"] for r in rows]
 
     async def lease_outcome(self, task_id: int, token: uuid.UUID) -> asyncpg.Record | None:
         return await self.pool.fetchrow(SQL["task_lease_outcome"], task_id, token)

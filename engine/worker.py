@@ -152,11 +152,16 @@ def decide(
         return Snoozed(error.seconds, error.reason)
     if isinstance(error, PermanentError):
         return Bury(describe(error), permanent=True)
+    # last_error: the one-line description, then the traceback (history rows keep the first line)
+    trace = ""
+    if error.__traceback__ is not None:
+        trace = "\n\n" + "".join(traceback.format_exception(error)).rstrip()
     if ctx.is_last_attempt:
         return Bury(
-            f"{describe(error)} (attempt {ctx.attempt} of {ctx.max_attempts})", permanent=False
+            f"{describe(error)} (attempt {ctx.attempt} of {ctx.max_attempts}){trace}",
+            permanent=False,
         )
-    return Fail(handler.retry_delay(ctx.attempt), describe(error))
+    return Fail(handler.retry_delay(ctx.attempt), describe(error) + trace)
 
 
 class _TaskLogger(logging.LoggerAdapter[logging.Logger]):
@@ -574,7 +579,7 @@ class Worker:
                 if done:
                     self._wake_in(retry_in)
             case Bury(error, permanent):
-                trigger, note = "bury", f": {error}"
+                trigger, note = "bury", ": " + error.partition("\n")[0]
                 done = await self.outcomes.put(trigger, (task_id, token, error, permanent))
             case Release():
                 trigger = "release"

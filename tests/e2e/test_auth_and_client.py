@@ -32,6 +32,40 @@ PROTECTED = [
 ]
 
 
+DASHBOARD = [
+    ("GET", "/ui/"),
+    ("GET", "/ui/fragments/overview"),
+    ("GET", "/ui/tasks?state=DEAD"),
+    ("GET", "/ui/tasks/1"),
+    ("GET", "/ui/requeue-dead?action=noop"),
+    ("POST", "/ui/tasks/1/cancel"),
+    ("POST", "/ui/tasks/1/requeue"),
+    ("POST", "/ui/requeue-dead"),
+]
+
+
+async def test_token_guards_every_dashboard_page_but_login_and_static(procs: Procs) -> None:
+    _, url = procs.api(env={"TASKLEASE_API_TOKEN": TOKEN})
+    async with httpx.AsyncClient(base_url=url) as http:
+        for method, path in DASHBOARD:
+            for headers in ({}, {"Authorization": f"Bearer {TOKEN}"}):  # the cookie, not bearer
+                r = await http.request(method, path, headers=headers)
+                assert r.status_code in (302, 303), (method, path, r.text)
+                assert r.headers["location"].startswith("/ui/login?next="), (method, path)
+            forged = await http.request(
+                method, path, headers={"Cookie": f"tasklease_session=9999999999.{'0' * 64}"}
+            )
+            assert forged.status_code in (302, 303), (method, path)
+        polled = await http.get("/ui/fragments/overview", headers={"HX-Request": "true"})
+        assert (polled.status_code, polled.headers["hx-redirect"]) == (
+            401,
+            "/ui/login?next=%2Fui%2F",
+        )
+        assert (await http.get("/ui/login")).status_code == 200
+        assert (await http.get("/ui/static/htmx.min.js")).status_code == 200
+        assert (await http.get("/ui/static/ui.css")).status_code == 200
+
+
 async def test_token_guards_every_route_but_healthz(procs: Procs) -> None:
     _, url = procs.api(env={"TASKLEASE_API_TOKEN": TOKEN})
     async with httpx.AsyncClient(base_url=url) as http:

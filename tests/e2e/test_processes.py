@@ -273,6 +273,7 @@ async def test_dev_runs_everything_on_its_own_embedded_database(tmp_path: Path) 
         assert not Embedded(data).is_running(), "the embedded server it started is still running"
         text = dev.output()
         assert "RUNNING -> COMPLETED" in text and "stopping the embedded PostgreSQL" in text
+        assert f"dashboard: http://127.0.0.1:{port}/ui/" in text
     finally:
         dev.stop()
         Embedded(data).stop()

@@ -8,6 +8,7 @@ import uuid
 import asyncpg
 import pytest
 
+from engine import operations
 from engine.states import TaskState
 from engine.store import Store
 from tests.support.db import (
@@ -203,6 +204,29 @@ async def test_requeue_resets_attempts(store: Store, conn: asyncpg.Connection) -
     leased = (await store.claim("default", LEASES, 10, "w2")).leased
     assert [t.attempt for t in leased] == [1]
     await assert_histories_are_paths(conn)
+
+
+async def test_requeue_action_moves_only_dead_tasks_of_that_action(
+    store: Store, conn: asyncpg.Connection
+) -> None:
+    dead = [await submit(store, "noop") for _ in range(5)]
+    other_action = await submit(store, "email_user")
+    not_dead = await submit(store, "noop")
+    for task_id in [*dead, other_action]:
+        await force_state(conn, task_id, S.DEAD)
+    heard: list[str] = []
+    await conn.add_listener("tasklease", lambda *args: heard.append(args[3]))
+
+    assert await operations.requeue_action(store, "noop", batch=2) == 5
+    rows = await conn.fetch("SELECT id, state, attempt FROM tasks ORDER BY id")
+    states = {r["id"]: (r["state"], r["attempt"]) for r in rows}
+    assert all(states[i] == (S.PENDING, 0) for i in dead)
+    assert states[other_action][0] == S.DEAD and states[not_dead][0] == S.PENDING
+    assert [await triggers(conn, i) for i in dead] == [["submit", "requeue"]] * 5
+    assert await triggers(conn, not_dead) == ["submit"]
+    assert await store.requeue_action("noop", 0, 10) == []
+    await asyncio.sleep(0.1)
+    assert "default" in heard
 
 
 async def test_claim_skips_locked_rows_instead_of_waiting(

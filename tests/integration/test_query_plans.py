@@ -141,3 +141,33 @@ async def test_listing_pages_read_an_index_whatever_the_filter(
     assert not any(n["Node Type"].endswith("Seq Scan") for n in plan), plan[0]
     # a page reads about a page of rows, not the 30,000 finished tasks around it
     assert sum(n.get("Rows Removed by Filter", 0) for n in plan) <= 100, plan[0]
+
+
+@pytest.mark.parametrize(
+    "query, args",
+    [
+        ("task_get_by_idempotency_key", ["k-rare"]),
+        ("dead_by_action", []),
+        ("task_requeue_action_if_dead", ["rare", 0, 1000, "operator"]),
+    ],
+)
+async def test_dashboard_queries_read_an_index(
+    conn: asyncpg.Connection, query: str, args: list[Any]
+) -> None:
+    """The dashboard's search, dead letter counts and requeue-all beside 30,000 finished tasks."""
+    await conn.execute("""
+        INSERT INTO tasks (action, payload, state, attempt, result, idempotency_key)
+        SELECT 'rare', '{}', 'COMPLETED', 1, 'null', 'k-' || g FROM generate_series(1, 30000) g;
+        INSERT INTO tasks (action, payload, state, idempotency_key)
+        VALUES ('rare', '{}', 'DEAD', 'k-rare');
+        ANALYZE tasks;""")
+    tr = conn.transaction()
+    await tr.start()
+    try:
+        raw = await conn.fetchval("EXPLAIN (ANALYZE, FORMAT JSON) " + SQL[query], *args)
+    finally:
+        await tr.rollback()
+    plan = nodes(msgspec.json.decode(raw)[0]["Plan"])
+    seq = [n for n in plan if n["Node Type"] == "Seq Scan" and n.get("Relation Name") == "tasks"]
+    assert seq == [], plan[0]
+    assert sum(n.get("Rows Removed by Filter", 0) for n in plan) <= 100, plan[0]

@@ -125,7 +125,9 @@ async def test_failing_handler_walks_failed_to_dead(
     assert [r["attempt"] for r in rows] == [1, 2, 3]
     assert rows[-1]["detail"] == "ValueError: boom on attempt 3 (attempt 3 of 3)"
     task = await state_of(conn, task_id)
-    assert (task["attempt"], task["last_error"]) == (3, rows[-1]["detail"])
+    message, _, trace = task["last_error"].partition("\n\n")
+    assert (task["attempt"], message) == (3, rows[-1]["detail"])
+    assert trace.startswith("Traceback (most recent call last):") and "boom on attempt 3" in trace
 
 
 async def test_failed_attempt_is_due_after_backoff(store: Store, conn: asyncpg.Connection) -> None:

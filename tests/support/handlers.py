@@ -90,6 +90,15 @@ async def unstorable(ctx: TaskContext, payload: dict[str, Any]) -> dict[str, Any
     return {"text": "a\x00b"}
 
 
+@handler("test_fail_once", max_attempts=1)
+async def fail_once(ctx: TaskContext, payload: dict[str, Any]) -> dict[str, Any]:
+    """Fails the first time a task runs (DEAD: it has one attempt), succeeds once requeued."""
+    runs = await record(ctx)
+    if runs == 1:
+        raise RuntimeError("the first run of every task fails")
+    return {"runs": runs}
+
+
 # --- scheduling (tests/e2e/test_scheduling.py) ------------------------------------------
 
 

@@ -45,6 +45,17 @@ def test_error_on_last_attempt_buries() -> None:
     assert d == Bury("ValueError: x (attempt 3 of 3)", permanent=False)
 
 
+def test_a_raised_error_keeps_its_traceback_after_the_description() -> None:
+    try:
+        raise ValueError("x")
+    except ValueError as exc:
+        d = decide(HANDLER, ctx(1), error=exc)
+    assert isinstance(d, Fail)
+    first, _, rest = d.error.partition("\n\n")
+    assert first == "ValueError: x"
+    assert rest.startswith("Traceback (most recent call last):") and 'raise ValueError("x")' in rest
+
+
 def test_permanent_error_buries_at_once() -> None:
     d = decide(HANDLER, ctx(1), error=PermanentError("no such user"))
     assert d == Bury("PermanentError: no such user", permanent=True)

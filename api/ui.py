@@ -1,0 +1,497 @@
+"""The web dashboard at /ui: server-rendered pages over engine.store and engine.operations.
+
+Pages are Jinja templates (api/templates/ui); htmx and a little plain JavaScript come from
+api/static, served at /ui/static. With TASKLEASE_API_TOKEN set, a page needs a session
+cookie obtained by typing the token at /ui/login; POSTs must come from the dashboard's own
+origin (see same_origin).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import time
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any
+from urllib.parse import urlencode, urlsplit
+
+import msgspec
+from litestar import Request, Response, Router, get, post
+from litestar.connection import ASGIConnection
+from litestar.datastructures import Cookie, ResponseHeader, State
+from litestar.exceptions import NotAuthorizedException, PermissionDeniedException
+from litestar.handlers.base import BaseRouteHandler
+from litestar.params import Parameter
+from litestar.plugins.jinja import JinjaTemplateEngine
+from litestar.response import Redirect, Template
+from litestar.static_files import create_static_files_router
+from litestar.template.config import TemplateConfig
+
+from engine import operations
+from engine.reporting import alive, minute_now, per_minute
+from engine.states import TaskState
+from engine.store import Store
+
+log = logging.getLogger("tasklease.api")
+HERE = Path(__file__).resolve().parent
+COOKIE = "tasklease_session"
+SESSION_SECONDS = 12 * 3600
+LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+PAGE_SIZE, MAX_PAGE_SIZE = 50, 500
+WORKERS_SEEN_SECONDS = 300  # workers shown on the overview: seen in the last 5 minutes
+FAILURES = ("fail", "bury", "expire")
+TaskId = Annotated[int, Parameter(ge=1, le=2**63 - 1)]
+
+# Messages shown after an action, chosen by code in the URL; the values filled in are
+# checked (ids and counts are digits, a state is a state, an action name is cut at 200
+# characters; Jinja escapes it), so a crafted link can change little of what the page says.
+NOTICES = {
+    "cancelled": ("ok", "Task {id} cancelled."),
+    "cancel_requested": (
+        "ok",
+        "Cancellation of task {id} requested: its worker stops the handler at its next "
+        "heartbeat and records RUNNING → CANCELLED.",
+    ),
+    "cancel_conflict": (
+        "error",
+        "Task {id} is {state}: only PENDING, FAILED or RUNNING tasks can be cancelled.",
+    ),
+    "requeued": ("ok", "Task {id} requeued: PENDING, due now, attempts reset."),
+    "requeue_conflict": ("error", "Task {id} is {state}: only DEAD tasks can be requeued."),
+    "requeued_all": ("ok", "{n} DEAD task(s) of {action} requeued: PENDING, due now."),
+}
+
+
+# --- sessions and cross-site requests ------------------------------------------------------
+
+
+def session_value(token: str, expires: int) -> str:
+    """`expires.mac`: the cookie holds a MAC keyed by the token, never the token itself."""
+    mac = hmac.new(token.encode(), f"tasklease-ui:{expires}".encode(), hashlib.sha256)
+    return f"{expires}.{mac.hexdigest()}"
+
+
+def session_valid(token: str, value: str | None, now: float | None = None) -> bool:
+    expires, _, _ = (value or "").partition(".")
+    if not expires.isdigit() or int(expires) < (time.time() if now is None else now):
+        return False
+    return hmac.compare_digest(session_value(token, int(expires)), value or "")
+
+
+def same_origin(connection: ASGIConnection[Any, Any, Any, Any]) -> bool:
+    """Browsers say where a POST comes from (Sec-Fetch-Site, else Origin); it must be us. A
+    request with neither is not from a browser, so it cannot be a cross-site forgery."""
+    site = connection.headers.get("sec-fetch-site")
+    if site is not None:
+        return site in ("same-origin", "none")
+    origin = connection.headers.get("origin")
+    if origin is None:
+        return True
+    return origin != "null" and urlsplit(origin).netloc == connection.headers.get("host")
+
+
+class LoginRequired(NotAuthorizedException):
+    pass
+
+
+def ui_guard(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler) -> None:
+    if connection.scope.get("method") == "POST" and not same_origin(connection):
+        raise PermissionDeniedException("cross-site request refused")
+    token: str | None = connection.app.state.api_token
+    public = handler.opt.get("public")
+    if token and not public and not session_valid(token, connection.cookies.get(COOKIE)):
+        raise LoginRequired("log in first")
+
+
+def to_login(request: Request[Any, Any, Any], exc: LoginRequired) -> Response[Any]:
+    """A page goes to the login form and comes back; htmx polling reloads the whole page."""
+    if request.headers.get("hx-request"):
+        target = "/ui/login?" + urlencode({"next": "/ui/"})
+        return Response(b"", status_code=401, headers={"HX-Redirect": target})
+    back = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+    if request.method != "GET":
+        back = "/ui/"
+    return Redirect("/ui/login?" + urlencode({"next": back}))
+
+
+def refused(request: Request[Any, Any, Any], exc: PermissionDeniedException) -> Response[Any]:
+    return Response(exc.detail, status_code=403, media_type="text/plain")
+
+
+# --- template helpers ----------------------------------------------------------------------
+
+
+def ago(at: datetime | None, now: datetime | None = None) -> str:
+    """`3 min ago`, `in 2 h`: relative to now, coarse on purpose."""
+    if at is None:
+        return "—"
+    seconds = ((now or datetime.now(UTC)) - at).total_seconds()
+    text = span(abs(seconds))
+    if abs(seconds) < 1:
+        return "just now"
+    return f"{text} ago" if seconds > 0 else f"in {text}"
+
+
+def span(seconds: float) -> str:
+    if seconds < 1:
+        return f"{seconds * 1000:.0f} ms"
+    if seconds < 60:
+        return f"{seconds:.1f} s" if seconds < 10 else f"{seconds:.0f} s"
+    if seconds < 3600:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 86400 * 2:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.0f} d"
+
+
+def rfc3339(at: datetime | None) -> str:
+    return "" if at is None else at.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def clock(at: datetime | None) -> str:
+    """Absolute, to the millisecond, in UTC."""
+    return "—" if at is None else at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] + " UTC"
+
+
+def pretty(raw: str | None) -> str:
+    return "null" if raw is None else msgspec.json.format(raw, indent=2)
+
+
+def _engine(engine: JinjaTemplateEngine) -> None:
+    engine.engine.filters.update(ago=ago, span=span, rfc3339=rfc3339, clock=clock, pretty=pretty)
+    engine.engine.globals.update(states=[s.value for s in TaskState])
+
+
+TEMPLATES = TemplateConfig(
+    directory=HERE / "templates", engine=JinjaTemplateEngine, engine_callback=_engine
+)
+
+
+def _store(state: State) -> Store:
+    store: Store = state.store
+    return store
+
+
+def page(
+    request: Request[Any, Any, Any], name: str, status_code: int = 200, **context: Any
+) -> Template:
+    notice = NOTICES.get(request.query_params.get("notice", ""))
+    if notice is not None:
+        fields = {k: request.query_params.get(k, "") for k in ("id", "state", "n", "action")}
+        fields = {
+            "id": fields["id"] if fields["id"].isdigit() else "?",
+            "n": fields["n"] if fields["n"].isdigit() else "?",
+            "state": fields["state"] if fields["state"] in TaskState.__members__ else "?",
+            "action": fields["action"][:200],
+        }
+        context["notice"] = (notice[0], notice[1].format(**fields))
+    context.update(auth=bool(request.app.state.api_token), path=request.url.path)
+    return Template(template_name=f"ui/{name}", context=context, status_code=status_code)
+
+
+def see(target: str, cookies: list[Cookie] | None = None) -> Redirect:
+    """After a POST: 303, so the browser GETs the page it is sent to."""
+    return Redirect(target, status_code=303, cookies=cookies or [])
+
+
+def link(path: str, **params: Any) -> str:
+    given = {k: v for k, v in params.items() if v not in (None, "")}
+    return path + ("?" + urlencode(given) if given else "")
+
+
+# --- overview ------------------------------------------------------------------------------
+
+
+async def overview_context(store: Store) -> dict[str, Any]:
+    counts, lags = await store.counts(), await store.queue_lag()
+    procs, dead = await store.processes(), await store.dead_by_action()
+    states = {s.value: 0 for s in TaskState}
+    queues: dict[str, dict[str, Any]] = {}
+
+    def queue(name: str) -> dict[str, Any]:
+        empty = {"states": {s.value: 0 for s in TaskState}, "due": 0, "lag": None}
+        return queues.setdefault(name, empty)
+
+    for r in counts:
+        states[r["state"]] += r["tasks"]
+        queue(r["queue"])["states"][r["state"]] = r["tasks"]
+    for r in lags:
+        queue(r["queue"]).update(due=r["due"], lag=r["oldest_due_seconds"])
+    recent = [p for p in procs if p["seen_seconds_ago"] <= 3600]
+    series = per_minute([p["counters"] for p in recent], minute_now())
+    workers = [
+        {**dict(p), "alive": alive(p)}
+        for p in procs
+        if p["kind"] == "worker" and p["seen_seconds_ago"] <= WORKERS_SEEN_SECONDS
+    ]
+    return {
+        "states": states,
+        "queues": dict(sorted(queues.items())),
+        "oldest_due": max((r["oldest_due_seconds"] for r in lags), default=None),
+        "chart": chart(
+            [c["complete"] for c in series], [sum(c[t] for t in FAILURES) for c in series]
+        ),
+        "workers": workers,
+        "dead": list(dead),
+        "now": datetime.now(UTC),
+    }
+
+
+def chart(
+    done: list[int], failed: list[int], width: int = 600, height: int = 120
+) -> dict[str, Any]:
+    """Bars per minute for an inline SVG: completions below, failures stacked above."""
+    top = max([d + f for d, f in zip(done, failed, strict=True)] + [1])
+    step = width / len(done)
+    bars = []
+    for i, (d, f) in enumerate(zip(done, failed, strict=True)):
+        hd, hf = height * d / top, height * f / top
+        bars.append(
+            {
+                "x": round(i * step + 1, 1),
+                "w": round(step - 2, 1),
+                "done_y": round(height - hd, 1),
+                "done_h": round(hd, 1),
+                "fail_y": round(height - hd - hf, 1),
+                "fail_h": round(hf, 1),
+                "label": f"{len(done) - i - 1} min ago: {d} completed, {f} failed",
+            }
+        )
+    last = done[-5:], failed[-5:]
+    return {
+        "bars": bars,
+        "width": width,
+        "height": height,
+        "top": top,
+        "done": sum(done),
+        "failed": sum(failed),
+        "done_rate": sum(last[0]) / 5,
+        "failed_rate": sum(last[1]) / 5,
+    }
+
+
+@get("/", name="ui-overview")
+async def overview(request: Request[Any, Any, Any], state: State) -> Template:
+    return page(request, "overview.html", **await overview_context(_store(state)))
+
+
+@get("/fragments/overview")
+async def overview_fragment(request: Request[Any, Any, Any], state: State) -> Template:
+    return page(request, "_overview.html", **await overview_context(_store(state)))
+
+
+# --- tasks ---------------------------------------------------------------------------------
+
+
+@get("/tasks")
+async def task_list(
+    request: Request[Any, Any, Any],
+    state: State,
+    task_state: Annotated[str | None, Parameter(query="state")] = None,
+    action: str | None = None,
+    queue: str | None = None,
+    q: str | None = None,
+    limit: str | None = None,
+    cursor: str | None = None,
+) -> Template:
+    store = _store(state)
+    problems = []
+    filters = {"state": task_state or None, "action": action or None, "queue": queue or None}
+    if filters["state"] is not None and filters["state"] not in TaskState.__members__:
+        problems.append(f"unknown state {filters['state']!r}")
+        filters["state"] = None
+    size = int(limit) if limit and limit.isdigit() else PAGE_SIZE
+    size = min(max(size, 1), MAX_PAGE_SIZE)
+    before = int(cursor) if cursor and cursor.isdigit() and len(cursor) <= 19 else None
+    search = (q or "").strip()
+    next_link = None
+    if search:
+        found = {}
+        if search.isdigit() and 0 < int(search) < 2**63:
+            row = await store.get(int(search))
+            if row is not None:
+                found[row["id"]] = row
+        if len(search) <= 200:
+            row = await store.get_by_idempotency_key(search)
+            if row is not None:
+                found[row["id"]] = row
+        rows = sorted(found.values(), key=lambda r: -r["id"])
+    else:
+        rows = await store.list_tasks(limit=size + 1, before=before, **filters)
+        if len(rows) > size:
+            rows = rows[:size]
+            next_link = link("/ui/tasks", **filters, limit=limit, cursor=rows[-1]["id"])
+    return page(
+        request,
+        "tasks.html",
+        tasks=rows,
+        filters=filters,
+        q=search,
+        limit=size,
+        problems=problems,
+        next_link=next_link,
+        first_link=link("/ui/tasks", **filters, limit=limit) if before is not None else None,
+        actions=sorted(state.handlers),
+        now=datetime.now(UTC),
+    )
+
+
+@get("/tasks/{task_id:int}")
+async def task_detail(request: Request[Any, Any, Any], state: State, task_id: TaskId) -> Template:
+    store = _store(state)
+    task = await store.get(task_id)
+    if task is None:
+        return page(request, "missing.html", status_code=404, task_id=task_id)
+    steps, previous = [], None
+    for r in await store.history(task_id):
+        steps.append({**dict(r), "after": None if previous is None else (r["at"] - previous)})
+        previous = r["at"]
+    message, _, trace = (task["last_error"] or "").partition("\n\n")
+    return page(
+        request,
+        "task.html",
+        task=task,
+        steps=steps,
+        error_message=message,
+        error_trace=trace,
+        cancellable=task["state"] in operations.CANCELLABLE,
+        now=datetime.now(UTC),
+    )
+
+
+@post("/tasks/{task_id:int}/cancel")
+async def cancel(state: State, task_id: TaskId) -> Redirect:
+    outcome, row = await operations.cancel(_store(state), task_id)
+    detail = f"/ui/tasks/{task_id}"
+    if outcome is operations.Outcome.NOT_FOUND or row is None:
+        return see(detail)
+    if outcome is operations.Outcome.CONFLICT:
+        return see(link(detail, notice="cancel_conflict", id=task_id, state=row["state"]))
+    done = outcome is operations.Outcome.DONE
+    state.counters.count("cancel" if done else "cancel_request")
+    log.info("task %d: %s (dashboard)", task_id, "cancelled" if done else "cancellation requested")
+    return see(link(detail, notice="cancelled" if done else "cancel_requested", id=task_id))
+
+
+@post("/tasks/{task_id:int}/requeue")
+async def requeue(state: State, task_id: TaskId) -> Redirect:
+    outcome, row = await operations.requeue(_store(state), task_id)
+    detail = f"/ui/tasks/{task_id}"
+    if outcome is operations.Outcome.NOT_FOUND or row is None:
+        return see(detail)
+    if outcome is operations.Outcome.CONFLICT:
+        return see(link(detail, notice="requeue_conflict", id=task_id, state=row["state"]))
+    state.counters.count("requeue")
+    log.info("task %d: DEAD -> PENDING (requeue, dashboard)", task_id)
+    return see(link(detail, notice="requeued", id=task_id))
+
+
+@get("/requeue-dead")
+async def requeue_dead_confirm(
+    request: Request[Any, Any, Any], state: State, action: str = ""
+) -> Template:
+    dead = {r["action"]: r["tasks"] for r in await _store(state).dead_by_action()}
+    return page(request, "requeue_dead.html", action=action, count=dead.get(action, 0))
+
+
+@post("/requeue-dead")
+async def requeue_dead(request: Request[Any, Any, Any], state: State) -> Redirect:
+    form = await request.form()
+    action = str(form.get("action", ""))
+    moved = await operations.requeue_action(_store(state), action) if action else 0
+    state.counters.count("requeue", moved)
+    log.info("%d DEAD task(s) of %s: DEAD -> PENDING (requeue, dashboard)", moved, action)
+    return see(link("/ui/tasks", action=action, notice="requeued_all", n=moved))
+
+
+# --- login ---------------------------------------------------------------------------------
+
+
+def _next(target: str | None) -> str:
+    """Only back into the dashboard: never to another site (`//evil`)."""
+    if target and target.startswith("/ui") and not target.startswith("//"):
+        return target
+    return "/ui/"
+
+
+@get("/login", opt={"public": True})
+async def login_form(request: Request[Any, Any, Any], next: str | None = None) -> Response[Any]:
+    if not request.app.state.api_token:
+        return Redirect(_next(next))
+    return page(request, "login.html", next=_next(next))
+
+
+@post("/login", opt={"public": True})
+async def login(request: Request[Any, Any, Any]) -> Response[Any]:
+    token: str | None = request.app.state.api_token
+    form: Mapping[str, Any] = await request.form()
+    target = _next(str(form.get("next", "")))
+    if not token:
+        return see(target)
+    given = str(form.get("token", ""))
+    if not hmac.compare_digest(given.encode(), token.encode()):
+        log.warning("dashboard login refused: wrong token")
+        return page(request, "login.html", status_code=401, next=target, error="Wrong token.")
+    host = (request.url.hostname or "").strip("[]")
+    expires = int(time.time()) + SESSION_SECONDS
+    cookie = Cookie(
+        key=COOKIE,
+        value=session_value(token, expires),
+        path="/ui",
+        max_age=SESSION_SECONDS,
+        httponly=True,
+        samesite="strict",
+        # Browsers keep Secure cookies from https and from loopback (a secure context).
+        secure=request.url.scheme == "https" or host in LOOPBACK,
+    )
+    return see(target, [cookie])
+
+
+@post("/logout", opt={"public": True})
+async def logout() -> Redirect:
+    return see("/ui/login", [Cookie(key=COOKIE, value="", path="/ui", max_age=0)])
+
+
+SECURITY_HEADERS = [
+    ResponseHeader(
+        name="Content-Security-Policy",
+        value="default-src 'self'; img-src 'self' data:; frame-ancestors 'none'; "
+        "form-action 'self'; base-uri 'none'",
+    ),
+    ResponseHeader(name="X-Content-Type-Options", value="nosniff"),
+    ResponseHeader(name="Referrer-Policy", value="same-origin"),
+    ResponseHeader(name="Cache-Control", value="no-store"),
+]
+
+router = Router(
+    path="/ui",
+    route_handlers=[
+        overview,
+        overview_fragment,
+        task_list,
+        task_detail,
+        cancel,
+        requeue,
+        requeue_dead_confirm,
+        requeue_dead,
+        login_form,
+        login,
+        logout,
+    ],
+    guards=[ui_guard],
+    opt={"ui": True},
+    include_in_schema=False,
+    response_headers=SECURITY_HEADERS,
+    exception_handlers={LoginRequired: to_login, PermissionDeniedException: refused},
+)
+
+static = create_static_files_router(
+    path="/ui/static",
+    directories=[HERE / "static"],
+    opt={"public": True},
+    include_in_schema=False,
+    name="ui-static",
+)
