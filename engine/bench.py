@@ -9,6 +9,10 @@ Scenarios (each on a fresh database, created and dropped here):
 - submit:  tasks/s through the HTTP API, single POST /tasks from K concurrent clients, and
            POST /tasks/batch with batches of B;
 - backlog: the drain again with 1,000,000 finished tasks (and their history) in the tables.
+- limits:  the drain with global limits set far above the load (a queue limit and an action's
+           global_limit; then a rate limit too), against the same drain without, in turns;
+- retention: 1,000,000 finished tasks older than the retention age, deleted by one round
+           while a drain runs beside it: deleted tasks/s and the drain's tasks/s.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import schema
 from engine import TaskContext, handler
 from engine.cluster import Cluster
 from engine.database import with_database
+from engine.retention import Retention, RetentionConfig
 from engine.store import NewTask, Store
 
 Say = Callable[[str], None]
@@ -42,6 +47,19 @@ Say = Callable[[str], None]
 async def bench_probe(ctx: TaskContext, payload: dict[str, Any]) -> float:
     """No work; returns when it started (epoch seconds), for the latency scenario."""
     return time.time()
+
+
+ABOVE_ANY_LOAD = 1_000_000
+
+
+@handler("bench_capped", global_limit=ABOVE_ANY_LOAD)
+async def bench_capped(ctx: TaskContext, payload: dict[str, Any]) -> None:
+    """No work, under a global concurrency limit that the load never reaches."""
+
+
+@handler("bench_rated", global_limit=ABOVE_ANY_LOAD, rate_limit=(ABOVE_ANY_LOAD, 1.0))
+async def bench_rated(ctx: TaskContext, payload: dict[str, Any]) -> None:
+    """No work, under concurrency and rate limits that the load never reaches."""
 
 
 @dataclass
@@ -55,7 +73,8 @@ class BenchConfig:
     submit_seconds: float = 10.0
     batch_size: int = 1000
     backlog: int = 1_000_000
-    scenarios: tuple[str, ...] = ("drain", "latency", "submit", "backlog")
+    limit_rounds: int = 2
+    scenarios: tuple[str, ...] = ("drain", "latency", "submit", "backlog", "limits", "retention")
 
 
 @dataclass
@@ -169,8 +188,16 @@ async def _wait_done(
 
 
 async def drain(
-    admin_dsn: str, config: BenchConfig, log_dir: Path, say: Say, backlog: int = 0
+    admin_dsn: str,
+    config: BenchConfig,
+    log_dir: Path,
+    say: Say,
+    backlog: int = 0,
+    action: str = "noop",
+    worker_args: tuple[str, ...] = (),
+    beside: Callable[[str], Any] | None = None,
 ) -> dict[str, float]:
+    """`beside(dsn)`, if given, is started with the workers and awaited after the drain."""
     async with Database(admin_dsn) as db:
         conn = await asyncpg.connect(db.dsn)
         try:
@@ -178,7 +205,7 @@ async def drain(
                 say(f"  writing {backlog:,} finished tasks and their history")
                 await _backlog(conn, backlog)
             after_id = await conn.fetchval("SELECT coalesce(max(id), 0) FROM tasks")
-            insert_rate = await _insert(db.dsn, config.tasks)
+            insert_rate = await _insert(db.dsn, config.tasks, action)
             # Start both drains from a clean slate: no checkpoint still writing out the load.
             await conn.execute("CHECKPOINT")
             say(
@@ -187,11 +214,13 @@ async def drain(
             )
             procs = Cluster(db.dsn, log_dir, "engine.bench", log_level="warning")
             for _ in range(config.workers):
-                procs.worker("--concurrency", str(config.concurrency))
+                procs.worker("--concurrency", str(config.concurrency), *worker_args)
+            side = asyncio.ensure_future(beside(db.dsn)) if beside else None
             try:
                 await _wait_done(conn, config.tasks, say, "drain", after_id)
             finally:
                 procs.stop()
+            extra = await side if side else {}
             first, last = await conn.fetchrow(
                 "SELECT min(at) FILTER (WHERE trigger = 'claim'), "
                 "max(at) FILTER (WHERE trigger = 'complete') FROM task_transitions "
@@ -205,7 +234,48 @@ async def drain(
         "insert_per_s": insert_rate,
         "drain_per_s": config.tasks / seconds,
         "drain_seconds": seconds,
+        **extra,
     }
+
+
+async def limits(admin_dsn: str, config: BenchConfig, log_dir: Path, say: Say) -> dict[str, float]:
+    """Unlimited, limited and rate-limited drains in turns, so that the machine's drift
+    touches all three alike; medians of `limit_rounds` rounds each."""
+    queue_limit = ("--queue-limit", f"default={ABOVE_ANY_LOAD}")
+    kinds: dict[str, tuple[str, tuple[str, ...]]] = {
+        "none": ("noop", ()),
+        "global": ("bench_capped", queue_limit),
+        "global+rate": ("bench_rated", queue_limit),
+    }
+    rates: dict[str, list[float]] = {k: [] for k in kinds}
+    for n in range(config.limit_rounds):
+        for kind, (action, args) in kinds.items():
+            d = await drain(admin_dsn, config, log_dir, say, action=action, worker_args=args)
+            rates[kind].append(d["drain_per_s"])
+            say(f"  round {n + 1}, limits {kind}: {d['drain_per_s']:,.0f} tasks/s")
+    medians = {k: statistics.median(v) for k, v in rates.items()}
+    return {
+        **{f"{k}_per_s": v for k, v in medians.items()},
+        "global_vs_none_pct": 100 * medians["global"] / medians["none"],
+        "rate_vs_none_pct": 100 * medians["global+rate"] / medians["none"],
+    }
+
+
+async def _retention_round(dsn: str) -> dict[str, float]:
+    began = time.perf_counter()
+    pruned = await Retention(dsn, RetentionConfig(finished_seconds=3600.0)).round()
+    seconds = time.perf_counter() - began
+    if pruned is None:
+        raise RuntimeError("another process held the retention lock")
+    return {"pruned": pruned.tasks, "prune_per_s": pruned.tasks / seconds, "prune_s": seconds}
+
+
+async def retention(
+    admin_dsn: str, config: BenchConfig, log_dir: Path, say: Say
+) -> dict[str, float]:
+    return await drain(
+        admin_dsn, config, log_dir, say, backlog=config.backlog, beside=_retention_round
+    )
 
 
 async def _backlog(conn: asyncpg.Connection, n: int) -> None:
@@ -396,6 +466,20 @@ async def run(admin_dsn: str, config: BenchConfig, log_dir: Path, say: Say) -> B
         f[f"drain over {config.backlog:,} finished (tasks/s)"] = b["drain_per_s"]
         if "drain (tasks/s)" in f:
             f["backlog vs empty (%)"] = 100 * b["drain_per_s"] / f["drain (tasks/s)"]
+    if "limits" in config.scenarios:
+        say(f"limits: drains with and without global limits, {config.limit_rounds} rounds")
+        lim = await limits(admin_dsn, config, log_dir, say)
+        f["drain, no limits (tasks/s, median)"] = lim["none_per_s"]
+        f["drain, global limits above the load (tasks/s)"] = lim["global_per_s"]
+        f["drain, global + rate limits above the load (tasks/s)"] = lim["global+rate_per_s"]
+        f["global limits vs none (%)"] = lim["global_vs_none_pct"]
+        f["global + rate limits vs none (%)"] = lim["rate_vs_none_pct"]
+    if "retention" in config.scenarios:
+        say(f"retention: delete {config.backlog:,} old finished tasks while a drain runs")
+        r = await retention(admin_dsn, config, log_dir, say)
+        f[f"retention: {config.backlog:,} finished deleted (tasks/s)"] = r["prune_per_s"]
+        f["retention: round took (s)"] = r["prune_s"]
+        f["drain while retention runs (tasks/s)"] = r["drain_per_s"]
     return result
 
 

@@ -638,7 +638,11 @@ def parser() -> argparse.ArgumentParser:
         default=1_000_000,
         help="finished tasks stored for the backlog run (1000000)",
     )
-    be.add_argument("--only", metavar="a,b", help="some of: drain,latency,submit,backlog")
+    be.add_argument(
+        "--only",
+        metavar="a,b",
+        help="some of: drain,latency,submit,backlog,limits,retention (default: all)",
+    )
     be.add_argument("--json", action="store_true", help="print JSON")
     be.set_defaults(func=cmd_bench)
 

@@ -6,12 +6,13 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-OURS = {"schema", "engine", "api", "handlers"}
+OURS = {"schema", "engine", "api", "handlers", "examples"}
 ALLOWED = {
     "schema": {"schema"},
     "engine": {"schema", "engine"},
     "api": {"engine", "api"},
     "handlers": {"engine"},
+    "examples": {"engine"},  # handler modules from the docs, written as a user would
 }
 
 
@@ -34,5 +35,5 @@ def test_layer_imports_only_what_it_may(layer: str) -> None:
             composition_root = path == REPO / "engine" / "cli.py" and top == "api"
             if top in OURS and not composition_root:
                 assert top in ALLOWED[layer], f"{path.relative_to(REPO)} imports {module}"
-            if layer == "handlers" and top == "engine":
+            if layer in ("handlers", "examples") and top == "engine":
                 assert module == "engine", f"{path.relative_to(REPO)}: use `from engine import …`"

@@ -1,0 +1,1 @@
+"""Runnable examples from docs/ (each is a handler module: `--handlers examples.<name>`)."""
