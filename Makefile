@@ -27,7 +27,8 @@ test: $(STAMP) chromium
 # own browsers here. As root, install it from Debian's packages; otherwise they are skipped.
 chromium:
 	@test -x $(CHROMIUM) || [ "$$(id -u)" != 0 ] || { apt-get update -q && \
-		DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium; }
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium; } \
+		|| echo "installing chromium from Debian's packages failed" >&2
 	@test -x $(CHROMIUM) || echo "no $(CHROMIUM), and not root to install it: browser tests skipped" >&2
 
 lint: $(STAMP)

@@ -154,7 +154,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
     )
 
     async def main() -> None:
-        store = await Store.connect(dsn, min_size=0, max_size=min(config.concurrency + 2, 20))
+        store = await Store.connect(
+            dsn, min_size=0, max_size=min(config.concurrency + 2, 20), generic_plans=True
+        )
         worker = Worker(store, handlers, config)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):

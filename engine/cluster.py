@@ -47,6 +47,14 @@ class Cluster:
         )
         return f"http://127.0.0.1:{port}"
 
+    def check(self) -> None:
+        """Raise if a worker exited on its own (a bench would otherwise wait for ever)."""
+        for p in self.workers:
+            if p.poll() is not None:
+                raise RuntimeError(
+                    f"a worker exited with status {p.returncode}; its log is in {self.log_dir}"
+                )
+
     def kill(self, proc: subprocess.Popen[bytes]) -> None:
         """SIGKILL: no grace, no release; what it held waits for its leases to run out."""
         proc.send_signal(signal.SIGKILL)

@@ -26,20 +26,21 @@ FROM task_transitions WHERE task_id = $1 ORDER BY id;
 -- (RUNNING, attempt + 1, new token) while attempts remain, else expired (DEAD). Then due
 -- PENDING/FAILED tasks are claimed: highest priority, then earliest due, except that with
 -- aging on ($6 seconds) about half of each claim goes to tasks due for longer than that,
--- oldest first, so no priority starves another. Global limits ($7 running tasks of the
--- queue; per action $8: $9 running tasks, $10 starts per $11 seconds) are checked under
--- the locks of tasklease_claim_capacity. SKIP LOCKED lets workers claim side by side.
+-- oldest first, so no priority starves another. SKIP LOCKED lets workers claim side by side.
 -- A last row (trigger 'wait') says in how many seconds to look again: the next due time or
 -- lease expiry, or, when a limit held due work back, when it may let some through.
-WITH caps AS MATERIALIZED (
-    -- only when a limit applies to this claim: no lock, no call otherwise
-    SELECT c.* FROM (SELECT WHERE $7::integer IS NOT NULL OR cardinality($8::text[]) > 0) AS l,
-        LATERAL tasklease_claim_capacity($1, $7, $8, $9::integer[], $10::integer[],
-                                         $11::float8[]) AS c
-), blocked AS MATERIALIZED (
-    -- limited actions that may start nothing now
-    SELECT name FROM caps
-    WHERE scope = 'action' AND (running_left <= 0 OR starts_left <= 0)
+-- Two forms (engine/queries.py): lines marked `-- limits` are only in the form used when a
+-- global limit applies ($7 running tasks of the queue; per action $8: $9 running tasks, $10
+-- starts per $11 seconds, checked under the locks of tasklease_claim_capacity); lines
+-- marked `-- no limits` only in the other, which costs nothing for limits.
+WITH lease AS (
+    SELECT * FROM unnest($2::text[], $5::float8[]) AS l(action, seconds)
+), caps AS MATERIALIZED (                                                             -- limits
+    SELECT * FROM tasklease_claim_capacity($1, $7, $8, $9, $10, $11)                   -- limits
+), blocked AS MATERIALIZED (                                                          -- limits
+    -- limited actions that may start nothing now                                     -- limits
+    SELECT name FROM caps                                                             -- limits
+    WHERE scope = 'action' AND (running_left <= 0 OR starts_left <= 0)                -- limits
 ), expired_locked AS (
     -- a crashed worker's lease: no reaper, whoever claims next takes it over
     SELECT id, worker AS old_worker, action, attempt < max_attempts AS restart FROM tasks
@@ -49,20 +50,22 @@ WITH caps AS MATERIALIZED (
     LIMIT $3
     FOR UPDATE SKIP LOCKED
 ), expired AS (
-    -- a reclaim is a start: a rate limit holds it back (it already counts as running)
-    SELECT e.* FROM (
-        SELECT *, row_number() OVER (PARTITION BY action, restart ORDER BY id) AS n
-        FROM expired_locked) AS e
-    LEFT JOIN caps ON caps.scope = 'action' AND caps.name = e.action
-    WHERE NOT e.restart OR e.n <= coalesce(caps.starts_left, 2147483647)
+    SELECT * FROM expired_locked                                                      -- no limits
+    -- a reclaim is a start: a rate limit holds it back (it already counts as running) -- limits
+    SELECT e.* FROM (                                                                 -- limits
+        SELECT *, row_number() OVER (PARTITION BY action, restart ORDER BY id) AS n   -- limits
+        FROM expired_locked) AS e                                                     -- limits
+    LEFT JOIN caps ON caps.scope = 'action' AND caps.name = e.action                  -- limits
+    WHERE NOT e.restart OR e.n <= coalesce(caps.starts_left, 2147483647)              -- limits
 ), room AS MATERIALIZED (
-    SELECT greatest(least($3 - (SELECT count(*) FROM expired),
-                          (SELECT running_left FROM caps WHERE scope = 'queue')), 0) AS n
+    SELECT greatest($3 - (SELECT count(*) FROM expired), 0) AS n                      -- no limits
+    SELECT greatest(least($3 - (SELECT count(*) FROM expired),                        -- limits
+                          (SELECT running_left FROM caps WHERE scope = 'queue')), 0) AS n -- limits
 ), aged AS (
     SELECT id, state, action, priority, due_at FROM tasks
     WHERE state IN ('PENDING', 'FAILED') AND due_at <= now() - make_interval(secs => $6)
       AND queue = $1 AND action = ANY($2::text[])
-      AND action NOT IN (SELECT name FROM blocked)
+      AND action NOT IN (SELECT name FROM blocked)                                    -- limits
     ORDER BY due_at, id
     -- half the room, rounded up or down at random: a one-slot claim takes the oldest half
     -- of the time
@@ -72,26 +75,24 @@ WITH caps AS MATERIALIZED (
     SELECT id, state, action, priority, due_at FROM tasks
     WHERE state IN ('PENDING', 'FAILED') AND due_at <= now()
       AND queue = $1 AND action = ANY($2::text[])
-      AND action NOT IN (SELECT name FROM blocked)
+      AND action NOT IN (SELECT name FROM blocked)                                    -- limits
       AND id <> ALL(ARRAY(SELECT id FROM aged))
     ORDER BY priority DESC, due_at, id
     LIMIT (SELECT n FROM room) - (SELECT count(*) FROM aged)
     FOR UPDATE SKIP LOCKED
-), picked AS (
-    SELECT *, 0 AS part FROM aged UNION ALL SELECT *, 1 FROM ranked
 ), due AS (
-    -- each limited action keeps at most what it may still start (its reclaims included)
-    SELECT p.id, p.state AS from_state FROM (
-        SELECT *, row_number() OVER (PARTITION BY action
-            ORDER BY part, CASE part WHEN 1 THEN -priority END, due_at, id) AS n
-        FROM picked) AS p
-    LEFT JOIN caps ON caps.scope = 'action' AND caps.name = p.action
-    WHERE caps.name IS NULL
-       OR p.n <= least(coalesce(caps.running_left, 2147483647),
-                       coalesce(caps.starts_left, 2147483647)
-                       - (SELECT count(*) FROM expired WHERE restart AND action = p.action))
-), lease AS (
-    SELECT * FROM unnest($2::text[], $5::float8[]) AS l(action, seconds)
+    SELECT id, state AS from_state FROM aged UNION ALL SELECT id, state FROM ranked    -- no limits
+    -- each limited action keeps at most what it may still start (its reclaims included) -- limits
+    SELECT p.id, p.state AS from_state FROM (                                         -- limits
+        SELECT *, row_number() OVER (PARTITION BY action                              -- limits
+            ORDER BY part, CASE part WHEN 1 THEN -priority END, due_at, id) AS n      -- limits
+        FROM (SELECT *, 0 AS part FROM aged UNION ALL SELECT *, 1 FROM ranked) AS u   -- limits
+    ) AS p                                                                            -- limits
+    LEFT JOIN caps ON caps.scope = 'action' AND caps.name = p.action                  -- limits
+    WHERE caps.name IS NULL                                                           -- limits
+       OR p.n <= least(coalesce(caps.running_left, 2147483647),                       -- limits
+                       coalesce(caps.starts_left, 2147483647)                         -- limits
+                       - (SELECT count(*) FROM expired WHERE restart AND action = p.action)) -- limits
 ), reclaimed AS (
     UPDATE tasks t
     SET attempt = t.attempt + 1, lease_token = gen_random_uuid(),
@@ -120,11 +121,13 @@ WITH caps AS MATERIALIZED (
     WHERE t.id = ANY(ARRAY(SELECT id FROM due)) AND t.id = due.id AND lease.action = t.action
       AND t.state IN ('PENDING', 'FAILED') AND t.due_at <= now()
     RETURNING t.*, due.from_state, coalesce(t.lease_seconds, lease.seconds) AS lease_for
-), started AS (
-    INSERT INTO action_starts (action, at)
-    SELECT s.action, now() FROM (SELECT action FROM claimed UNION ALL SELECT action FROM reclaimed)
-        AS s
-    JOIN caps ON caps.scope = 'action' AND caps.name = s.action AND caps.starts_left IS NOT NULL
+), started AS (                                                                       -- limits
+    -- starts of rate-limited actions, for their sliding window                       -- limits
+    INSERT INTO action_starts (action, at)                                            -- limits
+    SELECT s.action, now() FROM (SELECT action FROM claimed                           -- limits
+                                 UNION ALL SELECT action FROM reclaimed) AS s         -- limits
+    JOIN caps ON caps.scope = 'action' AND caps.name = s.action                       -- limits
+                 AND caps.starts_left IS NOT NULL                                     -- limits
 ), wake AS (
     -- the earliest future due time: one ordered probe of tasks_claimable
     SELECT least(
@@ -136,16 +139,17 @@ WITH caps AS MATERIALIZED (
          WHERE state = 'RUNNING' AND lease_expires_at > now()
            AND queue = $1 AND action = ANY($2::text[]))
     ) AS at
-), held_back AS (
-    -- a limit is reached and due work remains: look again soon (a rate window: when it frees)
-    SELECT min(coalesce(c.retry_in, 0.1)) AS retry_in FROM caps AS c
-    WHERE (c.running_left <= (SELECT count(*) FROM due)
-           OR c.starts_left <= (SELECT count(*) FROM due))
-      AND (SELECT t.id FROM tasks t
-           WHERE t.queue = $1 AND t.state IN ('PENDING', 'FAILED') AND t.due_at <= now()
-             AND t.action = ANY($2::text[]) AND t.id <> ALL(ARRAY(SELECT id FROM due))
-             AND (c.scope = 'queue' OR t.action = c.name)
-           ORDER BY t.due_at LIMIT 1) IS NOT NULL
+), held_back AS (                                                                     -- limits
+    -- a limit is reached and due work remains: look again soon (a rate window: when  -- limits
+    -- it frees)                                                                      -- limits
+    SELECT min(coalesce(c.retry_in, 0.1)) AS retry_in FROM caps AS c                  -- limits
+    WHERE (c.running_left <= (SELECT count(*) FROM due)                               -- limits
+           OR c.starts_left <= (SELECT count(*) FROM due))                            -- limits
+      AND (SELECT t.id FROM tasks t                                                   -- limits
+           WHERE t.queue = $1 AND t.state IN ('PENDING', 'FAILED') AND t.due_at <= now() -- limits
+             AND t.action = ANY($2::text[]) AND t.id <> ALL(ARRAY(SELECT id FROM due)) -- limits
+             AND (c.scope = 'queue' OR t.action = c.name)                             -- limits
+           ORDER BY t.due_at LIMIT 1) IS NOT NULL                                     -- limits
 ), logged AS (
     INSERT INTO task_transitions (task_id, trigger, from_state, to_state, attempt, worker, detail)
     SELECT id, 'claim', from_state, 'RUNNING'::task_state, attempt, $4, NULL FROM claimed
@@ -170,7 +174,8 @@ SELECT 'expire', 'RUNNING', id, NULL, NULL, NULL, attempt, NULL, NULL, NULL, NUL
 FROM dead
 UNION ALL
 SELECT 'wait', NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
-       least(extract(epoch FROM at - now())::float8, (SELECT retry_in FROM held_back))
+       extract(epoch FROM at - now())::float8                                         -- no limits
+       least(extract(epoch FROM at - now())::float8, (SELECT retry_in FROM held_back)) -- limits
 FROM wake;
 
 -- name: task_heartbeat_if_leased

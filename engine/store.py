@@ -16,7 +16,7 @@ from typing import Any
 import asyncpg
 import msgspec
 
-from engine.queries import SQL
+from engine.queries import CLAIM, CLAIM_LIMITED, SQL
 
 # Errors after which the same statement can succeed once the database is back.
 TRANSIENT_ERRORS: tuple[type[Exception], ...] = (
@@ -121,12 +121,20 @@ class Store:
         self.dsn = dsn  # for connections of their own (LISTEN)
 
     @classmethod
-    async def connect(cls, dsn: str, *, min_size: int = 1, max_size: int = 10) -> Store:
+    async def connect(
+        cls, dsn: str, *, min_size: int = 1, max_size: int = 10, generic_plans: bool = False
+    ) -> Store:
+        """`generic_plans`: plan each prepared statement once (workers). The claim is a long
+        statement whose planning costs about as much as running it; its generic plan reads
+        only the claimable indexes (tests/integration/test_query_plans.py checks both)."""
+        settings = {"application_name": "tasklease"}
+        if generic_plans:
+            settings["plan_cache_mode"] = "force_generic_plan"
         pool = await asyncpg.create_pool(
             dsn,
             min_size=min_size,
             max_size=max_size,
-            server_settings={"application_name": "tasklease"},
+            server_settings=settings,
             reset=_keep_session,
         )
         return cls(pool, dsn)
@@ -238,20 +246,19 @@ class Store:
         """Lease up to `limit` tasks of `queue` (claim or reclaim), expire dead leases, and say
         when to look again. `leases`: lease seconds by action, the actions this worker runs."""
         limited = [a for a in leases if a in rules.actions]
-        rows = await self.pool.fetch(
-            SQL["task_claim_due"],
-            queue,
-            list(leases),
-            limit,
-            worker,
-            list(leases.values()),
-            rules.aging_seconds,
-            rules.queue_max_running,
-            limited,
-            [rules.actions[a].max_running for a in limited],
-            [rules.actions[a].rate for a in limited],
-            [rules.actions[a].period for a in limited],
-        )
+        args: list[Any] = [queue, list(leases), limit, worker, list(leases.values())]
+        args.append(rules.aging_seconds)
+        if limited or rules.queue_max_running is not None:
+            args += [
+                rules.queue_max_running,
+                limited,
+                [rules.actions[a].max_running for a in limited],
+                [rules.actions[a].rate for a in limited],
+                [rules.actions[a].period for a in limited],
+            ]
+            rows = await self.pool.fetch(CLAIM_LIMITED, *args)
+        else:
+            rows = await self.pool.fetch(CLAIM, *args)
         leased, expired, wait = [], [], None
         for r in rows:
             if r["trigger"] == "wait":

@@ -275,10 +275,7 @@ class Worker:
             for a, h in handlers.items()
             if h.global_limit is not None or h.rate_limit is not None
         }
-        self.rules = {
-            q: ClaimRules(config.aging_seconds, config.queue_limits.get(q), limits)
-            for q in config.queues
-        }
+        self.claims = {q: self._claims(q, limits) for q in config.queues}
         self.scheduler = Scheduler(
             store, {n: s for n, s in SCHEDULES.items() if s.action in handlers}
         )
@@ -384,17 +381,33 @@ class Worker:
                 # a NOTIFY of new work, or the safety-net poll, whichever is first.
                 await self.wait_for(self._wake, self._stopping, timeout=wait)
 
+    def _claims(
+        self, queue: str, limits: dict[str, ActionLimit]
+    ) -> list[tuple[dict[str, float], ClaimRules]]:
+        """The claims of one round in `queue`: (actions with their leases, rules) each.
+
+        Only claimers of a limited key take turns under its lock, so the actions with a
+        global or rate limit are claimed apart from the others, first (else a backlog of the
+        others would fill every slot before them); the others are claimed without any lock.
+        A queue with a limit of its own is claimed in one statement under that limit."""
+        aging = self.config.aging_seconds
+        queue_limit = self.config.queue_limits.get(queue)
+        if queue_limit is not None:
+            return [(self.leases, ClaimRules(aging, queue_limit, limits))]
+        limited = {a: s for a, s in self.leases.items() if a in limits}
+        free = {a: s for a, s in self.leases.items() if a not in limits}
+        claims = [(limited, ClaimRules(aging, None, limits))] if limited else []
+        return claims + ([(free, ClaimRules(aging))] if free else [])
+
     async def _claim_round(self, queues: Sequence[str]) -> tuple[bool, float]:
         """Claim from each queue while slots are free. Returns (some queue had more due work
         than we could take, seconds until the next known due time or lease expiry)."""
         busy, wait = False, self.config.poll_interval
-        for queue in queues:
+        for queue, (leases, rules) in ((q, claim) for q in queues for claim in self.claims[q]):
             free = self.config.concurrency - self.handling
             if free <= 0:
                 return True, 0.0
-            claim = await self.store.claim(
-                queue, self.leases, free, self.config.worker_id, self.rules[queue]
-            )
+            claim = await self.store.claim(queue, leases, free, self.config.worker_id, rules)
             self.counters.count("expire", len(claim.expired))
             for task_id in claim.expired:
                 log.warning(
@@ -476,15 +489,17 @@ class Worker:
         limit: asyncio.Timeout | None = None
         try:
             payload = ex.handler.decode(ex.claimed.payload)
-            async with asyncio.timeout(timeout) as limit:
-                if ex.handler.is_async:
-                    result = await ex.handler.fn(ex.ctx, payload)
-                else:
-                    # a thread cannot be interrupted: past the timeout it runs on unobserved
-                    loop = asyncio.get_running_loop()
-                    result = await loop.run_in_executor(
-                        self._executor, ex.handler.fn, ex.ctx, payload
-                    )
+            if ex.handler.is_async:
+                work = ex.handler.fn(ex.ctx, payload)
+            else:
+                # a thread cannot be interrupted: past the timeout it runs on unobserved
+                loop = asyncio.get_running_loop()
+                work = loop.run_in_executor(self._executor, ex.handler.fn, ex.ctx, payload)
+            if timeout is None:
+                result = await work
+            else:
+                async with asyncio.timeout(timeout) as limit:
+                    result = await work
         except TimeoutError as exc:
             error = (
                 TaskTimeout(f"timed out after {timeout:g}s")

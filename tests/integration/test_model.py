@@ -222,6 +222,20 @@ class EngineModel(RuleBasedStateMachine):
             m.attempt -= 1
             m.cancel_requested = False if m.state is not S.RUNNING else m.cancel_requested
 
+    @rule(index=st.integers(0, 50), kind=st.sampled_from(["current", "stale"]), later=st.booleans())
+    def snooze(self, index: int, kind: str, later: bool) -> None:
+        task_id = self.pick(index)
+        if task_id is None:
+            return
+        m, token = self.tasks[task_id], self.token_for(task_id, kind)
+        allowed = m.holds(token)
+        moved = self.run(self.store.snooze(task_id, token, 3600 if later else 0, "not yet"))
+        self.expect(task_id, moved, "snooze", allowed)
+        if allowed:
+            m.attempt -= 1
+            m.due = not later
+            m.cancel_requested = False
+
     @rule(index=st.integers(0, 50), kind=st.sampled_from(["current", "stale"]))
     def heartbeat(self, index: int, kind: str) -> None:
         task_id = self.pick(index)

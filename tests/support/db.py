@@ -9,7 +9,7 @@ from typing import Any
 
 import asyncpg
 
-from engine.queries import SQL
+from engine.queries import CLAIM
 from engine.states import TaskState, is_path
 from engine.store import NewTask, Store
 
@@ -118,18 +118,7 @@ async def take_over(conn: asyncpg.Connection, task_id: int, worker: str) -> asyn
     async with conn.transaction():
         await expire_lease(conn, task_id)
         rows = await conn.fetch(
-            SQL["task_claim_due"],
-            "default",
-            list(LEASES),
-            1,
-            worker,
-            list(LEASES.values()),
-            None,
-            None,
-            [],
-            [],
-            [],
-            [],
+            CLAIM, "default", list(LEASES), 1, worker, list(LEASES.values()), None
         )
     rows = [r for r in rows if r["trigger"] != "wait"]
     assert [(r["id"], r["trigger"]) for r in rows] == [(task_id, "reclaim")], rows

@@ -1,0 +1,72 @@
+"""EXPLAIN (ANALYZE, BUFFERS) of both forms of the claim beside 1,000,000 finished tasks.
+
+    .venv/bin/python bench/explain_claim.py [ADMIN_DSN]
+
+ADMIN_DSN defaults to the embedded server of `tasklease dev` (start it first). Creates and
+drops the database `explain_claim`. docs/benchmarks.md quotes its output.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+import asyncpg
+
+import schema
+from engine.database import with_database
+from engine.queries import CLAIM, CLAIM_LIMITED
+
+EMBEDDED = "postgresql://postgres@/postgres?host=.tasklease/run"
+ARGS = ("default", ["noop"], 10, "w", [30.0], 300.0)
+LIMITS = (1_000_000, ["noop"], [1_000_000], [1_000_000], [1.0])
+
+
+async def main(admin: str) -> None:
+    conn = await asyncpg.connect(admin)
+    await conn.execute("DROP DATABASE IF EXISTS explain_claim WITH (FORCE)")
+    await conn.execute("CREATE DATABASE explain_claim")
+    await conn.close()
+    dsn = with_database(admin, "explain_claim")
+    await schema.upgrade(dsn)
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute("""
+            INSERT INTO tasks (action, payload, state, attempt, result, worker, lease_token,
+                               created_at, updated_at, due_at)
+            SELECT 'noop', '{}', 'COMPLETED', 1, 'null', 'old', gen_random_uuid(),
+                   now() - interval '1 day', now() - interval '1 day', now() - interval '1 day'
+            FROM generate_series(1, 1000000);
+            INSERT INTO task_transitions (task_id, trigger, from_state, to_state, attempt, at)
+            SELECT id, t.trigger, t.from_state::task_state, t.to_state::task_state, t.attempt,
+                   now() - interval '1 day'
+            FROM tasks, (VALUES ('submit', NULL, 'PENDING', 0),
+                                ('claim', 'PENDING', 'RUNNING', 1),
+                                ('complete', 'RUNNING', 'COMPLETED', 1))
+                         AS t(trigger, from_state, to_state, attempt);
+            INSERT INTO tasks (action, payload)
+            SELECT 'noop', '{}' FROM generate_series(1, 10000)""")
+        await conn.execute("VACUUM ANALYZE tasks")
+        await conn.execute("VACUUM ANALYZE task_transitions")
+        await conn.execute("SET plan_cache_mode = force_generic_plan")
+        for title, sql, args in (
+            ("no limits, aging 300 s", CLAIM, ARGS),
+            ("aging, queue, concurrency and rate limits", CLAIM_LIMITED, (*ARGS, *LIMITS)),
+        ):
+            explain = "EXPLAIN (ANALYZE, BUFFERS, COSTS OFF) " + sql
+            for _ in range(3):  # the last of three, each rolled back
+                tr = conn.transaction()
+                await tr.start()
+                rows = await conn.fetch(explain, *args)
+                await tr.rollback()
+            print(f"===== {title}")
+            print("\n".join(r[0] for r in rows))
+    finally:
+        await conn.close()
+        admin_conn = await asyncpg.connect(admin)
+        await admin_conn.execute("DROP DATABASE IF EXISTS explain_claim WITH (FORCE)")
+        await admin_conn.close()
+
+
+if __name__ == "__main__":
+    asyncio.run(main(sys.argv[1] if len(sys.argv) > 1 else EMBEDDED))

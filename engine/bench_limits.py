@@ -1,0 +1,23 @@
+"""Handlers under global limits that no load reaches, for `tasklease bench --only limits`.
+
+Kept out of engine.bench so that the unlimited drains run workers without any limited
+action (a worker with one claims that action apart, under its lock: docs/scheduling.md).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from engine import TaskContext, handler
+
+ABOVE_ANY_LOAD = 1_000_000
+
+
+@handler("bench_capped", global_limit=ABOVE_ANY_LOAD)
+async def bench_capped(ctx: TaskContext, payload: dict[str, Any]) -> None:
+    """No work, under a global concurrency limit that the load never reaches."""
+
+
+@handler("bench_rated", global_limit=ABOVE_ANY_LOAD, rate_limit=(ABOVE_ANY_LOAD, 1.0))
+async def bench_rated(ctx: TaskContext, payload: dict[str, Any]) -> None:
+    """No work, under concurrency and rate limits that the load never reaches."""
