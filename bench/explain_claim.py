@@ -1,23 +1,22 @@
 """EXPLAIN (ANALYZE, BUFFERS) of both forms of the claim beside 1,000,000 finished tasks.
 
-    .venv/bin/python bench/explain_claim.py [ADMIN_DSN]
+    .venv/bin/python bench/explain_claim.py
 
-ADMIN_DSN defaults to the embedded server of `tasklease dev` (start it first). Creates and
-drops the database `explain_claim`. docs/benchmarks.md quotes its output.
+On the server of DATABASE_URL, else the embedded one (started if need be), as every
+tasklease command. Creates and drops the database `explain_claim`. docs/benchmarks.md quotes
+its output.
 """
 
 from __future__ import annotations
 
 import asyncio
-import sys
 
 import asyncpg
 
 import schema
-from engine.database import with_database
+from engine.database import resolve, with_database
 from engine.queries import CLAIM, CLAIM_LIMITED
 
-EMBEDDED = "postgresql://postgres@/postgres?host=.tasklease/run"
 ARGS = ("default", ["noop"], 10, "w", [30.0], 300.0)
 LIMITS = (1_000_000, ["noop"], [1_000_000], [1_000_000], [1.0])
 
@@ -69,4 +68,7 @@ async def main(admin: str) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main(sys.argv[1] if len(sys.argv) > 1 else EMBEDDED))
+    admin, server = resolve()
+    if server is not None:
+        server.ensure_running()
+    asyncio.run(main(admin))
