@@ -21,7 +21,7 @@ from typing import Any, get_type_hints
 
 import msgspec
 
-from engine.schedules import schedule
+from engine.schedules import SCHEDULES, schedule
 
 DEFAULT_LEASE_SECONDS = 120.0
 DEFAULT_MAX_ATTEMPTS = 5
@@ -245,4 +245,20 @@ def load(modules: Sequence[str] = ()) -> dict[str, Handler]:
             importlib.import_module(name)
         except ImportError as exc:
             raise HandlerError(f"cannot import handler module {name!r}: {exc}") from exc
+    check_schedules(REGISTRY)
     return REGISTRY
+
+
+def check_schedules(handlers: dict[str, Handler]) -> None:
+    """Every schedule names a known action and a payload that fits it: found at start-up,
+    not at 3 a.m. when its first task would be buried."""
+    for s in SCHEDULES.values():
+        h = handlers.get(s.action)
+        if h is None:
+            raise HandlerError(f"schedule {s.name!r}: no handler for action {s.action!r}")
+        try:
+            h.validate(msgspec.json.encode(s.payload))
+        except msgspec.ValidationError as exc:
+            raise HandlerError(
+                f"schedule {s.name!r}: payload does not fit {s.action}: {exc}"
+            ) from None

@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import msgspec
 import pytest
 
 from engine.registry import HandlerError, Snooze, parse_rate
@@ -99,3 +100,38 @@ def test_bad_handler_options_are_named(kwargs: dict[str, Any], problem: str) -> 
 
     with pytest.raises((HandlerError, ScheduleError), match=problem):
         handler("bad_options", **kwargs)
+
+
+class Greeting(msgspec.Struct):
+    user_id: int
+
+
+def test_a_schedule_must_fit_its_handler(monkeypatch: pytest.MonkeyPatch) -> None:
+    from engine import registry, schedules
+
+    async def greet(ctx: Any, payload: Greeting) -> None: ...
+
+    handlers = {
+        "greet": registry.Handler(
+            action="greet",
+            fn=greet,
+            payload_type=Greeting,
+            lease_seconds=None,
+            max_attempts=5,
+            backoff=(60,),
+            jitter=0.1,
+            is_async=True,
+        )
+    }
+    monkeypatch.setitem(schedules.SCHEDULES, "welcome", Schedule("welcome", "greet", every=60))
+    with pytest.raises(HandlerError, match="schedule 'welcome': payload does not fit"):
+        registry.check_schedules(handlers)
+    monkeypatch.setitem(schedules.SCHEDULES, "welcome", Schedule("welcome", "fax", every=60))
+    with pytest.raises(HandlerError, match="no handler for action 'fax'"):
+        registry.check_schedules(handlers)
+    monkeypatch.setitem(
+        schedules.SCHEDULES,
+        "welcome",
+        Schedule("welcome", "greet", every=60, payload={"user_id": 7}),
+    )
+    registry.check_schedules(handlers)
