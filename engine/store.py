@@ -246,8 +246,14 @@ class Store:
         """Lease up to `limit` tasks of `queue` (claim or reclaim), expire dead leases, and say
         when to look again. `leases`: lease seconds by action, the actions this worker runs."""
         limited = [a for a in leases if a in rules.actions]
-        args: list[Any] = [queue, list(leases), limit, worker, list(leases.values())]
-        args.append(rules.aging_seconds)
+        args: list[Any] = [
+            queue,
+            list(leases),
+            limit,
+            worker,
+            list(leases.values()),
+            rules.aging_seconds,
+        ]
         if limited or rules.queue_max_running is not None:
             args += [
                 rules.queue_max_running,

@@ -43,12 +43,17 @@ async def most_at_once(conn: asyncpg.Connection, action: str) -> int:
         action,
     )
     assert rows and all(r["finished_at"] is not None for r in rows), rows
+    return peak(rows)
+
+
+def peak(rows: list[asyncpg.Record]) -> int:
+    """The most [at, finished_at] intervals that overlap at one instant."""
     events = sorted([(r["at"], 1) for r in rows] + [(r["finished_at"], -1) for r in rows])
-    running = peak = 0
+    running = most = 0
     for _, step in events:  # a finish sorts before a start at the same instant
         running += step
-        peak = max(peak, running)
-    return peak
+        most = max(most, running)
+    return most
 
 
 async def test_global_limit_is_never_exceeded_across_workers(
@@ -88,12 +93,7 @@ async def test_queue_limit_is_never_exceeded_across_workers(
         SELECT e.at, coalesce(e.finished_at, c.at) AS finished_at
         FROM executions e JOIN task_transitions c ON c.task_id = e.task_id
                                                   AND c.trigger = 'complete'""")
-    events = sorted([(r["at"], 1) for r in rows] + [(r["finished_at"], -1) for r in rows])
-    running = peak = 0
-    for _, step in events:
-        running += step
-        peak = max(peak, running)
-    assert peak == 3, peak
+    assert peak(rows) == 3, peak(rows)
 
 
 async def test_rate_limit_holds_in_every_window_across_workers(
