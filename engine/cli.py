@@ -608,7 +608,10 @@ def parser() -> argparse.ArgumentParser:
         description="Benchmarks on fresh databases (created and dropped) of the embedded "
         "PostgreSQL or DATABASE_URL: drain (bulk insert, then workers drain), latency (tasks "
         "due at a steady rate, start lag percentiles), submit (HTTP API, single and batch), "
-        "backlog (drain beside a million finished tasks). Prints a table, or --json.",
+        "backlog (drain beside a million finished tasks), limits (drains under global and "
+        "rate limits far above the load, against drains without, round by round, with CPU "
+        "per task), retention (a million finished tasks pruned while a drain runs). Prints a "
+        "table, or --json.",
     )
     be.add_argument("--tasks", type=_positive(int), default=20_000, help="tasks to drain (20000)")
     be.add_argument("--workers", type=_positive(int), default=2, help="worker processes (2)")

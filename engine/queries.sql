@@ -31,12 +31,13 @@ FROM task_transitions WHERE task_id = $1 ORDER BY id;
 -- lease expiry, or, when a limit held due work back, when it may let some through.
 -- Two forms (engine/queries.py): lines marked `-- limits` are only in the form used when a
 -- global limit applies ($7 running tasks of the queue; per action $8: $9 running tasks, $10
--- starts per $11 seconds, checked under the locks of tasklease_claim_capacity); lines
--- marked `-- no limits` only in the other, which costs nothing for limits.
+-- starts per $11 seconds; tasklease_claim_slots says how many more this claim may start, in
+-- which shard of each limit, under the shard's lock); lines marked `-- no limits` only in the
+-- other, which costs nothing for limits.
 WITH lease AS (
     SELECT * FROM unnest($2::text[], $5::float8[]) AS l(action, seconds)
 ), caps AS MATERIALIZED (                                                             -- limits
-    SELECT * FROM tasklease_claim_capacity($1, $7, $8, $9, $10, $11)                   -- limits
+    SELECT * FROM tasklease_claim_slots($1, $7, $8, $9, $10, $11, $3)                  -- limits
 ), blocked AS MATERIALIZED (                                                          -- limits
     -- limited actions that may start nothing now                                     -- limits
     SELECT name FROM caps                                                             -- limits
@@ -57,6 +58,15 @@ WITH lease AS (
         FROM expired_locked) AS e                                                     -- limits
     LEFT JOIN caps ON caps.scope = 'action' AND caps.name = e.action                  -- limits
     WHERE NOT e.restart OR e.n <= coalesce(caps.starts_left, 2147483647)              -- limits
+), allowance AS MATERIALIZED (                                                       -- limits
+    -- what each limited action may still start: its room, less its reclaims under a  -- limits
+    -- rate limit                                                                     -- limits
+    SELECT c.name, c.run_slot,                                                        -- limits
+           least(coalesce(c.running_left, 2147483647),                                -- limits
+                 coalesce(c.starts_left, 2147483647)                                  -- limits
+                 - (SELECT count(*) FROM expired e                                    -- limits
+                    WHERE e.restart AND e.action = c.name)) AS n                      -- limits
+    FROM caps c WHERE c.scope = 'action'                                              -- limits
 ), room AS MATERIALIZED (
     SELECT greatest($3 - (SELECT count(*) FROM expired), 0) AS n                      -- no limits
     SELECT greatest(least($3 - (SELECT count(*) FROM expired),                        -- limits
@@ -82,17 +92,21 @@ WITH lease AS (
     FOR UPDATE SKIP LOCKED
 ), due AS (
     SELECT id, state AS from_state FROM aged UNION ALL SELECT id, state FROM ranked    -- no limits
-    -- each limited action keeps at most what it may still start (its reclaims included) -- limits
-    SELECT p.id, p.state AS from_state FROM (                                         -- limits
+    -- each limited action keeps at most what it may still start (its reclaims included): -- limits
+    -- when none may start fewer than the room, all of them, else the first of each   -- limits
+    SELECT u.id, u.state AS from_state, a.run_slot                                    -- limits
+    FROM (SELECT * FROM aged UNION ALL SELECT * FROM ranked) AS u                     -- limits
+    LEFT JOIN allowance a ON a.name = u.action                                        -- limits
+    WHERE coalesce((SELECT min(n) FROM allowance), 2147483647) >= (SELECT n FROM room) -- limits
+    UNION ALL                                                                         -- limits
+    SELECT p.id, p.state AS from_state, a.run_slot FROM (                             -- limits
         SELECT *, row_number() OVER (PARTITION BY action                              -- limits
             ORDER BY part, CASE part WHEN 1 THEN -priority END, due_at, id) AS n      -- limits
         FROM (SELECT *, 0 AS part FROM aged UNION ALL SELECT *, 1 FROM ranked) AS u   -- limits
     ) AS p                                                                            -- limits
-    LEFT JOIN caps ON caps.scope = 'action' AND caps.name = p.action                  -- limits
-    WHERE caps.name IS NULL                                                           -- limits
-       OR p.n <= least(coalesce(caps.running_left, 2147483647),                       -- limits
-                       coalesce(caps.starts_left, 2147483647)                         -- limits
-                       - (SELECT count(*) FROM expired WHERE restart AND action = p.action)) -- limits
+    LEFT JOIN allowance a ON a.name = p.action                                        -- limits
+    WHERE coalesce((SELECT min(n) FROM allowance), 2147483647) < (SELECT n FROM room) -- limits
+      AND (a.name IS NULL OR p.n <= a.n)                                              -- limits
 ), reclaimed AS (
     UPDATE tasks t
     SET attempt = t.attempt + 1, lease_token = gen_random_uuid(),
@@ -115,6 +129,9 @@ WITH lease AS (
     UPDATE tasks t
     SET state = 'RUNNING', attempt = t.attempt + 1, lease_token = gen_random_uuid(),
         lease_expires_at = now() + make_interval(secs => coalesce(t.lease_seconds, lease.seconds)),
+        -- the shards of the limits this start counts in                               -- limits
+        action_slot = due.run_slot,                                                   -- limits
+        queue_slot = (SELECT run_slot FROM caps WHERE scope = 'queue'),               -- limits
         worker = $4, updated_at = now()
     FROM due, lease
     -- the id list steers the planner to the primary key rather than re-reading the due range
@@ -123,8 +140,8 @@ WITH lease AS (
     RETURNING t.*, due.from_state, coalesce(t.lease_seconds, lease.seconds) AS lease_for
 ), started AS (                                                                       -- limits
     -- starts of rate-limited actions, for their sliding window                       -- limits
-    INSERT INTO action_starts (action, at)                                            -- limits
-    SELECT s.action, now() FROM (SELECT action FROM claimed                           -- limits
+    INSERT INTO action_starts (action, at, slot)                                      -- limits
+    SELECT s.action, now(), caps.rate_slot FROM (SELECT action FROM claimed           -- limits
                                  UNION ALL SELECT action FROM reclaimed) AS s         -- limits
     JOIN caps ON caps.scope = 'action' AND caps.name = s.action                       -- limits
                  AND caps.starts_left IS NOT NULL                                     -- limits
@@ -140,9 +157,13 @@ WITH lease AS (
            AND queue = $1 AND action = ANY($2::text[]))
     ) AS at
 ), held_back AS (                                                                     -- limits
-    -- a limit is reached and due work remains: look again soon (a rate window: when  -- limits
-    -- it frees)                                                                      -- limits
-    SELECT min(coalesce(c.retry_in, 0.1)) AS retry_in FROM caps AS c                  -- limits
+    -- a limit is reached and due work remains: look again soon (0: another shard has -- limits
+    -- room; a rate window: when it frees)                                            -- limits
+    SELECT min(greatest(                                                              -- limits
+        CASE WHEN c.running_left <= (SELECT count(*) FROM due)                        -- limits
+             THEN coalesce(c.run_retry, 0.1) END,                                     -- limits
+        CASE WHEN c.starts_left <= (SELECT count(*) FROM due)                         -- limits
+             THEN coalesce(c.rate_retry, 0.1) END)) AS retry_in FROM caps AS c        -- limits
     WHERE (c.running_left <= (SELECT count(*) FROM due)                               -- limits
            OR c.starts_left <= (SELECT count(*) FROM due))                            -- limits
       AND (SELECT t.id FROM tasks t                                                   -- limits

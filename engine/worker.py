@@ -12,10 +12,12 @@ task runs as an asyncio task. Every statement on the hot path serves many tasks 
 
 Each claim also obeys the claim rules (engine.store.ClaimRules): aging, the queue's global
 limit (`--queue-limit`) and the actions' global and rate limits (`@handler(global_limit=,
-rate_limit=)`). An attempt that runs past its timeout (the task's, else the action's) is
-cancelled and counts as failed. Beside claiming, each worker runs the scheduler of the
-periodic tasks its modules declare (engine.schedules) and the retention loop
-(engine.retention), whose rounds run in one worker at a time.
+rate_limit=)`); a worker with limited actions claims them in a statement of their own, and
+a claim statement that found nothing rests up to QUIET_SECONDS unless a NOTIFY wakes it.
+An attempt that runs past its timeout (the task's, else the action's) is cancelled and
+counts as failed. Beside claiming, each worker runs the scheduler of the periodic tasks its
+modules declare (engine.schedules) and the retention loop (engine.retention), whose rounds
+run in one worker at a time.
 
 Each outcome is decided in `decide` and written under the task's lease token; a token that
 no longer holds the lease matches no row, so the result is dropped and logged, never forced.
@@ -57,6 +59,9 @@ log = logging.getLogger("tasklease.worker")
 CHANNEL = "tasklease"
 MAX_BATCH = 1000
 DEFAULT_AGING_SECONDS = 300.0
+# A claim statement that found nothing is not run again for this long (or until its next
+# known due time, or a NOTIFY) while the worker's other statements keep claiming.
+QUIET_SECONDS = 1.0
 
 
 @dataclass
@@ -287,6 +292,8 @@ class Worker:
         # written meanwhile, batched with others, while the next tasks are already claimed.
         self.handling = 0
         self._wake = asyncio.Event()
+        # (queue, statement) -> monotonic time before which that claim is not run again
+        self._quiet: dict[tuple[str, int], float] = {}
         self._executor = ThreadPoolExecutor(
             max_workers=config.concurrency, thread_name_prefix="tasklease-handler"
         )
@@ -403,11 +410,25 @@ class Worker:
         """Claim from each queue while slots are free. Returns (some queue had more due work
         than we could take, seconds until the next known due time or lease expiry)."""
         busy, wait = False, self.config.poll_interval
-        for queue, (leases, rules) in ((q, claim) for q in queues for claim in self.claims[q]):
+        for queue, i, (leases, rules) in (
+            (q, i, claim) for q in queues for i, claim in enumerate(self.claims[q])
+        ):
             free = self.config.concurrency - self.handling
             if free <= 0:
                 return True, 0.0
+            # A statement that found nothing lately (say, that of the limited actions while
+            # the others have a backlog) rests a moment instead of running every round.
+            now = time.monotonic()
+            quiet_until = self._quiet.get((queue, i), 0.0)
+            if quiet_until > now:
+                wait = min(wait, quiet_until - now)
+                continue
             claim = await self.store.claim(queue, leases, free, self.config.worker_id, rules)
+            if claim.leased or claim.expired:
+                self._quiet.pop((queue, i), None)
+            else:
+                rest = QUIET_SECONDS if claim.wait_seconds is None else claim.wait_seconds
+                self._quiet[(queue, i)] = now + min(QUIET_SECONDS, max(rest, 0.0))
             self.counters.count("expire", len(claim.expired))
             for task_id in claim.expired:
                 log.warning(
@@ -430,6 +451,7 @@ class Worker:
                 dropped = asyncio.Event()
                 conn.add_termination_listener(lambda _, d=dropped: d.set())
                 await conn.add_listener(CHANNEL, self._notified)
+                self._quiet.clear()
                 self._wake.set()  # anything submitted while we were not listening
                 delay = 0.5
                 await dropped.wait()
@@ -443,6 +465,8 @@ class Worker:
 
     def _notified(self, conn: Any, pid: int, channel: str, queue: str) -> None:
         if queue in self.config.queues:
+            for key in [k for k in self._quiet if k[0] == queue]:
+                del self._quiet[key]
             self._wake.set()
 
     def _start(self, claimed: Claimed) -> None:

@@ -72,6 +72,26 @@ async def test_global_limit_is_never_exceeded_across_workers(
     await assert_completed_once(conn)
 
 
+async def test_a_sharded_global_limit_is_never_exceeded_and_is_used_whole(
+    procs: Procs, store: Store, conn: asyncpg.Connection
+) -> None:
+    """global_limit=64 is counted in 2 shards of 32 whose claimers do not wait for each
+    other; three workers of concurrency 30 could run 90."""
+    await start_workers(procs, conn, 3, "--concurrency", "30")
+    n = 320
+    await store.submit_many([NewTask("test_wide_limited", '{"seconds": 0.4}') for _ in range(n)])
+    await wait_until(lambda: all_completed(conn, "test_wide_limited", n), f"{n} tasks", 90)
+    most = await most_at_once(conn, "test_wide_limited")
+    # never above the limit, and more than one shard's part at once: both shards in use
+    assert 32 < most <= 64, most
+    slots = await conn.fetch(
+        "SELECT action_slot, count(*) FROM tasks WHERE action = 'test_wide_limited' "
+        "GROUP BY 1 ORDER BY 1"
+    )
+    assert [r["action_slot"] for r in slots] == [0, 1], slots
+    await assert_completed_once(conn)
+
+
 async def test_queue_limit_is_never_exceeded_across_workers(
     procs: Procs, store: Store, conn: asyncpg.Connection
 ) -> None:
@@ -115,6 +135,29 @@ async def test_rate_limit_holds_in_every_window_across_workers(
     busiest = max(sum(1 for s in starts if t <= s < t + window) for t in starts)
     assert busiest == 5, busiest
     # 20 starts at 5 per second cannot take less than 3 seconds from first to last
+    assert starts[-1] - starts[0] >= timedelta(seconds=3)
+
+
+async def test_a_sharded_rate_limit_holds_in_every_window_across_workers(
+    procs: Procs, store: Store, conn: asyncpg.Connection
+) -> None:
+    """test_wide_rated allows 64 starts per second, counted in 2 shards of 32."""
+    await start_workers(procs, conn, 3, "--concurrency", "30")
+    n = 200
+    await store.submit_many([NewTask("test_wide_rated", "{}") for _ in range(n)])
+    await wait_until(lambda: all_completed(conn, "test_wide_rated", n), f"{n} rated tasks", 60)
+    starts = [
+        r["at"]
+        for r in await conn.fetch(
+            "SELECT h.at FROM task_transitions h JOIN tasks t ON t.id = h.task_id "
+            "WHERE t.action = 'test_wide_rated' AND h.trigger IN ('claim', 'reclaim') "
+            "ORDER BY h.at"
+        )
+    ]
+    assert len(starts) == n
+    window = timedelta(seconds=1)
+    busiest = max(sum(1 for s in starts if t <= s < t + window) for t in starts)
+    assert 32 < busiest <= 64, busiest
     assert starts[-1] - starts[0] >= timedelta(seconds=3)
 
 

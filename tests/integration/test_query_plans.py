@@ -31,7 +31,7 @@ async def claim_plan(
     conn: asyncpg.Connection, plan_mode: str, args: tuple[Any, ...]
 ) -> list[dict[str, Any]]:
     """The claim's plan, and (through auto_explain) those of the statements that
-    tasklease_claim_capacity runs inside it when a limit applies."""
+    tasklease_claim_slots runs inside it when a limit applies."""
     await conn.execute(f"""SET plan_cache_mode = {plan_mode}; LOAD 'auto_explain';
         SET auto_explain.log_min_duration = 0; SET auto_explain.log_nested_statements = on;
         SET auto_explain.log_format = json; SET auto_explain.log_analyze = on;
@@ -55,7 +55,7 @@ async def claim_plan(
         if n["Node Type"] == "Seq Scan" and n.get("Relation Name") == "tasks":
             raise AssertionError(f"the claim reads the whole tasks table: {plan[0]}\n{nested}")
     ours = {n["Index Name"] for n in inner if "Index Name" in n and n.get("Relation Name") in OURS}
-    assert ours <= ALLOWED_INDEXES | {"action_starts_action_at"}, ours
+    assert ours <= ALLOWED_INDEXES | {"action_starts_action_slot_at"}, ours
     indexes = {n["Index Name"] for n in plan if "Index Name" in n}
     assert indexes <= ALLOWED_INDEXES, indexes
     assert {"tasks_claimable", "tasks_claimable_order"} & indexes, indexes

@@ -11,6 +11,7 @@ import asyncpg
 import pytest
 
 from engine import registry
+from engine import worker as worker_module
 from engine.states import TaskState
 from engine.store import Store
 from engine.worker import Worker, WorkerConfig
@@ -261,3 +262,34 @@ async def test_survives_terminated_connections(
         await own.close()
     await assert_completed_once(conn)
     await assert_histories_are_paths(conn)
+
+
+async def test_a_claim_that_found_nothing_rests_while_the_others_drain(
+    store: Store, conn: asyncpg.Connection, workers: Running, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker runs limited actions (test_limited, test_rated, ...) and others: each round
+    claims the limited ones in a statement of their own. While only unlimited work is due,
+    that statement runs about once a second (worker.QUIET_SECONDS), not every round; a
+    submission (NOTIFY) wakes it at once."""
+    calls: list[bool] = []
+    claim = store.claim
+
+    async def counted(*args: object, **kw: object) -> object:
+        rules = args[4] if len(args) > 4 else kw.get("rules")
+        calls.append(bool(getattr(rules, "actions", None)))
+        return await claim(*args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(store, "claim", counted)
+    ids = [await submit(store, "noop") for _ in range(600)]
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    workers.start(store, concurrency=3)
+    await wait_until(lambda: _all(conn, ids), "600 noop tasks", 60)
+    seconds = loop.time() - began
+    limited, plain = calls.count(True), calls.count(False)
+    assert plain >= 200, plain  # at most 3 per claim
+    # once at the start, then at most once per quiet second
+    assert limited <= 2 + seconds / worker_module.QUIET_SECONDS, (limited, plain, seconds)
+    # a limited task submitted now is claimed without waiting out the rest
+    limited_id = await submit(store, "test_limited", '{"seconds": 0}')
+    await wait_until(done(conn, limited_id, S.COMPLETED), "the limited task", 30)

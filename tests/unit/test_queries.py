@@ -43,7 +43,7 @@ def test_the_claim_has_a_form_without_limits_and_one_with() -> None:
     params = re.compile(r"\$(\d+)")
     assert {int(n) for n in params.findall(CLAIM)} == set(range(1, 7))
     assert {int(n) for n in params.findall(CLAIM_LIMITED)} == set(range(1, 12))
-    assert "tasklease_claim_capacity" not in CLAIM and "action_starts" not in CLAIM
-    assert "tasklease_claim_capacity" in CLAIM_LIMITED
+    assert "tasklease_claim_slots" not in CLAIM and "action_starts" not in CLAIM
+    assert "tasklease_claim_slots" in CLAIM_LIMITED
     for sql in (CLAIM, CLAIM_LIMITED):
         assert "-- limits" not in sql and "-- no limits" not in sql

@@ -1,0 +1,179 @@
+"""tasklease_claim_slots, the function behind global limits: a limit is split into shards,
+each under its own advisory lock, so that claimers of one limited key do not wait for each
+other, and each shard counts exactly what was started in it (docs/scheduling.md)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import asyncpg
+
+from engine.states import TaskState
+from engine.store import Store
+from tests.support.db import force_state, submit, wait_until
+
+SLOTS = "SELECT * FROM tasklease_claim_slots($1, $2, $3, $4, $5, $6, $7)"
+
+
+def running(limit: int) -> tuple[Any, ...]:
+    """Arguments for a claim of noop under a concurrency limit, wanting 10."""
+    return ("default", None, ["noop"], [limit], [None], [None], 10)
+
+
+def rated(limit: int) -> tuple[Any, ...]:
+    return ("default", None, ["noop"], [None], [limit], [1.0], 10)
+
+
+@asynccontextmanager
+async def claimer(db: str) -> AsyncIterator[asyncpg.Connection]:
+    """A connection inside a transaction: the shards it takes stay held until the end."""
+    conn = await asyncpg.connect(db)
+    tr = conn.transaction()
+    await tr.start()
+    try:
+        yield conn
+    finally:
+        await tr.rollback()
+        await conn.close()
+
+
+async def test_claimers_take_different_shards_whose_parts_add_up_to_the_limit(db: str) -> None:
+    async with claimer(db) as a, claimer(db) as b, claimer(db) as c:
+        rows = [await x.fetchrow(SLOTS, *running(100)) for x in (a, b, c)]
+    # 100 = three shards (100 // 32) of 34, 33, 33: each claimer got one while the others
+    # held theirs, without waiting
+    assert sorted(r["run_slot"] for r in rows) == [0, 1, 2], rows
+    assert sorted(r["running_left"] for r in rows) == [33, 33, 34], rows
+    assert {r["starts_left"] for r in rows} == {None}
+
+
+async def test_a_small_limit_is_one_shard_and_claimers_take_turns(db: str) -> None:
+    async with claimer(db) as a:
+        first = await a.fetchrow(SLOTS, *running(31))
+        assert (first["run_slot"], first["running_left"]) == (0, 31)
+        async with claimer(db) as b:
+            pid = await b.fetchval("SELECT pg_backend_pid()")
+            waiting = asyncio.ensure_future(b.fetchrow(SLOTS, *running(31)))
+
+            async def blocked() -> bool:
+                return bool(
+                    await a.fetchval(
+                        "SELECT wait_event = 'advisory' FROM pg_stat_activity WHERE pid = $1",
+                        pid,
+                    )
+                )
+
+            await wait_until(blocked, "the second claimer to wait for the shard's lock", 10)
+            assert not waiting.done()
+            await a.execute("COMMIT; BEGIN")  # the first claim ends: its lock goes
+            second = await asyncio.wait_for(waiting, 10)
+            # it saw the first claim, which may have started 10 (its bound says so)
+            assert (second["run_slot"], second["running_left"]) == (0, 21)
+
+
+async def test_when_every_shard_is_held_a_claimer_waits_for_one(db: str) -> None:
+    async with claimer(db) as a, claimer(db) as b:
+        held = {(await x.fetchrow(SLOTS, *running(64)))["run_slot"] for x in (a, b)}
+        assert held == {0, 1}
+        async with claimer(db) as c:
+            pid = await c.fetchval("SELECT pg_backend_pid()")
+            waiting = asyncio.ensure_future(c.fetchrow(SLOTS, *running(64)))
+
+            async def blocked() -> bool:
+                return bool(
+                    await a.fetchval(
+                        "SELECT wait_event = 'advisory' FROM pg_stat_activity WHERE pid = $1",
+                        pid,
+                    )
+                )
+
+            await wait_until(blocked, "the third claimer to wait for a shard", 10)
+            await a.execute("ROLLBACK; BEGIN")
+            await b.execute("ROLLBACK; BEGIN")
+            got = await asyncio.wait_for(waiting, 10)
+            assert got["run_slot"] in (0, 1) and got["running_left"] == 32
+
+
+async def test_a_shard_counts_the_running_tasks_started_in_it(
+    store: Store, conn: asyncpg.Connection, db: str
+) -> None:
+    """64 = 2 shards of 32. Tasks without a shard (claimed before limits were sharded), or
+    with one the limit no longer has, count in shard 0; finished ones count nowhere."""
+    placed = {0: 10, 1: 5, None: 3, 7: 2}
+    for slot, n in placed.items():
+        for _ in range(n):
+            task_id = await submit(store)
+            await force_state(conn, task_id, TaskState.RUNNING)
+            await conn.execute("UPDATE tasks SET action_slot = $2 WHERE id = $1", task_id, slot)
+    done = await submit(store)
+    await force_state(conn, done, TaskState.COMPLETED)
+    await conn.execute("UPDATE tasks SET action_slot = 1 WHERE id = $1", done)
+    seen: dict[int, int] = {}
+    async with claimer(db) as a, claimer(db) as b:
+        for x in (a, b):
+            row = await x.fetchrow(SLOTS, *running(64))
+            seen[row["run_slot"]] = row["running_left"]
+            # another shard has room: a claim that fills this one may look again at once
+            assert row["run_retry"] == 0
+    assert seen == {0: 32 - 10 - 3 - 2, 1: 32 - 5}
+
+
+async def test_a_rate_shard_counts_and_clears_its_own_window(
+    conn: asyncpg.Connection, db: str
+) -> None:
+    """64 starts per second = 2 shards of 32, each with its own sliding window."""
+    await conn.execute("""
+        INSERT INTO action_starts (action, at, slot)
+        SELECT 'noop', now(), s FROM unnest(ARRAY[0, 0, 0, 0, 1, 1, NULL, NULL]) AS s;
+        INSERT INTO action_starts (action, at, slot)
+        SELECT 'noop', now() - interval '5 seconds', s FROM unnest(ARRAY[0, 1, NULL]) AS s;
+        INSERT INTO action_starts (action, at, slot) VALUES ('other', now(), 0)""")
+    seen: dict[int, int] = {}
+    async with claimer(db) as a, claimer(db) as b:
+        for x in (a, b):
+            row = await x.fetchrow(SLOTS, *rated(64))
+            seen[row["rate_slot"]] = row["starts_left"]
+            assert row["running_left"] is None
+        await a.execute("COMMIT")
+        await b.execute("COMMIT")
+        await a.execute("BEGIN")
+        await b.execute("BEGIN")
+    assert seen == {0: 32 - 4 - 2, 1: 32 - 2}
+    # each shard's holder deleted its own starts older than the period, strays by shard 0
+    left = await conn.fetch(
+        "SELECT action, coalesce(slot, -1) AS slot FROM action_starts ORDER BY 1, 2"
+    )
+    assert [(r["action"], r["slot"]) for r in left] == (
+        [("noop", -1)] * 2 + [("noop", 0)] * 4 + [("noop", 1)] * 2 + [("other", 0)]
+    )
+
+
+async def test_a_shard_is_counted_again_when_its_bound_leaves_too_little_room(
+    store: Store, conn: asyncpg.Connection
+) -> None:
+    """Limit 31 (one shard), 5 tasks running. The bound stands for the count while it
+    leaves room for the whole claim (10); else the shard is counted again."""
+    for _ in range(5):
+        task_id = await submit(store)
+        await force_state(conn, task_id, TaskState.RUNNING)
+        await conn.execute("UPDATE tasks SET action_slot = 0 WHERE id = $1", task_id)
+    key = "action:noop/1#0"
+
+    async def claim_with_bound(bound: int) -> tuple[int, int]:
+        await conn.execute(
+            "INSERT INTO limit_bounds (key, bound) VALUES ($1, $2) "
+            "ON CONFLICT (key) DO UPDATE SET bound = excluded.bound",
+            key,
+            bound,
+        )
+        left = (await conn.fetchrow(SLOTS, *running(31)))["running_left"]
+        return left, await conn.fetchval("SELECT bound FROM limit_bounds WHERE key = $1", key)
+
+    # 30 + 10 > 31: counted (5), and the bound is now 5 + the 10 this claim may start
+    assert await claim_with_bound(30) == (26, 15)
+    # 0 + 10 <= 31: the bound stands for the count, none is made. (The function never
+    # writes a bound below the truth; this test does, to show that nothing was counted.)
+    assert await claim_with_bound(0) == (31, 10)
