@@ -35,9 +35,11 @@ CREATE TABLE limit_bounds (
 -- L / shards, plus one for the first L mod shards. Each shard has its own transaction-scoped
 -- advisory lock. Per limited key (the queue; each action's concurrency; each action's rate),
 -- in key order, the claim takes the first shard whose lock is free, trying from a random
--- one; only when all are held does it wait, for one. It then counts what is in that shard
+-- one; only when all are held does it wait, for one. It then reads what the shard holds
 -- with a snapshot taken after the lock (the function is VOLATILE), so it sees every claim
--- committed in the shard by whoever held it before, and may take at most the shard's room.
+-- committed in the shard by whoever held it before: the shard's bound (limit_bounds) when
+-- that leaves room for the whole claim, else an exact count. It may take at most the
+-- shard's room, and sets the bound to what the shard holds plus what it may start.
 -- The claim records the shard in the task (queue_slot, action_slot) or the start
 -- (action_starts.slot); a shard's count changes upwards only under its lock, so no shard
 -- exceeds its part, and the shards' parts add up to L. A slot that is NULL or not a shard
@@ -48,8 +50,9 @@ CREATE TABLE limit_bounds (
 --
 -- One row per limited key of the queue and per limited action: running_left (NULL: no
 -- concurrency limit) and run_slot; starts_left (NULL: no rate limit) and rate_slot; and for
--- each, when the claim fills its shard, when to look again: 0 if another shard has room now,
--- the seconds until a rate window frees a start, or NULL (the caller's default).
+-- each, when the claim fills its shard, when to look again: 0 if another shard had room
+-- when counted, the seconds until a rate window frees a start, or NULL (the caller's
+-- default).
 CREATE FUNCTION tasklease_claim_slots(
     p_queue text, p_queue_max integer,
     p_actions text[], p_max_running integer[], p_rate integer[], p_period float8[],
