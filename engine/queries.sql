@@ -28,7 +28,8 @@ FROM task_transitions WHERE task_id = $1 ORDER BY id;
 -- aging on ($6 seconds) about half of each claim goes to tasks due for longer than that,
 -- oldest first, so no priority starves another. SKIP LOCKED lets workers claim side by side.
 -- A last row (trigger 'wait') says in how many seconds to look again: the next due time or
--- lease expiry, or, when a limit held due work back, when it may let some through.
+-- lease expiry, or, when a limit held due work back (trigger 'held'), when it may let some
+-- through.
 -- Two forms (engine/queries.py): lines marked `-- limits` are only in the form used when a
 -- global limit applies ($7 running tasks of the queue; per action $8: $9 running tasks, $10
 -- starts per $11 seconds; tasklease_claim_slots says how many more this claim may start, in
@@ -194,8 +195,11 @@ SELECT 'expire', 'RUNNING', id, NULL, NULL, NULL, attempt, NULL, NULL, NULL, NUL
        NULL, NULL
 FROM dead
 UNION ALL
-SELECT 'wait', NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
+SELECT 'wait', NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, -- no limits
        extract(epoch FROM at - now())::float8                                         -- no limits
+-- 'held': a limit held due work back                                                 -- limits
+SELECT CASE WHEN (SELECT retry_in FROM held_back) IS NULL THEN 'wait' ELSE 'held' END, -- limits
+       NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,  -- limits
        least(extract(epoch FROM at - now())::float8, (SELECT retry_in FROM held_back)) -- limits
 FROM wake;
 

@@ -113,6 +113,7 @@ class Claim:
     leased: list[Claimed]
     expired: list[int]  # ids whose lease ran out on their last attempt: now DEAD
     wait_seconds: float | None  # until the next task comes due or lease runs out
+    held_back: bool = False  # a global limit held due work back
 
 
 class Store:
@@ -265,15 +266,15 @@ class Store:
             rows = await self.pool.fetch(CLAIM_LIMITED, *args)
         else:
             rows = await self.pool.fetch(CLAIM, *args)
-        leased, expired, wait = [], [], None
+        leased, expired, wait, held = [], [], None, False
         for r in rows:
-            if r["trigger"] == "wait":
-                wait = r["wait_seconds"]
+            if r["trigger"] in ("wait", "held"):
+                wait, held = r["wait_seconds"], r["trigger"] == "held"
             elif r["trigger"] == "expire":
                 expired.append(r["id"])
             else:
                 leased.append(Claimed(*r[:14]))
-        return Claim(leased, expired, wait)
+        return Claim(leased, expired, wait, held)
 
     async def heartbeat(
         self, task_id: int, token: uuid.UUID, lease_seconds: float

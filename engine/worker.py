@@ -198,9 +198,12 @@ class Outcomes:
     committed before its reply was lost.
     """
 
-    def __init__(self, store: Store, give_up: asyncio.Event) -> None:
+    def __init__(
+        self, store: Store, give_up: asyncio.Event, written: Callable[[], None] = lambda: None
+    ) -> None:
         self.store = store
         self.give_up = give_up
+        self.written = written  # called after a write that moved tasks out of RUNNING
         self.writers: dict[str, Callable[[Sequence[Any]], Awaitable[set[int]]]] = {
             "complete": store.complete_many,
             "fail": store.fail_many,
@@ -261,6 +264,8 @@ class Outcomes:
                 for one in batch:
                     await self._write(kind, [one])
                 return
+        if moved:
+            self.written()
         for item, future in batch:
             done = item[0] in moved
             if not done and retried:
@@ -294,10 +299,12 @@ class Worker:
         self._wake = asyncio.Event()
         # (queue, statement) -> monotonic time before which that claim is not run again
         self._quiet: dict[tuple[str, int], float] = {}
+        # claims a global limit held back: tried again as soon as outcomes free some room
+        self._held: set[tuple[str, int]] = set()
         self._executor = ThreadPoolExecutor(
             max_workers=config.concurrency, thread_name_prefix="tasklease-handler"
         )
-        self.outcomes = Outcomes(store, self._force)
+        self.outcomes = Outcomes(store, self._force, self._outcomes_written)
         self.counters = Counters()
         self.stats = self.counters.transitions
         self.reporter = Reporter(
@@ -424,6 +431,8 @@ class Worker:
                 wait = min(wait, quiet_until - now)
                 continue
             claim = await self.store.claim(queue, leases, free, self.config.worker_id, rules)
+            if claim.held_back:
+                self._held.add((queue, i))
             if claim.leased or claim.expired:
                 self._quiet.pop((queue, i), None)
             else:
@@ -440,6 +449,17 @@ class Worker:
             if claim.wait_seconds is not None:
                 wait = min(wait, max(claim.wait_seconds, 0.0))
         return busy, wait
+
+    def _outcomes_written(self) -> None:
+        """Tasks left RUNNING: a claim that a global limit held back may get through now.
+        (A task counts against a limit until its outcome is written, and this worker claims
+        again as soon as a handler returns: waiting out a fixed pause instead would leave
+        slots idle while the limit is in fact free.)"""
+        if self._held:
+            for key in self._held:
+                self._quiet.pop(key, None)
+            self._held.clear()
+            self._wake.set()
 
     async def _listen(self) -> None:
         """LISTEN for submissions on a connection of its own; reconnect when it drops."""

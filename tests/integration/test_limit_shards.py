@@ -12,7 +12,7 @@ from typing import Any
 import asyncpg
 
 from engine.states import TaskState
-from engine.store import Store
+from engine.store import ActionLimit, ClaimRules, Store
 from tests.support.db import force_state, submit, wait_until
 
 SLOTS = "SELECT * FROM tasklease_claim_slots($1, $2, $3, $4, $5, $6, $7)"
@@ -42,21 +42,21 @@ async def claimer(db: str) -> AsyncIterator[asyncpg.Connection]:
 
 async def test_claimers_take_different_shards_whose_parts_add_up_to_the_limit(db: str) -> None:
     async with claimer(db) as a, claimer(db) as b, claimer(db) as c:
-        rows = [await x.fetchrow(SLOTS, *running(100)) for x in (a, b, c)]
-    # 100 = three shards (100 // 32) of 34, 33, 33: each claimer got one while the others
-    # held theirs, without waiting
+        rows = [await x.fetchrow(SLOTS, *running(400)) for x in (a, b, c)]
+    # 400 = three shards (400 // 128) of 134, 133, 133: each claimer got one while the
+    # others held theirs, without waiting
     assert sorted(r["run_slot"] for r in rows) == [0, 1, 2], rows
-    assert sorted(r["running_left"] for r in rows) == [33, 33, 34], rows
+    assert sorted(r["running_left"] for r in rows) == [133, 133, 134], rows
     assert {r["starts_left"] for r in rows} == {None}
 
 
 async def test_a_small_limit_is_one_shard_and_claimers_take_turns(db: str) -> None:
     async with claimer(db) as a:
-        first = await a.fetchrow(SLOTS, *running(31))
-        assert (first["run_slot"], first["running_left"]) == (0, 31)
+        first = await a.fetchrow(SLOTS, *running(127))
+        assert (first["run_slot"], first["running_left"]) == (0, 127)
         async with claimer(db) as b:
             pid = await b.fetchval("SELECT pg_backend_pid()")
-            waiting = asyncio.ensure_future(b.fetchrow(SLOTS, *running(31)))
+            waiting = asyncio.ensure_future(b.fetchrow(SLOTS, *running(127)))
 
             async def blocked() -> bool:
                 return bool(
@@ -71,16 +71,16 @@ async def test_a_small_limit_is_one_shard_and_claimers_take_turns(db: str) -> No
             await a.execute("COMMIT; BEGIN")  # the first claim ends: its lock goes
             second = await asyncio.wait_for(waiting, 10)
             # it saw the first claim, which may have started 10 (its bound says so)
-            assert (second["run_slot"], second["running_left"]) == (0, 21)
+            assert (second["run_slot"], second["running_left"]) == (0, 117)
 
 
 async def test_when_every_shard_is_held_a_claimer_waits_for_one(db: str) -> None:
     async with claimer(db) as a, claimer(db) as b:
-        held = {(await x.fetchrow(SLOTS, *running(64)))["run_slot"] for x in (a, b)}
+        held = {(await x.fetchrow(SLOTS, *running(256)))["run_slot"] for x in (a, b)}
         assert held == {0, 1}
         async with claimer(db) as c:
             pid = await c.fetchval("SELECT pg_backend_pid()")
-            waiting = asyncio.ensure_future(c.fetchrow(SLOTS, *running(64)))
+            waiting = asyncio.ensure_future(c.fetchrow(SLOTS, *running(256)))
 
             async def blocked() -> bool:
                 return bool(
@@ -94,13 +94,13 @@ async def test_when_every_shard_is_held_a_claimer_waits_for_one(db: str) -> None
             await a.execute("ROLLBACK; BEGIN")
             await b.execute("ROLLBACK; BEGIN")
             got = await asyncio.wait_for(waiting, 10)
-            assert got["run_slot"] in (0, 1) and got["running_left"] == 32
+            assert got["run_slot"] in (0, 1) and got["running_left"] == 128
 
 
 async def test_a_shard_counts_the_running_tasks_started_in_it(
     store: Store, conn: asyncpg.Connection, db: str
 ) -> None:
-    """64 = 2 shards of 32. Tasks without a shard (claimed before limits were sharded), or
+    """256 = 2 shards of 128. Tasks without a shard (claimed before limits were sharded), or
     with one the limit no longer has, count in shard 0; finished ones count nowhere."""
     placed = {0: 10, 1: 5, None: 3, 7: 2}
     for slot, n in placed.items():
@@ -114,17 +114,17 @@ async def test_a_shard_counts_the_running_tasks_started_in_it(
     seen: dict[int, int] = {}
     async with claimer(db) as a, claimer(db) as b:
         for x in (a, b):
-            row = await x.fetchrow(SLOTS, *running(64))
+            row = await x.fetchrow(SLOTS, *running(256))
             seen[row["run_slot"]] = row["running_left"]
             # another shard has room: a claim that fills this one may look again at once
             assert row["run_retry"] == 0
-    assert seen == {0: 32 - 10 - 3 - 2, 1: 32 - 5}
+    assert seen == {0: 128 - 10 - 3 - 2, 1: 128 - 5}
 
 
 async def test_a_rate_shard_counts_and_clears_its_own_window(
     conn: asyncpg.Connection, db: str
 ) -> None:
-    """64 starts per second = 2 shards of 32, each with its own sliding window."""
+    """256 starts per second = 2 shards of 128, each with its own sliding window."""
     await conn.execute("""
         INSERT INTO action_starts (action, at, slot)
         SELECT 'noop', now(), s FROM unnest(ARRAY[0, 0, 0, 0, 1, 1, NULL, NULL]) AS s;
@@ -134,14 +134,14 @@ async def test_a_rate_shard_counts_and_clears_its_own_window(
     seen: dict[int, int] = {}
     async with claimer(db) as a, claimer(db) as b:
         for x in (a, b):
-            row = await x.fetchrow(SLOTS, *rated(64))
+            row = await x.fetchrow(SLOTS, *rated(256))
             seen[row["rate_slot"]] = row["starts_left"]
             assert row["running_left"] is None
         await a.execute("COMMIT")
         await b.execute("COMMIT")
         await a.execute("BEGIN")
         await b.execute("BEGIN")
-    assert seen == {0: 32 - 4 - 2, 1: 32 - 2}
+    assert seen == {0: 128 - 4 - 2, 1: 128 - 2}
     # each shard's holder deleted its own starts older than the period, strays by shard 0
     left = await conn.fetch(
         "SELECT action, coalesce(slot, -1) AS slot FROM action_starts ORDER BY 1, 2"
@@ -177,3 +177,19 @@ async def test_a_shard_is_counted_again_when_its_bound_leaves_too_little_room(
     # 0 + 10 <= 31: the bound stands for the count, none is made. (The function never
     # writes a bound below the truth; this test does, to show that nothing was counted.)
     assert await claim_with_bound(0) == (31, 10)
+
+
+async def test_a_claim_says_when_a_limit_held_due_work_back(store: Store) -> None:
+    """The worker tries such a claim again as soon as its outcomes free some room."""
+    rules = ClaimRules(None, None, {"noop": ActionLimit(max_running=3)})
+    for _ in range(5):
+        await submit(store)
+    first = await store.claim("default", {"noop": 30.0}, 10, "w", rules)
+    assert (len(first.leased), first.held_back) == (3, True)
+    assert first.wait_seconds is not None and first.wait_seconds <= 0.1
+    # without a limit in the way the same kind of claim is not held back
+    free = await store.claim("default", {"noop": 30.0}, 1, "w", ClaimRules(None, None, {}))
+    assert (len(free.leased), free.held_back) == (1, False)
+    roomy = ClaimRules(None, None, {"noop": ActionLimit(max_running=100)})
+    rest = await store.claim("default", {"noop": 30.0}, 10, "w", roomy)
+    assert (len(rest.leased), rest.held_back) == (1, False)

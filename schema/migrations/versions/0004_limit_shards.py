@@ -31,7 +31,7 @@ CREATE TABLE limit_bounds (
 -- How many more tasks a claim may start under the global limits that apply to it, and in
 -- which shard. Called by task_claim_due only when a limit applies (docs/scheduling.md).
 --
--- A limit L is split into shards: min(16, max(1, L / 32)) of them, shard s holding
+-- A limit L is split into shards: min(16, max(1, L / 128)) of them, shard s holding
 -- L / shards, plus one for the first L mod shards. Each shard has its own transaction-scoped
 -- advisory lock. Per limited key (the queue; each action's concurrency; each action's rate),
 -- in key order, the claim takes the first shard whose lock is free, trying from a random
@@ -95,7 +95,7 @@ BEGIN
             WHERE u.r IS NOT NULL
         ) AS keys ORDER BY key
     LOOP
-        v_shards := greatest(least(k.lim / 32, 16), 1);
+        v_shards := greatest(least(k.lim / 128, 16), 1);
         v_first := floor(random() * v_shards)::integer;
         v_slot := NULL;
         FOR j IN 0 .. v_shards - 1 LOOP
