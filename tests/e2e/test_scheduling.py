@@ -35,8 +35,9 @@ async def start_workers(procs: Procs, conn: asyncpg.Connection, n: int, *args: s
 
 
 async def most_at_once(conn: asyncpg.Connection, action: str) -> int:
-    """The most handler runs of `action` that overlapped in time (database clock), over
-    every worker: each run is [start, finish]; a sweep over the sorted ends counts them."""
+    """The most handler runs of `action` that overlapped in time, over every worker: each
+    run is [start, finish] (the machine's clock, shared by every process of the test, each
+    run inside the task's RUNNING time); a sweep over the sorted ends counts them."""
     rows = await conn.fetch(
         "SELECT e.at, e.finished_at FROM executions e JOIN tasks t ON t.id = e.task_id "
         "WHERE t.action = $1",
