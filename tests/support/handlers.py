@@ -39,17 +39,16 @@ async def record(ctx: TaskContext) -> int:
         await conn.close()
 
 
-_pool: asyncio.Future[asyncpg.Pool] | None = None
+_pools: dict[str, asyncio.Future[asyncpg.Pool]] = {}
 
 
 def shared_pool() -> asyncio.Future[asyncpg.Pool]:
-    """A few connections per worker process, for handlers that many run at once."""
-    global _pool
-    if _pool is None:
-        _pool = asyncio.ensure_future(
-            asyncpg.create_pool(os.environ["DATABASE_URL"], min_size=1, max_size=4)
-        )
-    return _pool
+    """A few connections per worker process (per test database, for workers run inside
+    the tests' process), for handlers that many run at once."""
+    dsn = os.environ["DATABASE_URL"]
+    if dsn not in _pools:
+        _pools[dsn] = asyncio.ensure_future(asyncpg.create_pool(dsn, min_size=1, max_size=4))
+    return _pools[dsn]
 
 
 async def run_timed(ctx: TaskContext, seconds: float) -> None:
