@@ -160,13 +160,11 @@ WITH lease AS (
 ), held_back AS (                                                                     -- limits
     -- a limit is reached and due work remains: look again soon (0: another shard has -- limits
     -- room; a rate window: when it frees)                                            -- limits
-    SELECT min(greatest(                                                              -- limits
-        CASE WHEN c.running_left <= (SELECT count(*) FROM due)                        -- limits
-             THEN coalesce(c.run_retry, 0.1) END,                                     -- limits
-        CASE WHEN c.starts_left <= (SELECT count(*) FROM due)                         -- limits
-             THEN coalesce(c.rate_retry, 0.1) END)) AS retry_in FROM caps AS c        -- limits
-    WHERE (c.running_left <= (SELECT count(*) FROM due)                               -- limits
-           OR c.starts_left <= (SELECT count(*) FROM due))                            -- limits
+    SELECT min(greatest(CASE WHEN c.running_left <= d.n THEN coalesce(c.run_retry, 0.1) END, -- limits
+                        CASE WHEN c.starts_left <= d.n THEN coalesce(c.rate_retry, 0.1) END)) -- limits
+           AS retry_in                                                                -- limits
+    FROM caps AS c, (SELECT count(*) AS n FROM due) AS d                              -- limits
+    WHERE (c.running_left <= d.n OR c.starts_left <= d.n)                             -- limits
       AND (SELECT t.id FROM tasks t                                                   -- limits
            WHERE t.queue = $1 AND t.state IN ('PENDING', 'FAILED') AND t.due_at <= now() -- limits
              AND t.action = ANY($2::text[]) AND t.id <> ALL(ARRAY(SELECT id FROM due)) -- limits

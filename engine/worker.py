@@ -400,7 +400,7 @@ class Worker:
     ) -> list[tuple[dict[str, float], ClaimRules]]:
         """The claims of one round in `queue`: (actions with their leases, rules) each.
 
-        Only claimers of a limited key take turns under its lock, so the actions with a
+        Only claimers of a limited key take its (shards') locks, so the actions with a
         global or rate limit are claimed apart from the others, first (else a backlog of the
         others would fill every slot before them); the others are claimed without any lock.
         A queue with a limit of its own is claimed in one statement under that limit."""

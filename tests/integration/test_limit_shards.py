@@ -40,6 +40,25 @@ async def claimer(db: str) -> AsyncIterator[asyncpg.Connection]:
         await conn.close()
 
 
+async def claim_that_waits(
+    watcher: asyncpg.Connection, waiter: asyncpg.Connection, limit: int, what: str
+) -> asyncio.Future[asyncpg.Record]:
+    """Start `waiter`'s claim and return it once PostgreSQL shows it waiting for a shard's
+    advisory lock (seen from `watcher`)."""
+    pid = await waiter.fetchval("SELECT pg_backend_pid()")
+    waiting = asyncio.ensure_future(waiter.fetchrow(SLOTS, *running(limit)))
+
+    async def blocked() -> bool:
+        return bool(
+            await watcher.fetchval(
+                "SELECT wait_event = 'advisory' FROM pg_stat_activity WHERE pid = $1", pid
+            )
+        )
+
+    await wait_until(blocked, what, 10)
+    return waiting
+
+
 async def test_claimers_take_different_shards_whose_parts_add_up_to_the_limit(db: str) -> None:
     async with claimer(db) as a, claimer(db) as b, claimer(db) as c:
         rows = [await x.fetchrow(SLOTS, *running(400)) for x in (a, b, c)]
@@ -55,18 +74,7 @@ async def test_a_small_limit_is_one_shard_and_claimers_take_turns(db: str) -> No
         first = await a.fetchrow(SLOTS, *running(127))
         assert (first["run_slot"], first["running_left"]) == (0, 127)
         async with claimer(db) as b:
-            pid = await b.fetchval("SELECT pg_backend_pid()")
-            waiting = asyncio.ensure_future(b.fetchrow(SLOTS, *running(127)))
-
-            async def blocked() -> bool:
-                return bool(
-                    await a.fetchval(
-                        "SELECT wait_event = 'advisory' FROM pg_stat_activity WHERE pid = $1",
-                        pid,
-                    )
-                )
-
-            await wait_until(blocked, "the second claimer to wait for the shard's lock", 10)
+            waiting = await claim_that_waits(a, b, 127, "the second claimer to wait")
             assert not waiting.done()
             await a.execute("COMMIT; BEGIN")  # the first claim ends: its lock goes
             second = await asyncio.wait_for(waiting, 10)
@@ -79,18 +87,7 @@ async def test_when_every_shard_is_held_a_claimer_waits_for_one(db: str) -> None
         held = {(await x.fetchrow(SLOTS, *running(256)))["run_slot"] for x in (a, b)}
         assert held == {0, 1}
         async with claimer(db) as c:
-            pid = await c.fetchval("SELECT pg_backend_pid()")
-            waiting = asyncio.ensure_future(c.fetchrow(SLOTS, *running(256)))
-
-            async def blocked() -> bool:
-                return bool(
-                    await a.fetchval(
-                        "SELECT wait_event = 'advisory' FROM pg_stat_activity WHERE pid = $1",
-                        pid,
-                    )
-                )
-
-            await wait_until(blocked, "the third claimer to wait for a shard", 10)
+            waiting = await claim_that_waits(a, c, 256, "the third claimer to wait for a shard")
             await a.execute("ROLLBACK; BEGIN")
             await b.execute("ROLLBACK; BEGIN")
             got = await asyncio.wait_for(waiting, 10)
