@@ -118,6 +118,44 @@ async def test_a_shard_counts_the_running_tasks_started_in_it(
     assert seen == {0: 128 - 10 - 3 - 2, 1: 128 - 5}
 
 
+async def test_a_claim_that_its_shard_cannot_hold_moves_to_the_emptiest_free_one(
+    store: Store, conn: asyncpg.Connection, db: str
+) -> None:
+    """256 = 2 shards of 128: 120 tasks run in shard 0, 5 in shard 1, and both bounds are too
+    high to stand for a count, shard 0's the lower (so it is tried first). Shard 0 has room
+    for 8 of the 10 wanted: the claim moves to shard 1 when its lock is free, and stays
+    (taking 8, told to look again at once) when it is not."""
+    for slot, n in {0: 120, 1: 5}.items():
+        for _ in range(n):
+            task_id = await submit(store)
+            await force_state(conn, task_id, TaskState.RUNNING)
+            await conn.execute("UPDATE tasks SET action_slot = $2 WHERE id = $1", task_id, slot)
+
+    async def bounds(zero: int, one: int) -> None:
+        await conn.execute(
+            "INSERT INTO limit_bounds (key, bound) VALUES ('action:noop/2#0', $1), "
+            "('action:noop/2#1', $2) ON CONFLICT (key) DO UPDATE SET bound = excluded.bound",
+            zero,
+            one,
+        )
+
+    await bounds(121, 200)
+    async with claimer(db) as a:
+        row = await a.fetchrow(SLOTS, *running(256))
+        assert (row["run_slot"], row["running_left"]) == (1, 123)
+        written = await a.fetch("SELECT key, bound FROM limit_bounds ORDER BY key")
+    # the shard left behind was counted under its lock: its bound is that count
+    assert [tuple(r) for r in written] == [("action:noop/2#0", 120), ("action:noop/2#1", 15)]
+
+    await bounds(121, 200)
+    async with claimer(db) as a, claimer(db) as b:
+        await b.execute(
+            "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", "tasklease.limit:action:noop#1"
+        )
+        row = await a.fetchrow(SLOTS, *running(256))
+        assert (row["run_slot"], row["running_left"], row["run_retry"]) == (0, 8, 0)
+
+
 async def test_a_rate_shard_counts_and_clears_its_own_window(
     conn: asyncpg.Connection, db: str
 ) -> None:

@@ -34,12 +34,15 @@ CREATE TABLE limit_bounds (
 -- A limit L is split into shards: min(16, max(1, L / 128)) of them, shard s holding
 -- L / shards, plus one for the first L mod shards. Each shard has its own transaction-scoped
 -- advisory lock. Per limited key (the queue; each action's concurrency; each action's rate),
--- in key order, the claim takes the first shard whose lock is free, trying from a random
--- one; only when all are held does it wait, for one. It then reads what the shard holds
--- with a snapshot taken after the lock (the function is VOLATILE), so it sees every claim
--- committed in the shard by whoever held it before: the shard's bound (limit_bounds) when
--- that leaves room for the whole claim, else an exact count. It may take at most the
--- shard's room, and sets the bound to what the shard holds plus what it may start.
+-- in key order, the claim takes the first shard whose lock is free, trying them by their
+-- bounds, the lowest first (ties at random); only when all are held does it wait, for one.
+-- It then reads what the shard holds with a snapshot taken after the lock (the function is
+-- VOLATILE), so it sees every claim committed in the shard by whoever held it before: the
+-- shard's bound (limit_bounds) when that leaves room for the whole claim, else an exact
+-- count. A concurrency shard counted too full for the claim is swapped, once, for the
+-- emptiest other shard by that count if its lock is free (counted again under it). The
+-- claim may take at most the shard's room, and sets the bound to what the shard holds plus
+-- what it may start.
 -- The claim records the shard in the task (queue_slot, action_slot) or the start
 -- (action_starts.slot); a shard's count changes upwards only under its lock, so no shard
 -- exceeds its part, and the shards' parts add up to L. A slot that is NULL or not a shard
@@ -65,10 +68,13 @@ DECLARE
     k record;
     v_shards integer;
     v_first integer;
+    v_try integer;
+    v_prefix text;
     v_slot integer;
     v_cap integer;
     v_used integer;
-    v_total integer;
+    v_counts integer[];
+    v_moved boolean;
     v_left integer;
     v_bound_key text;
     v_retry float8;
@@ -96,12 +102,18 @@ BEGIN
         ) AS keys ORDER BY key
     LOOP
         v_shards := greatest(least(k.lim / 128, 16), 1);
-        v_first := floor(random() * v_shards)::integer;
+        v_prefix := k.key || coalesce('/' || k.period, '') || '/' || v_shards || '#';
+        v_first := NULL;
         v_slot := NULL;
-        FOR j IN 0 .. v_shards - 1 LOOP
+        FOR v_try IN
+            SELECT g.s FROM generate_series(0, v_shards - 1) AS g(s)
+            LEFT JOIN limit_bounds b ON b.key = v_prefix || g.s
+            ORDER BY coalesce(b.bound, 0), random()
+        LOOP
+            v_first := coalesce(v_first, v_try);
             IF pg_try_advisory_xact_lock(hashtextextended(
-                   'tasklease.limit:' || k.key || '#' || (v_first + j) % v_shards, 0)) THEN
-                v_slot := (v_first + j) % v_shards;
+                   'tasklease.limit:' || k.key || '#' || v_try, 0)) THEN
+                v_slot := v_try;
                 EXIT;
             END IF;
         END LOOP;
@@ -112,10 +124,11 @@ BEGIN
         END IF;
         v_cap := k.lim / v_shards + (v_slot < k.lim % v_shards)::integer;
         v_retry := NULL;
+        v_moved := false;
 
         -- What the shard holds: its bound when that leaves room for the whole claim, else
         -- an exact count (which also says when to look again if the claim fills it).
-        v_bound_key := k.key || coalesce('/' || k.period, '') || '/' || v_shards || '#' || v_slot;
+        v_bound_key := v_prefix || v_slot;
         SELECT b.bound INTO v_used FROM limit_bounds b WHERE b.key = v_bound_key;
         IF v_used IS NULL OR v_used + p_want > v_cap THEN
             IF k.kind = 'rate' THEN
@@ -154,22 +167,49 @@ BEGIN
                               GROUP BY 1) AS c ON c.s = g.s) AS w;
                 END IF;
             ELSE
-                -- The running tasks of the key: in all, and in this shard. The others have
-                -- room if they hold less than their parts add up to. All running tasks are
-                -- read through the lease index (few), never the whole index of the action or
-                -- queue (OFFSET 0 keeps the key's test out of the scan).
-                SELECT count(*)::integer,
-                       count(*) FILTER (WHERE CASE WHEN r.slot < v_shards THEN r.slot ELSE 0 END
-                                              = v_slot)::integer
-                INTO v_total, v_used
-                FROM (SELECT CASE k.kind WHEN 'queue' THEN t.queue_slot ELSE t.action_slot END
-                             AS slot
-                      FROM (SELECT t.queue, t.action, t.queue_slot, t.action_slot FROM tasks t
-                            WHERE t.lease_expires_at IS NOT NULL AND t.state = 'RUNNING'
-                            OFFSET 0) AS t
-                      WHERE CASE k.kind WHEN 'queue' THEN t.queue = p_queue
-                                        ELSE t.action = p_actions[k.i] END) AS r;
-                v_retry := CASE WHEN v_total - v_used < k.lim - v_cap THEN 0 END;
+                -- The running tasks of the key, per shard. All running tasks are read
+                -- through the lease index (few), never the whole index of the action or
+                -- queue (OFFSET 0 keeps the key's test out of the scan). When the shard
+                -- cannot take the whole claim and another had more room by this count, the
+                -- claim moves there if that one's lock is free, once, and counts again (the
+                -- first count came before that lock). The shard it leaves was counted under
+                -- its lock: its bound becomes that count.
+                LOOP
+                    SELECT array_agg(coalesce(c.n, 0) ORDER BY g.s) INTO v_counts
+                    FROM generate_series(0, v_shards - 1) AS g(s)
+                    LEFT JOIN (
+                        SELECT CASE WHEN r.slot < v_shards THEN r.slot ELSE 0 END AS s,
+                               count(*)::integer AS n
+                        FROM (SELECT CASE k.kind WHEN 'queue' THEN t.queue_slot
+                                                 ELSE t.action_slot END AS slot
+                              FROM (SELECT t.queue, t.action, t.queue_slot, t.action_slot
+                                    FROM tasks t
+                                    WHERE t.lease_expires_at IS NOT NULL AND t.state = 'RUNNING'
+                                    OFFSET 0) AS t
+                              WHERE CASE k.kind WHEN 'queue' THEN t.queue = p_queue
+                                                ELSE t.action = p_actions[k.i] END) AS r
+                        GROUP BY 1) AS c ON c.s = g.s;
+                    v_used := v_counts[v_slot + 1];
+                    EXIT WHEN v_used + p_want <= v_cap OR v_moved OR v_shards = 1;
+                    v_moved := true;
+                    SELECT g.s INTO v_try FROM generate_series(0, v_shards - 1) AS g(s)
+                    WHERE g.s <> v_slot
+                    ORDER BY k.lim / v_shards + (g.s < k.lim % v_shards)::integer
+                             - v_counts[g.s + 1] DESC, random()
+                    LIMIT 1;
+                    EXIT WHEN k.lim / v_shards + (v_try < k.lim % v_shards)::integer
+                              - v_counts[v_try + 1] <= v_cap - v_used
+                        OR NOT pg_try_advisory_xact_lock(hashtextextended(
+                                   'tasklease.limit:' || k.key || '#' || v_try, 0));
+                    INSERT INTO limit_bounds AS b (key, bound) VALUES (v_bound_key, v_used)
+                    ON CONFLICT (key) DO UPDATE SET bound = excluded.bound;
+                    v_slot := v_try;
+                    v_cap := k.lim / v_shards + (v_slot < k.lim % v_shards)::integer;
+                    v_bound_key := v_prefix || v_slot;
+                END LOOP;
+                -- another shard has room: look again at once if this claim fills this one
+                v_retry := CASE WHEN (SELECT sum(n) FROM unnest(v_counts) AS n) - v_used
+                                     < k.lim - v_cap THEN 0 END;
             END IF;
         END IF;
         v_left := greatest(v_cap - v_used, 0);
