@@ -20,6 +20,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import asyncpg
+
 from engine import TaskContext, handler
 
 LIMIT = int(os.environ.get("TASKLEASE_BENCH_NEAR_LIMIT", "250"))
@@ -29,6 +31,32 @@ HERE = str(Path(__file__).resolve().parent)
 @handler("bench_near", global_limit=LIMIT)
 async def bench_near(ctx: TaskContext, payload: dict[str, Any]) -> None:
     """No work, under a global limit a little above the load."""
+
+
+async def running_tasks(dsn: str) -> dict[str, float]:
+    """Beside a drain: how many tasks the database holds RUNNING (what a limit counts),
+    sampled every 10 ms until none is left to run. A task is RUNNING from its claim until its
+    outcome is written, which is batched: so more than the slots."""
+    conn = await asyncpg.connect(dsn)
+    seen: list[int] = []
+    try:
+        while True:
+            for _ in range(50):
+                seen.append(
+                    await conn.fetchval(
+                        "SELECT count(*) FROM tasks "
+                        "WHERE lease_expires_at IS NOT NULL AND state = 'RUNNING'"
+                    )
+                )
+                await asyncio.sleep(0.01)
+            if max(seen) and not await conn.fetchval(
+                "SELECT count(*) FROM tasks WHERE state <> 'COMPLETED'"
+            ):
+                break
+    finally:
+        await conn.close()
+    busy = [n for n in seen if n]
+    return {"running_median": statistics.median(busy), "running_max": max(busy)}
 
 
 async def main(limit: int, rounds: int) -> None:
@@ -44,14 +72,22 @@ async def main(limit: int, rounds: int) -> None:
         got = {}
         for kind, action, args in kinds if n % 2 == 0 else kinds[::-1]:
             got[kind] = await bench.drain(
-                admin, config, logs, lambda _: None, action=action, worker_args=args
+                admin,
+                config,
+                logs,
+                lambda _: None,
+                action=action,
+                worker_args=args,
+                beside=running_tasks,
             )
         ratios.append(100 * got["limited"]["drain_per_s"] / got["none"]["drain_per_s"])
         cpus.append(100 * got["limited"]["cpu_us_per_task"] / got["none"]["cpu_us_per_task"])
         print(
             f"round {n + 1}: "
             + ", ".join(
-                f"{k} {d['drain_per_s']:,.0f} tasks/s {d['cpu_us_per_task']:,.0f} us CPU/task"
+                f"{k} {d['drain_per_s']:,.0f} tasks/s {d['cpu_us_per_task']:,.0f} us CPU/task "
+                f"(RUNNING in the database: median {d['running_median']:,.0f}, "
+                f"max {d['running_max']:,.0f})"
                 for k, d in got.items()
             ),
             flush=True,

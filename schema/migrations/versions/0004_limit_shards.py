@@ -34,13 +34,14 @@ CREATE TABLE limit_bounds (
 -- A limit L is split into shards: min(16, max(1, L / 128)) of them, shard s holding
 -- L / shards, plus one for the first L mod shards. Each shard has its own transaction-scoped
 -- advisory lock. Per limited key (the queue; each action's concurrency; each action's rate),
--- in key order, the claim takes the first shard whose lock is free, trying them by their
--- bounds, the lowest first (ties at random); only when all are held does it wait, for one.
+-- in key order, the claim takes the first shard whose lock is free, trying from a random
+-- one; only when all are held does it wait, for one.
 -- It then reads what the shard holds with a snapshot taken after the lock (the function is
 -- VOLATILE), so it sees every claim committed in the shard by whoever held it before: the
 -- shard's bound (limit_bounds) when that leaves room for the whole claim, else an exact
 -- count. A concurrency shard counted too full for the claim is swapped, once, for the
--- emptiest other shard by that count if its lock is free (counted again under it). The
+-- emptiest other shard if that has more room and its lock is free (counted again under
+-- it). The
 -- claim may take at most the shard's room, and sets the bound to what the shard holds plus
 -- what it may start.
 -- The claim records the shard in the task (queue_slot, action_slot) or the start
@@ -73,7 +74,8 @@ DECLARE
     v_slot integer;
     v_cap integer;
     v_used integer;
-    v_counts integer[];
+    v_total integer;
+    v_room integer;
     v_moved boolean;
     v_left integer;
     v_bound_key text;
@@ -103,17 +105,12 @@ BEGIN
     LOOP
         v_shards := greatest(least(k.lim / 128, 16), 1);
         v_prefix := k.key || coalesce('/' || k.period, '') || '/' || v_shards || '#';
-        v_first := NULL;
+        v_first := floor(random() * v_shards)::integer;
         v_slot := NULL;
-        FOR v_try IN
-            SELECT g.s FROM generate_series(0, v_shards - 1) AS g(s)
-            LEFT JOIN limit_bounds b ON b.key = v_prefix || g.s
-            ORDER BY coalesce(b.bound, 0), random()
-        LOOP
-            v_first := coalesce(v_first, v_try);
+        FOR j IN 0 .. v_shards - 1 LOOP
             IF pg_try_advisory_xact_lock(hashtextextended(
-                   'tasklease.limit:' || k.key || '#' || v_try, 0)) THEN
-                v_slot := v_try;
+                   'tasklease.limit:' || k.key || '#' || (v_first + j) % v_shards, 0)) THEN
+                v_slot := (v_first + j) % v_shards;
                 EXIT;
             END IF;
         END LOOP;
@@ -167,38 +164,49 @@ BEGIN
                               GROUP BY 1) AS c ON c.s = g.s) AS w;
                 END IF;
             ELSE
-                -- The running tasks of the key, per shard. All running tasks are read
-                -- through the lease index (few), never the whole index of the action or
-                -- queue (OFFSET 0 keeps the key's test out of the scan). When the shard
-                -- cannot take the whole claim and another had more room by this count, the
-                -- claim moves there if that one's lock is free, once, and counts again (the
-                -- first count came before that lock). The shard it leaves was counted under
-                -- its lock: its bound becomes that count.
+                -- The running tasks of the key: in all, and in this shard. All running
+                -- tasks are read through the lease index (few), never the whole index of the
+                -- action or queue (OFFSET 0 keeps the key's test out of the scan). When the
+                -- shard cannot take the whole claim and the others have room, the claim
+                -- moves, once, to the emptiest other shard if that has more room and its
+                -- lock is free, and counts again (the counts came before that lock). The
+                -- shard it leaves was counted under its lock: its bound becomes that count.
                 LOOP
-                    SELECT array_agg(coalesce(c.n, 0) ORDER BY g.s) INTO v_counts
-                    FROM generate_series(0, v_shards - 1) AS g(s)
-                    LEFT JOIN (
-                        SELECT CASE WHEN r.slot < v_shards THEN r.slot ELSE 0 END AS s,
-                               count(*)::integer AS n
-                        FROM (SELECT CASE k.kind WHEN 'queue' THEN t.queue_slot
-                                                 ELSE t.action_slot END AS slot
-                              FROM (SELECT t.queue, t.action, t.queue_slot, t.action_slot
-                                    FROM tasks t
-                                    WHERE t.lease_expires_at IS NOT NULL AND t.state = 'RUNNING'
-                                    OFFSET 0) AS t
-                              WHERE CASE k.kind WHEN 'queue' THEN t.queue = p_queue
-                                                ELSE t.action = p_actions[k.i] END) AS r
-                        GROUP BY 1) AS c ON c.s = g.s;
-                    v_used := v_counts[v_slot + 1];
-                    EXIT WHEN v_used + p_want <= v_cap OR v_moved OR v_shards = 1;
+                    SELECT count(*)::integer,
+                           count(*) FILTER (WHERE CASE WHEN r.slot < v_shards THEN r.slot
+                                                       ELSE 0 END = v_slot)::integer
+                    INTO v_total, v_used
+                    FROM (SELECT CASE k.kind WHEN 'queue' THEN t.queue_slot
+                                             ELSE t.action_slot END AS slot
+                          FROM (SELECT t.queue, t.action, t.queue_slot, t.action_slot
+                                FROM tasks t
+                                WHERE t.lease_expires_at IS NOT NULL AND t.state = 'RUNNING'
+                                OFFSET 0) AS t
+                          WHERE CASE k.kind WHEN 'queue' THEN t.queue = p_queue
+                                            ELSE t.action = p_actions[k.i] END) AS r;
+                    EXIT WHEN v_used + p_want <= v_cap OR v_moved
+                        OR v_total - v_used >= k.lim - v_cap;
                     v_moved := true;
-                    SELECT g.s INTO v_try FROM generate_series(0, v_shards - 1) AS g(s)
-                    WHERE g.s <> v_slot
-                    ORDER BY k.lim / v_shards + (g.s < k.lim % v_shards)::integer
-                             - v_counts[g.s + 1] DESC, random()
+                    SELECT w.s, w.room INTO v_try, v_room
+                    FROM (SELECT g.s, k.lim / v_shards + (g.s < k.lim % v_shards)::integer
+                                      - count(r.slot) AS room
+                          FROM generate_series(0, v_shards - 1) AS g(s)
+                          LEFT JOIN (SELECT CASE k.kind WHEN 'queue' THEN t.queue_slot
+                                                        ELSE t.action_slot END AS slot
+                                     FROM (SELECT t.queue, t.action, t.queue_slot,
+                                                  t.action_slot
+                                           FROM tasks t
+                                           WHERE t.lease_expires_at IS NOT NULL
+                                             AND t.state = 'RUNNING'
+                                           OFFSET 0) AS t
+                                     WHERE CASE k.kind WHEN 'queue' THEN t.queue = p_queue
+                                                       ELSE t.action = p_actions[k.i] END) AS r
+                            ON CASE WHEN r.slot < v_shards THEN r.slot ELSE 0 END = g.s
+                          WHERE g.s <> v_slot
+                          GROUP BY g.s) AS w
+                    ORDER BY w.room DESC, random()
                     LIMIT 1;
-                    EXIT WHEN k.lim / v_shards + (v_try < k.lim % v_shards)::integer
-                              - v_counts[v_try + 1] <= v_cap - v_used
+                    EXIT WHEN v_room <= v_cap - v_used
                         OR NOT pg_try_advisory_xact_lock(hashtextextended(
                                    'tasklease.limit:' || k.key || '#' || v_try, 0));
                     INSERT INTO limit_bounds AS b (key, bound) VALUES (v_bound_key, v_used)
@@ -208,8 +216,7 @@ BEGIN
                     v_bound_key := v_prefix || v_slot;
                 END LOOP;
                 -- another shard has room: look again at once if this claim fills this one
-                v_retry := CASE WHEN (SELECT sum(n) FROM unnest(v_counts) AS n) - v_used
-                                     < k.lim - v_cap THEN 0 END;
+                v_retry := CASE WHEN v_total - v_used < k.lim - v_cap THEN 0 END;
             END IF;
         END IF;
         v_left := greatest(v_cap - v_used, 0);
