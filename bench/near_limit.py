@@ -1,21 +1,21 @@
 """A global limit just above the load: drains of an action under `global_limit=LIMIT`
-against drains with no limit, in turns, with `tasklease bench`'s drain (2 workers x
-concurrency 100, 20,000 no-op tasks).
+against drains of the same handler without one, in turns, with `tasklease bench`'s drain
+(2 workers x concurrency 100, 20,000 tasks that do nothing, or sleep --work-ms).
 
-    .venv/bin/python bench/near_limit.py 250 [ROUNDS]
+    .venv/bin/python bench/near_limit.py 250 [ROUNDS] [--work-ms 50]
 
 On the server of DATABASE_URL, else the embedded one, as every tasklease command.
-docs/benchmarks.md quotes its output. The handler lives in this file: workers import it as
-`near_limit` (this directory is put on their PYTHONPATH), with the limit from
-TASKLEASE_BENCH_NEAR_LIMIT.
+docs/benchmarks.md quotes its output. The handlers live in this file: workers import it as
+`near_limit` (this directory is put on their PYTHONPATH), with the limit and the work from
+TASKLEASE_BENCH_NEAR_LIMIT and TASKLEASE_BENCH_NEAR_WORK_MS.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import os
 import statistics
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -25,12 +25,22 @@ import asyncpg
 from engine import TaskContext, handler
 
 LIMIT = int(os.environ.get("TASKLEASE_BENCH_NEAR_LIMIT", "250"))
+WORK = float(os.environ.get("TASKLEASE_BENCH_NEAR_WORK_MS", "0")) / 1000
 HERE = str(Path(__file__).resolve().parent)
 
 
 @handler("bench_near", global_limit=LIMIT)
 async def bench_near(ctx: TaskContext, payload: dict[str, Any]) -> None:
-    """No work, under a global limit a little above the load."""
+    """Under a global limit a little above the load."""
+    if WORK:
+        await asyncio.sleep(WORK)
+
+
+@handler("bench_free")
+async def bench_free(ctx: TaskContext, payload: dict[str, Any]) -> None:
+    """The same, without a limit."""
+    if WORK:
+        await asyncio.sleep(WORK)
 
 
 async def running_tasks(dsn: str) -> dict[str, float]:
@@ -59,14 +69,17 @@ async def running_tasks(dsn: str) -> dict[str, float]:
     return {"running_median": statistics.median(busy), "running_max": max(busy)}
 
 
-async def main(limit: int, rounds: int) -> None:
+async def main(limit: int, rounds: int, work_ms: float) -> None:
     from engine import bench
     from engine.cli import database_url
 
     os.environ["TASKLEASE_BENCH_NEAR_LIMIT"] = str(limit)
+    os.environ["TASKLEASE_BENCH_NEAR_WORK_MS"] = str(work_ms)
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [HERE, os.environ.get("PYTHONPATH")]))
     admin, config, logs = database_url(), bench.BenchConfig(), Path(tempfile.mkdtemp())
-    kinds = [("none", "noop", ()), ("limited", "bench_near", ("--handlers", "near_limit"))]
+    # the same workers (both handlers) in both drains; only the action differs
+    both = ("--handlers", "near_limit")
+    kinds = [("none", "bench_free", both), ("limited", "bench_near", both)]
     ratios, cpus = [], []
     for n in range(rounds):
         got = {}
@@ -93,11 +106,17 @@ async def main(limit: int, rounds: int) -> None:
             flush=True,
         )
     print(
-        f"global_limit={limit}, {config.workers} workers x concurrency {config.concurrency}: "
+        f"global_limit={limit}, {config.workers} workers x concurrency {config.concurrency}, "
+        f"{work_ms:g} ms of work a task: "
         f"throughput {statistics.median(ratios):.1f} % of the unlimited drain of the same "
         f"round, CPU per task {statistics.median(cpus):.1f} % (medians of {rounds} rounds)"
     )
 
 
 if __name__ == "__main__":
-    asyncio.run(main(int(sys.argv[1]), int(sys.argv[2]) if len(sys.argv) > 2 else 4))
+    parser = argparse.ArgumentParser(description=__doc__.partition("\n\n")[0])
+    parser.add_argument("limit", type=int, help="the action's global_limit")
+    parser.add_argument("rounds", type=int, nargs="?", default=4, help="rounds (4)")
+    parser.add_argument("--work-ms", type=float, default=0.0, help="sleep per task (0)")
+    args = parser.parse_args()
+    asyncio.run(main(args.limit, args.rounds, args.work_ms))

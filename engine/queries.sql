@@ -164,12 +164,15 @@ WITH lease AS (
                         CASE WHEN c.starts_left <= d.n THEN coalesce(c.rate_retry, 0.1) END)) -- limits
            AS retry_in                                                                -- limits
     FROM caps AS c, (SELECT count(*) AS n FROM due) AS d                              -- limits
-    WHERE (c.running_left <= d.n OR c.starts_left <= d.n)                             -- limits
-      AND (SELECT t.id FROM tasks t                                                   -- limits
+    -- CASE: the probe runs only for a limit this claim reached (as a plain AND, the     -- limits
+    -- planner ran it first, for every limit: a scan of all due tasks per limited action -- limits
+    -- with none due)                                                                 -- limits
+    WHERE CASE WHEN c.running_left <= d.n OR c.starts_left <= d.n THEN                -- limits
+          (SELECT t.id FROM tasks t                                                   -- limits
            WHERE t.queue = $1 AND t.state IN ('PENDING', 'FAILED') AND t.due_at <= now() -- limits
              AND t.action = ANY($2::text[]) AND t.id <> ALL(ARRAY(SELECT id FROM due)) -- limits
              AND (c.scope = 'queue' OR t.action = c.name)                             -- limits
-           ORDER BY t.due_at LIMIT 1) IS NOT NULL                                     -- limits
+           ORDER BY t.due_at LIMIT 1) IS NOT NULL END                                 -- limits
 ), logged AS (
     INSERT INTO task_transitions (task_id, trigger, from_state, to_state, attempt, worker, detail)
     SELECT id, 'claim', from_state, 'RUNNING'::task_state, attempt, $4, NULL FROM claimed

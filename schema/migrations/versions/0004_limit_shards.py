@@ -35,15 +35,13 @@ CREATE TABLE limit_bounds (
 -- L / shards, plus one for the first L mod shards. Each shard has its own transaction-scoped
 -- advisory lock. Per limited key (the queue; each action's concurrency; each action's rate),
 -- in key order, the claim takes the first shard whose lock is free, trying from a random
--- one; only when all are held does it wait, for one.
--- It then reads what the shard holds with a snapshot taken after the lock (the function is
--- VOLATILE), so it sees every claim committed in the shard by whoever held it before: the
--- shard's bound (limit_bounds) when that leaves room for the whole claim, else an exact
--- count. A concurrency shard counted too full for the claim is swapped, once, for the
--- emptiest other shard if that has more room and its lock is free (counted again under
--- it). The
--- claim may take at most the shard's room, and sets the bound to what the shard holds plus
--- what it may start.
+-- one; only when all are held does it wait, for one. It then reads what the shard holds
+-- with a snapshot taken after the lock (the function is VOLATILE), so it sees every claim
+-- committed in the shard by whoever held it before: the shard's bound (limit_bounds) when
+-- that leaves room for the whole claim, else an exact count. A concurrency shard counted
+-- too full for the claim is swapped, once, for the emptiest other shard if that has more
+-- room and its lock is free (counted again under it). The claim may take at most the
+-- shard's room, and sets the bound to what the shard holds plus what it may start.
 -- The claim records the shard in the task (queue_slot, action_slot) or the start
 -- (action_starts.slot); a shard's count changes upwards only under its lock, so no shard
 -- exceeds its part, and the shards' parts add up to L. A slot that is NULL or not a shard
