@@ -63,9 +63,10 @@ async def claim_plan(
 
 
 def rows_read(plan: list[dict[str, Any]]) -> int:
-    """Rows read through the two claimable indexes."""
+    """Rows read through the two claimable indexes by the node that read most: those it
+    returned and those its filter dropped, over all its loops."""
     return max(
-        n["Actual Rows"]
+        round((n["Actual Rows"] + n.get("Rows Removed by Filter", 0)) * n["Actual Loops"])
         for n in plan
         if n.get("Index Name") in ("tasks_claimable", "tasks_claimable_order")
     )
