@@ -185,6 +185,7 @@ class _Execution:
     task: asyncio.Task[None] | None = None
     in_handler: bool = False
     stopped: str | None = None  # RELEASE, LEASE_LOST or CANCEL once the handler is stopped
+    holds_slot: bool = False  # counted in Worker.handling
 
 
 class Outcomes:
@@ -293,8 +294,10 @@ class Worker:
         self._stopping = asyncio.Event()
         self._force = asyncio.Event()
         self._slot_freed = asyncio.Event()
-        # Handlers running now. A slot is free once its handler returns: the outcome is
-        # written meanwhile, batched with others, while the next tasks are already claimed.
+        # Slots taken: tasks claimed whose handler has not returned yet. A slot is taken at
+        # the claim (not when the handler first runs, which would let the next claim see it
+        # free) and freed once the handler returns: the outcome is written meanwhile,
+        # batched with others, while the next tasks are already claimed.
         self.handling = 0
         self._wake = asyncio.Event()
         # (queue, statement) -> monotonic time before which that claim is not run again
@@ -513,12 +516,22 @@ class Worker:
             claimed.attempt,
             claimed.max_attempts,
         )
+        self.handling += 1
+        ex.holds_slot = True
         ex.task = asyncio.create_task(self._execute(ex))
         self.running[ex.task] = ex
         ex.task.add_done_callback(self._finished)
 
+    def _free_slot(self, ex: _Execution) -> None:
+        if ex.holds_slot:
+            ex.holds_slot = False
+            self.handling -= 1
+            self._slot_freed.set()
+
     def _finished(self, task: asyncio.Task[None]) -> None:
-        self.running.pop(task, None)
+        ex = self.running.pop(task, None)
+        if ex is not None:
+            self._free_slot(ex)  # a task cancelled before its handler ran
         if not task.cancelled() and task.exception() is not None:
             log.error("execution crashed", exc_info=task.exception())
 
@@ -528,7 +541,6 @@ class Worker:
         result: Any = None
         error: BaseException | None = None
         ex.in_handler = True
-        self.handling += 1
         timeout = ex.claimed.timeout_seconds or ex.handler.timeout
         limit: asyncio.Timeout | None = None
         try:
@@ -558,8 +570,7 @@ class Worker:
             error = exc
         finally:
             ex.in_handler = False
-            self.handling -= 1
-            self._slot_freed.set()
+            self._free_slot(ex)
         if ex.stopped is None:
             self.counters.observe(ex.claimed.action, time.monotonic() - ex.started)
         if error is not None and not isinstance(error, PermanentError | Snooze):

@@ -15,6 +15,7 @@ from engine import worker as worker_module
 from engine.states import TaskState
 from engine.store import Store
 from engine.worker import Worker, WorkerConfig
+from tests.support import handlers
 from tests.support.db import (
     LEASES,
     assert_completed_once,
@@ -95,6 +96,18 @@ async def _all(conn: asyncpg.Connection, ids: list[int]) -> bool:
         "SELECT count(*) FROM tasks WHERE id = ANY($1) AND state = 'COMPLETED'", ids
     )
     return bool(n == len(ids))
+
+
+async def test_never_runs_more_handlers_than_its_concurrency(
+    store: Store, conn: asyncpg.Connection, workers: Running
+) -> None:
+    """A slot is taken when a task is claimed, not when its handler first runs: a claim
+    right after another must not see the slots of tasks that have not started yet as free."""
+    handlers.OVERLAP.update(now=0, most=0)
+    ids = [await submit(store, "test_overlap", '{"seconds": 0.05}') for _ in range(60)]
+    workers.start(store, concurrency=5)
+    await wait_until(lambda: _all(conn, ids), "60 tasks", 60)
+    assert handlers.OVERLAP["most"] == 5
 
 
 async def test_failing_handler_walks_failed_to_dead(

@@ -81,6 +81,20 @@ async def sleep(ctx: TaskContext, payload: Sleep) -> dict[str, Any]:
     return {"slept": payload.seconds, "attempt": ctx.attempt}
 
 
+# handlers of test_overlap running in this process: now, and the most at once
+OVERLAP = {"now": 0, "most": 0}
+
+
+@handler("test_overlap")
+async def overlap(ctx: TaskContext, payload: Sleep) -> None:
+    OVERLAP["now"] += 1
+    OVERLAP["most"] = max(OVERLAP["most"], OVERLAP["now"])
+    try:
+        await asyncio.sleep(payload.seconds)
+    finally:
+        OVERLAP["now"] -= 1
+
+
 @handler("test_fail", max_attempts=3, backoff=[0.1, 0.2])
 async def always_fail(ctx: TaskContext, payload: dict[str, Any]) -> None:
     raise ValueError(f"boom on attempt {ctx.attempt}")
