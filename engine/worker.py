@@ -62,6 +62,10 @@ DEFAULT_AGING_SECONDS = 300.0
 # A claim statement that found nothing is not run again for this long (or until its next
 # known due time, or a NOTIFY) while the worker's other statements keep claiming.
 QUIET_SECONDS = 1.0
+# For this long after a claim statement found a global limit reached, it is not run while
+# this worker's outcomes are being written: tasks count against a limit until their outcome
+# is written, so a claim made before they land gets less than it could (and takes turns).
+NEAR_LIMIT_SECONDS = 1.0
 
 
 @dataclass
@@ -214,6 +218,10 @@ class Outcomes:
             kind: [] for kind in self.writers
         }
         self.ready = asyncio.Event()
+        # outcomes put and not yet written (or given up): `settled` is set when there are none
+        self.unsettled = 0
+        self.settled = asyncio.Event()
+        self.settled.set()
 
     async def put(self, kind: str, item: tuple[Any, ...]) -> bool | None:
         """True: recorded. False: refused, the lease was lost. None: gave up (stopping with
@@ -221,7 +229,14 @@ class Outcomes:
         future: asyncio.Future[bool | None] = asyncio.get_running_loop().create_future()
         self.queued[kind].append((item, future))
         self.ready.set()
-        return await future
+        self.unsettled += 1
+        self.settled.clear()
+        try:
+            return await future
+        finally:
+            self.unsettled -= 1
+            if not self.unsettled:
+                self.settled.set()
 
     async def run(self) -> None:
         while True:
@@ -304,6 +319,9 @@ class Worker:
         self._quiet: dict[tuple[str, int], float] = {}
         # claims a global limit held back: tried again as soon as outcomes free some room
         self._held: set[tuple[str, int]] = set()
+        # (queue, statement) -> monotonic time its claim last found a global limit reached
+        # (see NEAR_LIMIT_SECONDS)
+        self._limit_reached: dict[tuple[str, int], float] = {}
         self._executor = ThreadPoolExecutor(
             max_workers=config.concurrency, thread_name_prefix="tasklease-handler"
         )
@@ -433,9 +451,19 @@ class Worker:
             if quiet_until > now:
                 wait = min(wait, quiet_until - now)
                 continue
+            # Near a global limit, this worker's outcomes in flight still count against it:
+            # let them land first (NEAR_LIMIT_SECONDS).
+            if (
+                self.outcomes.unsettled
+                and now - self._limit_reached.get((queue, i), -NEAR_LIMIT_SECONDS)
+                < NEAR_LIMIT_SECONDS
+            ):
+                await self.wait_for(self.outcomes.settled, self._stopping, timeout=QUIET_SECONDS)
+                free = self.config.concurrency - self.handling
             claim = await self.store.claim(queue, leases, free, self.config.worker_id, rules)
             if claim.held_back:
                 self._held.add((queue, i))
+                self._limit_reached[(queue, i)] = time.monotonic()
             if claim.leased or claim.expired:
                 self._quiet.pop((queue, i), None)
             else:

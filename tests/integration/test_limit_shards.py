@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
 import asyncpg
+import pytest
 
 from engine.states import TaskState
 from engine.store import ActionLimit, ClaimRules, Store
@@ -62,11 +63,27 @@ async def claim_that_waits(
 async def test_claimers_take_different_shards_whose_parts_add_up_to_the_limit(db: str) -> None:
     async with claimer(db) as a, claimer(db) as b, claimer(db) as c:
         rows = [await x.fetchrow(SLOTS, *running(400)) for x in (a, b, c)]
-    # 400 = three shards (400 // 128) of 134, 133, 133: each claimer got one while the
+    # 400 = three shards (round(400 / 128)) of 134, 133, 133: each claimer got one while the
     # others held theirs, without waiting
     assert sorted(r["run_slot"] for r in rows) == [0, 1, 2], rows
     assert sorted(r["running_left"] for r in rows) == [133, 133, 134], rows
     assert {r["starts_left"] for r in rows} == {None}
+
+
+@pytest.mark.parametrize(
+    ("limit", "parts"),
+    [(191, [191]), (192, [96, 96]), (250, [125, 125]), (500, [125] * 4), (4000, [250] * 16)],
+)
+async def test_a_limit_has_one_shard_per_128_rounded_up_to_16(
+    db: str, limit: int, parts: list[int]
+) -> None:
+    """round(N / 128) shards, at least 1 and at most 16 (migration 0005; before it a limit
+    of 192 to 255 was one shard): as many claimers as shards each get one, without waiting."""
+    async with AsyncExitStack() as stack:
+        conns = [await stack.enter_async_context(claimer(db)) for _ in parts]
+        rows = [await c.fetchrow(SLOTS, *running(limit)) for c in conns]
+    assert sorted(r["run_slot"] for r in rows) == list(range(len(parts))), rows
+    assert sorted(r["running_left"] for r in rows) == sorted(parts), rows
 
 
 async def test_a_small_limit_is_one_shard_and_claimers_take_turns(db: str) -> None:

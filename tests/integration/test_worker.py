@@ -306,3 +306,31 @@ async def test_a_claim_that_found_nothing_rests_while_the_others_drain(
     # a limited task submitted now is claimed without waiting out the rest
     limited_id = await submit(store, "test_limited", '{"seconds": 0}')
     await wait_until(done(conn, limited_id, S.COMPLETED), "the limited task", 30)
+
+
+async def test_near_a_limit_a_claim_waits_for_the_workers_outcomes_in_flight(
+    store: Store, conn: asyncpg.Connection, workers: Running, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A task counts against its global limit until its outcome is written. Once a claim
+    found the limit reached, the worker makes its next claims of that statement only after
+    its own outcomes in flight have landed: claimed earlier, they would count them and get
+    less (worker.NEAR_LIMIT_SECONDS)."""
+    seen: list[tuple[int, bool]] = []  # (outcomes in flight at the claim, limit reached)
+    claim = store.claim
+
+    async def watched(*args: object, **kw: object) -> object:
+        rules = args[4] if len(args) > 4 else kw.get("rules")
+        in_flight = worker.outcomes.unsettled
+        got = await claim(*args, **kw)  # type: ignore[arg-type]
+        if getattr(rules, "actions", None):
+            seen.append((in_flight, got.held_back))
+        return got
+
+    monkeypatch.setattr(store, "claim", watched)
+    ids = [await submit(store, "test_limited", '{"seconds": 0}') for _ in range(20)]
+    worker = workers.start(store, concurrency=4)
+    await wait_until(lambda: _all(conn, ids), "20 limited tasks", 60)
+    reached = [n for n, (_, held) in enumerate(seen) if held]
+    assert reached, seen  # global_limit=2 for 20 due tasks: claims find it reached
+    after = [in_flight for in_flight, _ in seen[reached[0] + 1 :]]
+    assert after and not any(after), seen
