@@ -1,7 +1,7 @@
 """limit shards: round(N / 128) of them, no longer N / 128 rounded down
 
 A limit of 192 to 255 was one shard, so every claimer of it took turns on one lock; it is
-now two shards of 96 to 128. Each shard holds 85 to 170 (was 128 to 255), still more than
+now two shards of 96 to 127. Up to 16 shards, each holds 96 to 191 (was 128 to 255), more than
 a worker's usual refill. Measured with bench/near_limit.py (docs/benchmarks.md).
 
 The function is 0004's with that one line changed, taken from 0004's own text so that the
