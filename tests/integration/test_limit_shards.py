@@ -13,7 +13,7 @@ import asyncpg
 import pytest
 
 from engine.states import TaskState
-from engine.store import ActionLimit, ClaimRules, Store
+from engine.store import ActionLimit, ClaimRules, NewTask, Store
 from tests.support.db import force_state, submit, wait_until
 
 SLOTS = "SELECT * FROM tasklease_claim_slots($1, $2, $3, $4, $5, $6, $7)"
@@ -24,8 +24,8 @@ def running(limit: int) -> tuple[Any, ...]:
     return ("default", None, ["noop"], [limit], [None], [None], 10)
 
 
-def rated(limit: int) -> tuple[Any, ...]:
-    return ("default", None, ["noop"], [None], [limit], [1.0], 10)
+def rated(limit: int, period: float = 1.0, want: int = 10) -> tuple[Any, ...]:
+    return ("default", None, ["noop"], [None], [limit], [period], want)
 
 
 @asynccontextmanager
@@ -150,8 +150,8 @@ async def test_a_claim_that_its_shard_cannot_hold_moves_to_the_emptiest_free_one
 
     async def bounds(zero: int, one: int) -> None:
         await conn.execute(
-            "INSERT INTO limit_bounds (key, bound) VALUES ('action:noop/2#0', $1), "
-            "('action:noop/2#1', $2) ON CONFLICT (key) DO UPDATE SET bound = excluded.bound",
+            "INSERT INTO limit_bounds (key, bound) VALUES ('action:noop=256#0', $1), "
+            "('action:noop=256#1', $2) ON CONFLICT (key) DO UPDATE SET bound = excluded.bound",
             zero,
             one,
         )
@@ -167,8 +167,8 @@ async def test_a_claim_that_its_shard_cannot_hold_moves_to_the_emptiest_free_one
             row = await a.fetchrow(SLOTS, *running(256))
             assert (row["run_slot"], row["running_left"]) == (1, 123)
             written = dict(await a.fetch("SELECT key, bound FROM limit_bounds"))
-        assert written["action:noop/2#1"] == 5 + 10
-        moved += written["action:noop/2#0"] == 120
+        assert written["action:noop=256#1"] == 5 + 10
+        moved += written["action:noop=256#0"] == 120
     assert moved > 0
 
     await bounds(121, 200)
@@ -219,7 +219,7 @@ async def test_a_shard_is_counted_again_when_its_bound_leaves_too_little_room(
         task_id = await submit(store)
         await force_state(conn, task_id, TaskState.RUNNING)
         await conn.execute("UPDATE tasks SET action_slot = 0 WHERE id = $1", task_id)
-    key = "action:noop/1#0"
+    key = "action:noop=31#0"
 
     async def claim_with_bound(bound: int) -> tuple[int, int]:
         await conn.execute(
@@ -252,3 +252,92 @@ async def test_a_claim_says_when_a_limit_held_due_work_back(store: Store) -> Non
     roomy = ClaimRules(None, None, {"noop": ActionLimit(max_running=100)})
     rest = await store.claim("default", {"noop": 30.0}, 10, "w", roomy)
     assert (len(rest.leased), rest.held_back) == (1, False)
+
+
+async def running_by_slot(conn: asyncpg.Connection) -> dict[int, int]:
+    rows = await conn.fetch(
+        "SELECT action_slot, count(*) FROM tasks WHERE state = 'RUNNING' GROUP BY 1"
+    )
+    return {r["action_slot"]: r["count"] for r in rows}
+
+
+async def claim_until_held(store: Store, conn: asyncpg.Connection, limit: int) -> int:
+    """Claim noop tasks, 100 at a time, under `limit` until claims stop adding any (the
+    shard tried first is random: 40 claims reach every shard). Asserts after each claim that
+    the running tasks never exceed the limit; returns how many run in the end."""
+    rules = ClaimRules(None, None, {"noop": ActionLimit(max_running=limit)})
+    idle = 0
+    for _ in range(40):
+        got = await store.claim("default", {"noop": 300.0}, 100, "w", rules)
+        running = sum((await running_by_slot(conn)).values())
+        assert running <= limit, (running, await running_by_slot(conn))
+        idle = 0 if got.leased else idle + 1
+        if idle == 8:
+            break
+    return running
+
+
+@pytest.mark.parametrize(
+    ("before", "finished", "after", "plateau"),
+    [
+        # 400 = 134 + 133 + 133 becomes 500 = 4 x 125. Left running: 134, 133, 83 (350), of
+        # which 9 + 8 above the new parts: the other shards count those 17 as theirs, so
+        # shard 2 takes 125 - 83 - 17 = 25 and the new shard 3 takes 108 (without: 42 and
+        # 125, 517 running)
+        (400, {2: 50}, 500, 350 + 25 + 108),
+        # 500 = 4 x 125 becomes 400 = 134 + 133 + 133: shard 3's tasks now count in shard 0
+        # (75 + 125 = 200, 66 above its part), so shards 1 and 2 (75 each) take nothing
+        # (without: 58 each, 466 running)
+        (500, {0: 50, 1: 50, 2: 50}, 400, 350),
+    ],
+)
+async def test_changing_a_limit_never_lets_its_running_tasks_exceed_it(
+    store: Store,
+    conn: asyncpg.Connection,
+    before: int,
+    finished: dict[int, int],
+    after: int,
+    plateau: int,
+) -> None:
+    """A new value of a limit re-divides it into shards, while the tasks already running keep
+    the shard they started in, which may now hold more than its new part. What the shards
+    hold above their parts counts in every other shard (migration 0006), so the running
+    tasks never exceed the new limit; once the tasks of the old layout have finished, the
+    whole new limit is used."""
+    await store.submit_many([NewTask("noop", "{}") for _ in range(1100)])
+    assert await claim_until_held(store, conn, before) == before
+
+    for slot, n in finished.items():
+        rows = await conn.fetch(
+            "SELECT id, lease_token FROM tasks WHERE state = 'RUNNING' AND action_slot = $1 "
+            "ORDER BY id LIMIT $2",
+            slot,
+            n,
+        )
+        await store.complete_many([(r["id"], r["lease_token"], "{}") for r in rows])
+    old = [r["id"] for r in await conn.fetch("SELECT id FROM tasks WHERE state = 'RUNNING'")]
+    assert len(old) == 350
+
+    assert await claim_until_held(store, conn, after) == plateau
+
+    rows = await conn.fetch("SELECT id, lease_token FROM tasks WHERE id = ANY($1)", old)
+    await store.complete_many([(r["id"], r["lease_token"], "{}") for r in rows])
+    assert await claim_until_held(store, conn, after) == after
+
+
+async def test_a_redivided_rate_counts_what_old_shards_hold_above_their_parts(
+    conn: asyncpg.Connection, db: str
+) -> None:
+    """As for running tasks: 400 starts an hour (134 + 133 + 133) become 500 (4 x 125) with
+    134, 133 and 83 starts in the window: shard 2 may start 25, the new shard 3 108."""
+    await conn.execute("""
+        INSERT INTO action_starts (action, at, slot)
+        SELECT 'noop', now(), s FROM unnest(ARRAY[0, 1, 2]) AS s,
+            generate_series(1, CASE s WHEN 0 THEN 134 WHEN 1 THEN 133 ELSE 83 END)""")
+    seen: dict[int, int] = {}
+    async with AsyncExitStack() as stack:
+        conns = [await stack.enter_async_context(claimer(db)) for _ in range(4)]
+        for c in conns:
+            row = await c.fetchrow(SLOTS, *rated(500, 3600, 200))
+            seen[row["rate_slot"]] = row["starts_left"]
+    assert seen == {0: 0, 1: 0, 2: 25, 3: 108}

@@ -1,0 +1,290 @@
+"""a limit given a new value never lets its running tasks (or starts) exceed it
+
+A new value of a limit re-divides it into shards, but the tasks already running keep the
+shard they were started in, which may now hold more than its new part (and a new shard starts
+empty): before this migration the key's running tasks could exceed the limit until those
+tasks finished (500 = 4 x 125 after 400 = 3 x ~133: up to 517). Now what the shards hold
+above their parts (their excess) counts in every other shard as well.
+
+Why the sum then stays within the limit: a shard over its part gets no claim, so its excess
+only shrinks as its tasks finish (or its starts leave the window), and a count of the others
+read without their locks can only overstate it. A claim in shard s leaves s holding at most
+part(s) - excess(others); so once any shard within its part has been claimed in since the
+change, the shards within their parts hold at most their parts minus the excess, and the
+total is at most the limit. Until then no claim has added anything. (Rate limits: the same
+for every window of one period, since a claim's window holds every older start of any window
+that holds the claim.) With one layout since the start, no shard is ever over its part, so
+nothing changes.
+
+The function is written out whole below; 0004 holds its first version. A bound (limit_bounds)
+now includes the excess of the other shards, and its key names the limit's value instead of
+its number of shards, so that a new value always starts from counts. The bounds of before are
+dropped (they are only a cache of counts): a stale one must never be read again.
+
+Revision ID: 0006
+Revises: 0005
+"""
+
+import importlib
+
+from schema.migrations import run_sql
+
+revision = "0006"
+down_revision = "0005"
+branch_labels = None
+depends_on = None
+
+UP = """
+DELETE FROM limit_bounds;
+
+-- How many more tasks a claim may start under the global limits that apply to it, and in
+-- which shard. Called by task_claim_due only when a limit applies (docs/scheduling.md).
+--
+-- A limit L is split into shards: round(L / 128) of them, 1 to 16, shard s holding its part
+-- L / shards, plus one for the first L mod shards. Each shard has its own transaction-scoped
+-- advisory lock. Per limited key (the queue; each action's concurrency; each action's rate),
+-- in key order, the claim takes the first shard whose lock is free, trying from a random
+-- one; only when all are held does it wait, for one. It then reads what the shard holds
+-- with a snapshot taken after the lock (the function is VOLATILE), so it sees every claim
+-- committed in the shard by whoever held it before: the shard's bound (limit_bounds) when
+-- that leaves room for the whole claim, else an exact count. What a shard holds is its own
+-- running tasks (or starts in the window) plus what the other shards hold above their parts
+-- (only after a limit was given a new value: migration 0006). A concurrency shard counted
+-- too full for the claim is swapped, once, for the other shard with the most room if that
+-- has more and its lock is free (counted again under it). The claim may take at most the
+-- shard's room, and sets the bound to what the shard holds plus what it may start.
+-- The claim records the shard in the task (queue_slot, action_slot) or the start
+-- (action_starts.slot); a shard's count changes upwards only under its lock, and only up to
+-- its part, so the shards' parts, which add up to L, bound the total. A slot that is NULL or
+-- not a shard of the limit as now set counts in shard 0.
+--
+-- Deadlock-free: keys in one order, and within a key a claim waits only while it holds no
+-- shard of that key, so whoever holds what it waits for waits only on later keys.
+--
+-- One row per limited key of the queue and per limited action: running_left (NULL: no
+-- concurrency limit) and run_slot; starts_left (NULL: no rate limit) and rate_slot; and for
+-- each, when the claim fills its shard, when to look again: 0 if another shard had room
+-- when counted, the seconds until a rate window frees a start, or NULL (the caller's
+-- default).
+CREATE OR REPLACE FUNCTION tasklease_claim_slots(
+    p_queue text, p_queue_max integer,
+    p_actions text[], p_max_running integer[], p_rate integer[], p_period float8[],
+    p_want integer
+) RETURNS TABLE (scope text, name text, running_left integer, run_slot smallint,
+                 run_retry float8, starts_left integer, rate_slot smallint,
+                 rate_retry float8)
+LANGUAGE plpgsql VOLATILE AS $fn$
+DECLARE
+    k record;
+    v_shards integer;
+    v_first integer;
+    v_slot integer;
+    v_cap integer;
+    v_part integer;
+    v_held integer[];          -- per shard (index shard + 1): running tasks, or starts
+    v_oldest timestamptz[];    -- per shard: its oldest start in the window
+    v_stray record;
+    v_excess integer;
+    v_used integer;
+    v_try integer;
+    v_room integer;
+    v_r integer;
+    v_ties integer;
+    v_moved boolean;
+    v_left integer;
+    v_prefix text;
+    v_bound_key text;
+    v_retry float8;
+    v_n integer := coalesce(cardinality(p_actions), 0);
+    v_run_left integer[] := array_fill(NULL::integer, ARRAY[v_n]);
+    v_run_slot smallint[] := array_fill(NULL::smallint, ARRAY[v_n]);
+    v_run_retry float8[] := array_fill(NULL::float8, ARRAY[v_n]);
+    v_rate_left integer[] := array_fill(NULL::integer, ARRAY[v_n]);
+    v_rate_slot smallint[] := array_fill(NULL::smallint, ARRAY[v_n]);
+    v_rate_retry float8[] := array_fill(NULL::float8, ARRAY[v_n]);
+BEGIN
+    FOR k IN
+        SELECT * FROM (
+            SELECT 'queue:' || p_queue AS key, 'queue' AS kind, 0 AS i, p_queue_max AS lim,
+                   NULL::float8 AS period
+            WHERE p_queue_max IS NOT NULL
+            UNION ALL
+            SELECT 'action:' || u.a, 'running', u.i::integer, u.m, NULL
+            FROM unnest(p_actions, p_max_running) WITH ORDINALITY AS u(a, m, i)
+            WHERE u.m IS NOT NULL
+            UNION ALL
+            SELECT 'rate:' || u.a, 'rate', u.i::integer, u.r, u.p
+            FROM unnest(p_actions, p_rate, p_period) WITH ORDINALITY AS u(a, r, p, i)
+            WHERE u.r IS NOT NULL
+        ) AS keys ORDER BY key
+    LOOP
+        v_shards := greatest(least((k.lim + 64) / 128, 16), 1);
+        v_first := floor(random() * v_shards)::integer;
+        v_slot := NULL;
+        FOR j IN 0 .. v_shards - 1 LOOP
+            IF pg_try_advisory_xact_lock(hashtextextended(
+                   'tasklease.limit:' || k.key || '#' || (v_first + j) % v_shards, 0)) THEN
+                v_slot := (v_first + j) % v_shards;
+                EXIT;
+            END IF;
+        END LOOP;
+        IF v_slot IS NULL THEN
+            v_slot := v_first;
+            PERFORM pg_advisory_xact_lock(hashtextextended(
+                'tasklease.limit:' || k.key || '#' || v_slot, 0));
+        END IF;
+        v_cap := k.lim / v_shards + (v_slot < k.lim % v_shards)::integer;
+        v_retry := NULL;
+        v_moved := false;
+
+        -- What the shard holds: its bound when that leaves room for the whole claim, else
+        -- a count (which also says when to look again if the claim fills it).
+        v_prefix := k.key || '=' || k.lim || coalesce('/' || k.period, '') || '#';
+        v_bound_key := v_prefix || v_slot;
+        SELECT b.bound INTO v_used FROM limit_bounds b WHERE b.key = v_bound_key;
+        IF v_used IS NULL OR v_used + p_want > v_cap THEN
+            IF k.kind = 'rate' THEN
+                -- the shard's sliding window: its holder clears what left it (the holder
+                -- of shard 0 also what strays left)
+                DELETE FROM action_starts s
+                WHERE s.action = p_actions[k.i] AND s.slot = v_slot
+                  AND s.at <= now() - make_interval(secs => k.period);
+                IF v_slot = 0 THEN
+                    DELETE FROM action_starts s
+                    WHERE s.action = p_actions[k.i] AND (s.slot IS NULL OR s.slot >= v_shards)
+                      AND s.at <= now() - make_interval(secs => k.period);
+                END IF;
+            END IF;
+            LOOP
+                -- Every shard of the key: what it holds itself. Running tasks are read
+                -- through the lease index (few), never the whole index of the action or
+                -- queue (OFFSET 0 keeps the key's test out of the scan); starts shard by
+                -- shard through (action, slot, at).
+                IF k.kind = 'rate' THEN
+                    SELECT array_agg(c.n ORDER BY g.s), array_agg(c.oldest ORDER BY g.s)
+                    INTO v_held, v_oldest
+                    FROM generate_series(0, v_shards - 1) AS g(s)
+                    CROSS JOIN LATERAL (
+                        SELECT count(*)::integer AS n, min(s.at) AS oldest
+                        FROM action_starts s
+                        WHERE s.action = p_actions[k.i] AND s.slot = g.s
+                          AND s.at > now() - make_interval(secs => k.period)) AS c;
+                    SELECT count(*)::integer AS n, min(s.at) AS oldest INTO v_stray
+                    FROM action_starts s
+                    WHERE s.action = p_actions[k.i] AND (s.slot IS NULL OR s.slot >= v_shards)
+                      AND s.at > now() - make_interval(secs => k.period);
+                    v_held[1] := v_held[1] + v_stray.n;
+                    v_oldest[1] := least(v_oldest[1], v_stray.oldest);
+                ELSE
+                    SELECT array_agg(coalesce(c.n, 0) ORDER BY g.s) INTO v_held
+                    FROM generate_series(0, v_shards - 1) AS g(s)
+                    LEFT JOIN (
+                        SELECT CASE WHEN r.slot < v_shards THEN r.slot ELSE 0 END AS s,
+                               count(*)::integer AS n
+                        FROM (SELECT CASE k.kind WHEN 'queue' THEN t.queue_slot
+                                                 ELSE t.action_slot END AS slot
+                              FROM (SELECT t.queue, t.action, t.queue_slot, t.action_slot
+                                    FROM tasks t
+                                    WHERE t.lease_expires_at IS NOT NULL
+                                      AND t.state = 'RUNNING'
+                                    OFFSET 0) AS t
+                              WHERE CASE k.kind WHEN 'queue' THEN t.queue = p_queue
+                                                ELSE t.action = p_actions[k.i] END) AS r
+                        GROUP BY 1) AS c ON c.s = g.s;
+                END IF;
+                -- what shards hold above their parts counts in every other shard
+                v_excess := 0;
+                FOR w IN 0 .. v_shards - 1 LOOP
+                    v_part := k.lim / v_shards + (w < k.lim % v_shards)::integer;
+                    v_excess := v_excess + greatest(v_held[w + 1] - v_part, 0);
+                END LOOP;
+                v_used := v_held[v_slot + 1] + v_excess
+                          - greatest(v_held[v_slot + 1] - v_cap, 0);
+                -- the other shard with the most room (at random among equals)
+                v_try := NULL;
+                v_room := NULL;
+                v_ties := 0;
+                FOR w IN 0 .. v_shards - 1 LOOP
+                    CONTINUE WHEN w = v_slot;
+                    v_part := k.lim / v_shards + (w < k.lim % v_shards)::integer;
+                    v_r := v_part - v_held[w + 1] - v_excess
+                           + greatest(v_held[w + 1] - v_part, 0);
+                    IF v_room IS NULL OR v_r > v_room THEN
+                        v_try := w;
+                        v_room := v_r;
+                        v_ties := 1;
+                    ELSIF v_r = v_room THEN
+                        v_ties := v_ties + 1;
+                        IF random() * v_ties < 1 THEN
+                            v_try := w;
+                        END IF;
+                    END IF;
+                END LOOP;
+                -- A concurrency claim its shard cannot hold moves, once, to that shard if
+                -- it has more room and its lock is free, and counts again (the counts came
+                -- before that lock). The shard it leaves was counted under its lock: its
+                -- bound becomes that count.
+                EXIT WHEN k.kind = 'rate' OR v_used + p_want <= v_cap OR v_moved
+                    OR coalesce(v_room, 0) <= greatest(v_cap - v_used, 0)
+                    OR NOT pg_try_advisory_xact_lock(hashtextextended(
+                               'tasklease.limit:' || k.key || '#' || v_try, 0));
+                v_moved := true;
+                INSERT INTO limit_bounds AS b (key, bound) VALUES (v_bound_key, v_used)
+                ON CONFLICT (key) DO UPDATE SET bound = excluded.bound;
+                v_slot := v_try;
+                v_cap := k.lim / v_shards + (v_slot < k.lim % v_shards)::integer;
+                v_bound_key := v_prefix || v_slot;
+            END LOOP;
+            -- when this claim fills its shard, when to look again: at once if another
+            -- shard has room, else (a rate) when the first start leaves a window
+            IF coalesce(v_room, 0) > 0 THEN
+                v_retry := 0;
+            ELSIF k.kind = 'rate' AND v_used + p_want >= v_cap THEN
+                SELECT min(greatest(extract(epoch FROM coalesce(o.at, now())
+                                    + make_interval(secs => k.period) - now())::float8, 0))
+                INTO v_retry FROM unnest(v_oldest) AS o(at);
+            END IF;
+        END IF;
+        v_left := greatest(v_cap - v_used, 0);
+        -- the claim may start up to this many in the shard: the bound says so until the next
+        -- count
+        INSERT INTO limit_bounds AS b (key, bound)
+        VALUES (v_bound_key, v_used + least(v_left, p_want))
+        ON CONFLICT (key) DO UPDATE SET bound = excluded.bound;
+
+        IF k.kind = 'rate' THEN
+            v_rate_left[k.i] := v_left;
+            v_rate_slot[k.i] := v_slot;
+            v_rate_retry[k.i] := v_retry;
+        ELSIF k.kind = 'queue' THEN
+            RETURN QUERY SELECT 'queue', p_queue, v_left, v_slot::smallint, v_retry,
+                                NULL::integer, NULL::smallint, NULL::float8;
+        ELSE
+            v_run_left[k.i] := v_left;
+            v_run_slot[k.i] := v_slot;
+            v_run_retry[k.i] := v_retry;
+        END IF;
+    END LOOP;
+
+    RETURN QUERY
+    SELECT 'action', u.a, u.rl, u.rs, u.rr, u.sl, u.ss, u.sr
+    FROM unnest(p_actions, v_run_left, v_run_slot, v_run_retry, v_rate_left, v_rate_slot,
+                v_rate_retry) AS u(a, rl, rs, rr, sl, ss, sr);
+END
+$fn$;
+"""
+
+# Back to 0005's function, whose bounds are keyed by the number of shards: none of these
+# may be read by it.
+DOWN = (
+    "DELETE FROM limit_bounds;\n"
+    + importlib.import_module("schema.migrations.versions.0005_limit_shards_rounded").UP
+)
+
+
+def upgrade() -> None:
+    run_sql(UP)
+
+
+def downgrade() -> None:
+    run_sql(DOWN)
