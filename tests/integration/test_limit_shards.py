@@ -150,8 +150,8 @@ async def test_a_claim_that_its_shard_cannot_hold_moves_to_the_emptiest_free_one
 
     async def bounds(zero: int, one: int) -> None:
         await conn.execute(
-            "INSERT INTO limit_bounds (key, bound) VALUES ('action:noop=256#0', $1), "
-            "('action:noop=256#1', $2) ON CONFLICT (key) DO UPDATE SET bound = excluded.bound",
+            "INSERT INTO limit_bounds (key, bound, lim) VALUES ('action:noop#0', $1, 256), "
+            "('action:noop#1', $2, 256) ON CONFLICT (key) DO UPDATE SET bound = excluded.bound",
             zero,
             one,
         )
@@ -167,8 +167,8 @@ async def test_a_claim_that_its_shard_cannot_hold_moves_to_the_emptiest_free_one
             row = await a.fetchrow(SLOTS, *running(256))
             assert (row["run_slot"], row["running_left"]) == (1, 123)
             written = dict(await a.fetch("SELECT key, bound FROM limit_bounds"))
-        assert written["action:noop=256#1"] == 5 + 10
-        moved += written["action:noop=256#0"] == 120
+        assert written["action:noop#1"] == 5 + 10
+        moved += written["action:noop#0"] == 120
     assert moved > 0
 
     await bounds(121, 200)
@@ -219,11 +219,11 @@ async def test_a_shard_is_counted_again_when_its_bound_leaves_too_little_room(
         task_id = await submit(store)
         await force_state(conn, task_id, TaskState.RUNNING)
         await conn.execute("UPDATE tasks SET action_slot = 0 WHERE id = $1", task_id)
-    key = "action:noop=31#0"
+    key = "action:noop#0"
 
     async def claim_with_bound(bound: int) -> tuple[int, int]:
         await conn.execute(
-            "INSERT INTO limit_bounds (key, bound) VALUES ($1, $2) "
+            "INSERT INTO limit_bounds (key, bound, lim) VALUES ($1, $2, 31) "
             "ON CONFLICT (key) DO UPDATE SET bound = excluded.bound",
             key,
             bound,
@@ -341,3 +341,32 @@ async def test_a_redivided_rate_counts_what_old_shards_hold_above_their_parts(
             row = await c.fetchrow(SLOTS, *rated(500, 3600, 200))
             seen[row["rate_slot"]] = row["starts_left"]
     assert seen == {0: 0, 1: 0, 2: 25, 3: 108}
+
+
+async def test_while_workers_disagree_on_a_limit_no_shard_exceeds_its_largest_part(
+    store: Store, conn: asyncpg.Connection, db: str
+) -> None:
+    """A rolling deploy that changes a limit: workers claim under 400 (134 + 133 + 133) and
+    under 500 (4 x 125) side by side. Each claim adds to a shard only up to the part its own
+    value gives it, and a shard's bound counts every claim in its slot, whichever value it
+    was made under; so no slot holds more than its largest part (in all at most 525). Before,
+    a bound was kept per number of shards: a claim under 400 trusted its bound of 10 for
+    shard 0 after claims under 500 had filled the shard to 125, and took 100 more (225)."""
+    await store.submit_many([NewTask("noop", "{}") for _ in range(400)])
+
+    async def claim(limit: int, want: int) -> int:
+        rules = ClaimRules(None, None, {"noop": ActionLimit(max_running=limit)})
+        await store.claim("default", {"noop": 300.0}, want, "w", rules)
+        return (await running_by_slot(conn)).get(0, 0)
+
+    async with claimer(db) as others:  # every claim below gets shard 0
+        for shard in (1, 2, 3):
+            await others.execute(
+                "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
+                f"tasklease.limit:action:noop#{shard}",
+            )
+        assert await claim(400, 10) == 10
+        assert await claim(500, 100) == 110
+        assert await claim(500, 100) == 125
+        assert await claim(400, 100) == 134
+        assert await claim(500, 100) == 134

@@ -13,13 +13,20 @@ part(s) - excess(others); so once any shard within its part has been claimed in 
 change, the shards within their parts hold at most their parts minus the excess, and the
 total is at most the limit. Until then no claim has added anything. (Rate limits: the same
 for every window of one period, since a claim's window holds every older start of any window
-that holds the claim.) With one layout since the start, no shard is ever over its part, so
+that holds the claim.) With one value since the start, no shard is ever over its part, so
 nothing changes.
 
-The function is written out whole below; 0004 holds its first version. A bound (limit_bounds)
-now includes the excess of the other shards, and its key names the limit's value instead of
-its number of shards, so that a new value always starts from counts. The bounds of before are
-dropped (they are only a cache of counts): a stale one must never be read again.
+While workers disagree on the value (a rolling deploy), each claim still adds to a shard only
+up to the part its own value gives it, and a shard's bound (limit_bounds.bound) is now what
+the shard's slot itself holds, whoever claimed in it, so it stays true for every value: the
+running tasks stay within the sum over shards of the largest part any worker gives each.
+(Before, a bound was kept per number of shards, so workers of two numbers did not see each
+other's claims in it.) What a count found beside (strays, the others' excess) is kept apart,
+in `extra`, for the value it was counted for (`lim`), and trusted only by claims of that value.
+
+The function is written out whole below; 0004 holds its first version. The bounds of before
+are dropped (they are only a cache of counts), and their keys no longer name the number of
+shards.
 
 Revision ID: 0006
 Revises: 0005
@@ -36,6 +43,9 @@ depends_on = None
 
 UP = """
 DELETE FROM limit_bounds;
+-- a bound: what the shard's slot holds (any value of the limit); lim, extra: what the last
+-- count for that value of the limit found beside it (strays, other shards' excess)
+ALTER TABLE limit_bounds ADD COLUMN lim integer, ADD COLUMN extra integer NOT NULL DEFAULT 0;
 
 -- How many more tasks a claim may start under the global limits that apply to it, and in
 -- which shard. Called by task_claim_due only when a limit applies (docs/scheduling.md).
@@ -46,17 +56,17 @@ DELETE FROM limit_bounds;
 -- in key order, the claim takes the first shard whose lock is free, trying from a random
 -- one; only when all are held does it wait, for one. It then reads what the shard holds
 -- with a snapshot taken after the lock (the function is VOLATILE), so it sees every claim
--- committed in the shard by whoever held it before: the shard's bound (limit_bounds) when
--- that leaves room for the whole claim, else an exact count. What a shard holds is its own
--- running tasks (or starts in the window) plus what the other shards hold above their parts
--- (only after a limit was given a new value: migration 0006). A concurrency shard counted
--- too full for the claim is swapped, once, for the other shard with the most room if that
--- has more and its lock is free (counted again under it). The claim may take at most the
--- shard's room, and sets the bound to what the shard holds plus what it may start.
--- The claim records the shard in the task (queue_slot, action_slot) or the start
--- (action_starts.slot); a shard's count changes upwards only under its lock, and only up to
--- its part, so the shards' parts, which add up to L, bound the total. A slot that is NULL or
--- not a shard of the limit as now set counts in shard 0.
+-- committed in the shard by whoever held it before. What a shard holds: the running tasks
+-- (or starts in the window) recorded in its slot; in shard 0 also the strays (a slot that is
+-- NULL or not a shard of the limit as now set); and what the other shards hold above their
+-- parts (only after the limit was given a new value). Read from the shard's bound
+-- (limit_bounds) when that leaves room for the whole claim, else counted. A concurrency
+-- shard counted too full for the claim is swapped, once, for the other shard with the most
+-- room if that has more and its lock is free (counted again under it). The claim may take
+-- at most the shard's room; it records the shard in the task (queue_slot, action_slot) or the
+-- start (action_starts.slot), and sets the bound to what the slot holds plus what it may
+-- start (and, apart, what it counted beside). A slot's count grows only under its lock, and
+-- only up to its part, so the parts, which add up to L, bound the total.
 --
 -- Deadlock-free: keys in one order, and within a key a claim waits only while it holds no
 -- shard of that key, so whoever holds what it waits for waits only on later keys.
@@ -84,8 +94,11 @@ DECLARE
     v_held integer[];          -- per shard (index shard + 1): running tasks, or starts
     v_oldest timestamptz[];    -- per shard: its oldest start in the window
     v_stray record;
+    v_strays integer;
     v_excess integer;
     v_used integer;
+    v_own integer;
+    v_row record;
     v_try integer;
     v_room integer;
     v_r integer;
@@ -137,12 +150,15 @@ BEGIN
         v_retry := NULL;
         v_moved := false;
 
-        -- What the shard holds: its bound when that leaves room for the whole claim, else
-        -- a count (which also says when to look again if the claim fills it).
-        v_prefix := k.key || '=' || k.lim || coalesce('/' || k.period, '') || '#';
+        -- What the shard holds: its bound (what its slot holds, plus what its last count of
+        -- this value of the limit found beside) when that leaves room for the whole claim,
+        -- else a count (which also says when to look again if the claim fills it).
+        v_prefix := k.key || coalesce('/' || k.period, '') || '#';
         v_bound_key := v_prefix || v_slot;
-        SELECT b.bound INTO v_used FROM limit_bounds b WHERE b.key = v_bound_key;
-        IF v_used IS NULL OR v_used + p_want > v_cap THEN
+        SELECT b.bound, b.lim, b.extra INTO v_row FROM limit_bounds b WHERE b.key = v_bound_key;
+        v_own := v_row.bound;
+        v_used := v_row.bound + v_row.extra;
+        IF v_row.lim IS DISTINCT FROM k.lim OR v_used + p_want > v_cap THEN
             IF k.kind = 'rate' THEN
                 -- the shard's sliding window: its holder clears what left it (the holder
                 -- of shard 0 also what strays left)
@@ -173,13 +189,14 @@ BEGIN
                     FROM action_starts s
                     WHERE s.action = p_actions[k.i] AND (s.slot IS NULL OR s.slot >= v_shards)
                       AND s.at > now() - make_interval(secs => k.period);
-                    v_held[1] := v_held[1] + v_stray.n;
+                    v_strays := v_stray.n;
                     v_oldest[1] := least(v_oldest[1], v_stray.oldest);
                 ELSE
+                    -- strays at -1, the first element
                     SELECT array_agg(coalesce(c.n, 0) ORDER BY g.s) INTO v_held
-                    FROM generate_series(0, v_shards - 1) AS g(s)
+                    FROM generate_series(-1, v_shards - 1) AS g(s)
                     LEFT JOIN (
-                        SELECT CASE WHEN r.slot < v_shards THEN r.slot ELSE 0 END AS s,
+                        SELECT CASE WHEN r.slot < v_shards THEN r.slot ELSE -1 END AS s,
                                count(*)::integer AS n
                         FROM (SELECT CASE k.kind WHEN 'queue' THEN t.queue_slot
                                                  ELSE t.action_slot END AS slot
@@ -191,7 +208,11 @@ BEGIN
                               WHERE CASE k.kind WHEN 'queue' THEN t.queue = p_queue
                                                 ELSE t.action = p_actions[k.i] END) AS r
                         GROUP BY 1) AS c ON c.s = g.s;
+                    v_strays := v_held[1];
+                    v_held := v_held[2:];
                 END IF;
+                -- strays (no shard, or one the limit no longer has) are held by shard 0
+                v_held[1] := v_held[1] + v_strays;
                 -- what shards hold above their parts counts in every other shard
                 v_excess := 0;
                 FOR w IN 0 .. v_shards - 1 LOOP
@@ -200,6 +221,7 @@ BEGIN
                 END LOOP;
                 v_used := v_held[v_slot + 1] + v_excess
                           - greatest(v_held[v_slot + 1] - v_cap, 0);
+                v_own := v_held[v_slot + 1] - CASE WHEN v_slot = 0 THEN v_strays ELSE 0 END;
                 -- the other shard with the most room (at random among equals)
                 v_try := NULL;
                 v_room := NULL;
@@ -229,8 +251,10 @@ BEGIN
                     OR NOT pg_try_advisory_xact_lock(hashtextextended(
                                'tasklease.limit:' || k.key || '#' || v_try, 0));
                 v_moved := true;
-                INSERT INTO limit_bounds AS b (key, bound) VALUES (v_bound_key, v_used)
-                ON CONFLICT (key) DO UPDATE SET bound = excluded.bound;
+                INSERT INTO limit_bounds AS b (key, bound, lim, extra)
+                VALUES (v_bound_key, v_own, k.lim, v_used - v_own)
+                ON CONFLICT (key) DO UPDATE
+                SET bound = excluded.bound, lim = excluded.lim, extra = excluded.extra;
                 v_slot := v_try;
                 v_cap := k.lim / v_shards + (v_slot < k.lim % v_shards)::integer;
                 v_bound_key := v_prefix || v_slot;
@@ -248,9 +272,10 @@ BEGIN
         v_left := greatest(v_cap - v_used, 0);
         -- the claim may start up to this many in the shard: the bound says so until the next
         -- count
-        INSERT INTO limit_bounds AS b (key, bound)
-        VALUES (v_bound_key, v_used + least(v_left, p_want))
-        ON CONFLICT (key) DO UPDATE SET bound = excluded.bound;
+        INSERT INTO limit_bounds AS b (key, bound, lim, extra)
+        VALUES (v_bound_key, v_own + least(v_left, p_want), k.lim, v_used - v_own)
+        ON CONFLICT (key) DO UPDATE
+        SET bound = excluded.bound, lim = excluded.lim, extra = excluded.extra;
 
         IF k.kind = 'rate' THEN
             v_rate_left[k.i] := v_left;
@@ -277,7 +302,7 @@ $fn$;
 # Back to 0005's function, whose bounds are keyed by the number of shards: none of these
 # may be read by it.
 DOWN = (
-    "DELETE FROM limit_bounds;\n"
+    "DELETE FROM limit_bounds;\nALTER TABLE limit_bounds DROP COLUMN lim, DROP COLUMN extra;\n"
     + importlib.import_module("schema.migrations.versions.0005_limit_shards_rounded").UP
 )
 
