@@ -370,3 +370,36 @@ async def test_while_workers_disagree_on_a_limit_no_shard_exceeds_its_largest_pa
         assert await claim(500, 100) == 125
         assert await claim(400, 100) == 134
         assert await claim(500, 100) == 134
+
+
+async def test_a_limit_changed_back_counts_again_before_trusting_its_old_bounds(
+    store: Store, conn: asyncpg.Connection, db: str
+) -> None:
+    """500 (4 x 125), then 400 (3 shards, stopping every worker in between), then 500 again.
+    Shard 3's bound was last written under 500, when the shard was empty (5 running, nothing
+    beside); under 400 the other shards filled past their parts of 500 (20 above them). Back
+    at 500, a claim of 120 in shard 3 must not trust that old bound (5 + 120 <= 125): the
+    first claim under 400 set every row of 500 aside, so it counts, and takes 100."""
+    await store.submit_many([NewTask("noop", "{}") for _ in range(700)])
+
+    def rules(limit: int) -> ClaimRules:
+        return ClaimRules(None, None, {"noop": ActionLimit(max_running=limit)})
+
+    async with claimer(db) as others:  # the first claim gets shard 3
+        for shard in (0, 1, 2):
+            await others.execute(
+                "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
+                f"tasklease.limit:action:noop#{shard}",
+            )
+        await store.claim("default", {"noop": 300.0}, 5, "w", rules(500))
+    assert await running_by_slot(conn) == {3: 5}
+    assert await claim_until_held(store, conn, 400) == 400  # its shard 0 counts those 5
+
+    async with claimer(db) as others:
+        for shard in (0, 1, 2):
+            await others.execute(
+                "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
+                f"tasklease.limit:action:noop#{shard}",
+            )
+        await store.claim("default", {"noop": 300.0}, 120, "w", rules(500))
+    assert sum((await running_by_slot(conn)).values()) == 500

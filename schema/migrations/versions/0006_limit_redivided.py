@@ -22,7 +22,11 @@ the shard's slot itself holds, whoever claimed in it, so it stays true for every
 running tasks stay within the sum over shards of the largest part any worker gives each.
 (Before, a bound was kept per number of shards, so workers of two numbers did not see each
 other's claims in it.) What a count found beside (strays, the others' excess) is kept apart,
-in `extra`, for the value it was counted for (`lim`), and trusted only by claims of that value.
+in `extra`, for the value it was counted for (`lim`), and trusted only by claims of that value;
+it misses what claims of another value add in other shards afterwards, which is why that sum,
+not the new value, is the bound until the tasks started while workers disagreed have finished.
+For the same reason the first claim of a value in a shard sets aside every row kept for
+another value, so that a value changed back counts afresh.
 
 The function is written out whole below; 0004 holds its first version. The bounds of before
 are dropped (they are only a cache of counts), and their keys no longer name the number of
@@ -159,6 +163,19 @@ BEGIN
         v_own := v_row.bound;
         v_used := v_row.bound + v_row.extra;
         IF v_row.lim IS DISTINCT FROM k.lim OR v_used + p_want > v_cap THEN
+            IF v_row.lim IS DISTINCT FROM k.lim THEN
+                -- The first claim of this value in this shard: what the last counts of
+                -- other values found beside their shards misses what this value adds, so a
+                -- claim under one of them counts again. (SKIP LOCKED: a row locked now is
+                -- being written by a claim beside this one, which only a rolling deploy
+                -- makes.)
+                UPDATE limit_bounds AS b SET lim = NULL
+                WHERE b.key IN (
+                    SELECT o.key FROM limit_bounds o
+                    WHERE o.key = ANY(ARRAY(SELECT v_prefix || g FROM generate_series(0, 15) AS g))
+                      AND o.lim <> k.lim
+                    FOR UPDATE SKIP LOCKED);
+            END IF;
             IF k.kind = 'rate' THEN
                 -- the shard's sliding window: its holder clears what left it (the holder
                 -- of shard 0 also what strays left)
