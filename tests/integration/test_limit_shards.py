@@ -41,6 +41,16 @@ async def claimer(db: str) -> AsyncIterator[asyncpg.Connection]:
         await conn.close()
 
 
+async def hold_shards(conn: asyncpg.Connection, *shards: int) -> None:
+    """Take the advisory locks of these shards of noop's concurrency limit in `conn`'s
+    transaction, so that a claim meanwhile gets one of the others."""
+    for shard in shards:
+        await conn.execute(
+            "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
+            f"tasklease.limit:action:noop#{shard}",
+        )
+
+
 async def claim_that_waits(
     watcher: asyncpg.Connection, waiter: asyncpg.Connection, limit: int, what: str
 ) -> asyncio.Future[asyncpg.Record]:
@@ -173,9 +183,7 @@ async def test_a_claim_that_its_shard_cannot_hold_moves_to_the_emptiest_free_one
 
     await bounds(121, 200)
     async with claimer(db) as a, claimer(db) as b:
-        await b.execute(
-            "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", "tasklease.limit:action:noop#1"
-        )
+        await hold_shards(b, 1)
         row = await a.fetchrow(SLOTS, *running(256))
         assert (row["run_slot"], row["running_left"], row["run_retry"]) == (0, 8, 0)
 
@@ -287,7 +295,7 @@ async def claim_until_held(store: Store, conn: asyncpg.Connection, limit: int) -
         (400, {2: 50}, 500, 350 + 25 + 108),
         # 500 = 4 x 125 becomes 400 = 134 + 133 + 133: shard 3's tasks now count in shard 0
         # (75 + 125 = 200, 66 above its part), so shards 1 and 2 (75 each) take nothing
-        # (without: 58 each, 466 running)
+        # (without: 58 each, up to 466 running)
         (500, {0: 50, 1: 50, 2: 50}, 400, 350),
     ],
 )
@@ -360,11 +368,7 @@ async def test_while_workers_disagree_on_a_limit_no_shard_exceeds_its_largest_pa
         return (await running_by_slot(conn)).get(0, 0)
 
     async with claimer(db) as others:  # every claim below gets shard 0
-        for shard in (1, 2, 3):
-            await others.execute(
-                "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
-                f"tasklease.limit:action:noop#{shard}",
-            )
+        await hold_shards(others, 1, 2, 3)
         assert await claim(400, 10) == 10
         assert await claim(500, 100) == 110
         assert await claim(500, 100) == 125
@@ -386,20 +390,12 @@ async def test_a_limit_changed_back_counts_again_before_trusting_its_old_bounds(
         return ClaimRules(None, None, {"noop": ActionLimit(max_running=limit)})
 
     async with claimer(db) as others:  # the first claim gets shard 3
-        for shard in (0, 1, 2):
-            await others.execute(
-                "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
-                f"tasklease.limit:action:noop#{shard}",
-            )
+        await hold_shards(others, 0, 1, 2)
         await store.claim("default", {"noop": 300.0}, 5, "w", rules(500))
     assert await running_by_slot(conn) == {3: 5}
     assert await claim_until_held(store, conn, 400) == 400  # its shard 0 counts those 5
 
     async with claimer(db) as others:
-        for shard in (0, 1, 2):
-            await others.execute(
-                "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
-                f"tasklease.limit:action:noop#{shard}",
-            )
+        await hold_shards(others, 0, 1, 2)
         await store.claim("default", {"noop": 300.0}, 120, "w", rules(500))
     assert sum((await running_by_slot(conn)).values()) == 500
