@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hmac
 import logging
-import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, TypeVar
@@ -28,8 +27,8 @@ from litestar.openapi.spec import Components, Example, SecurityScheme
 from litestar.params import Body, Parameter
 from litestar.status_codes import HTTP_200_OK, HTTP_201_CREATED
 
-from api import metrics, ui
-from api.schemas import (
+from tasklease.api import metrics, ui
+from tasklease.api.schemas import (
     ErrorBody,
     Health,
     QueueStats,
@@ -44,11 +43,11 @@ from api.schemas import (
     TransitionRead,
     WorkerStats,
 )
-from engine import database, operations
-from engine.registry import Handler
-from engine.reporting import Counters, Reporter, alive
-from engine.states import TaskState
-from engine.store import TRANSIENT_ERRORS, NewTask, Store
+from tasklease.engine import database, operations, tasks
+from tasklease.engine.registry import Handler
+from tasklease.engine.reporting import Counters, Reporter, alive
+from tasklease.engine.states import TaskState
+from tasklease.engine.store import TRANSIENT_ERRORS, NewTask, Store
 
 log = logging.getLogger("tasklease.api")
 T = TypeVar("T")
@@ -107,13 +106,6 @@ def _store(state: State) -> Store:
     return store
 
 
-def payload_field(message: str) -> str:
-    """`payload.user_id` from msgspec's "… - at `$.user_id`" / "missing required field `x`"."""
-    at = re.search(r"at `\$(.*?)`", message)
-    missing = re.search(r"(?:missing required|unknown) field `(.*?)`", message)
-    return "payload" + (at.group(1) if at else "") + (f".{missing.group(1)}" if missing else "")
-
-
 async def strict(request: Request[Any, Any, Any], kind: type[T]) -> T:
     """The body decoded strictly: Litestar's own decoding coerces ("3" -> 3, 0 -> 1970-01-01),
     which would accept a wrong-typed field instead of naming it."""
@@ -124,40 +116,16 @@ async def strict(request: Request[Any, Any, Any], kind: type[T]) -> T:
 
 
 def prepare(data: TaskCreate, handlers: dict[str, Handler], index: int | None = None) -> NewTask:
-    """Check one submission (the index-th of a batch) against the handler registry; 422 names
-    what is wrong."""
-    where, field = ("", "") if index is None else (f"tasks[{index}]: ", f"tasks[{index}].")
-    action = data.action if data.action is not None else data.payload.get("action")
-    known = sorted(handlers)
-    if not isinstance(action, str) or not action:
-        raise UnprocessableTask(
-            f"{where}no action: give `action`, or `payload.action`", extra={"known_actions": known}
-        )
-    handler = handlers.get(action)
-    if handler is None:
-        raise UnprocessableTask(
-            f"{where}unknown action {action!r}; known actions: {', '.join(known)}",
-            extra={"known_actions": known},
-        )
-    payload_json = msgspec.json.encode(data.payload)
+    """engine.tasks.prepare, its InvalidTask as a 422 that names what is wrong."""
     try:
-        handler.validate(payload_json)
-    except msgspec.ValidationError as exc:
-        raise UnprocessableTask(
-            f"{where}payload does not fit action {action!r}: {exc}",
-            extra={"field": field + payload_field(str(exc))},
-        ) from None
-    return NewTask(
-        action=action,
-        payload_json=payload_json.decode(),
-        queue=data.queue,
-        priority=data.priority,
-        max_attempts=data.max_attempts or handler.max_attempts,
-        due_at=data.due_at,
-        idempotency_key=data.idempotency_key,
-        lease_seconds=data.lease_seconds,
-        timeout_seconds=data.timeout_seconds,
-    )
+        return tasks.prepare(data, handlers, index)
+    except tasks.InvalidTask as exc:
+        extra: dict[str, Any] = {}
+        if exc.known_actions is not None:
+            extra["known_actions"] = exc.known_actions
+        if exc.field is not None:
+            extra["field"] = exc.field
+        raise UnprocessableTask(str(exc), extra=extra or None) from None
 
 
 @post(

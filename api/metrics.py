@@ -18,9 +18,9 @@ from prometheus_client.core import (
     Metric,
 )
 
-from engine.reporting import alive, cumulative, merge
-from engine.states import TRIGGERS, TaskState
-from engine.store import Store
+from tasklease.engine.reporting import alive, cumulative, merge
+from tasklease.engine.states import TRIGGERS, TaskState
+from tasklease.engine.store import Store
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 

@@ -7,31 +7,13 @@ from typing import Annotated, Any
 
 import msgspec
 
-from engine.states import TaskState
+from tasklease.engine.tasks import Task, TaskSpec, Transition
 
-Text = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
-Seconds = Annotated[
-    float,
-    msgspec.Meta(gt=0, le=7 * 86400, description="seconds; null: the action's own setting"),
-]
-AwareDatetime = Annotated[
-    datetime, msgspec.Meta(tz=True, description="RFC 3339 with a time zone offset")
-]
 MAX_BATCH = 10_000
 
 
-class TaskCreate(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+class TaskCreate(TaskSpec):
     """A task to run. `action` defaults to `payload.action`; `due_at` defaults to now."""
-
-    payload: dict[str, Any]
-    action: Text | None = None
-    due_at: AwareDatetime | None = None
-    idempotency_key: Text | None = None
-    max_attempts: Annotated[int, msgspec.Meta(ge=1, le=1000)] | None = None
-    queue: Text = "default"
-    priority: Annotated[int, msgspec.Meta(ge=-1000, le=1000)] = 0
-    lease_seconds: Seconds | None = None
-    timeout_seconds: Seconds | None = None
 
 
 class TaskBatchCreate(msgspec.Struct, forbid_unknown_fields=True):
@@ -40,50 +22,8 @@ class TaskBatchCreate(msgspec.Struct, forbid_unknown_fields=True):
     tasks: Annotated[list[TaskCreate], msgspec.Meta(min_length=1, max_length=MAX_BATCH)]
 
 
-class TaskRead(msgspec.Struct, kw_only=True):
-    id: int
-    action: str
-    payload: dict[str, Any]
-    state: TaskState
-    attempt: int
-    max_attempts: int
-    due_at: datetime
-    created_at: datetime
-    updated_at: datetime
-    queue: str
-    priority: int
-    result: Any
-    last_error: str | None
-    idempotency_key: str | None
-    lease_expires_at: datetime | None
-    worker: str | None
-    cancel_requested_at: datetime | None
-    lease_seconds: float | None
-    timeout_seconds: float | None
-
-    @classmethod
-    def from_row(cls, row: Any) -> TaskRead:
-        return cls(
-            id=row["id"],
-            action=row["action"],
-            payload=msgspec.json.decode(row["payload"]),
-            state=TaskState(row["state"]),
-            attempt=row["attempt"],
-            max_attempts=row["max_attempts"],
-            due_at=row["due_at"],
-            created_at=row["created_at"],
-            updated_at=row["updated_at"],
-            queue=row["queue"],
-            priority=row["priority"],
-            result=None if row["result"] is None else msgspec.json.decode(row["result"]),
-            last_error=row["last_error"],
-            idempotency_key=row["idempotency_key"],
-            lease_expires_at=row["lease_expires_at"],
-            worker=row["worker"],
-            cancel_requested_at=row["cancel_requested_at"],
-            lease_seconds=row["lease_seconds"],
-            timeout_seconds=row["timeout_seconds"],
-        )
+class TaskRead(Task):
+    """A task, as stored."""
 
 
 class TaskBatchRead(msgspec.Struct):
@@ -97,14 +37,8 @@ class TaskPage(msgspec.Struct):
     next_cursor: str | None
 
 
-class TransitionRead(msgspec.Struct, kw_only=True):
-    trigger: str
-    from_state: TaskState | None
-    to_state: TaskState
-    attempt: int
-    worker: str | None
-    at: datetime
-    detail: str | None
+class TransitionRead(Transition):
+    """One transition of a task's history."""
 
 
 class ScheduleRead(msgspec.Struct, kw_only=True):

@@ -30,10 +30,10 @@ from litestar.response import Redirect, Template
 from litestar.static_files import create_static_files_router
 from litestar.template.config import TemplateConfig
 
-from engine import operations
-from engine.reporting import alive, minute_now, per_minute
-from engine.states import TaskState
-from engine.store import Store
+from tasklease.engine import operations
+from tasklease.engine.reporting import alive, minute_now, per_minute
+from tasklease.engine.states import TaskState
+from tasklease.engine.store import Store
 
 log = logging.getLogger("tasklease.api")
 HERE = Path(__file__).resolve().parent

@@ -13,9 +13,9 @@ import asyncio
 
 import asyncpg
 
-import schema
-from engine.database import resolve, with_database
-from engine.queries import CLAIM, CLAIM_LIMITED
+from tasklease import schema
+from tasklease.engine.database import resolve, with_database
+from tasklease.engine.queries import CLAIM, CLAIM_LIMITED
 
 ARGS = ("default", ["noop"], 10, "w", [30.0], 300.0)
 LIMITS = (1_000_000, ["noop"], [1_000_000], [1_000_000], [1.0])

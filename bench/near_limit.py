@@ -22,7 +22,7 @@ from typing import Any
 
 import asyncpg
 
-from engine import TaskContext, handler
+from tasklease import TaskContext, handler
 
 LIMIT = int(os.environ.get("TASKLEASE_BENCH_NEAR_LIMIT", "250"))
 WORK = float(os.environ.get("TASKLEASE_BENCH_NEAR_WORK_MS", "0")) / 1000
@@ -70,8 +70,8 @@ async def running_tasks(dsn: str) -> dict[str, float]:
 
 
 async def main(limit: int, rounds: int, work_ms: float) -> None:
-    from engine import bench
-    from engine.cli import database_url
+    from tasklease.engine import bench
+    from tasklease.engine.cli import database_url
 
     os.environ["TASKLEASE_BENCH_NEAR_LIMIT"] = str(limit)
     os.environ["TASKLEASE_BENCH_NEAR_WORK_MS"] = str(work_ms)

@@ -1,12 +1,4 @@
-"""tasklease: a durable task scheduler on PostgreSQL.
+"""The engine: the state machine, the guarded SQL transitions, the worker and the CLI.
 
-The public surface for handler authors is small on purpose:
-
-    from engine import handler, TaskContext, PermanentError, Snooze, schedule
+User code imports the public surface from `tasklease`, not from here.
 """
-
-from engine.registry import PermanentError, Snooze, TaskContext, handler
-from engine.schedules import schedule
-from engine.states import TaskState
-
-__all__ = ["PermanentError", "Snooze", "TaskContext", "TaskState", "handler", "schedule"]

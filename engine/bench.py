@@ -33,12 +33,12 @@ from urllib.parse import urlsplit
 import asyncpg
 import httpx
 
-import schema
-from engine import TaskContext, handler
-from engine.cluster import Cluster
-from engine.database import with_database
-from engine.retention import Retention, RetentionConfig
-from engine.store import NewTask, Store
+from tasklease import schema
+from tasklease.engine.cluster import Cluster
+from tasklease.engine.database import with_database
+from tasklease.engine.registry import TaskContext, handler
+from tasklease.engine.retention import Retention, RetentionConfig
+from tasklease.engine.store import NewTask, Store
 
 Say = Callable[[str], None]
 
@@ -223,7 +223,7 @@ async def drain(
                 f"  inserted {config.tasks:,} tasks ({insert_rate:,.0f}/s); draining with "
                 f"{config.workers} workers x concurrency {config.concurrency}"
             )
-            procs = Cluster(db.dsn, log_dir, "engine.bench", log_level="warning")
+            procs = Cluster(db.dsn, log_dir, "tasklease.engine.bench", log_level="warning")
             for _ in range(config.workers):
                 procs.worker("--concurrency", str(config.concurrency), *worker_args)
             side = asyncio.ensure_future(beside(db.dsn)) if beside else None
@@ -256,7 +256,7 @@ async def limits(admin_dsn: str, config: BenchConfig, log_dir: Path, say: Say) -
     no-op tasks by workers that also run limited actions (none due); tasks of an action
     under a global limit above the load, in a queue under one too; the same with a rate
     limit as well."""
-    with_limited = ("--handlers", "engine.bench_limits")
+    with_limited = ("--handlers", "tasklease.engine.bench_limits")
     queue_limit = (*with_limited, "--queue-limit", "default=1000000")
     kinds: dict[str, tuple[str, tuple[str, ...]]] = {
         "none": ("noop", ()),
@@ -329,7 +329,7 @@ async def _backlog(conn: asyncpg.Connection, n: int) -> None:
 async def latency(admin_dsn: str, config: BenchConfig, log_dir: Path, say: Say) -> dict[str, float]:
     n = int(config.latency_rate * config.latency_seconds)
     async with Database(admin_dsn) as db:
-        procs = Cluster(db.dsn, log_dir, "engine.bench", log_level="warning")
+        procs = Cluster(db.dsn, log_dir, "tasklease.engine.bench", log_level="warning")
         for _ in range(config.workers):
             procs.worker("--concurrency", str(config.concurrency))
         conn = await asyncpg.connect(db.dsn)
@@ -401,7 +401,7 @@ async def _post_loop(port: int, path: str, body: bytes | None, seconds: float, e
 
 async def submit(admin_dsn: str, config: BenchConfig, log_dir: Path, say: Say) -> dict[str, float]:
     async with Database(admin_dsn) as db:
-        procs = Cluster(db.dsn, log_dir, "engine.bench", log_level="warning")
+        procs = Cluster(db.dsn, log_dir, "tasklease.engine.bench", log_level="warning")
         url = procs.api()
         port = int(url.rsplit(":", 1)[1])
         try:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from engine import TaskContext, handler
+from tasklease.engine.registry import TaskContext, handler
 
 ABOVE_ANY_LOAD = 1_000_000
 

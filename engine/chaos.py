@@ -26,10 +26,10 @@ from typing import Any
 import asyncpg
 import httpx
 
-import schema
-from engine import TaskContext, handler
-from engine.cluster import Cluster
-from engine.database import with_database
+from tasklease import schema
+from tasklease.engine.cluster import Cluster
+from tasklease.engine.database import with_database
+from tasklease.engine.registry import TaskContext, handler
 
 log = logging.getLogger("tasklease.chaos")
 ACTION = "chaos_probe"
@@ -186,7 +186,7 @@ async def run(
     admin = await asyncpg.connect(admin_dsn)
     await admin.execute(f"CREATE DATABASE {name}")
     dsn = with_database(admin_dsn, name)
-    cluster = Cluster(dsn, log_dir, "engine.chaos")
+    cluster = Cluster(dsn, log_dir, "tasklease.engine.chaos")
     began = time.monotonic()
     try:
         await schema.upgrade(dsn)

@@ -14,13 +14,13 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-import schema
-from engine import client, database, registry, states
-from engine.embedded import EmbeddedError
-from engine.registry import DEFAULT_LEASE_SECONDS, HandlerError
-from engine.retention import RetentionConfig
-from engine.store import Store
-from engine.worker import DEFAULT_AGING_SECONDS, Worker, WorkerConfig
+from tasklease import schema
+from tasklease.engine import database, http_client, registry, states
+from tasklease.engine.embedded import EmbeddedError
+from tasklease.engine.registry import DEFAULT_LEASE_SECONDS, HandlerError
+from tasklease.engine.retention import RetentionConfig
+from tasklease.engine.store import Store
+from tasklease.engine.worker import DEFAULT_AGING_SECONDS, Worker, WorkerConfig
 
 log = logging.getLogger("tasklease")
 LABEL_ENV = "TASKLEASE_LOG_LABEL"
@@ -65,7 +65,7 @@ def _retain(value: str) -> float | None:
     """A duration like 7d or 12h; `forever` keeps them."""
     if value.strip().lower() == "forever":
         return None
-    seconds = client.duration(value).total_seconds()
+    seconds = http_client.duration(value).total_seconds()
     if seconds <= 0:
         raise argparse.ArgumentTypeError("give a positive duration, or `forever`")
     return seconds
@@ -178,12 +178,12 @@ def cmd_worker(args: argparse.Namespace) -> int:
 def cmd_api(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from api.app import DEFAULT_MAX_BODY_BYTES, create_app
+    from tasklease.api.app import DEFAULT_MAX_BODY_BYTES, create_app
 
     handlers = load_handlers(args.handlers)
     dsn = database_url()
     ready(dsn)
-    token = os.environ.get(client.TOKEN_ENV) or None
+    token = os.environ.get(http_client.TOKEN_ENV) or None
     body_limit = int(args.max_body_bytes or DEFAULT_MAX_BODY_BYTES)
     app = create_app(dsn, handlers, api_token=token, max_body_bytes=body_limit)
     where = "loopback only" if args.host in ("127.0.0.1", "localhost", "::1") else "all interfaces"
@@ -195,9 +195,9 @@ def cmd_api(args: argparse.Namespace) -> int:
     )
     log.info(
         "authentication: %s",
-        f"bearer token required ({client.TOKEN_ENV} is set)"
+        f"bearer token required ({http_client.TOKEN_ENV} is set)"
         if token
-        else f"none ({client.TOKEN_ENV} is not set)",
+        else f"none ({http_client.TOKEN_ENV} is not set)",
     )
     server = uvicorn.Server(
         uvicorn.Config(app, host=args.host, port=args.port, log_config=None, access_log=True)
@@ -210,7 +210,7 @@ def cmd_chaos(args: argparse.Namespace) -> int:
     import tempfile
     from pathlib import Path
 
-    from engine import chaos
+    from tasklease.engine import chaos
 
     admin = database_url()
     config = chaos.ChaosConfig(
@@ -249,7 +249,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     import tempfile
     from pathlib import Path
 
-    from engine import bench
+    from tasklease.engine import bench
 
     admin = database_url()
     config = bench.BenchConfig(
@@ -299,7 +299,7 @@ def _supervise(args: argparse.Namespace, dsn: str) -> int:
     """Run the API and the workers as child processes until Ctrl-C or SIGTERM."""
     env = {**os.environ, "DATABASE_URL": dsn}
     common = ["--handlers", *args.handlers] if args.handlers else []
-    base = [sys.executable, "-m", "engine.cli", "--log-level", args.log_level]
+    base = [sys.executable, "-m", "tasklease.engine.cli", "--log-level", args.log_level]
     commands = {"api": [*base, "api", "--host", args.host, "--port", str(args.port), *common]}
     for n in range(1, args.workers + 1):
         commands[f"worker-{n}"] = [
@@ -651,9 +651,9 @@ def parser() -> argparse.ArgumentParser:
     be.add_argument("--json", action="store_true", help="print JSON")
     be.set_defaults(func=cmd_bench)
 
-    client.add_commands(sub, [s.value for s in states.TaskState])
+    http_client.add_commands(sub, [s.value for s in states.TaskState])
     for name in ("submit", "show", "ls", "cancel", "requeue", "stats", "schedules"):
-        sub.choices[name].set_defaults(func=client.run)
+        sub.choices[name].set_defaults(func=http_client.run)
     return root
 
 
@@ -662,7 +662,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(args.command, args.log_level)
     try:
         return int(args.func(args))
-    except (Fatal, database.DatabaseUnavailable, client.ClientError) as exc:
+    except (Fatal, database.DatabaseUnavailable, http_client.ClientError) as exc:
         print(f"tasklease: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -1,291 +1,425 @@
-"""`tasklease submit | show | ls | cancel | requeue | stats`: a client of the HTTP API."""
+"""tasklease from Python, straight on the database: submit, read, cancel, requeue, wait.
+
+    async with Client() as client:          # DATABASE_URL, else the embedded PostgreSQL
+        task = await client.submit("email_user", {"user_id": 42})
+        done = await client.wait(task.id, timeout=30)
+
+Submissions are checked as the HTTP API checks them (engine.tasks: bounds, known action,
+payload schema) against the handlers this process has registered (the built-in ones, the
+modules named in `handlers=` or TASKLEASE_HANDLERS, and any imported before).
+
+Transactional enqueue: `submit(..., connection=conn)` writes the task inside the caller's open
+transaction, on an asyncpg connection, a SQLAlchemy AsyncSession / AsyncConnection (asyncpg or
+psycopg) or a SQLAlchemy Session / psycopg 3 connection (sync). The task exists if and only
+if the caller commits; workers are woken by a NOTIFY sent at that commit.
+
+`wait` listens on the `tasklease_done` channel (one LISTEN connection per client), so it
+reads the task again only when it may have finished.
+"""
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
+import asyncio
+import contextlib
 import re
-import sys
-from datetime import UTC, datetime, timedelta
-from typing import Any
+import threading
+from collections.abc import Coroutine, Iterable, Mapping, Sequence
+from datetime import datetime
+from typing import Any, TypeVar
 
-import httpx
+import asyncpg
+import msgspec
 
-URL_ENV, TOKEN_ENV = "TASKLEASE_URL", "TASKLEASE_API_TOKEN"
-DEFAULT_URL = "http://127.0.0.1:8080"
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+from tasklease.engine import database, operations, registry
+from tasklease.engine.store import Fetch, Store, submit_on
+from tasklease.engine.tasks import Task, TaskSpec, Transition, prepare, spec
 
-
-class ClientError(Exception):
-    """Told to the user in one line; exit status 1."""
-
-
-def duration(text: str) -> timedelta:
-    """`90`, `10s`, `5m`, `2h`, `1d`, or combined like `1h30m`."""
-    parts = re.findall(r"(\d+(?:\.\d+)?)([smhd]?)", text.strip())
-    if not parts or "".join(n + u for n, u in parts) != text.strip():
-        raise argparse.ArgumentTypeError(f"{text!r} is not a duration like 90, 10s, 5m, 1h30m")
-    return timedelta(seconds=sum(float(n) * _UNITS[u or "s"] for n, u in parts))
+T = TypeVar("T")
+DONE_CHANNEL = "tasklease_done"
 
 
-def json_object(text: str) -> dict[str, Any]:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise argparse.ArgumentTypeError(f"not JSON: {exc}") from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError("the payload must be a JSON object")
-    return value
+class TaskNotFound(LookupError):
+    """No task has this id."""
 
 
-def rfc3339(text: str) -> str:
-    try:
-        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an RFC 3339 time") from None
-    if moment.tzinfo is None:
-        raise argparse.ArgumentTypeError(f"{text!r} needs a time zone, e.g. Z or +02:00")
-    return moment.isoformat()
+class TaskConflict(Exception):
+    """The task's state does not allow the operation; `task` is the task as it is."""
+
+    def __init__(self, message: str, task: Task) -> None:
+        super().__init__(message)
+        self.task = task
+
+
+class NoTransaction(ValueError):
+    """`connection=` was given a connection with no open transaction."""
 
 
 class Client:
-    def __init__(self, url: str, token: str | None) -> None:
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self.url = url.rstrip("/")
-        self.http = httpx.Client(base_url=self.url, headers=headers, timeout=30)
+    def __init__(
+        self, dsn: str | None = None, *, handlers: Sequence[str] = (), max_size: int = 10
+    ) -> None:
+        self._dsn = dsn
+        self._handler_modules = tuple(handlers)
+        self._max_size = max_size
+        self._store: Store | None = None
+        self._waiting: dict[int, set[asyncio.Event]] = {}
+        self._listener: asyncio.Task[None] | None = None
+        self._listening: asyncio.Event = asyncio.Event()
 
-    def call(self, method: str, path: str, **kwargs: Any) -> Any:
-        try:
-            response = self.http.request(method, path, **kwargs)
-        except httpx.HTTPError as exc:
-            raise ClientError(f"cannot reach the API at {self.url}: {exc}") from None
-        if response.status_code >= 400:
-            try:
-                detail = response.json().get("detail", response.text)
-            except ValueError:
-                detail = response.text
-            raise ClientError(f"{response.status_code}: {detail}")
-        return response.json()
+    async def connect(self) -> Client:
+        """Open the pool (starting or joining the embedded PostgreSQL without a DSN) and load
+        the handlers that submissions are checked against."""
+        if self._store is None:
+            dsn = database.normalize(self._dsn) if self._dsn else await _resolve()
+            await database.check(dsn)
+            registry.load(self._handler_modules)
+            self._store = await Store.connect(dsn, min_size=1, max_size=self._max_size)
+        return self
 
+    async def close(self) -> None:
+        if self._listener is not None:
+            self._listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._listener
+            self._listener = None
+        if self._store is not None:
+            await self._store.close()
+            self._store = None
 
-def _ago(value: str | None) -> str:
-    if not value:
-        return "-"
-    moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    seconds = (datetime.now(UTC) - moment).total_seconds()
-    word = "ago" if seconds >= 0 else "from now"
-    seconds = abs(seconds)
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return f"{seconds / size:.0f}{unit} {word}"
-    return f"{seconds:.0f}s {word}"
+    async def __aenter__(self) -> Client:
+        return await self.connect()
 
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
 
-def table(rows: list[list[Any]], headers: list[str]) -> str:
-    cells = [headers, *[["-" if c is None else str(c) for c in r] for r in rows]]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
-    lines = [
-        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells
-    ]
-    return "\n".join(lines)
+    @property
+    def store(self) -> Store:
+        if self._store is None:
+            raise RuntimeError("the client is not connected: `await client.connect()` first")
+        return self._store
 
+    # --- submitting --------------------------------------------------------------------------
 
-def _task_row(t: dict[str, Any]) -> list[Any]:
-    return [
-        t["id"],
-        t["action"],
-        t["state"],
-        f"{t['attempt']}/{t['max_attempts']}",
-        t["queue"],
-        _ago(t["due_at"]),
-        _ago(t["updated_at"]),
-    ]
+    async def submit(
+        self,
+        action: str,
+        payload: Mapping[str, Any] | msgspec.Struct | None = None,
+        *,
+        due_at: datetime | None = None,
+        idempotency_key: str | None = None,
+        max_attempts: int | None = None,
+        queue: str = "default",
+        priority: int = 0,
+        lease_seconds: float | None = None,
+        timeout_seconds: float | None = None,
+        connection: Any = None,
+    ) -> Task:
+        """Submit one task; a repeated idempotency key returns the task that holds it.
+        InvalidTask names what is wrong with a submission."""
+        fields = {
+            "action": action,
+            "payload": _builtins(payload),
+            "due_at": due_at,
+            "idempotency_key": idempotency_key,
+            "max_attempts": max_attempts,
+            "queue": queue,
+            "priority": priority,
+            "lease_seconds": lease_seconds,
+            "timeout_seconds": timeout_seconds,
+        }
+        [task] = await self.submit_many([fields], connection=connection)
+        return task
 
-
-TASK_HEADERS = ["ID", "ACTION", "STATE", "ATTEMPT", "QUEUE", "DUE", "UPDATED"]
-
-
-def show_task(task: dict[str, Any], history: list[dict[str, Any]]) -> str:
-    fields = [
-        "id",
-        "action",
-        "state",
-        "attempt",
-        "max_attempts",
-        "queue",
-        "priority",
-        "due_at",
-        "created_at",
-        "updated_at",
-        "idempotency_key",
-        "worker",
-        "lease_expires_at",
-        "cancel_requested_at",
-        "lease_seconds",
-        "timeout_seconds",
-        "last_error",
-    ]
-    width = max(map(len, fields)) + 1
-    lines = [f"{f + ':':<{width}} {'-' if task[f] is None else task[f]}" for f in fields]
-    lines.append(f"{'payload:':<{width}} {json.dumps(task['payload'])}")
-    lines.append(f"{'result:':<{width}} {json.dumps(task['result'])}")
-    rows = [
-        [
-            h["at"],
-            h["trigger"],
-            f"{h['from_state'] or '-'} -> {h['to_state']}",
-            h["attempt"],
-            h["worker"],
-            h["detail"],
+    async def submit_many(
+        self, tasks: Iterable[Mapping[str, Any] | TaskSpec], *, connection: Any = None
+    ) -> list[Task]:
+        """Submit tasks given as POST /tasks bodies (or TaskSpecs) together: all or none."""
+        new = [
+            prepare(t if isinstance(t, TaskSpec) else spec(_spec_fields(t)), registry.REGISTRY, i)
+            for i, t in enumerate(tasks)
         ]
-        for h in history
-    ]
-    return (
-        "\n".join(lines)
-        + "\n\nhistory:\n"
-        + table(rows, ["AT", "TRIGGER", "TRANSITION", "ATTEMPT", "WORKER", "DETAIL"])
-    )
+        if not new:
+            return []
+        fetch = self.store.pool.fetch if connection is None else await fetcher(connection)
+        return [Task.from_row(s.task) for s in await submit_on(fetch, new)]
+
+    # --- reading and operating ---------------------------------------------------------------
+
+    async def get(self, task_id: int) -> Task:
+        row = await self.store.get(task_id)
+        if row is None:
+            raise TaskNotFound(f"no task {task_id}")
+        return Task.from_row(row)
+
+    async def history(self, task_id: int) -> list[Transition]:
+        """The task's transitions, oldest first."""
+        rows = await self.store.history(task_id)
+        if not rows:
+            await self.get(task_id)  # TaskNotFound
+        return [Transition(**dict(r)) for r in rows]
+
+    async def cancel(self, task_id: int) -> Task:
+        """PENDING/FAILED -> CANCELLED now; RUNNING: its worker is asked to stop the handler
+        (see `cancel_requested_at`, and `wait`). TaskConflict when it already finished."""
+        outcome, row = await operations.cancel(self.store, task_id)
+        return self._answer(task_id, outcome, row, "PENDING, FAILED or RUNNING tasks")
+
+    async def requeue(self, task_id: int) -> Task:
+        """DEAD -> PENDING, attempts reset, due now. TaskConflict unless DEAD."""
+        outcome, row = await operations.requeue(self.store, task_id)
+        return self._answer(task_id, outcome, row, "DEAD tasks")
+
+    @staticmethod
+    def _answer(task_id: int, outcome: operations.Outcome, row: Any, allowed: str) -> Task:
+        if outcome is operations.Outcome.NOT_FOUND or row is None:
+            raise TaskNotFound(f"no task {task_id}")
+        task = Task.from_row(row)
+        if outcome is operations.Outcome.CONFLICT:
+            raise TaskConflict(f"task {task_id} is {task.state}: only {allowed} can be", task)
+        return task
+
+    async def wait(self, task_id: int, timeout: float | None = None) -> Task:
+        """The task once it is COMPLETED, DEAD or CANCELLED; TimeoutError after `timeout`
+        seconds. Woken by the NOTIFY its final transition sends, not by polling."""
+        event = asyncio.Event()
+        self._waiting.setdefault(task_id, set()).add(event)
+        try:
+            await self._listen()
+            async with asyncio.timeout(timeout):
+                while True:
+                    task = await self.get(task_id)
+                    if task.finished:
+                        return task
+                    await event.wait()
+                    event.clear()
+        except TimeoutError:
+            raise TimeoutError(f"task {task_id} did not finish within {timeout}s") from None
+        finally:
+            events = self._waiting.get(task_id, set())
+            events.discard(event)
+            if not events:
+                self._waiting.pop(task_id, None)
+
+    async def _listen(self) -> None:
+        """Start the LISTEN connection once, and return when it listens."""
+        if self._listener is None or self._listener.done():
+            self._listening.clear()
+            self._listener = asyncio.create_task(self._listen_loop())
+        waiting = asyncio.ensure_future(self._listening.wait())
+        await asyncio.wait([waiting, self._listener], return_when=asyncio.FIRST_COMPLETED)
+        waiting.cancel()
+        if self._listener.done():
+            self._listener.result()  # raises what stopped it
+
+    async def _listen_loop(self) -> None:
+        delay = 0.2
+        while True:
+            try:
+                conn = await asyncpg.connect(self.store.dsn)
+            except database.UNREACHABLE:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+                continue
+            try:
+                dropped = asyncio.Event()
+                conn.add_termination_listener(lambda _, d=dropped: d.set())
+                await conn.add_listener(DONE_CHANNEL, self._notified)
+                self._listening.set()
+                self._wake_all()  # whatever finished while nobody listened
+                delay = 0.2
+                await dropped.wait()
+            except database.UNREACHABLE:
+                pass
+            finally:
+                self._listening.clear()
+                if not conn.is_closed():
+                    await conn.close()
+
+    def _notified(self, conn: Any, pid: int, channel: str, payload: str) -> None:
+        for text in payload.split(","):
+            for event in self._waiting.get(int(text), ()):
+                event.set()
+
+    def _wake_all(self) -> None:
+        for events in self._waiting.values():
+            for event in events:
+                event.set()
 
 
-def run(args: argparse.Namespace) -> int:
-    client = Client(args.url, os.environ.get(TOKEN_ENV))
-    out: Any
-    text: str
-    match args.command:
-        case "submit":
-            body: dict[str, Any] = {"action": args.action, "payload": args.payload}
-            if args.due_at:
-                body["due_at"] = args.due_at
-            elif args.delay is not None:
-                body["due_at"] = (datetime.now(UTC) + args.delay).isoformat()
-            for name in (
-                "idempotency_key",
-                "queue",
-                "priority",
-                "max_attempts",
-                "lease_seconds",
-                "timeout_seconds",
-            ):
-                if getattr(args, name) is not None:
-                    body[name] = getattr(args, name)
-            out = client.call("POST", "/tasks", json=body)
-            text = f"task {out['id']} {out['action']} {out['state']}, due {out['due_at']}"
-        case "show":
-            out = {
-                "task": client.call("GET", f"/tasks/{args.id}"),
-                "transitions": client.call("GET", f"/tasks/{args.id}/transitions"),
-            }
-            text = show_task(out["task"], out["transitions"])
-        case "ls":
-            params = {
-                k: v
-                for k, v in {
-                    "state": args.state,
-                    "action": args.action,
-                    "queue": args.queue,
-                    "limit": args.limit,
-                    "cursor": args.cursor,
-                }.items()
-                if v is not None
-            }
-            out = client.call("GET", "/tasks", params=params)
-            text = table([_task_row(t) for t in out["tasks"]], TASK_HEADERS)
-            if out["next_cursor"]:
-                text += f"\nmore: tasklease ls --cursor {out['next_cursor']}"
-        case "cancel" | "requeue":
-            out = client.call("POST", f"/tasks/{args.id}/{args.command}")
-            requested = args.command == "cancel" and out["state"] == "RUNNING"
-            text = (
-                f"task {out['id']}: cancellation requested; its worker will stop it"
-                if requested
-                else f"task {out['id']} is now {out['state']}"
+async def _resolve() -> str:
+    dsn, server = database.resolve()
+    if server is not None:
+        await asyncio.to_thread(server.ensure_running)
+    return dsn
+
+
+def _builtins(payload: Mapping[str, Any] | msgspec.Struct | None) -> Any:
+    if payload is None:
+        return {}
+    if isinstance(payload, msgspec.Struct):
+        return msgspec.to_builtins(payload)
+    return dict(payload)
+
+
+def _spec_fields(fields: Mapping[str, Any]) -> dict[str, Any]:
+    """Unset (None) options take their defaults, as in the API's JSON."""
+    return {k: v for k, v in fields.items() if v is not None or k == "payload"}
+
+
+# --- the caller's own connection -------------------------------------------------------------
+
+
+def _psycopg_sql(sql: str) -> str:
+    """$1 -> %(p1)s: psycopg's placeholders (a parameter may appear more than once)."""
+    return re.sub(r"\$(\d+)", r"%(p\1)s", sql.replace("%", "%%"))
+
+
+def _psycopg_args(args: Sequence[Any]) -> dict[str, Any]:
+    return {f"p{i}": a for i, a in enumerate(args, 1)}
+
+
+async def fetcher(connection: Any) -> Fetch:
+    """A `fetch(sql, *args)` that runs inside `connection`'s open transaction."""
+    if isinstance(connection, asyncpg.Connection | asyncpg.pool.PoolConnectionProxy):
+        if not connection.is_in_transaction():
+            raise NoTransaction(
+                "connection= has no open transaction: use `async with conn.transaction():`, "
+                "or submit without connection="
             )
-        case "stats":
-            out = client.call("GET", "/stats")
-            states = list(out["states"])
-            rows = [
-                [
-                    q,
-                    *(s["states"][st] for st in states),
-                    s["due"],
-                    "-" if s["oldest_due_seconds"] is None else f"{s['oldest_due_seconds']:.1f}s",
-                ]
-                for q, s in sorted(out["queues"].items())
-            ]
-            rows.append(["(all)", *out["states"].values(), "", ""])
-            text = table(rows, ["QUEUE", *states, "DUE", "OLDEST DUE"])
-            text += (
-                f"\nworkers alive: {out['workers']['alive']}, "
-                f"running tasks: {out['workers']['running']}"
-            )
-        case "schedules":
-            out = client.call("GET", "/schedules")
-            rows = [
-                [
-                    s["name"],
-                    s["action"],
-                    s["cron"] or f"every {s['every_seconds']:g}s",
-                    s["timezone"],
-                    s["missed"],
-                    s["next_run_at"],
-                    s["last_task_id"] or "-",
-                ]
-                for s in out
-            ]
-            text = table(rows, ["NAME", "ACTION", "WHEN", "TZ", "MISSED", "NEXT RUN", "LAST TASK"])
-        case _:
-            raise ClientError(f"unknown command {args.command}")
-    sys.stdout.write((json.dumps(out, indent=2) if args.json else text) + "\n")
-    return 0
-
-
-def add_commands(sub: Any, state_choices: list[str]) -> None:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
-        "--url",
-        default=os.environ.get(URL_ENV, DEFAULT_URL),
-        help=f"the API (default: ${URL_ENV} or {DEFAULT_URL}); the token comes from ${TOKEN_ENV}",
-    )
-    common.add_argument("--json", action="store_true", help="print JSON for scripts")
-
-    p = sub.add_parser(
-        "submit",
-        parents=[common],
-        help="submit a task over the API",
-        description="Submit a task. Example: tasklease submit email_user "
-        "--payload '{\"user_id\": 42}' --in 10m",
-    )
-    p.add_argument("action", help="the action, e.g. email_user")
-    p.add_argument("--payload", type=json_object, default={}, help="a JSON object (default {})")
-    when = p.add_mutually_exclusive_group()
-    when.add_argument("--due-at", type=rfc3339, help="RFC 3339 time, e.g. 2026-01-20T12:00:00Z")
-    when.add_argument("--in", dest="delay", type=duration, help="run after a delay: 90, 10s, 5m")
-    p.add_argument("--idempotency-key", help="a repeat returns the first task")
-    p.add_argument("--queue", help="queue (default: default)")
-    p.add_argument("--priority", type=int, help="higher runs first (default 0)")
-    p.add_argument("--max-attempts", type=int, help="default: the handler's")
-    p.add_argument("--lease-seconds", type=float, help="default: the handler's")
-    p.add_argument(
-        "--timeout-seconds", type=float, help="stop an attempt after this long (the handler's)"
+        return connection.fetch
+    kind = type(connection).__module__.split(".")[0]
+    if kind == "sqlalchemy":
+        return await _sqlalchemy_fetcher(connection)
+    if kind == "psycopg":
+        return _psycopg_fetcher(connection)
+    raise TypeError(
+        f"connection= takes an asyncpg connection, a SQLAlchemy Session, AsyncSession, "
+        f"Connection or AsyncConnection, or a psycopg connection; not {type(connection)!r}"
     )
 
-    p = sub.add_parser("show", parents=[common], help="a task and its history")
-    p.add_argument("id", type=int)
 
-    p = sub.add_parser("ls", parents=[common], help="list tasks, newest first")
-    p.add_argument("--state", choices=state_choices, type=str.upper)
-    p.add_argument("--action")
-    p.add_argument("--queue")
-    p.add_argument("--limit", type=int, default=None, help="page size (default 50, max 500)")
-    p.add_argument("--cursor", help="from the previous page's `more:` line")
+async def _sqlalchemy_fetcher(connection: Any) -> Fetch:
+    from sqlalchemy.engine import Connection
+    from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+    from sqlalchemy.orm import Session
 
-    for name, what in (
-        ("cancel", "cancel a task (PENDING/FAILED now, RUNNING via its worker)"),
-        ("requeue", "requeue a DEAD task"),
-    ):
-        p = sub.add_parser(name, parents=[common], help=what)
-        p.add_argument("id", type=int)
+    if isinstance(connection, AsyncSession):
+        connection = await connection.connection()
+    if isinstance(connection, Session):
+        connection = connection.connection()
+    if isinstance(connection, Connection):
+        return _psycopg_fetcher(connection.connection.driver_connection)
+    if isinstance(connection, AsyncConnection):
+        driver = (await connection.get_raw_connection()).driver_connection
+        if isinstance(driver, asyncpg.Connection):
+            if not driver.is_in_transaction():  # SQLAlchemy begins on its first statement
+                await connection.exec_driver_sql("SELECT 1")
+            return driver.fetch
+        return _psycopg_fetcher(driver)
+    raise TypeError(f"connection=: a SQLAlchemy {type(connection).__name__} is not supported")
 
-    sub.add_parser("stats", parents=[common], help="counts by state and queue, queue lag")
-    sub.add_parser("schedules", parents=[common], help="periodic tasks and when each runs next")
+
+def _psycopg_fetcher(conn: Any) -> Fetch:
+    import psycopg
+    from psycopg.rows import dict_row
+
+    if conn.autocommit:
+        raise NoTransaction("connection= is a psycopg connection in autocommit mode")
+    if isinstance(conn, psycopg.AsyncConnection):
+
+        async def fetch_async(sql: str, *args: Any) -> list[dict[str, Any]]:
+            async with conn.cursor(row_factory=dict_row) as cur:
+                await cur.execute(_psycopg_sql(sql), _psycopg_args(args))
+                return await cur.fetchall()
+
+        return fetch_async
+
+    async def fetch(sql: str, *args: Any) -> list[dict[str, Any]]:
+        # a sync connection: its caller is sync code (SyncClient), which waits meanwhile
+        with conn.cursor(row_factory=dict_row) as cur:
+            cur.execute(_psycopg_sql(sql), _psycopg_args(args))
+            return cur.fetchall()
+
+    return fetch
+
+
+# --- sync ------------------------------------------------------------------------------------
+
+
+class SyncClient:
+    """Client for sync code: the same methods, run on an event loop in a thread of its own.
+
+    with SyncClient() as client:
+        with Session(engine) as session, session.begin():
+            session.add(order)
+            client.submit("email_user", {"user_id": 42}, connection=session)
+    """
+
+    def __init__(self, dsn: str | None = None, **options: Any) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="tasklease-client", daemon=True
+        )
+        self._thread.start()
+        self._client = Client(dsn, **options)
+        try:
+            self._call(self._client.connect())
+        except BaseException:
+            self._stop_loop()
+            raise
+
+    def _call(self, coro: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    def _stop_loop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
+        self._loop.close()
+
+    def close(self) -> None:
+        if not self._loop.is_closed():
+            self._call(self._client.close())
+            self._stop_loop()
+
+    def __enter__(self) -> SyncClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def submit(self, action: str, payload: Any = None, **options: Any) -> Task:
+        return self._call(self._client.submit(action, payload, **self._sync(options)))
+
+    def submit_many(
+        self, tasks: Iterable[Mapping[str, Any] | TaskSpec], **options: Any
+    ) -> list[Task]:
+        return self._call(self._client.submit_many(list(tasks), **self._sync(options)))
+
+    def get(self, task_id: int) -> Task:
+        return self._call(self._client.get(task_id))
+
+    def history(self, task_id: int) -> list[Transition]:
+        return self._call(self._client.history(task_id))
+
+    def cancel(self, task_id: int) -> Task:
+        return self._call(self._client.cancel(task_id))
+
+    def requeue(self, task_id: int) -> Task:
+        return self._call(self._client.requeue(task_id))
+
+    def wait(self, task_id: int, timeout: float | None = None) -> Task:
+        return self._call(self._client.wait(task_id, timeout))
+
+    @staticmethod
+    def _sync(options: dict[str, Any]) -> dict[str, Any]:
+        """A sync Session is opened here, in the caller's thread, and then handed over as its
+        psycopg connection (thread-safe), so SQLAlchemy is used on one thread only."""
+        connection = options.get("connection")
+        if type(connection).__module__.startswith("sqlalchemy"):
+            from sqlalchemy.orm import Session
+
+            if isinstance(connection, Session):
+                connection = connection.connection()
+            assert connection is not None
+            options["connection"] = connection.connection.driver_connection
+        return options

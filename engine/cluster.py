@@ -23,7 +23,7 @@ class Cluster:
         out = open(self.log_dir / f"{name}.log", "wb")  # noqa: SIM115
         env = {**os.environ, "DATABASE_URL": self.dsn, "TASKLEASE_LOG_LABEL": name}
         return subprocess.Popen(
-            [sys.executable, "-m", "engine.cli", "--log-level", self.log_level, *args],
+            [sys.executable, "-m", "tasklease.engine.cli", "--log-level", self.log_level, *args],
             env=env,
             stdout=out,
             stderr=subprocess.STDOUT,

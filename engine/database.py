@@ -9,8 +9,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
-import schema
-from engine.embedded import Embedded
+from tasklease import schema
+from tasklease.engine.embedded import Embedded
 
 DEFAULT_DATA_DIR = ".tasklease"
 

@@ -6,8 +6,8 @@ import enum
 
 import asyncpg
 
-from engine.states import TaskState
-from engine.store import Store
+from tasklease.engine.states import TaskState
+from tasklease.engine.store import Store
 
 S = TaskState
 CANCELLABLE = (S.PENDING, S.FAILED, S.RUNNING)

@@ -10,6 +10,9 @@
 -- matches no row returns no row: the caller lost the race and is told so.
 -- `attempt` in a history row is the task's attempt after the transition.
 -- JSON goes in and out as text (encoded by msgspec), so asyncpg never parses it.
+-- Notifications: 'tasklease' (payload: a queue) wakes workers when work is submitted;
+-- 'tasklease_done' (payload: task ids, comma-separated) says tasks reached a final state,
+-- for Client.wait(). Both are sent at commit, so a rolled-back change wakes no one.
 
 -- name: task_get
 -- One task by id.
@@ -181,7 +184,7 @@ WITH lease AS (
            'lease of ' || coalesce(old_worker, '?') || ' expired' FROM reclaimed
     UNION ALL
     SELECT id, 'expire', 'RUNNING'::task_state, 'DEAD'::task_state, attempt, $4, last_error
-    FROM dead
+    FROM dead WHERE pg_notify('tasklease_done', id::text) IS NOT NULL
 )
 SELECT 'claim' AS trigger, from_state, id, action, queue, payload, attempt, max_attempts,
        lease_token, lease_expires_at, idempotency_key, due_at, lease_for, timeout_seconds,
@@ -229,9 +232,16 @@ WITH moved AS (
     WHERE t.id = ANY($1::bigint[]) AND t.state = 'RUNNING'
       AND t.lease_token = ($2::uuid[])[array_position($1, t.id)]
     RETURNING t.id, t.attempt, t.worker
+), notified AS (
+    -- wakes Client.wait(): the ids that finished, 300 a notification (payloads stay < 8000 bytes)
+    SELECT count(pg_notify('tasklease_done', ids)) AS n FROM (
+        SELECT string_agg(id::text, ',') AS ids
+        FROM (SELECT id, (row_number() OVER ()) / 300 AS chunk FROM moved) AS m GROUP BY chunk
+    ) AS c
 ), logged AS (
     INSERT INTO task_transitions (task_id, trigger, from_state, to_state, attempt, worker)
     SELECT id, 'complete', 'RUNNING', 'COMPLETED', attempt, worker FROM moved
+    WHERE (SELECT n FROM notified) IS NOT NULL
 )
 SELECT id FROM moved;
 
@@ -270,10 +280,16 @@ WITH moved AS (
       AND t.lease_token = ($2::uuid[])[array_position($1, t.id)]
       AND (t.attempt >= t.max_attempts OR ($4::boolean[])[array_position($1, t.id)])
     RETURNING t.id, t.attempt, t.worker, t.last_error
+), notified AS (
+    -- wakes Client.wait(): the ids that finished, 300 a notification (payloads stay < 8000 bytes)
+    SELECT count(pg_notify('tasklease_done', ids)) AS n FROM (
+        SELECT string_agg(id::text, ',') AS ids
+        FROM (SELECT id, (row_number() OVER ()) / 300 AS chunk FROM moved) AS m GROUP BY chunk
+    ) AS c
 ), logged AS (
     INSERT INTO task_transitions (task_id, trigger, from_state, to_state, attempt, worker, detail)
     SELECT id, 'bury', 'RUNNING', 'DEAD', attempt, worker, split_part(last_error, E'\n', 1)
-    FROM moved
+    FROM moved WHERE (SELECT n FROM notified) IS NOT NULL
 )
 SELECT id FROM moved;
 
@@ -319,6 +335,7 @@ WITH old AS (
 ), logged AS (
     INSERT INTO task_transitions (task_id, trigger, from_state, to_state, attempt, detail)
     SELECT id, 'cancel', from_state, 'CANCELLED', attempt, $2 FROM moved
+    WHERE pg_notify('tasklease_done', id::text) IS NOT NULL
 )
 SELECT id, attempt FROM moved;
 
@@ -333,6 +350,7 @@ WITH moved AS (
     INSERT INTO task_transitions (task_id, trigger, from_state, to_state, attempt, worker, detail)
     SELECT id, 'cancel_running', 'RUNNING', 'CANCELLED', attempt, worker,
            'handler stopped on request' FROM moved
+    WHERE pg_notify('tasklease_done', id::text) IS NOT NULL
 )
 SELECT id, attempt FROM moved;
 

@@ -15,13 +15,21 @@ import pkgutil
 import random
 import sys
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any, get_type_hints
+from typing import TYPE_CHECKING, Any, get_type_hints
 
 import msgspec
 
-from engine.schedules import SCHEDULES, schedule
+from tasklease.engine.fencing import LeaseLost
+from tasklease.engine.schedules import SCHEDULES, schedule
+
+if TYPE_CHECKING:
+    import asyncpg
+    from sqlalchemy.ext.asyncio import AsyncSession
+
+    from tasklease.engine.fencing import Fence
 
 DEFAULT_LEASE_SECONDS = 120.0
 DEFAULT_MAX_ATTEMPTS = 5
@@ -55,6 +63,9 @@ class HandlerError(Exception):
 
 @dataclass
 class TaskContext:
+    """What a handler receives beside its payload: who the task is, its lease, a logger, and
+    ways to heartbeat and to complete the task inside a transaction of its own writes."""
+
     task_id: int
     action: str
     attempt: int
@@ -65,8 +76,12 @@ class TaskContext:
     worker: str
     logger: logging.LoggerAdapter[logging.Logger]
     _heartbeat: Callable[[], Awaitable[bool]] = field(repr=False)
+    _fence: Fence | None = field(default=None, repr=False)
     lease_lost: bool = False
     cancel_requested: bool = False
+    # set once a ctx.transaction() committed the task's completion
+    completed: bool = False
+    _result_json: str = field(default="null", repr=False)
 
     @property
     def is_last_attempt(self) -> bool:
@@ -79,6 +94,38 @@ class TaskContext:
         whatever this attempt returns will be dropped.
         """
         return await self._heartbeat()
+
+    def set_result(self, value: Any) -> None:
+        """The result that ctx.transaction() / ctx.session() store with the completion (the
+        handler's return value comes too late for them: the task is COMPLETED by then)."""
+        self._result_json = msgspec.json.encode(value).decode()
+
+    def transaction(self) -> AbstractAsyncContextManager[asyncpg.Connection]:
+        """A transaction (asyncpg) on the tasklease database whose commit also completes this
+        task, guarded by its lease: if the lease was lost, everything in it is rolled back
+        and LeaseLost is raised. See engine/fencing.py."""
+        return self._fenced(lambda fence: fence.transaction)
+
+    def session(self) -> AbstractAsyncContextManager[AsyncSession]:
+        """ctx.transaction() as a SQLAlchemy AsyncSession (asyncpg): flushed, then the task is
+        completed in its transaction, and it commits."""
+        return self._fenced(lambda fence: fence.session)
+
+    @asynccontextmanager
+    async def _fenced(self, kind: Callable[[Fence], Callable[..., Any]]) -> AsyncIterator[Any]:
+        if self._fence is None:
+            raise RuntimeError("ctx.transaction() needs a worker: this context has none")
+        if self.completed:
+            raise RuntimeError(f"task {self.task_id} was already completed by a transaction")
+        try:
+            async with kind(self._fence)(
+                self.task_id, self.lease_token, lambda: self._result_json
+            ) as conn:
+                yield conn
+        except LeaseLost:
+            self.lease_lost = True
+            raise
+        self.completed = True
 
 
 HandlerFn = Callable[[TaskContext, Any], Any]
@@ -226,7 +273,7 @@ def _payload_type(fn: HandlerFn) -> type | None:
     return None
 
 
-BUILTIN_PACKAGE = "handlers"
+BUILTIN_PACKAGE = "tasklease.handlers"
 HANDLERS_ENV = "TASKLEASE_HANDLERS"
 
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import msgspec
 
-from engine.store import TRANSIENT_ERRORS, Store
+from tasklease.engine.store import TRANSIENT_ERRORS, Store
 
 log = logging.getLogger("tasklease.reporting")
 

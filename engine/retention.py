@@ -23,8 +23,8 @@ from dataclasses import dataclass
 
 import asyncpg
 
-from engine.queries import SQL
-from engine.store import TRANSIENT_ERRORS
+from tasklease.engine.queries import SQL
+from tasklease.engine.store import TRANSIENT_ERRORS
 
 log = logging.getLogger("tasklease.retention")
 DAY = 86400.0

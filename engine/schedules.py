@@ -25,7 +25,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import msgspec
 from croniter import croniter
 
-from engine.store import TRANSIENT_ERRORS, NewTask, Store
+from tasklease.engine.store import TRANSIENT_ERRORS, NewTask, Store
 
 log = logging.getLogger("tasklease.schedules")
 MISSED_POLICIES = ("once", "skip")

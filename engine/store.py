@@ -8,7 +8,7 @@ nothing changed. Callers report it; they never retry it blindly.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -16,7 +16,7 @@ from typing import Any
 import asyncpg
 import msgspec
 
-from engine.queries import CLAIM, CLAIM_LIMITED, SQL
+from tasklease.engine.queries import CLAIM, CLAIM_LIMITED, SQL
 
 # Errors after which the same statement can succeed once the database is back.
 TRANSIENT_ERRORS: tuple[type[Exception], ...] = (
@@ -56,7 +56,7 @@ class Claimed:
 @dataclass(frozen=True)
 class Submitted:
     created: bool
-    task: asyncpg.Record
+    task: Mapping[str, Any]
 
 
 @dataclass(frozen=True)
@@ -145,38 +145,7 @@ class Store:
 
     async def submit_many(self, tasks: Sequence[NewTask]) -> list[Submitted]:
         """All tasks in one statement (one transaction): all are written or none."""
-        columns = (
-            [t.action for t in tasks],
-            [t.queue for t in tasks],
-            [t.priority for t in tasks],
-            [t.payload_json for t in tasks],
-            [t.max_attempts for t in tasks],
-            [t.due_at for t in tasks],
-            [t.idempotency_key for t in tasks],
-            [t.lease_seconds for t in tasks],
-            [t.timeout_seconds for t in tasks],
-        )
-        for _ in range(3):
-            rows = await self.pool.fetch(SQL["task_submit_many"], *columns)
-            by_key = {r["idempotency_key"]: r for r in rows if r["idempotency_key"] is not None}
-            # Unkeyed tasks never conflict: they come back in input order (identity order).
-            unkeyed = iter(
-                sorted((r for r in rows if r["idempotency_key"] is None), key=lambda r: r["id"])
-            )
-            result, seen = [], set()
-            for t in tasks:
-                if t.idempotency_key is None:
-                    result.append(Submitted(True, next(unkeyed)))
-                elif t.idempotency_key in by_key:
-                    row = by_key[t.idempotency_key]
-                    first = row["created"] and t.idempotency_key not in seen
-                    result.append(Submitted(first, row))
-                    seen.add(t.idempotency_key)
-                else:
-                    break  # a key taken by a submit that committed after our snapshot
-            else:
-                return result
-        raise RuntimeError("idempotency keys neither inserted nor found")
+        return await submit_on(self.pool.fetch, tasks)
 
     async def list_tasks(
         self, *, limit: int, before: int | None = None, **filters: str | None
@@ -390,6 +359,46 @@ class Store:
     ) -> set[int]:
         rows = await self.pool.fetch(SQL[query], *_columns(items, width))
         return {r["id"] for r in rows}
+
+
+Fetch = Callable[..., Awaitable[Sequence[Mapping[str, Any]]]]
+
+
+async def submit_on(fetch: Fetch, tasks: Sequence[NewTask]) -> list[Submitted]:
+    """`task_submit_many` through `fetch` (a pool's, or a connection inside the caller's
+    transaction), each task paired with its row."""
+    columns = (
+        [t.action for t in tasks],
+        [t.queue for t in tasks],
+        [t.priority for t in tasks],
+        [t.payload_json for t in tasks],
+        [t.max_attempts for t in tasks],
+        [t.due_at for t in tasks],
+        [t.idempotency_key for t in tasks],
+        [t.lease_seconds for t in tasks],
+        [t.timeout_seconds for t in tasks],
+    )
+    for _ in range(3):
+        rows = await fetch(SQL["task_submit_many"], *columns)
+        by_key = {r["idempotency_key"]: r for r in rows if r["idempotency_key"] is not None}
+        # Unkeyed tasks never conflict: they come back in input order (identity order).
+        unkeyed = iter(
+            sorted((r for r in rows if r["idempotency_key"] is None), key=lambda r: r["id"])
+        )
+        result, seen = [], set()
+        for t in tasks:
+            if t.idempotency_key is None:
+                result.append(Submitted(True, next(unkeyed)))
+            elif t.idempotency_key in by_key:
+                row = by_key[t.idempotency_key]
+                first = row["created"] and t.idempotency_key not in seen
+                result.append(Submitted(first, row))
+                seen.add(t.idempotency_key)
+            else:
+                break  # a key taken by a submit that committed after our snapshot
+        else:
+            return result
+    raise RuntimeError("idempotency keys neither inserted nor found")
 
 
 def _columns(items: Sequence[tuple[Any, ...]], width: int) -> list[list[Any]]:

@@ -42,18 +42,19 @@ from typing import Any
 import asyncpg
 import msgspec
 
-from engine.registry import (
+from tasklease.engine.fencing import Fence
+from tasklease.engine.registry import (
     DEFAULT_LEASE_SECONDS,
     Handler,
     PermanentError,
     Snooze,
     TaskContext,
 )
-from engine.reporting import REPORT_EVERY, Counters, Reporter, process_id
-from engine.retention import Retention, RetentionConfig
-from engine.schedules import SCHEDULES, Scheduler
-from engine.states import BY_TRIGGER
-from engine.store import TRANSIENT_ERRORS, ActionLimit, Claimed, ClaimRules, Store
+from tasklease.engine.reporting import REPORT_EVERY, Counters, Reporter, process_id
+from tasklease.engine.retention import Retention, RetentionConfig
+from tasklease.engine.schedules import SCHEDULES, Scheduler
+from tasklease.engine.states import BY_TRIGGER
+from tasklease.engine.store import TRANSIENT_ERRORS, ActionLimit, Claimed, ClaimRules, Store
 
 log = logging.getLogger("tasklease.worker")
 CHANNEL = "tasklease"
@@ -126,7 +127,12 @@ class Drop:
     reason: str
 
 
-Decision = Complete | Fail | Bury | Release | Snoozed | CancelRunning | Drop
+@dataclass(frozen=True)
+class Committed:
+    """The handler's ctx.transaction() completed the task: nothing left to write."""
+
+
+Decision = Complete | Fail | Bury | Release | Snoozed | CancelRunning | Drop | Committed
 # Why a running handler was stopped: the worker is stopping, the lease was lost, or an
 # operator asked for the task to be cancelled.
 RELEASE, LEASE_LOST, CANCEL = "release", "lease lost", "cancel"
@@ -146,6 +152,10 @@ def decide(
     stopped: str | None = None,
 ) -> Decision:
     """The policy: from how the handler ended to the transition to record."""
+    if ctx.completed:
+        return Committed()
+    if ctx.lease_lost and stopped is None:
+        return Drop("the lease was lost before the handler's transaction could commit")
     if stopped == RELEASE:
         return Release()
     if stopped == CANCEL:
@@ -326,6 +336,7 @@ class Worker:
             max_workers=config.concurrency, thread_name_prefix="tasklease-handler"
         )
         self.outcomes = Outcomes(store, self._force, self._outcomes_written)
+        self.fence = Fence(store, max_size=config.concurrency)
         self.counters = Counters()
         self.stats = self.counters.transitions
         self.reporter = Reporter(
@@ -371,6 +382,7 @@ class Worker:
             for helper in helpers:
                 helper.cancel()
             self._executor.shutdown(wait=False, cancel_futures=True)
+            await self.fence.close()
             await self.reporter.stop()
             log.info(
                 "worker %s stopped: %s",
@@ -534,6 +546,7 @@ class Worker:
             worker=self.config.worker_id,
             logger=_TaskLogger(log, {"task_id": claimed.id, "action": claimed.action}),
             _heartbeat=lambda: self._heartbeat_one(ex),
+            _fence=self.fence,
         )
         ex = _Execution(claimed, handler, ctx, lease_seconds)
         self.counters.count(claimed.trigger)
@@ -601,6 +614,18 @@ class Worker:
             self._free_slot(ex)
         if ex.stopped is None:
             self.counters.observe(ex.claimed.action, time.monotonic() - ex.started)
+        if ex.ctx.completed and result is not None:
+            ex.ctx.logger.warning(
+                "the handler returned a result after its transaction completed the task: not "
+                "stored (give it to ctx.set_result() inside the transaction)"
+            )
+        if ex.ctx.completed and error is not None:
+            ex.ctx.logger.warning(
+                "the handler raised after its transaction completed the task (the task stays "
+                "COMPLETED): %s",
+                describe(error),
+            )
+            error = None
         if error is not None and not isinstance(error, PermanentError | Snooze):
             ex.ctx.logger.warning(
                 "attempt %d failed: %s\n%s",
@@ -696,6 +721,9 @@ class Worker:
                 self.counters.count("dropped")
                 ctx.logger.warning("result dropped: %s", reason)
                 return
+            case Committed():
+                trigger, done = "complete", True
+                note = " in the handler's transaction"
         if done:
             self.counters.count(trigger)
             if log.isEnabledFor(logging.INFO):

@@ -13,7 +13,7 @@ from typing import Any
 
 import msgspec
 
-from engine import Snooze, TaskContext, handler, schedule
+from tasklease import Snooze, TaskContext, handler, schedule
 
 
 class Email(msgspec.Struct):

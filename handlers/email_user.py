@@ -10,7 +10,7 @@ from typing import Annotated
 
 import msgspec
 
-from engine import TaskContext, handler
+from tasklease import TaskContext, handler
 
 
 class EmailUser(msgspec.Struct):

@@ -2,7 +2,7 @@
 
 from typing import Any
 
-from engine import TaskContext, handler
+from tasklease import TaskContext, handler
 
 
 @handler("noop")

@@ -14,10 +14,10 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-import schema
-from engine.database import normalize, with_database
-from engine.embedded import Embedded
-from engine.store import Store
+from tasklease import schema
+from tasklease.engine.database import normalize, with_database
+from tasklease.engine.embedded import Embedded
+from tasklease.engine.store import Store
 from tests.support.procs import Procs
 
 REPO = Path(__file__).resolve().parent.parent
@@ -33,6 +33,13 @@ CREATE TABLE executions (
     at      timestamptz NOT NULL DEFAULT clock_timestamp(),
     -- set by handlers that say when they finished (tests of concurrency limits)
     finished_at timestamptz
+);
+-- One row per write of a transactional handler (test_tx_write): committed with the task's
+-- completion, or rolled back with it.
+CREATE TABLE effects (
+    task_id bigint NOT NULL,
+    attempt integer NOT NULL,
+    worker  text NOT NULL
 )"""
 
 

@@ -14,8 +14,8 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from engine.database import with_database
-from engine.states import TaskState
+from tasklease.engine.database import with_database
+from tasklease.engine.states import TaskState
 from tests.conftest import create_database, drop_database
 from tests.support.db import force_state, wait_until
 from tests.support.procs import REPO, Procs

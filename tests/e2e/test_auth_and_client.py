@@ -12,7 +12,7 @@ import asyncpg
 import httpx
 import pytest
 
-from engine.states import TaskState
+from tasklease.engine.states import TaskState
 from tests.support.db import force_state
 from tests.support.procs import REPO, Procs
 
@@ -102,7 +102,7 @@ def cli(*args: str, url: str, token: str | None = None) -> subprocess.CompletedP
     if token:
         env["TASKLEASE_API_TOKEN"] = token
     return subprocess.run(
-        [sys.executable, "-m", "engine.cli", *args, "--url", url],
+        [sys.executable, "-m", "tasklease.engine.cli", *args, "--url", url],
         cwd=REPO,
         env=env,
         capture_output=True,

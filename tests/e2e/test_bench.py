@@ -3,7 +3,7 @@ figures themselves live in docs/benchmarks.md; no timing is asserted)."""
 
 from pathlib import Path
 
-from engine import bench
+from tasklease.engine import bench
 
 
 async def test_bench_runs_every_scenario(admin_dsn: str, tmp_path: Path) -> None:

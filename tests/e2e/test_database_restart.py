@@ -10,8 +10,8 @@ import asyncpg
 import httpx
 import pytest
 
-import schema
-from engine.embedded import Embedded
+from tasklease import schema
+from tasklease.engine.embedded import Embedded
 from tests.conftest import EXECUTIONS_TABLE
 from tests.support.db import assert_completed_once, assert_histories_are_paths, wait_until
 from tests.support.procs import Procs

@@ -12,8 +12,8 @@ import asyncpg
 import httpx
 import pytest
 
-from engine.embedded import Embedded
-from engine.states import TaskState
+from tasklease.engine.embedded import Embedded
+from tasklease.engine.states import TaskState
 from tests.support.db import (
     assert_completed_once,
     assert_histories_are_paths,
@@ -179,7 +179,7 @@ async def test_sigterm_hands_the_task_back(procs: Procs, conn: asyncpg.Connectio
 
 def run_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "engine.cli", *args],
+        [sys.executable, "-m", "tasklease.engine.cli", *args],
         cwd=REPO,
         env={**os.environ, **env},
         capture_output=True,
@@ -208,7 +208,7 @@ async def test_migrate_from_several_processes_at_once(empty_db: str) -> None:
     env = {"DATABASE_URL": empty_db}
     procs = [
         subprocess.Popen(
-            [sys.executable, "-m", "engine.cli", "migrate"],
+            [sys.executable, "-m", "tasklease.engine.cli", "migrate"],
             cwd=REPO,
             env={**os.environ, **env},
             stderr=subprocess.PIPE,

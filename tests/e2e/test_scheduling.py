@@ -9,7 +9,7 @@ from datetime import timedelta
 import asyncpg
 import httpx
 
-from engine.store import NewTask, Store
+from tasklease.engine.store import NewTask, Store
 from tests.support.db import assert_completed_once, assert_histories_are_paths, wait_until
 from tests.support.procs import Procs
 

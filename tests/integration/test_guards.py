@@ -8,9 +8,9 @@ import uuid
 import asyncpg
 import pytest
 
-from engine import operations
-from engine.states import TaskState
-from engine.store import Store
+from tasklease.engine import operations
+from tasklease.engine.states import TaskState
+from tasklease.engine.store import Store
 from tests.support.db import (
     LEASES,
     assert_histories_are_paths,

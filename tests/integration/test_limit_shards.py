@@ -12,8 +12,8 @@ from typing import Any
 import asyncpg
 import pytest
 
-from engine.states import TaskState
-from engine.store import ActionLimit, ClaimRules, NewTask, Store
+from tasklease.engine.states import TaskState
+from tasklease.engine.store import ActionLimit, ClaimRules, NewTask, Store
 from tests.support.db import force_state, submit, wait_until
 
 SLOTS = "SELECT * FROM tasklease_claim_slots($1, $2, $3, $4, $5, $6, $7)"

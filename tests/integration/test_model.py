@@ -2,10 +2,12 @@
 
 The model of each task is the `transitions` machine from engine/states.py plus the
 few facts its guards read (attempt, token, lease expiry, due time, cancel request).
-Each rule fires one real statement through engine.store, with right or stale tokens,
+Each rule fires one real statement through engine.store (or a transactional completion
+through engine.fencing, with a write of its own), with right or stale tokens,
 and checks the database moved exactly as the model says. After every step the
 invariants hold: stored state equals the model's, every history is a path of the
-machine, no task is completed twice, attempt never exceeds max_attempts.
+machine, no task is completed twice, attempt never exceeds max_attempts, and a
+transactional write is kept exactly when its completion is.
 
 Examples and steps are bounded for CI. TASKLEASE_HYPOTHESIS=long runs many more.
 """
@@ -29,8 +31,9 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from engine.states import BY_TRIGGER, TaskState, build_machine, is_path
-from engine.store import NewTask, Store
+from tasklease.engine.fencing import Fence, LeaseLost
+from tasklease.engine.states import BY_TRIGGER, TaskState, build_machine, is_path
+from tasklease.engine.store import NewTask, Store
 
 S = TaskState
 WORKERS = ("w1", "w2", "w3")
@@ -72,6 +75,7 @@ class Model:
     lease_expired: bool = False
     cancel_requested: bool = False
     completions: int = 0
+    effects: int = 0  # rows a transactional completion committed with the task
 
     @property
     def state(self) -> TaskState:
@@ -93,7 +97,10 @@ class EngineModel(RuleBasedStateMachine):
         self.loop = asyncio.new_event_loop()
         self.store = self.run(Store.connect(self.dsn, min_size=1, max_size=2))
         self.conn: asyncpg.Connection = self.run(asyncpg.connect(self.dsn))
-        self.run(self.conn.execute("TRUNCATE tasks, task_transitions RESTART IDENTITY CASCADE"))
+        self.run(
+            self.conn.execute("TRUNCATE tasks, task_transitions, effects RESTART IDENTITY CASCADE")
+        )
+        self.fence = Fence(self.store, max_size=1)
         self.tasks: dict[int, Model] = {}
 
     def run(self, coro: Any) -> Any:
@@ -103,6 +110,7 @@ class EngineModel(RuleBasedStateMachine):
         try:
             self.drain()
         finally:
+            self.run(self.fence.close())
             self.run(self.store.close())
             self.run(self.conn.close())
             self.loop.close()
@@ -182,6 +190,29 @@ class EngineModel(RuleBasedStateMachine):
         )
         if allowed:
             self.tasks[task_id].completions += 1
+
+    @rule(index=st.integers(0, 50), kind=st.sampled_from(["current", "stale", "random"]))
+    def complete_in_transaction(self, index: int, kind: str) -> None:
+        """A handler's write and the completion in one transaction (engine.fencing): both
+        commit under the current lease, neither under any other token."""
+        task_id = self.pick(index)
+        if task_id is None:
+            return
+        token = self.token_for(task_id, kind)
+        allowed = self.tasks[task_id].holds(token)
+
+        async def attempt() -> bool:
+            try:
+                async with self.fence.transaction(task_id, token, lambda: "1") as tx:
+                    await tx.execute("INSERT INTO effects VALUES ($1, 0, 'model')", task_id)
+            except LeaseLost:
+                return False
+            return True
+
+        self.expect(task_id, self.run(attempt()), "complete", allowed)
+        if allowed:
+            self.tasks[task_id].completions += 1
+            self.tasks[task_id].effects += 1
 
     @rule(index=st.integers(0, 50), kind=st.sampled_from(["current", "stale"]), later=st.booleans())
     def fail(self, index: int, kind: str, later: bool) -> None:
@@ -327,6 +358,13 @@ class EngineModel(RuleBasedStateMachine):
                 f"task {r['id']}: stored {r['state']}/{r['attempt']}, model {m.state}/{m.attempt}"
             )
             assert 0 <= r["attempt"] <= r["max_attempts"]
+
+    @invariant()
+    def transactional_writes_exactly_with_their_completion(self) -> None:
+        rows = self.run(self.conn.fetch("SELECT task_id, count(*) AS n FROM effects GROUP BY 1"))
+        stored = {r["task_id"]: r["n"] for r in rows}
+        assert stored == {i: m.effects for i, m in self.tasks.items() if m.effects}
+        assert all(n <= 1 for n in stored.values())
 
     @invariant()
     def histories_are_paths_with_at_most_one_completion(self) -> None:

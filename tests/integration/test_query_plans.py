@@ -8,8 +8,8 @@ import asyncpg
 import msgspec
 import pytest
 
-from engine.queries import CLAIM, CLAIM_LIMITED, SQL
-from engine.store import FIRST_PAGE, LIST_FILTERS
+from tasklease.engine.queries import CLAIM, CLAIM_LIMITED, SQL
+from tasklease.engine.store import FIRST_PAGE, LIST_FILTERS
 from tests.support.db import LEASES
 
 # tasks_state_id serves `state = 'RUNNING'` as well as tasks_lease_expiry: RUNNING rows only

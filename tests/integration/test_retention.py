@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import asyncpg
 
-from engine.queries import SQL
-from engine.retention import Retention, RetentionConfig
-from engine.states import TaskState
-from engine.store import Store
+from tasklease.engine.queries import SQL
+from tasklease.engine.retention import Retention, RetentionConfig
+from tasklease.engine.states import TaskState
+from tasklease.engine.store import Store
 from tests.support.db import force_state, submit
 
 HOUR = 3600.0

@@ -8,8 +8,8 @@ from zoneinfo import ZoneInfo
 
 import asyncpg
 
-from engine.schedules import Schedule, Scheduler
-from engine.store import Store
+from tasklease.engine.schedules import Schedule, Scheduler
+from tasklease.engine.store import Store
 
 
 async def tasks_of(conn: asyncpg.Connection, action: str) -> list[asyncpg.Record]:

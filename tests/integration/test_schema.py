@@ -4,8 +4,8 @@ import asyncio
 
 import asyncpg
 
-import schema
-from engine.states import TRIGGERS, TaskState
+from tasklease import schema
+from tasklease.engine.states import TRIGGERS, TaskState
 
 
 async def test_enum_equals_task_state(conn: asyncpg.Connection) -> None:

@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 import pytest
 
-from engine.store import NewTask, Store
+from tasklease.engine.store import NewTask, Store
 from tests.support.db import triggers
 
 

@@ -15,8 +15,8 @@ from typing import Any
 import asyncpg
 import pytest
 
-from engine.states import BY_TRIGGER, TRANSITIONS, TaskState
-from engine.store import Store
+from tasklease.engine.states import BY_TRIGGER, TRANSITIONS, TaskState
+from tasklease.engine.store import Store
 from tests.support.db import LEASES, force_state, state_of, submit, triggers
 
 WORKER = "matrix-worker"

@@ -10,11 +10,11 @@ from collections.abc import AsyncIterator, Callable
 import asyncpg
 import pytest
 
-from engine import registry
-from engine import worker as worker_module
-from engine.states import TaskState
-from engine.store import Store
-from engine.worker import Worker, WorkerConfig
+from tasklease.engine import registry
+from tasklease.engine import worker as worker_module
+from tasklease.engine.states import TaskState
+from tasklease.engine.store import Store
+from tasklease.engine.worker import Worker, WorkerConfig
 from tests.support import handlers
 from tests.support.db import (
     LEASES,

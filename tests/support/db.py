@@ -9,9 +9,9 @@ from typing import Any
 
 import asyncpg
 
-from engine.queries import CLAIM
-from engine.states import TaskState, is_path
-from engine.store import NewTask, Store
+from tasklease.engine.queries import CLAIM
+from tasklease.engine.states import TaskState, is_path
+from tasklease.engine.store import NewTask, Store
 
 LEASES = {"test_sleep": 2.0, "noop": 30.0, "email_user": 30.0, "test_fail": 30.0}
 

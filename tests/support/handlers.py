@@ -14,7 +14,7 @@ from typing import Any
 import asyncpg
 import msgspec
 
-from engine import PermanentError, Snooze, TaskContext, handler
+from tasklease import PermanentError, Snooze, TaskContext, handler
 
 
 class Sleep(msgspec.Struct):
@@ -167,3 +167,51 @@ async def snooze(ctx: TaskContext, payload: SnoozeTimes) -> dict[str, int]:
     if runs <= payload.times:
         raise Snooze(0.1, f"not ready yet (run {runs})")
     return {"runs": runs}
+
+
+class TxWrite(msgspec.Struct):
+    pause_first: float = 0.0  # seconds the first attempt waits inside its transaction
+    fail_inside: bool = False
+
+
+async def _pause_ignoring_stops(seconds: float) -> None:
+    """A handler that will not be stopped: a lost lease cancels it, and it sleeps on, so its
+    transaction reaches the lease guard (the fence) however it is told to stop."""
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        try:
+            await asyncio.sleep(left)
+        except asyncio.CancelledError:
+            continue
+
+
+@handler("test_tx_write", max_attempts=3, backoff=[0.1])
+async def tx_write(ctx: TaskContext, payload: TxWrite) -> None:
+    """One row in `effects` per attempt, written in the transaction that completes the task."""
+    async with ctx.transaction() as conn:
+        await conn.execute(
+            "INSERT INTO effects (task_id, attempt, worker) VALUES ($1, $2, $3)",
+            ctx.task_id,
+            ctx.attempt,
+            ctx.worker,
+        )
+        if ctx.attempt == 1 and payload.pause_first:
+            await _pause_ignoring_stops(payload.pause_first)
+        if payload.fail_inside and ctx.attempt == 1:
+            raise RuntimeError("failed inside its transaction")
+        ctx.set_result({"attempt": ctx.attempt})
+
+
+@handler("test_tx_session", max_attempts=3, backoff=[0.1])
+async def tx_session(ctx: TaskContext, payload: TxWrite) -> None:
+    """test_tx_write through SQLAlchemy: ctx.session()."""
+    from sqlalchemy import text
+
+    async with ctx.session() as session:
+        await session.execute(
+            text("INSERT INTO effects (task_id, attempt, worker) VALUES (:t, :a, :w)"),
+            {"t": ctx.task_id, "a": ctx.attempt, "w": ctx.worker},
+        )
+        if payload.fail_inside and ctx.attempt == 1:
+            raise RuntimeError("failed inside its transaction")
+        ctx.set_result({"attempt": ctx.attempt, "via": "sqlalchemy"})

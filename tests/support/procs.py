@@ -34,7 +34,7 @@ class Proc:
         self._log = open(self.log_path, "wb")  # noqa: SIM115
         merged = {**os.environ, **env}
         self.popen = subprocess.Popen(
-            [sys.executable, "-m", "engine.cli", *args],
+            [sys.executable, "-m", "tasklease.engine.cli", *args],
             cwd=REPO,
             env={k: v for k, v in merged.items() if v is not None},
             stdout=self._log,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from engine import TaskContext, handler
+from tasklease import TaskContext, handler
 
 
 @handler("test_tick", every=1)

@@ -5,8 +5,8 @@ from typing import Any
 
 import pytest
 
-from engine.registry import Handler, PermanentError, TaskContext
-from engine.worker import (
+from tasklease.engine.registry import Handler, PermanentError, TaskContext
+from tasklease.engine.worker import (
     CANCEL,
     LEASE_LOST,
     RELEASE,

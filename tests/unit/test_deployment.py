@@ -5,7 +5,7 @@ from pathlib import Path
 
 import yaml
 
-from engine.cli import parser
+from tasklease.engine.cli import parser
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -1,4 +1,8 @@
-"""The layers of docs/architecture.md: schema <- engine <- api; handlers see the public API."""
+"""The layers of docs/architecture.md: schema <- engine <- api; handlers see the public API.
+
+Everything is imported through the one top-level package, `tasklease`: the old top-level
+names (`engine`, `api`, `schema`, `handlers`) exist only as folders of the repository.
+"""
 
 import ast
 from pathlib import Path
@@ -6,13 +10,13 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-OURS = {"schema", "engine", "api", "handlers", "examples"}
+LAYERS = {"schema", "engine", "api", "handlers"}
 ALLOWED = {
     "schema": {"schema"},
     "engine": {"schema", "engine"},
     "api": {"engine", "api"},
-    "handlers": {"engine"},
-    "examples": {"engine"},  # handler modules from the docs, written as a user would
+    "handlers": {"public"},
+    "examples": {"public"},  # handler modules from the docs, written as a user would
 }
 
 
@@ -22,18 +26,44 @@ def imports(path: Path) -> set[str]:
         if isinstance(node, ast.Import):
             found |= {alias.name for alias in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            found.add(node.module)
+            names = {alias.name for alias in node.names}
+            if node.module == "tasklease" and names <= LAYERS:  # `from tasklease import schema`
+                found |= {f"tasklease.{name}" for name in names}
+            else:
+                found.add(node.module)
     return found
+
+
+def layer_of(module: str) -> str | None:
+    """The layer a module belongs to: `public` for the `tasklease` package itself."""
+    parts = module.split(".")
+    if parts[0] != "tasklease":
+        return None
+    if len(parts) == 1 or parts[1] not in LAYERS:
+        return "public"
+    return parts[1]
 
 
 @pytest.mark.parametrize("layer", sorted(ALLOWED))
 def test_layer_imports_only_what_it_may(layer: str) -> None:
     for path in (REPO / layer).rglob("*.py"):
         for module in imports(path):
-            top = module.split(".")[0]
+            assert module.split(".")[0] not in LAYERS | {"examples"} or (
+                layer == "examples" and (module.startswith("examples"))
+            ), f"{path.relative_to(REPO)} imports {module}: import it from tasklease"
+            found = layer_of(module)
             # the CLI is where everything is put together: it serves the API
-            composition_root = path == REPO / "engine" / "cli.py" and top == "api"
-            if top in OURS and not composition_root:
-                assert top in ALLOWED[layer], f"{path.relative_to(REPO)} imports {module}"
-            if layer in ("handlers", "examples") and top == "engine":
-                assert module == "engine", f"{path.relative_to(REPO)}: use `from engine import …`"
+            composition_root = path == REPO / "engine" / "cli.py" and found == "api"
+            if found is not None and not composition_root:
+                assert found in ALLOWED[layer], f"{path.relative_to(REPO)} imports {module}"
+
+
+def test_tests_import_the_package_not_the_folders() -> None:
+    for path in (REPO / "tests").rglob("*.py"):
+        for module in imports(path):
+            assert module.split(".")[0] not in LAYERS, f"{path.relative_to(REPO)}: {module}"
+
+
+def test_the_package_maps_each_folder() -> None:
+    for layer in LAYERS:
+        assert (REPO / "tasklease" / layer).resolve() == REPO / layer

@@ -1,14 +1,24 @@
-import engine
+import tasklease
 
 
 def test_public_surface_is_small() -> None:
-    assert sorted(engine.__all__) == [
+    assert sorted(tasklease.__all__) == [
+        "Client",
+        "InvalidTask",
+        "LeaseLost",
+        "NoTransaction",
         "PermanentError",
         "Snooze",
+        "SyncClient",
+        "Task",
+        "TaskConflict",
         "TaskContext",
+        "TaskNotFound",
+        "TaskSpec",
         "TaskState",
+        "Transition",
         "handler",
         "schedule",
     ]
-    for name in engine.__all__:
-        assert getattr(engine, name) is not None
+    for name in tasklease.__all__:
+        assert getattr(tasklease, name) is not None

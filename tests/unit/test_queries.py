@@ -1,7 +1,7 @@
 import re
 
-from engine.queries import CLAIM, CLAIM_LIMITED, QUERIES, load
-from engine.states import TRANSITIONS
+from tasklease.engine.queries import CLAIM, CLAIM_LIMITED, QUERIES, load
+from tasklease.engine.states import TRANSITIONS
 
 
 def test_every_query_is_named_and_described() -> None:

@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from engine import registry
-from engine.registry import Handler, HandlerError, PermanentError, handler
+from tasklease.engine import registry
+from tasklease.engine.registry import Handler, HandlerError, PermanentError, handler
 
 
 @pytest.fixture(autouse=True)

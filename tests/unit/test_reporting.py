@@ -6,7 +6,7 @@ from collections import Counter
 
 import msgspec
 
-from engine.reporting import MINUTES_KEPT, Counters, merge, per_minute
+from tasklease.engine.reporting import MINUTES_KEPT, Counters, merge, per_minute
 
 
 class Clock:

@@ -8,8 +8,8 @@ from typing import Any
 import msgspec
 import pytest
 
-from engine.registry import HandlerError, Snooze, parse_rate
-from engine.schedules import MISFIRE_GRACE, Schedule, ScheduleError, decide, schedule
+from tasklease.engine.registry import HandlerError, Snooze, parse_rate
+from tasklease.engine.schedules import MISFIRE_GRACE, Schedule, ScheduleError, decide, schedule
 
 T = datetime(2026, 3, 29, 0, 30, tzinfo=UTC)  # the night Paris moves to summer time
 
@@ -96,7 +96,7 @@ def test_snooze_needs_a_delay() -> None:
     ],
 )
 def test_bad_handler_options_are_named(kwargs: dict[str, Any], problem: str) -> None:
-    from engine.registry import handler
+    from tasklease.engine.registry import handler
 
     with pytest.raises((HandlerError, ScheduleError), match=problem):
         handler("bad_options", **kwargs)
@@ -107,7 +107,7 @@ class Greeting(msgspec.Struct):
 
 
 def test_a_schedule_must_fit_its_handler(monkeypatch: pytest.MonkeyPatch) -> None:
-    from engine import registry, schedules
+    from tasklease.engine import registry, schedules
 
     async def greet(ctx: Any, payload: Greeting) -> None: ...
 

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from engine import states
-from engine.states import BY_TRIGGER, MACHINE, TRANSITIONS, TaskState
+from tasklease.engine import states
+from tasklease.engine.states import BY_TRIGGER, MACHINE, TRANSITIONS, TaskState
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "state-machine.md"
 

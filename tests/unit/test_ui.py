@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from api.ui import _next, ago, chart, same_origin, session_valid, session_value
+from tasklease.api.ui import _next, ago, chart, same_origin, session_valid, session_value
 
 
 class Conn:

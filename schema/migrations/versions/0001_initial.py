@@ -4,7 +4,7 @@ Revision ID: 0001
 Revises:
 """
 
-from schema.migrations import run_sql
+from tasklease.schema.migrations import run_sql
 
 revision = "0001"
 down_revision = None

@@ -4,7 +4,7 @@ Revision ID: 0002
 Revises: 0001
 """
 
-from schema.migrations import run_sql
+from tasklease.schema.migrations import run_sql
 
 revision = "0002"
 down_revision = "0001"

@@ -4,7 +4,7 @@ Revision ID: 0003
 Revises: 0002
 """
 
-from schema.migrations import run_sql
+from tasklease.schema.migrations import run_sql
 
 revision = "0003"
 down_revision = "0002"

@@ -4,7 +4,7 @@ Revision ID: 0004
 Revises: 0003
 """
 
-from schema.migrations import run_sql
+from tasklease.schema.migrations import run_sql
 
 revision = "0004"
 down_revision = "0003"

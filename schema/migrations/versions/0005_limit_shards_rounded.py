@@ -14,14 +14,14 @@ Revises: 0004
 
 import importlib
 
-from schema.migrations import run_sql, statements
+from tasklease.schema.migrations import run_sql, statements
 
 revision = "0005"
 down_revision = "0004"
 branch_labels = None
 depends_on = None
 
-_PREVIOUS = importlib.import_module("schema.migrations.versions.0004_limit_shards")
+_PREVIOUS = importlib.import_module("tasklease.schema.migrations.versions.0004_limit_shards")
 _FUNCTION = next(s for s in statements(_PREVIOUS.UP) if "CREATE FUNCTION tasklease_claim" in s)
 _FLOOR = "v_shards := greatest(least(k.lim / 128, 16), 1);"
 _ROUND = "v_shards := greatest(least((k.lim + 64) / 128, 16), 1);"

@@ -38,7 +38,7 @@ Revises: 0005
 
 import importlib
 
-from schema.migrations import run_sql
+from tasklease.schema.migrations import run_sql
 
 revision = "0006"
 down_revision = "0005"
@@ -320,7 +320,7 @@ $fn$;
 # may be read by it.
 DOWN = (
     "DELETE FROM limit_bounds;\nALTER TABLE limit_bounds DROP COLUMN lim, DROP COLUMN extra;\n"
-    + importlib.import_module("schema.migrations.versions.0005_limit_shards_rounded").UP
+    + importlib.import_module("tasklease.schema.migrations.versions.0005_limit_shards_rounded").UP
 )
 
 

@@ -1,0 +1,291 @@
+"""`tasklease submit | show | ls | cancel | requeue | stats`: a client of the HTTP API."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import httpx
+
+URL_ENV, TOKEN_ENV = "TASKLEASE_URL", "TASKLEASE_API_TOKEN"
+DEFAULT_URL = "http://127.0.0.1:8080"
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+class ClientError(Exception):
+    """Told to the user in one line; exit status 1."""
+
+
+def duration(text: str) -> timedelta:
+    """`90`, `10s`, `5m`, `2h`, `1d`, or combined like `1h30m`."""
+    parts = re.findall(r"(\d+(?:\.\d+)?)([smhd]?)", text.strip())
+    if not parts or "".join(n + u for n, u in parts) != text.strip():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration like 90, 10s, 5m, 1h30m")
+    return timedelta(seconds=sum(float(n) * _UNITS[u or "s"] for n, u in parts))
+
+
+def json_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("the payload must be a JSON object")
+    return value
+
+
+def rfc3339(text: str) -> str:
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an RFC 3339 time") from None
+    if moment.tzinfo is None:
+        raise argparse.ArgumentTypeError(f"{text!r} needs a time zone, e.g. Z or +02:00")
+    return moment.isoformat()
+
+
+class Client:
+    def __init__(self, url: str, token: str | None) -> None:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.url = url.rstrip("/")
+        self.http = httpx.Client(base_url=self.url, headers=headers, timeout=30)
+
+    def call(self, method: str, path: str, **kwargs: Any) -> Any:
+        try:
+            response = self.http.request(method, path, **kwargs)
+        except httpx.HTTPError as exc:
+            raise ClientError(f"cannot reach the API at {self.url}: {exc}") from None
+        if response.status_code >= 400:
+            try:
+                detail = response.json().get("detail", response.text)
+            except ValueError:
+                detail = response.text
+            raise ClientError(f"{response.status_code}: {detail}")
+        return response.json()
+
+
+def _ago(value: str | None) -> str:
+    if not value:
+        return "-"
+    moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    seconds = (datetime.now(UTC) - moment).total_seconds()
+    word = "ago" if seconds >= 0 else "from now"
+    seconds = abs(seconds)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f}{unit} {word}"
+    return f"{seconds:.0f}s {word}"
+
+
+def table(rows: list[list[Any]], headers: list[str]) -> str:
+    cells = [headers, *[["-" if c is None else str(c) for c in r] for r in rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    lines = [
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells
+    ]
+    return "\n".join(lines)
+
+
+def _task_row(t: dict[str, Any]) -> list[Any]:
+    return [
+        t["id"],
+        t["action"],
+        t["state"],
+        f"{t['attempt']}/{t['max_attempts']}",
+        t["queue"],
+        _ago(t["due_at"]),
+        _ago(t["updated_at"]),
+    ]
+
+
+TASK_HEADERS = ["ID", "ACTION", "STATE", "ATTEMPT", "QUEUE", "DUE", "UPDATED"]
+
+
+def show_task(task: dict[str, Any], history: list[dict[str, Any]]) -> str:
+    fields = [
+        "id",
+        "action",
+        "state",
+        "attempt",
+        "max_attempts",
+        "queue",
+        "priority",
+        "due_at",
+        "created_at",
+        "updated_at",
+        "idempotency_key",
+        "worker",
+        "lease_expires_at",
+        "cancel_requested_at",
+        "lease_seconds",
+        "timeout_seconds",
+        "last_error",
+    ]
+    width = max(map(len, fields)) + 1
+    lines = [f"{f + ':':<{width}} {'-' if task[f] is None else task[f]}" for f in fields]
+    lines.append(f"{'payload:':<{width}} {json.dumps(task['payload'])}")
+    lines.append(f"{'result:':<{width}} {json.dumps(task['result'])}")
+    rows = [
+        [
+            h["at"],
+            h["trigger"],
+            f"{h['from_state'] or '-'} -> {h['to_state']}",
+            h["attempt"],
+            h["worker"],
+            h["detail"],
+        ]
+        for h in history
+    ]
+    return (
+        "\n".join(lines)
+        + "\n\nhistory:\n"
+        + table(rows, ["AT", "TRIGGER", "TRANSITION", "ATTEMPT", "WORKER", "DETAIL"])
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    client = Client(args.url, os.environ.get(TOKEN_ENV))
+    out: Any
+    text: str
+    match args.command:
+        case "submit":
+            body: dict[str, Any] = {"action": args.action, "payload": args.payload}
+            if args.due_at:
+                body["due_at"] = args.due_at
+            elif args.delay is not None:
+                body["due_at"] = (datetime.now(UTC) + args.delay).isoformat()
+            for name in (
+                "idempotency_key",
+                "queue",
+                "priority",
+                "max_attempts",
+                "lease_seconds",
+                "timeout_seconds",
+            ):
+                if getattr(args, name) is not None:
+                    body[name] = getattr(args, name)
+            out = client.call("POST", "/tasks", json=body)
+            text = f"task {out['id']} {out['action']} {out['state']}, due {out['due_at']}"
+        case "show":
+            out = {
+                "task": client.call("GET", f"/tasks/{args.id}"),
+                "transitions": client.call("GET", f"/tasks/{args.id}/transitions"),
+            }
+            text = show_task(out["task"], out["transitions"])
+        case "ls":
+            params = {
+                k: v
+                for k, v in {
+                    "state": args.state,
+                    "action": args.action,
+                    "queue": args.queue,
+                    "limit": args.limit,
+                    "cursor": args.cursor,
+                }.items()
+                if v is not None
+            }
+            out = client.call("GET", "/tasks", params=params)
+            text = table([_task_row(t) for t in out["tasks"]], TASK_HEADERS)
+            if out["next_cursor"]:
+                text += f"\nmore: tasklease ls --cursor {out['next_cursor']}"
+        case "cancel" | "requeue":
+            out = client.call("POST", f"/tasks/{args.id}/{args.command}")
+            requested = args.command == "cancel" and out["state"] == "RUNNING"
+            text = (
+                f"task {out['id']}: cancellation requested; its worker will stop it"
+                if requested
+                else f"task {out['id']} is now {out['state']}"
+            )
+        case "stats":
+            out = client.call("GET", "/stats")
+            states = list(out["states"])
+            rows = [
+                [
+                    q,
+                    *(s["states"][st] for st in states),
+                    s["due"],
+                    "-" if s["oldest_due_seconds"] is None else f"{s['oldest_due_seconds']:.1f}s",
+                ]
+                for q, s in sorted(out["queues"].items())
+            ]
+            rows.append(["(all)", *out["states"].values(), "", ""])
+            text = table(rows, ["QUEUE", *states, "DUE", "OLDEST DUE"])
+            text += (
+                f"\nworkers alive: {out['workers']['alive']}, "
+                f"running tasks: {out['workers']['running']}"
+            )
+        case "schedules":
+            out = client.call("GET", "/schedules")
+            rows = [
+                [
+                    s["name"],
+                    s["action"],
+                    s["cron"] or f"every {s['every_seconds']:g}s",
+                    s["timezone"],
+                    s["missed"],
+                    s["next_run_at"],
+                    s["last_task_id"] or "-",
+                ]
+                for s in out
+            ]
+            text = table(rows, ["NAME", "ACTION", "WHEN", "TZ", "MISSED", "NEXT RUN", "LAST TASK"])
+        case _:
+            raise ClientError(f"unknown command {args.command}")
+    sys.stdout.write((json.dumps(out, indent=2) if args.json else text) + "\n")
+    return 0
+
+
+def add_commands(sub: Any, state_choices: list[str]) -> None:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--url",
+        default=os.environ.get(URL_ENV, DEFAULT_URL),
+        help=f"the API (default: ${URL_ENV} or {DEFAULT_URL}); the token comes from ${TOKEN_ENV}",
+    )
+    common.add_argument("--json", action="store_true", help="print JSON for scripts")
+
+    p = sub.add_parser(
+        "submit",
+        parents=[common],
+        help="submit a task over the API",
+        description="Submit a task. Example: tasklease submit email_user "
+        "--payload '{\"user_id\": 42}' --in 10m",
+    )
+    p.add_argument("action", help="the action, e.g. email_user")
+    p.add_argument("--payload", type=json_object, default={}, help="a JSON object (default {})")
+    when = p.add_mutually_exclusive_group()
+    when.add_argument("--due-at", type=rfc3339, help="RFC 3339 time, e.g. 2026-01-20T12:00:00Z")
+    when.add_argument("--in", dest="delay", type=duration, help="run after a delay: 90, 10s, 5m")
+    p.add_argument("--idempotency-key", help="a repeat returns the first task")
+    p.add_argument("--queue", help="queue (default: default)")
+    p.add_argument("--priority", type=int, help="higher runs first (default 0)")
+    p.add_argument("--max-attempts", type=int, help="default: the handler's")
+    p.add_argument("--lease-seconds", type=float, help="default: the handler's")
+    p.add_argument(
+        "--timeout-seconds", type=float, help="stop an attempt after this long (the handler's)"
+    )
+
+    p = sub.add_parser("show", parents=[common], help="a task and its history")
+    p.add_argument("id", type=int)
+
+    p = sub.add_parser("ls", parents=[common], help="list tasks, newest first")
+    p.add_argument("--state", choices=state_choices, type=str.upper)
+    p.add_argument("--action")
+    p.add_argument("--queue")
+    p.add_argument("--limit", type=int, default=None, help="page size (default 50, max 500)")
+    p.add_argument("--cursor", help="from the previous page's `more:` line")
+
+    for name, what in (
+        ("cancel", "cancel a task (PENDING/FAILED now, RUNNING via its worker)"),
+        ("requeue", "requeue a DEAD task"),
+    ):
+        p = sub.add_parser(name, parents=[common], help=what)
+        p.add_argument("id", type=int)
+
+    sub.add_parser("stats", parents=[common], help="counts by state and queue, queue lag")
+    sub.add_parser("schedules", parents=[common], help="periodic tasks and when each runs next")

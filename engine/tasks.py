@@ -1,0 +1,175 @@
+"""A task as its users see it: a submission with its bounds (TaskSpec), a task and a transition
+as read (Task, Transition), and `prepare`, which checks a submission against the handlers.
+
+The HTTP API and the Python client share all of it, so both accept and refuse the same input.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Annotated, Any
+
+import msgspec
+
+from tasklease.engine.registry import Handler
+from tasklease.engine.states import TaskState
+from tasklease.engine.store import NewTask
+
+Text = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
+Seconds = Annotated[
+    float,
+    msgspec.Meta(gt=0, le=7 * 86400, description="seconds; null: the action's own setting"),
+]
+AwareDatetime = Annotated[
+    datetime, msgspec.Meta(tz=True, description="RFC 3339 with a time zone offset")
+]
+
+
+class TaskSpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """A task to run. `action` defaults to `payload.action`; `due_at` defaults to now."""
+
+    payload: dict[str, Any]
+    action: Text | None = None
+    due_at: AwareDatetime | None = None
+    idempotency_key: Text | None = None
+    max_attempts: Annotated[int, msgspec.Meta(ge=1, le=1000)] | None = None
+    queue: Text = "default"
+    priority: Annotated[int, msgspec.Meta(ge=-1000, le=1000)] = 0
+    lease_seconds: Seconds | None = None
+    timeout_seconds: Seconds | None = None
+
+
+def _json(value: Any) -> Any:
+    """A jsonb column: text from our own connections; already decoded from a caller's
+    connection that has a jsonb codec (psycopg decodes by default)."""
+    return msgspec.json.decode(value) if isinstance(value, str | bytes) else value
+
+
+class Task(msgspec.Struct, kw_only=True):
+    id: int
+    action: str
+    payload: dict[str, Any]
+    state: TaskState
+    attempt: int
+    max_attempts: int
+    due_at: datetime
+    created_at: datetime
+    updated_at: datetime
+    queue: str
+    priority: int
+    result: Any
+    last_error: str | None
+    idempotency_key: str | None
+    lease_expires_at: datetime | None
+    worker: str | None
+    cancel_requested_at: datetime | None
+    lease_seconds: float | None
+    timeout_seconds: float | None
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> Any:
+        return cls(
+            id=row["id"],
+            action=row["action"],
+            payload=_json(row["payload"]),
+            state=TaskState(row["state"]),
+            attempt=row["attempt"],
+            max_attempts=row["max_attempts"],
+            due_at=row["due_at"],
+            created_at=row["created_at"],
+            updated_at=row["updated_at"],
+            queue=row["queue"],
+            priority=row["priority"],
+            result=None if row["result"] is None else _json(row["result"]),
+            last_error=row["last_error"],
+            idempotency_key=row["idempotency_key"],
+            lease_expires_at=row["lease_expires_at"],
+            worker=row["worker"],
+            cancel_requested_at=row["cancel_requested_at"],
+            lease_seconds=row["lease_seconds"],
+            timeout_seconds=row["timeout_seconds"],
+        )
+
+    @property
+    def finished(self) -> bool:
+        return self.state in TERMINAL
+
+
+TERMINAL = frozenset({TaskState.COMPLETED, TaskState.DEAD, TaskState.CANCELLED})
+
+
+class Transition(msgspec.Struct, kw_only=True):
+    trigger: str
+    from_state: TaskState | None
+    to_state: TaskState
+    attempt: int
+    worker: str | None
+    at: datetime
+    detail: str | None
+
+
+class InvalidTask(ValueError):
+    """A submission that cannot be accepted; the message names what is wrong. `field` names
+    the field (`payload.user_id`), `known_actions` lists the actions when the action is
+    unknown."""
+
+    def __init__(
+        self, message: str, *, field: str | None = None, known_actions: list[str] | None = None
+    ) -> None:
+        super().__init__(message)
+        self.field = field
+        self.known_actions = known_actions
+
+
+def payload_field(message: str) -> str:
+    """`payload.user_id` from msgspec's "… - at `$.user_id`" / "missing required field `x`"."""
+    at = re.search(r"at `\$(.*?)`", message)
+    missing = re.search(r"(?:missing required|unknown) field `(.*?)`", message)
+    return "payload" + (at.group(1) if at else "") + (f".{missing.group(1)}" if missing else "")
+
+
+def spec(fields: Mapping[str, Any]) -> TaskSpec:
+    """A submission given as Python values (the client's), under the API's bounds."""
+    try:
+        return msgspec.convert(fields, TaskSpec)
+    except msgspec.ValidationError as exc:
+        raise InvalidTask(f"invalid task: {exc}".replace("$.", "")) from None
+
+
+def prepare(data: TaskSpec, handlers: Mapping[str, Handler], index: int | None = None) -> NewTask:
+    """Check one submission (the index-th of a batch) against the handlers; InvalidTask names
+    what is wrong."""
+    where, field = ("", "") if index is None else (f"tasks[{index}]: ", f"tasks[{index}].")
+    action = data.action if data.action is not None else data.payload.get("action")
+    known = sorted(handlers)
+    if not isinstance(action, str) or not action:
+        raise InvalidTask(
+            f"{where}no action: give `action`, or `payload.action`", known_actions=known
+        )
+    handler = handlers.get(action)
+    if handler is None:
+        raise InvalidTask(
+            f"{where}unknown action {action!r}; known actions: {', '.join(known)}",
+            known_actions=known,
+        )
+    payload_json = msgspec.json.encode(data.payload)
+    try:
+        handler.validate(payload_json)
+    except msgspec.ValidationError as exc:
+        raise InvalidTask(
+            f"{where}payload does not fit action {action!r}: {exc}",
+            field=field + payload_field(str(exc)),
+        ) from None
+    return NewTask(
+        action=action,
+        payload_json=payload_json.decode(),
+        queue=data.queue,
+        priority=data.priority,
+        max_attempts=data.max_attempts or handler.max_attempts,
+        due_at=data.due_at,
+        idempotency_key=data.idempotency_key,
+        lease_seconds=data.lease_seconds,
+        timeout_seconds=data.timeout_seconds,
+    )

@@ -1,0 +1,147 @@
+"""Transactional completion: a handler's writes and its task's completion commit together,
+guarded by the lease token (engine/fencing.py), with real workers in this process."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import asyncpg
+import pytest
+
+from tasklease import LeaseLost, TaskState
+from tasklease.engine.fencing import Fence
+from tasklease.engine.store import Store
+from tests.integration.test_worker import Running, done, workers  # noqa: F401
+from tests.support.db import expire_lease, state_of, submit, triggers, wait_until
+
+S = TaskState
+
+
+async def effects(conn: asyncpg.Connection, task_id: int) -> list[int]:
+    rows = await conn.fetch("SELECT attempt FROM effects WHERE task_id = $1 ORDER BY 1", task_id)
+    return [r["attempt"] for r in rows]
+
+
+@pytest.mark.parametrize("action", ["test_tx_write", "test_tx_session"])
+async def test_writes_and_completion_commit_together(
+    store: Store,
+    conn: asyncpg.Connection,
+    workers: Running,
+    action: str,  # noqa: F811
+) -> None:
+    task_id = await submit(store, action, "{}")
+    workers.start(store)
+    await wait_until(done(conn, task_id, S.COMPLETED), "completed")
+    row = await state_of(conn, task_id)
+    assert row["attempt"] == 1
+    assert await effects(conn, task_id) == [1]
+    assert await triggers(conn, task_id) == ["submit", "claim", "complete"]
+    result = await conn.fetchval("SELECT result::text FROM tasks WHERE id = $1", task_id)
+    assert '"attempt": 1' in result
+
+
+@pytest.mark.parametrize("action", ["test_tx_write", "test_tx_session"])
+async def test_a_failed_attempt_leaves_no_writes(
+    store: Store,
+    conn: asyncpg.Connection,
+    workers: Running,
+    action: str,  # noqa: F811
+) -> None:
+    task_id = await submit(store, action, '{"fail_inside": true}')
+    workers.start(store)
+    await wait_until(done(conn, task_id, S.COMPLETED), "completed on the second attempt")
+    assert await effects(conn, task_id) == [2], "the failed attempt's write was kept"
+    assert await triggers(conn, task_id) == ["submit", "claim", "fail", "claim", "complete"]
+
+
+async def claimed(store: Store, worker: str) -> tuple[int, uuid.UUID]:
+    [task] = (await store.claim("default", {"test_tx_write": 30.0}, 1, worker)).leased
+    return task.id, task.lease_token
+
+
+async def test_a_lost_lease_rolls_the_whole_transaction_back(
+    store: Store, conn: asyncpg.Connection
+) -> None:
+    await submit(store, "test_tx_write", "{}")
+    task_id, stale = await claimed(store, "w1")
+    fence = Fence(store)
+    try:
+        with pytest.raises(LeaseLost, match="another worker took the task over"):
+            async with fence.transaction(task_id, stale, lambda: '"w1"') as tx:
+                await tx.execute("INSERT INTO effects VALUES ($1, 1, 'w1')", task_id)
+                # meanwhile the lease runs out and another worker takes the task over
+                await expire_lease(conn, task_id)
+                _, current = await claimed(store, "w2")
+                # a savepoint left open, or closed, cannot keep the guard from failing
+                await tx.execute("SAVEPOINT handler_own")
+        assert await effects(conn, task_id) == []
+        row = await state_of(conn, task_id)
+        assert (row["state"], row["attempt"]) == ("RUNNING", 2)
+        # the current holder completes it, with its writes
+        async with fence.transaction(task_id, current, lambda: '"w2"') as tx:
+            await tx.execute("INSERT INTO effects VALUES ($1, 2, 'w2')", task_id)
+        assert await effects(conn, task_id) == [2]
+        assert (await state_of(conn, task_id))["state"] == "COMPLETED"
+        assert await triggers(conn, task_id) == ["submit", "claim", "reclaim", "complete"]
+    finally:
+        await fence.close()
+
+
+async def test_an_exception_inside_rolls_back_and_completes_nothing(
+    store: Store, conn: asyncpg.Connection
+) -> None:
+    await submit(store, "test_tx_write", "{}")
+    task_id, token = await claimed(store, "w1")
+    fence = Fence(store)
+    try:
+        with pytest.raises(ZeroDivisionError):
+            async with fence.transaction(task_id, token, lambda: "1") as tx:
+                await tx.execute("INSERT INTO effects VALUES ($1, 1, 'w1')", task_id)
+                _ = 1 / 0
+        with pytest.raises(asyncpg.InFailedSQLTransactionError):
+            async with fence.transaction(task_id, token, lambda: "1") as tx:
+                await tx.execute("INSERT INTO effects VALUES ($1, 1, 'w1')", task_id)
+                # an error the handler swallows leaves the transaction aborted: the guard
+                # cannot run in it, so nothing commits
+                with pytest.raises(asyncpg.UndefinedTableError):
+                    await tx.execute("SELECT * FROM no_such_table")
+        assert await effects(conn, task_id) == []
+        assert (await state_of(conn, task_id))["state"] == "RUNNING"
+    finally:
+        await fence.close()
+
+
+async def test_a_handler_that_commits_by_itself_completes_nothing(
+    store: Store, conn: asyncpg.Connection
+) -> None:
+    await submit(store, "test_tx_write", "{}")
+    task_id, token = await claimed(store, "w1")
+    fence = Fence(store)
+    try:
+        with pytest.raises(RuntimeError, match="ended its transaction itself"):
+            async with fence.transaction(task_id, token, lambda: "1") as tx:
+                await tx.execute("COMMIT")
+        assert (await state_of(conn, task_id))["state"] == "RUNNING"
+    finally:
+        await fence.close()
+
+
+async def test_a_dropped_connection_is_not_a_completion(
+    store: Store, conn: asyncpg.Connection
+) -> None:
+    """The handler's connection dies inside the block: the handler gets the error, nothing is
+    written, and the task stays RUNNING under its lease (the worker records the failure)."""
+    await submit(store, "test_tx_write", "{}")
+    task_id, token = await claimed(store, "w1")
+    fence = Fence(store)
+    try:
+        with pytest.raises((asyncpg.PostgresConnectionError, asyncpg.InterfaceError, OSError)):
+            async with fence.transaction(task_id, token, lambda: "1") as tx:
+                await tx.execute("INSERT INTO effects VALUES ($1, 1, 'w1')", task_id)
+                await conn.execute("SELECT pg_terminate_backend($1)", tx.get_server_pid())
+                await asyncio.sleep(0.2)
+        assert await effects(conn, task_id) == []
+        assert (await state_of(conn, task_id))["state"] == "RUNNING"
+    finally:
+        await fence.close()
