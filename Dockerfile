@@ -5,6 +5,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
 WORKDIR /app
 
 COPY pyproject.toml requirements.lock README.md ./
+COPY tasklease ./tasklease
 COPY engine ./engine
 COPY api ./api
 COPY handlers ./handlers

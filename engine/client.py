@@ -31,7 +31,7 @@ import asyncpg
 import msgspec
 
 from tasklease.engine import database, operations, registry
-from tasklease.engine.store import Fetch, Store, submit_on
+from tasklease.engine.store import Fetch, NewTask, Store, submit_on
 from tasklease.engine.tasks import Task, TaskSpec, Transition, prepare, spec
 
 T = TypeVar("T")
@@ -127,7 +127,8 @@ class Client:
             "lease_seconds": lease_seconds,
             "timeout_seconds": timeout_seconds,
         }
-        [task] = await self.submit_many([fields], connection=connection)
+        new = prepare(spec(_spec_fields(fields)), registry.REGISTRY)
+        [task] = await self._write([new], connection)
         return task
 
     async def submit_many(
@@ -138,8 +139,9 @@ class Client:
             prepare(t if isinstance(t, TaskSpec) else spec(_spec_fields(t)), registry.REGISTRY, i)
             for i, t in enumerate(tasks)
         ]
-        if not new:
-            return []
+        return await self._write(new, connection) if new else []
+
+    async def _write(self, new: Sequence[NewTask], connection: Any) -> list[Task]:
         fetch = self.store.pool.fetch if connection is None else await fetcher(connection)
         return [Task.from_row(s.task) for s in await submit_on(fetch, new)]
 

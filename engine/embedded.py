@@ -160,7 +160,11 @@ class Embedded:
         with fasteners.InterProcessLock(str(self.data_dir / "pg.lock")):
             if self.is_running():
                 log.info("stopping the embedded PostgreSQL server")
-                self._pg("pg_ctl", "stop", "-w", "-m", "fast", "-D", str(self.pgdata))
+                proc = self._pg("pg_ctl", "stop", "-w", "-m", "fast", "-D", str(self.pgdata))
+                if proc.returncode != 0 and self.is_running():
+                    raise EmbeddedError(
+                        f"cannot stop the embedded PostgreSQL server: {proc.stderr.strip()}"
+                    )
 
     def restart(self) -> None:
         """Stop and start again (fault tests)."""

@@ -26,7 +26,12 @@ class Proc:
     """A `tasklease …` child process whose output goes to a log file."""
 
     def __init__(
-        self, args: list[str], log_dir: Path, name: str, env: dict[str, str | None]
+        self,
+        args: list[str],
+        log_dir: Path,
+        name: str,
+        env: dict[str, str | None],
+        cwd: Path = REPO,
     ) -> None:
         """`env` adds to this process's environment; a None value removes that variable."""
         self.name = name
@@ -35,7 +40,7 @@ class Proc:
         merged = {**os.environ, **env}
         self.popen = subprocess.Popen(
             [sys.executable, "-m", "tasklease.engine.cli", *args],
-            cwd=REPO,
+            cwd=cwd,
             env={k: v for k, v in merged.items() if v is not None},
             stdout=self._log,
             stderr=subprocess.STDOUT,
@@ -74,8 +79,14 @@ class Procs:
         self.env = env
         self.started: list[Proc] = []
 
-    def start(self, name: str, *args: str, env: dict[str, str | None] | None = None) -> Proc:
-        proc = Proc(list(args), self.log_dir, name, {**self.env, **(env or {})})
+    def start(
+        self,
+        name: str,
+        *args: str,
+        env: dict[str, str | None] | None = None,
+        cwd: Path = REPO,
+    ) -> Proc:
+        proc = Proc(list(args), self.log_dir, name, {**self.env, **(env or {})}, cwd)
         self.started.append(proc)
         return proc
 

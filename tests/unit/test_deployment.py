@@ -48,6 +48,6 @@ def test_dockerfile_installs_the_package_and_runs_tasklease() -> None:
     lines = [line.strip() for line in (REPO / "Dockerfile").read_text().splitlines()]
     assert any(line.startswith("FROM python:3.11") for line in lines)
     copied = {shlex.split(line)[1] for line in lines if line.startswith("COPY ")}
-    assert {"engine", "api", "handlers", "schema"} <= copied
+    assert {"tasklease", "engine", "api", "handlers", "schema"} <= copied
     assert 'ENTRYPOINT ["tasklease"]' in lines
     assert any("--constraint requirements.lock ." in line for line in lines)
