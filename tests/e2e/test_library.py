@@ -62,9 +62,14 @@ async def test_a_user_project_with_its_own_handlers_api_and_schema(
     )
     url = f"http://127.0.0.1:{port}"
     wait_for_http(f"{url}/healthz", api)
-    bad = httpx.post(f"{url}/tasks", json={"action": "send_welcome", "payload": {"user_id": "x"}})
+    async with httpx.AsyncClient(base_url=url) as http:
+        bad = await http.post(
+            "/tasks", json={"action": "send_welcome", "payload": {"user_id": "x"}}
+        )
+        created = await http.post(
+            "/tasks", json={"action": "send_welcome", "payload": {"user_id": 3}}
+        )
     assert bad.status_code == 422, bad.text  # the user's own schema package validates it
-    created = httpx.post(f"{url}/tasks", json={"action": "send_welcome", "payload": {"user_id": 3}})
     assert created.status_code == 201, created.text
     async with Client(db) as client:
         done = await client.wait(created.json()["id"], timeout=60)

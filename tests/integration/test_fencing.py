@@ -12,8 +12,9 @@ import pytest
 from tasklease import LeaseLost, TaskState
 from tasklease.engine.fencing import Fence
 from tasklease.engine.store import Store
-from tests.integration.test_worker import Running, done, workers  # noqa: F401
+from tests.integration.test_worker import done
 from tests.support.db import expire_lease, state_of, submit, triggers, wait_until
+from tests.support.workers import Running
 
 S = TaskState
 
@@ -28,7 +29,7 @@ async def test_writes_and_completion_commit_together(
     store: Store,
     conn: asyncpg.Connection,
     workers: Running,
-    action: str,  # noqa: F811
+    action: str,
 ) -> None:
     task_id = await submit(store, action, "{}")
     workers.start(store)
@@ -46,7 +47,7 @@ async def test_a_failed_attempt_leaves_no_writes(
     store: Store,
     conn: asyncpg.Connection,
     workers: Running,
-    action: str,  # noqa: F811
+    action: str,
 ) -> None:
     task_id = await submit(store, action, '{"fail_inside": true}')
     workers.start(store)

@@ -5,16 +5,15 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 
 import asyncpg
 import pytest
 
-from tasklease.engine import registry
 from tasklease.engine import worker as worker_module
 from tasklease.engine.states import TaskState
 from tasklease.engine.store import Store
-from tasklease.engine.worker import Worker, WorkerConfig
+from tasklease.engine.worker import Worker
 from tests.support import handlers
 from tests.support.db import (
     LEASES,
@@ -26,38 +25,9 @@ from tests.support.db import (
     triggers,
     wait_until,
 )
+from tests.support.workers import HANDLERS, Running
 
 S = TaskState
-HANDLERS = registry.load(["tests.support.handlers"])
-
-
-class Running:
-    def __init__(self) -> None:
-        self.workers: list[tuple[Worker, asyncio.Task[None]]] = []
-
-    def start(self, store: Store, **config: object) -> Worker:
-        cfg = WorkerConfig(
-            **{"concurrency": 4, "poll_interval": 0.05, "grace_seconds": 5, **config}
-        )  # type: ignore[arg-type]
-        worker = Worker(store, HANDLERS, cfg)
-        self.workers.append((worker, asyncio.create_task(worker.run())))
-        return worker
-
-    async def stop(self, worker: Worker) -> None:
-        for w, task in self.workers:
-            if w is worker:
-                w.stop()
-                await asyncio.wait_for(task, 30)
-
-
-@pytest.fixture
-async def workers() -> AsyncIterator[Running]:
-    running = Running()
-    yield running
-    for w, _ in running.workers:
-        w.stop()
-        w.stop()
-    await asyncio.gather(*(t for _, t in running.workers), return_exceptions=True)
 
 
 def done(conn: asyncpg.Connection, task_id: int, state: TaskState) -> Callable[[], object]:
