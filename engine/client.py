@@ -186,8 +186,8 @@ class Client:
         event = asyncio.Event()
         self._waiting.setdefault(task_id, set()).add(event)
         try:
-            await self._listen()
             async with asyncio.timeout(timeout):
+                await self._listen()
                 while True:
                     task = await self.get(task_id)
                     if task.finished:

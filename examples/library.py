@@ -31,9 +31,7 @@ async def send_receipt(ctx: TaskContext, payload: Receipt) -> None:
     ...  # send the e-mail (at least once: a retry may send it again)
     async with ctx.transaction() as conn:
         # committed only together with the task's completion, under its lease: never twice
-        await conn.execute(
-            "UPDATE orders SET receipt_sent = true WHERE id = $1", payload.order_id
-        )
+        await conn.execute("UPDATE orders SET receipt_sent = true WHERE id = $1", payload.order_id)
         ctx.set_result({"order": payload.order_id})
 
 

@@ -67,7 +67,7 @@ async def test_a_struct_payload_and_the_action_default(client: Client) -> None:
 @pytest.mark.parametrize(
     ("action", "payload", "options", "named"),
     [
-        ("send_fax", {}, {}, "unknown action 'send_fax'; known actions: email_user"),
+        ("send_fax", {}, {}, "unknown action 'send_fax'; known actions: "),
         ("email_user", {"user_id": "x"}, {}, "payload does not fit action 'email_user'"),
         ("email_user", {"user_id": 1}, {"priority": 5000}, "priority"),
         ("email_user", {"user_id": 1}, {"max_attempts": 0}, "max_attempts"),
