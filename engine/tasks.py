@@ -18,9 +18,15 @@ from tasklease.engine.states import TaskState
 from tasklease.engine.store import NewTask
 
 Text = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
-Seconds = Annotated[
+# A lease under a second would be renewed more often than a round trip takes on a busy
+# database; a week bounds how long a lost worker can hold a task.
+LeaseSeconds = Annotated[
     float,
-    msgspec.Meta(gt=0, le=7 * 86400, description="seconds; null: the action's own setting"),
+    msgspec.Meta(ge=1, le=7 * 86400, description="seconds, 1 to 604800; null: the action's"),
+]
+TimeoutSeconds = Annotated[
+    float,
+    msgspec.Meta(ge=0.1, le=7 * 86400, description="seconds, 0.1 to 604800; null: the action's"),
 ]
 AwareDatetime = Annotated[
     datetime, msgspec.Meta(tz=True, description="RFC 3339 with a time zone offset")
@@ -37,8 +43,8 @@ class TaskSpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     max_attempts: Annotated[int, msgspec.Meta(ge=1, le=1000)] | None = None
     queue: Text = "default"
     priority: Annotated[int, msgspec.Meta(ge=-1000, le=1000)] = 0
-    lease_seconds: Seconds | None = None
-    timeout_seconds: Seconds | None = None
+    lease_seconds: LeaseSeconds | None = None
+    timeout_seconds: TimeoutSeconds | None = None
 
 
 def _json(value: Any) -> Any:

@@ -143,6 +143,11 @@ def describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
+def storable(text: str) -> str:
+    """Text PostgreSQL takes: lone surrogates and NULs written out as escapes."""
+    return text.encode("utf-8", "backslashreplace").decode().replace("\x00", "\\x00")
+
+
 def decide(
     handler: Handler,
     ctx: TaskContext,
@@ -165,22 +170,22 @@ def decide(
     if error is None:
         try:
             return Complete(msgspec.json.encode(result).decode())
-        except (TypeError, msgspec.EncodeError) as err:
-            return Bury(f"result is not JSON: {err}", permanent=True)
+        except Exception as err:  # not JSON, a lone surrogate, nested past the encoder's limit
+            return Bury(storable(f"result cannot be encoded as JSON: {describe(err)}"), True)
     if isinstance(error, Snooze):
         return Snoozed(error.seconds, error.reason)
     if isinstance(error, PermanentError):
-        return Bury(describe(error), permanent=True)
+        return Bury(storable(describe(error)), permanent=True)
     # last_error: the one-line description, then the traceback (history rows keep the first line)
     trace = ""
     if error.__traceback__ is not None:
         trace = "\n\n" + "".join(traceback.format_exception(error)).rstrip()
     if ctx.is_last_attempt:
         return Bury(
-            f"{describe(error)} (attempt {ctx.attempt} of {ctx.max_attempts}){trace}",
+            storable(f"{describe(error)} (attempt {ctx.attempt} of {ctx.max_attempts}){trace}"),
             permanent=False,
         )
-    return Fail(handler.retry_delay(ctx.attempt), describe(error) + trace)
+    return Fail(handler.retry_delay(ctx.attempt), storable(describe(error) + trace))
 
 
 class _TaskLogger(logging.LoggerAdapter[logging.Logger]):
@@ -281,9 +286,10 @@ class Outcomes:
                     "cannot record %d outcome(s) yet (%s); retrying", len(batch), describe(exc)
                 )
                 await Worker.wait_for(self.give_up, timeout=1.0)
-            except asyncpg.PostgresError as exc:
-                # Not the connection: some item cannot be stored (a result PostgreSQL refuses).
-                # Write the others alone; the culprit's own write fails with this error.
+            except Exception as exc:
+                # Not the connection: some item cannot be stored (a result PostgreSQL refuses,
+                # a value the driver cannot encode). Write the others alone; the culprit's own
+                # write fails with this error.
                 if len(batch) == 1:
                     batch[0][1].set_exception(exc)
                     return
@@ -325,6 +331,8 @@ class Worker:
         # batched with others, while the next tasks are already claimed.
         self.handling = 0
         self._wake = asyncio.Event()
+        self.beat_every = self._beat_interval()
+        self._lease_shortened = asyncio.Event()
         # (queue, statement) -> monotonic time before which that claim is not run again
         self._quiet: dict[tuple[str, int], float] = {}
         # claims a global limit held back: tried again as soon as outcomes free some room
@@ -557,6 +565,8 @@ class Worker:
             claimed.attempt,
             claimed.max_attempts,
         )
+        if lease_seconds / 3 < self.beat_every:
+            self._lease_shortened.set()
         self.handling += 1
         ex.holds_slot = True
         ex.task = asyncio.create_task(self._execute(ex))
@@ -633,9 +643,15 @@ class Worker:
                 describe(error),
                 "".join(traceback.format_exception(error)).rstrip(),
             )
-        await self._record(
-            ex, decide(ex.handler, ex.ctx, result=result, error=error, stopped=ex.stopped)
-        )
+        decision = decide(ex.handler, ex.ctx, result=result, error=error, stopped=ex.stopped)
+        try:
+            await self._record(ex, decision)
+        except Exception as exc:
+            # whatever goes wrong recording an outcome becomes an outcome, with its reason,
+            # instead of a task left RUNNING until its lease runs out
+            ex.ctx.logger.exception("recording %s failed", type(decision).__name__)
+            reason = storable(f"the outcome could not be recorded: {describe(exc)}")
+            await self._record(ex, Bury(reason, permanent=True))
 
     def _stop_handler(self, ex: _Execution, why: str) -> None:
         if ex.in_handler and ex.stopped is None and ex.task is not None:
@@ -663,11 +679,25 @@ class Worker:
         self._lease_answer(ex, row is not None, bool(row and row["cancel_requested"]))
         return row is not None
 
+    def _beat_interval(self) -> float:
+        """A third of the shortest lease running (a task's own lease_seconds, else its
+        action's), so every lease is renewed twice before it could run out."""
+        running = (ex.lease_seconds for ex in self.running.values() if not ex.ctx.lease_lost)
+        return min(running, default=min(self.leases.values(), default=DEFAULT_LEASE_SECONDS)) / 3
+
     async def _heartbeat_loop(self) -> None:
-        """Every lease/3 seconds, extend the leases of all running tasks in one statement."""
-        interval = min(self.leases.values(), default=DEFAULT_LEASE_SECONDS) / 3
+        """Extend the leases of all running tasks in one statement, every _beat_interval();
+        a task started with a shorter lease than the interval planned brings the beat
+        forward (`_lease_shortened`)."""
+        last = time.monotonic()
         while True:
-            await asyncio.sleep(interval)
+            self.beat_every = self._beat_interval()
+            remaining = last + self.beat_every - time.monotonic()
+            if remaining > 0:
+                self._lease_shortened.clear()
+                await self.wait_for(self._lease_shortened, timeout=remaining)
+                continue
+            last = time.monotonic()
             held = [ex for ex in self.running.values() if not ex.ctx.lease_lost]
             if not held:
                 continue
@@ -693,8 +723,8 @@ class Worker:
                 trigger = "complete"
                 try:
                     done = await self.outcomes.put(trigger, (task_id, token, result_json))
-                except asyncpg.PostgresError as exc:
-                    error = f"result cannot be stored: {describe(exc)}"
+                except Exception as exc:
+                    error = storable(f"result cannot be stored: {describe(exc)}")
                     return await self._record(ex, Bury(error, permanent=True))
             case Fail(retry_in, error):
                 trigger, note = "fail", f", retry in {retry_in:.0f}s"

@@ -331,6 +331,9 @@ BAD_BODIES: list[tuple[bytes, int, str]] = [
     (b'{"payload": {"action": "noop", "text": "a\\u0000b"}}', 400, "invalid value"),
     (b'{"payload": {"action": "noop"}, "timeout_seconds": 0}', 400, "timeout_seconds"),
     (b'{"payload": {"action": "noop"}, "lease_seconds": "60"}', 400, "lease_seconds"),
+    (b'{"payload": {"action": "noop"}, "lease_seconds": 0.001}', 400, "lease_seconds"),
+    (b'{"payload": {"action": "noop"}, "lease_seconds": 604801}', 400, "lease_seconds"),
+    (b'{"payload": {"action": "noop"}, "timeout_seconds": 0.01}', 400, "timeout_seconds"),
 ]
 
 

@@ -72,7 +72,7 @@ async def test_a_struct_payload_and_the_action_default(client: Client) -> None:
         ("email_user", {"user_id": 1}, {"priority": 5000}, "priority"),
         ("email_user", {"user_id": 1}, {"max_attempts": 0}, "max_attempts"),
         ("email_user", {"user_id": 1}, {"due_at": datetime(2026, 1, 1)}, "due_at"),
-        ("email_user", {"user_id": 1}, {"lease_seconds": -1}, "lease_seconds"),
+        ("email_user", {"user_id": 1}, {"lease_seconds": 0.001}, "lease_seconds"),
         ("", {"user_id": 1}, {}, "action"),
     ],
 )
@@ -332,7 +332,8 @@ async def test_sql_function_submits_in_the_callers_transaction(
         ("tasklease_submit('noop', '[1]')", "payload must be a JSON object, not array"),
         ("tasklease_submit('noop', priority => 5000)", "priority"),
         ("tasklease_submit('noop', max_attempts => 0)", "max_attempts"),
-        ("tasklease_submit('noop', lease_seconds => 0)", "lease_seconds"),
+        ("tasklease_submit('noop', lease_seconds => 0.5)", "lease_seconds"),
+        ("tasklease_submit('noop', timeout_seconds => 0)", "timeout_seconds"),
         ("tasklease_submit('noop', queue => '')", "queue"),
         ("tasklease_submit('noop', idempotency_key => '')", "idempotency_key"),
     ],

@@ -304,3 +304,42 @@ async def test_near_a_limit_a_claim_waits_for_the_workers_outcomes_in_flight(
     assert reached, seen  # global_limit=2 for 20 due tasks: claims find it reached
     after = [in_flight for in_flight, _ in seen[reached[0] + 1 :]]
     assert after and not any(after), seen
+
+
+async def test_a_task_is_heartbeated_by_its_own_lease(
+    store: Store, conn: asyncpg.Connection, workers: Running
+) -> None:
+    """A task's own lease (1 s) far shorter than its action's (60 s): the worker renews it
+    by the task's lease, so two healthy workers never take it from each other."""
+    task_id = await submit(store, "test_long_lease", '{"seconds": 3}', lease_seconds=1.0)
+    only = {"test_long_lease": HANDLERS["test_long_lease"]}
+    workers.start(store, only)
+    workers.start(store, only)
+    await wait_until(done(conn, task_id, S.COMPLETED), "completed", timeout=60)
+    assert len(await executions(conn, task_id)) == 1
+    assert await triggers(conn, task_id) == ["submit", "claim", "complete"]
+
+
+@pytest.mark.parametrize(
+    ("kind", "state", "error"),
+    [
+        ("surrogate", "DEAD", "result cannot be encoded as JSON: UnicodeEncodeError"),
+        ("nested", "DEAD", "result cannot be encoded as JSON: RecursionError"),
+        ("nul", "DEAD", "result cannot be stored"),
+        ("error", "DEAD", "RuntimeError: bad bytes \\ud800 and \\x00 in an error"),
+    ],
+)
+async def test_an_outcome_that_cannot_be_stored_as_is_is_recorded_at_once(
+    store: Store, conn: asyncpg.Connection, workers: Running, kind: str, state: str, error: str
+) -> None:
+    """A result or error the database cannot take (a lone surrogate, nesting past what the
+    encoder allows, a NUL) is recorded with the reason, not left RUNNING until its lease
+    runs out; and the worker's writer keeps recording the other outcomes."""
+    task_id = await submit(store, "test_hostile_outcome", json.dumps({"kind": kind}))
+    after = await submit(store, "noop", "{}")
+    workers.start(store, lease_seconds=600)
+    await wait_until(done(conn, task_id, S(state)), f"{kind}: {state}", timeout=30)
+    await wait_until(done(conn, after, S.COMPLETED), "the next task completed", timeout=30)
+    row = await state_of(conn, task_id)
+    assert row["last_error"].startswith(error), row["last_error"]
+    assert "reclaim" not in await triggers(conn, task_id)

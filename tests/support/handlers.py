@@ -81,6 +81,13 @@ async def sleep(ctx: TaskContext, payload: Sleep) -> dict[str, Any]:
     return {"slept": payload.seconds, "attempt": ctx.attempt}
 
 
+@handler("test_long_lease", lease_seconds=60)
+async def long_lease(ctx: TaskContext, payload: Sleep) -> None:
+    """An action with a long lease, for tasks submitted with a short lease of their own."""
+    await record(ctx)
+    await asyncio.sleep(payload.seconds)
+
+
 # handlers of test_overlap running in this process: now, and the most at once
 OVERLAP = {"now": 0, "most": 0}
 
@@ -103,6 +110,28 @@ async def always_fail(ctx: TaskContext, payload: dict[str, Any]) -> None:
 @handler("test_permanent", max_attempts=5)
 async def permanent(ctx: TaskContext, payload: dict[str, Any]) -> None:
     raise PermanentError("user 42 does not exist")
+
+
+class Hostile(msgspec.Struct):
+    kind: str  # what the handler returns or raises that cannot be stored as it is
+
+
+def _nested(depth: int) -> list[Any]:
+    value: list[Any] = []
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+@handler("test_hostile_outcome", max_attempts=2, backoff=[0.1])
+async def hostile_outcome(ctx: TaskContext, payload: Hostile) -> Any:
+    if payload.kind == "surrogate":
+        return {"text": "\ud800"}
+    if payload.kind == "nested":
+        return _nested(100_000)
+    if payload.kind == "nul":
+        return {"text": "a\u0000b"}
+    raise RuntimeError("bad bytes \ud800 and \x00 in an error")
 
 
 @handler("test_sync", lease_seconds=2)

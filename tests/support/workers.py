@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator
 
 from tasklease.engine import registry
+from tasklease.engine.registry import Handler
 from tasklease.engine.store import Store
 from tasklease.engine.worker import Worker, WorkerConfig
 
@@ -16,11 +17,14 @@ class Running:
     def __init__(self) -> None:
         self.workers: list[tuple[Worker, asyncio.Task[None]]] = []
 
-    def start(self, store: Store, **config: object) -> Worker:
+    def start(
+        self, store: Store, handlers: dict[str, Handler] | None = None, **config: object
+    ) -> Worker:
+        """A worker with these handlers (by default all of tests/support/handlers.py)."""
         cfg = WorkerConfig(
             **{"concurrency": 4, "poll_interval": 0.05, "grace_seconds": 5, **config}
         )  # type: ignore[arg-type]
-        worker = Worker(store, HANDLERS, cfg)
+        worker = Worker(store, HANDLERS if handlers is None else handlers, cfg)
         self.workers.append((worker, asyncio.create_task(worker.run())))
         return worker
 

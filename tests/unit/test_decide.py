@@ -33,7 +33,7 @@ def test_result_completes_as_json() -> None:
 
 def test_unencodable_result_is_buried() -> None:
     d = decide(HANDLER, ctx(), result=object())
-    assert isinstance(d, Bury) and d.permanent and "not JSON" in d.error
+    assert isinstance(d, Bury) and d.permanent and "cannot be encoded as JSON" in d.error
 
 
 def test_error_with_attempts_left_fails_with_backoff() -> None:

@@ -15,7 +15,7 @@ UP = """
 -- Submit one task in the caller's transaction; returns its id (for a repeated idempotency
 -- key, the id of the task that holds it). Checked here: the bounds the API applies (action,
 -- queue and key 1-200 characters, payload a JSON object, priority -1000..1000, max_attempts
--- 1..1000, lease and timeout in (0, 7 days]). Not checked: that a handler exists for the
+-- 1..1000, lease 1 s and timeout 0.1 s to 7 days). Not checked: that a handler exists for the
 -- action and that the payload fits its schema; the database does not know the handlers.
 -- Such a task waits PENDING until a worker that has the action claims it (GET /stats).
 -- max_attempts defaults to 5, not to the action's own setting, for the same reason.
@@ -63,13 +63,12 @@ BEGIN
         RAISE EXCEPTION 'tasklease_submit: idempotency_key must be 1 to 200 characters'
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    IF NOT tasklease_submit.lease_seconds > 0 OR tasklease_submit.lease_seconds > 604800 THEN
-        RAISE EXCEPTION 'tasklease_submit: lease_seconds must be in (0, 604800]'
+    IF tasklease_submit.lease_seconds NOT BETWEEN 1 AND 604800 THEN
+        RAISE EXCEPTION 'tasklease_submit: lease_seconds must be 1 to 604800'
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    IF NOT tasklease_submit.timeout_seconds > 0 OR tasklease_submit.timeout_seconds > 604800
-    THEN
-        RAISE EXCEPTION 'tasklease_submit: timeout_seconds must be in (0, 604800]'
+    IF tasklease_submit.timeout_seconds NOT BETWEEN 0.1 AND 604800 THEN
+        RAISE EXCEPTION 'tasklease_submit: timeout_seconds must be 0.1 to 604800'
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
     -- a key taken by a transaction that commits meanwhile: the insert waits for it, then
