@@ -169,6 +169,16 @@ class Scheduler:
                     )
                 )[0]
                 task_id = submitted.task["id"]
+                if submitted.task["action"] != s.action:
+                    # submissions may not take schedule keys (engine.tasks); only a row
+                    # written around them could hold this one
+                    log.error(
+                        "schedule %s: its key for %s is held by task %d of action %s",
+                        s.name,
+                        d.slot.isoformat(),
+                        task_id,
+                        submitted.task["action"],
+                    )
             advanced = await self.store.advance_schedule(
                 s.name, row["last_slot_at"], d.slot, s.next_slot(d.slot), task_id
             )

@@ -33,6 +33,11 @@ AwareDatetime = Annotated[
 ]
 
 
+# The schedulers' keys (`schedule:<name>:<slot>`, engine/schedules.py): a submission may not
+# take one, or the schedule would adopt that task as its slot's and never run its action.
+RESERVED_KEY_PREFIX = "schedule:"
+
+
 class TaskSpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """A task to run. `action` defaults to `payload.action`; `due_at` defaults to now."""
 
@@ -153,6 +158,12 @@ def prepare(data: TaskSpec, handlers: Mapping[str, Handler], index: int | None =
     if not isinstance(action, str) or not action:
         raise InvalidTask(
             f"{where}no action: give `action`, or `payload.action`", known_actions=known
+        )
+    if data.idempotency_key is not None and data.idempotency_key.startswith(RESERVED_KEY_PREFIX):
+        raise InvalidTask(
+            f"{where}idempotency_key {data.idempotency_key!r}: keys starting with "
+            f"{RESERVED_KEY_PREFIX!r} are reserved for the periodic schedules",
+            field=field + "idempotency_key",
         )
     handler = handlers.get(action)
     if handler is None:

@@ -334,6 +334,7 @@ BAD_BODIES: list[tuple[bytes, int, str]] = [
     (b'{"payload": {"action": "noop"}, "lease_seconds": 0.001}', 400, "lease_seconds"),
     (b'{"payload": {"action": "noop"}, "lease_seconds": 604801}', 400, "lease_seconds"),
     (b'{"payload": {"action": "noop"}, "timeout_seconds": 0.01}', 400, "timeout_seconds"),
+    (b'{"payload": {"action": "noop"}, "idempotency_key": "schedule:n:1"}', 422, "reserved"),
 ]
 
 

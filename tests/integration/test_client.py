@@ -74,6 +74,7 @@ async def test_a_struct_payload_and_the_action_default(client: Client) -> None:
         ("email_user", {"user_id": 1}, {"due_at": datetime(2026, 1, 1)}, "due_at"),
         ("email_user", {"user_id": 1}, {"lease_seconds": 0.001}, "lease_seconds"),
         ("", {"user_id": 1}, {}, "action"),
+        ("noop", {}, {"idempotency_key": "schedule:nightly:2026-01-01"}, "reserved"),
     ],
 )
 async def test_bad_submissions_are_refused_and_named(
@@ -336,6 +337,7 @@ async def test_sql_function_submits_in_the_callers_transaction(
         ("tasklease_submit('noop', timeout_seconds => 0)", "timeout_seconds"),
         ("tasklease_submit('noop', queue => '')", "queue"),
         ("tasklease_submit('noop', idempotency_key => '')", "idempotency_key"),
+        ("tasklease_submit('noop', idempotency_key => 'schedule:n:1')", "reserved"),
     ],
 )
 async def test_sql_function_refuses_bad_arguments(

@@ -63,6 +63,11 @@ BEGIN
         RAISE EXCEPTION 'tasklease_submit: idempotency_key must be 1 to 200 characters'
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
+    IF starts_with(tasklease_submit.idempotency_key, 'schedule:') THEN
+        RAISE EXCEPTION 'tasklease_submit: idempotency keys starting with ''schedule:'' are '
+                        'reserved for the periodic schedules'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
     IF tasklease_submit.lease_seconds NOT BETWEEN 1 AND 604800 THEN
         RAISE EXCEPTION 'tasklease_submit: lease_seconds must be 1 to 604800'
             USING ERRCODE = 'invalid_parameter_value';
