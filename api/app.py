@@ -18,6 +18,7 @@ from litestar.exceptions import (
     HTTPException,
     NotAuthorizedException,
     NotFoundException,
+    PermissionDeniedException,
     SerializationException,
     ValidationException,
 )
@@ -69,7 +70,15 @@ _ERRORS = {
         "The task's state does not allow this",
         "task 7 is COMPLETED: only DEAD tasks can be requeued",
     ),
+    403: (
+        "A browser's cross-site request (Sec-Fetch-Site or Origin not this API's)",
+        "cross-site request refused",
+    ),
     413: ("The body is larger than the limit (1 MiB by default)", "Request Entity Too Large"),
+    415: (
+        "A body that is not `Content-Type: application/json`",
+        "Content-Type must be application/json, not text/plain",
+    ),
     422: (
         "Unknown action, or a payload that does not fit the action's schema",
         "unknown action 'send_fax'; known actions: email_user, noop",
@@ -138,7 +147,7 @@ def prepare(data: TaskCreate, handlers: dict[str, Handler], index: int | None = 
             generate_examples=False,
             description="The task that already holds this idempotency key",
         ),
-        **errors(400, 401, 413, 422, 503),
+        **errors(400, 401, 403, 413, 415, 422, 503),
     },
 )
 async def submit_task(
@@ -166,7 +175,7 @@ async def submit_task(
     "/tasks/batch",
     operation_id="submitTasks",
     status_code=HTTP_201_CREATED,
-    responses=errors(400, 401, 413, 422, 503),
+    responses=errors(400, 401, 403, 413, 415, 422, 503),
 )
 async def submit_tasks(
     data: TaskBatchCreate, state: State, request: Request[Any, Any, Any]
@@ -244,7 +253,7 @@ def answered(
     "/tasks/{task_id:int}/cancel",
     operation_id="cancelTask",
     status_code=HTTP_200_OK,
-    responses=errors(400, 401, 404, 409, 503),
+    responses=errors(400, 401, 403, 404, 409, 503),
 )
 async def cancel_task(task_id: TaskId, state: State) -> TaskRead:
     """Cancel a task: PENDING or FAILED at once; RUNNING by asking its worker, which stops the
@@ -269,7 +278,7 @@ async def cancel_task(task_id: TaskId, state: State) -> TaskRead:
     "/tasks/{task_id:int}/requeue",
     operation_id="requeueTask",
     status_code=HTTP_200_OK,
-    responses=errors(400, 401, 404, 409, 503),
+    responses=errors(400, 401, 403, 404, 409, 503),
 )
 async def requeue_task(task_id: TaskId, state: State) -> TaskRead:
     """Requeue a DEAD task: back to PENDING, due now, attempts reset. 409 unless DEAD."""
@@ -396,6 +405,30 @@ def require_token(
         )
 
 
+class UnsupportedMediaType(HTTPException):
+    status_code = 415
+
+
+def refuse_cross_site(
+    connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler
+) -> None:
+    """No web page the operator visits may submit, cancel or requeue: a POST must not come
+    cross-site from a browser (api/ui.py's same_origin), and a body must be JSON, which a
+    plain HTML form or a `text/plain` fetch cannot send without asking CORS first."""
+    if connection.scope.get("method") != "POST" or handler.opt.get("ui"):
+        return
+    if not ui.same_origin(connection):
+        raise PermissionDeniedException("cross-site request refused")
+    has_body = connection.headers.get("content-length", "0") != "0" or (
+        "transfer-encoding" in connection.headers
+    )
+    media = connection.headers.get("content-type", "").partition(";")[0].strip().lower()
+    if has_body and media != "application/json":
+        raise UnsupportedMediaType(
+            f"Content-Type must be application/json, not {media or 'missing'}"
+        )
+
+
 def create_app(
     dsn: str,
     handlers: dict[str, Handler],
@@ -438,7 +471,7 @@ def create_app(
         ],
         lifespan=[lifespan],
         state=State({"handlers": handlers, "counters": counters, "api_token": api_token}),
-        guards=[require_token],
+        guards=[refuse_cross_site, require_token],
         exception_handlers={
             ClientException: bad_request,
             asyncpg.DataError: refused_value,

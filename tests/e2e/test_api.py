@@ -368,6 +368,57 @@ async def test_huge_body_is_413(http: httpx.AsyncClient, conn: asyncpg.Connectio
     assert await count(conn) == before
 
 
+# --- cross-site submissions ------------------------------------------------------------
+
+
+QUICK = b'{"payload": {"action": "noop"}}'
+
+
+@pytest.mark.parametrize(
+    ("path", "headers", "status"),
+    [
+        ("/tasks", {"content-type": "text/plain"}, 415),
+        ("/tasks", {"content-type": "application/x-www-form-urlencoded"}, 415),
+        ("/tasks", {"content-type": "multipart/form-data; boundary=x"}, 415),
+        ("/tasks", {}, 415),
+        ("/tasks/batch", {"content-type": "text/plain"}, 415),
+        ("/tasks", {"content-type": "application/json", "origin": "https://evil.example"}, 403),
+        ("/tasks", {"content-type": "application/json", "sec-fetch-site": "cross-site"}, 403),
+        ("/tasks", {"content-type": "text/plain", "origin": "null"}, 403),
+    ],
+)
+async def test_cross_site_and_non_json_submissions_are_refused(
+    http: httpx.AsyncClient,
+    conn: asyncpg.Connection,
+    path: str,
+    headers: dict[str, str],
+    status: int,
+) -> None:
+    body = b'{"tasks": [{"payload": {"action": "noop"}}]}' if path.endswith("batch") else QUICK
+    before = await count(conn)
+    r = await http.post(path, content=body, headers=headers)
+    assert r.status_code == status, r.text
+    assert await count(conn) == before
+
+
+async def test_cancel_and_requeue_refuse_cross_site_requests(
+    http: httpx.AsyncClient, api: str
+) -> None:
+    task = await new(http)
+    for headers in ({"origin": "https://evil.example"}, {"sec-fetch-site": "cross-site"}):
+        for action in ("cancel", "requeue"):
+            r = await http.post(f"/tasks/{task['id']}/{action}", headers=headers)
+            assert r.status_code == 403, r.text
+    assert (await http.get(f"/tasks/{task['id']}")).json()["state"] == "PENDING"
+    # the same page (Origin = this API) and non-browser clients are served
+    same = {"origin": api, "sec-fetch-site": "same-origin"}
+    assert (await http.post(f"/tasks/{task['id']}/cancel", headers=same)).status_code == 200
+    r = await http.post(
+        "/tasks", content=QUICK, headers={**same, "content-type": "application/json"}
+    )
+    assert r.status_code == 201, r.text
+
+
 # --- OpenAPI -----------------------------------------------------------------------------
 
 
@@ -375,13 +426,13 @@ async def test_openapi_documents_every_route_and_its_errors(http: httpx.AsyncCli
     doc = (await http.get("/schema/openapi.json")).json()
     operations = {(m.upper(), p): op for p, item in doc["paths"].items() for m, op in item.items()}
     expected = {
-        ("POST", "/tasks"): {"201", "400", "413", "422", "503"},
-        ("POST", "/tasks/batch"): {"201", "400", "413", "422", "503"},
+        ("POST", "/tasks"): {"201", "400", "403", "413", "415", "422", "503"},
+        ("POST", "/tasks/batch"): {"201", "400", "403", "413", "415", "422", "503"},
         ("GET", "/tasks"): {"200", "400", "503"},
         ("GET", "/tasks/{task_id}"): {"200", "404", "503"},
         ("GET", "/tasks/{task_id}/transitions"): {"200", "404", "503"},
-        ("POST", "/tasks/{task_id}/cancel"): {"200", "404", "409", "503"},
-        ("POST", "/tasks/{task_id}/requeue"): {"200", "404", "409", "503"},
+        ("POST", "/tasks/{task_id}/cancel"): {"200", "403", "404", "409", "503"},
+        ("POST", "/tasks/{task_id}/requeue"): {"200", "403", "404", "409", "503"},
         ("GET", "/stats"): {"200", "503"},
         ("GET", "/schedules"): {"200", "503"},
         ("GET", "/healthz"): {"200"},
