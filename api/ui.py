@@ -8,9 +8,13 @@ origin (see same_origin).
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import hmac
 import logging
+import math
+import re
+import secrets
 import time
 from collections.abc import Mapping
 from datetime import UTC, datetime
@@ -22,7 +26,11 @@ import msgspec
 from litestar import Request, Response, Router, get, post
 from litestar.connection import ASGIConnection
 from litestar.datastructures import Cookie, ResponseHeader, State
-from litestar.exceptions import NotAuthorizedException, PermissionDeniedException
+from litestar.exceptions import (
+    NotAuthorizedException,
+    NotFoundException,
+    PermissionDeniedException,
+)
 from litestar.handlers.base import BaseRouteHandler
 from litestar.params import Parameter
 from litestar.plugins.jinja import JinjaTemplateEngine
@@ -68,17 +76,60 @@ NOTICES = {
 # --- sessions and cross-site requests ------------------------------------------------------
 
 
-def session_value(token: str, expires: int) -> str:
-    """`expires.mac`: the cookie holds a MAC keyed by the token, never the token itself."""
-    mac = hmac.new(token.encode(), f"tasklease-ui:{expires}".encode(), hashlib.sha256)
-    return f"{expires}.{mac.hexdigest()}"
+def whole(text: str | None, digits: int = 19) -> int | None:
+    """A whole number written in ASCII digits (str.isdigit also takes "²", which int()
+    refuses), at most `digits` long; else None."""
+    if text is None or not re.fullmatch(rf"[0-9]{{1,{digits}}}", text):
+        return None
+    return int(text)
 
 
-def session_valid(token: str, value: str | None, now: float | None = None) -> bool:
-    expires, _, _ = (value or "").partition(".")
-    if not expires.isdigit() or int(expires) < (time.time() if now is None else now):
-        return False
-    return hmac.compare_digest(session_value(token, int(expires)), value or "")
+def session_value(token: str, session_id: str) -> str:
+    """`id.mac`: the cookie names a server-side session (table ui_sessions) and holds a MAC
+    keyed by the token, never the token itself: a new token ends every session."""
+    mac = hmac.new(token.encode(), f"tasklease-ui:{session_id}".encode(), hashlib.sha256)
+    return f"{session_id}.{mac.hexdigest()}"
+
+
+def session_id(token: str, value: str | None) -> str | None:
+    """The session a cookie names when its MAC is right (its row must exist too)."""
+    sid, _, _ = (value or "").partition(".")
+    if not re.fullmatch(r"[0-9a-f]{32}", sid):
+        return None
+    return sid if hmac.compare_digest(session_value(token, sid), value or "") else None
+
+
+class LoginThrottle:
+    """Failed logins per client address: after `limit` within `window` seconds, the login
+    answers 429 until the oldest of them is that old, whatever token is given."""
+
+    def __init__(self, limit: int = 5, window: float = 60.0) -> None:
+        self.limit, self.window = limit, window
+        self.failures: dict[str, collections.deque[float]] = {}
+
+    def wait(self, client: str, now: float | None = None) -> float:
+        """Seconds until `client` may try again (0: now)."""
+        now = time.monotonic() if now is None else now
+        recent = self.failures.get(client)
+        while recent and recent[0] <= now - self.window:
+            recent.popleft()
+        if not recent:
+            self.failures.pop(client, None)
+            return 0.0
+        return max(0.0, recent[0] + self.window - now) if len(recent) >= self.limit else 0.0
+
+    def failed(self, client: str, now: float | None = None) -> None:
+        if len(self.failures) > 10_000:  # many addresses: forget the idle ones
+            for key in [k for k, v in self.failures.items() if not v or len(v) < self.limit]:
+                del self.failures[key]
+        now = time.monotonic() if now is None else now
+        self.failures.setdefault(client, collections.deque(maxlen=self.limit)).append(now)
+
+    def succeeded(self, client: str) -> None:
+        self.failures.pop(client, None)
+
+
+THROTTLE = LoginThrottle()
 
 
 def same_origin(connection: ASGIConnection[Any, Any, Any, Any]) -> bool:
@@ -97,12 +148,16 @@ class LoginRequired(NotAuthorizedException):
     pass
 
 
-def ui_guard(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler) -> None:
+async def ui_guard(
+    connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler
+) -> None:
     if connection.scope.get("method") == "POST" and not same_origin(connection):
         raise PermissionDeniedException("cross-site request refused")
     token: str | None = connection.app.state.api_token
-    public = handler.opt.get("public")
-    if token and not public and not session_valid(token, connection.cookies.get(COOKIE)):
+    if not token or handler.opt.get("public"):
+        return
+    sid = session_id(token, connection.cookies.get(COOKIE))
+    if sid is None or not await _store(connection.app.state).ui_session_alive(sid):
         raise LoginRequired("log in first")
 
 
@@ -182,8 +237,8 @@ def page(
     if notice is not None:
         fields = {k: request.query_params.get(k, "") for k in ("id", "state", "n", "action")}
         fields = {
-            "id": fields["id"] if fields["id"].isdigit() else "?",
-            "n": fields["n"] if fields["n"].isdigit() else "?",
+            "id": fields["id"] if whole(fields["id"]) is not None else "?",
+            "n": fields["n"] if whole(fields["n"]) is not None else "?",
             "state": fields["state"] if fields["state"] in TaskState.__members__ else "?",
             "action": fields["action"][:200],
         }
@@ -303,15 +358,21 @@ async def task_list(
     if filters["state"] is not None and filters["state"] not in TaskState.__members__:
         problems.append(f"unknown state {filters['state']!r}")
         filters["state"] = None
-    size = int(limit) if limit and limit.isdigit() else PAGE_SIZE
+    size = PAGE_SIZE if not limit else whole(limit, 4)
+    if size is None:
+        problems.append(f"limit {limit!r} is not a number")
+        size = PAGE_SIZE
     size = min(max(size, 1), MAX_PAGE_SIZE)
-    before = int(cursor) if cursor and cursor.isdigit() and len(cursor) <= 19 else None
+    before = whole(cursor) if cursor else None
+    if cursor and before is None:
+        problems.append(f"cursor {cursor!r} is not a task id")
     search = (q or "").strip()
     next_link = None
     if search:
         found = {}
-        if search.isdigit() and 0 < int(search) < 2**63:
-            row = await store.get(int(search))
+        number = whole(search)
+        if number is not None and 0 < number < 2**63:
+            row = await store.get(number)
             if row is not None:
                 found[row["id"]] = row
         if len(search) <= 200:
@@ -327,6 +388,7 @@ async def task_list(
     return page(
         request,
         "tasks.html",
+        400 if problems else 200,
         tasks=rows,
         filters=filters,
         q=search,
@@ -431,15 +493,31 @@ async def login(request: Request[Any, Any, Any]) -> Response[Any]:
     target = _next(str(form.get("next", "")))
     if not token:
         return see(target)
+    client = request.client.host if request.client else "?"
+    wait = THROTTLE.wait(client)
+    if wait:
+        log.warning("dashboard login from %s refused: too many wrong tokens", client)
+        response = page(
+            request,
+            "login.html",
+            status_code=429,
+            next=target,
+            error=f"Too many wrong tokens: try again in {math.ceil(wait)} s.",
+        )
+        response.headers["Retry-After"] = str(math.ceil(wait))
+        return response
     given = str(form.get("token", ""))
     if not hmac.compare_digest(given.encode(), token.encode()):
-        log.warning("dashboard login refused: wrong token")
+        THROTTLE.failed(client)
+        log.warning("dashboard login from %s refused: wrong token", client)
         return page(request, "login.html", status_code=401, next=target, error="Wrong token.")
+    THROTTLE.succeeded(client)
     host = (request.url.hostname or "").strip("[]")
-    expires = int(time.time()) + SESSION_SECONDS
+    sid = secrets.token_hex(16)
+    await _store(request.app.state).start_ui_session(sid, SESSION_SECONDS)
     cookie = Cookie(
         key=COOKIE,
-        value=session_value(token, expires),
+        value=session_value(token, sid),
         path="/ui",
         max_age=SESSION_SECONDS,
         httponly=True,
@@ -451,7 +529,12 @@ async def login(request: Request[Any, Any, Any]) -> Response[Any]:
 
 
 @post("/logout", opt={"public": True})
-async def logout() -> Redirect:
+async def logout(request: Request[Any, Any, Any]) -> Redirect:
+    """Ends the session on the server too: the cookie, if copied, opens nothing any more."""
+    token: str | None = request.app.state.api_token
+    sid = session_id(token, request.cookies.get(COOKIE)) if token else None
+    if sid is not None:
+        await _store(request.app.state).end_ui_session(sid)
     return see("/ui/login", [Cookie(key=COOKIE, value="", path="/ui", max_age=0)])
 
 
@@ -488,9 +571,17 @@ router = Router(
     exception_handlers={LoginRequired: to_login, PermissionDeniedException: refused},
 )
 
+
+def plain_path(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+    """A NUL in a file name is no file of ours (the file system would refuse it: a 500)."""
+    if "\x00" in connection.scope["path"]:
+        raise NotFoundException("no such file")
+
+
 static = create_static_files_router(
     path="/ui/static",
     directories=[HERE / "static"],
+    guards=[plain_path],
     opt={"public": True},
     include_in_schema=False,
     name="ui-static",

@@ -547,3 +547,16 @@ WITH picked AS (
     WHERE pg_notify('tasklease', queue) IS NOT NULL
 )
 SELECT id FROM moved ORDER BY id;
+
+-- name: ui_session_start
+-- A dashboard login: session $1 valid for $2 seconds; sessions past their expiry go.
+WITH gone AS (DELETE FROM ui_sessions WHERE expires_at < now())
+INSERT INTO ui_sessions (id, expires_at) VALUES ($1, now() + make_interval(secs => $2));
+
+-- name: ui_session_alive
+-- Whether dashboard session $1 exists and has not expired.
+SELECT EXISTS (SELECT 1 FROM ui_sessions WHERE id = $1 AND expires_at > now());
+
+-- name: ui_session_end
+-- Log dashboard session $1 out.
+DELETE FROM ui_sessions WHERE id = $1;

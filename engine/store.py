@@ -348,6 +348,15 @@ class Store:
         )
         return [r["id"] for r in rows]
 
+    async def start_ui_session(self, session_id: str, seconds: float) -> None:
+        await self.pool.execute(SQL["ui_session_start"], session_id, seconds)
+
+    async def ui_session_alive(self, session_id: str) -> bool:
+        return bool(await self.pool.fetchval(SQL["ui_session_alive"], session_id))
+
+    async def end_ui_session(self, session_id: str) -> None:
+        await self.pool.execute(SQL["ui_session_end"], session_id)
+
     async def lease_outcome(self, task_id: int, token: uuid.UUID) -> asyncpg.Record | None:
         return await self.pool.fetchrow(SQL["task_lease_outcome"], task_id, token)
 

@@ -7,7 +7,16 @@ from typing import Any
 
 import pytest
 
-from tasklease.api.ui import _next, ago, chart, same_origin, session_valid, session_value
+from tasklease.api.ui import (
+    LoginThrottle,
+    _next,
+    ago,
+    chart,
+    same_origin,
+    session_id,
+    session_value,
+    whole,
+)
 
 
 class Conn:
@@ -15,16 +24,37 @@ class Conn:
         self.headers = {k.replace("_", "-"): v for k, v in headers.items()}
 
 
-def test_session_cookie_is_a_mac_of_the_token_that_expires() -> None:
-    value = session_value("tok", 2_000_000_000)
-    assert "tok" not in value and value.startswith("2000000000.")
-    assert session_valid("tok", value, now=1_999_999_999)
-    assert not session_valid("tok", value, now=2_000_000_001)
-    assert not session_valid("other", value, now=0)
-    forged = "3000000000." + value.partition(".")[2]  # a later expiry, the old MAC
-    assert not session_valid("tok", forged, now=0)
-    for junk in (None, "", ".", "x.y", "1" * 30):
-        assert not session_valid("tok", junk, now=0)
+def test_session_cookie_names_a_session_and_carries_a_mac_of_the_token() -> None:
+    sid = "0123456789abcdef0123456789abcdef"
+    value = session_value("tok", sid)
+    assert "tok" not in value and value.startswith(sid + ".")
+    assert session_id("tok", value) == sid
+    assert session_id("other", value) is None
+    forged = "f" * 32 + "." + value.partition(".")[2]  # another session, the old MAC
+    assert session_id("tok", forged) is None
+    for junk in (None, "", ".", "x.y", "1" * 30, "%C2%B2.x", "\u00b2" * 32 + ".x"):
+        assert session_id("tok", junk) is None
+
+
+@pytest.mark.parametrize(
+    ("text", "number"),
+    [("7", 7), ("0012", 12), ("²", None), ("٣", None), ("", None), ("-1", None), ("1" * 20, None)],
+)
+def test_whole_numbers_are_ascii_digits(text: str, number: int | None) -> None:
+    assert whole(text) == number
+
+
+def test_login_throttle_after_five_failures_in_a_minute() -> None:
+    throttle = LoginThrottle(limit=5, window=60)
+    for i in range(5):
+        assert throttle.wait("1.2.3.4", now=i) == 0
+        throttle.failed("1.2.3.4", now=i)
+    assert throttle.wait("1.2.3.4", now=10) == 50  # until the first failure is a minute old
+    assert throttle.wait("5.6.7.8", now=10) == 0  # per client address
+    assert throttle.wait("1.2.3.4", now=60.5) == 0
+    throttle.failed("1.2.3.4", now=61)
+    throttle.succeeded("1.2.3.4")
+    assert throttle.wait("1.2.3.4", now=62) == 0
 
 
 @pytest.mark.parametrize(
