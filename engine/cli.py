@@ -179,6 +179,7 @@ def cmd_api(args: argparse.Namespace) -> int:
     import uvicorn
 
     from tasklease.api.app import DEFAULT_MAX_BODY_BYTES, create_app
+    from tasklease.api.server import config as server_config
 
     handlers = load_handlers(args.handlers)
     dsn = database_url()
@@ -199,9 +200,7 @@ def cmd_api(args: argparse.Namespace) -> int:
         if token
         else f"none ({http_client.TOKEN_ENV} is not set)",
     )
-    server = uvicorn.Server(
-        uvicorn.Config(app, host=args.host, port=args.port, log_config=None, access_log=True)
-    )
+    server = uvicorn.Server(server_config(app, args.host, args.port))
     server.run()
     return 0 if server.started else 1
 
