@@ -16,7 +16,7 @@ from typing import Any
 
 from tasklease import schema
 from tasklease.engine import database, http_client, registry, states
-from tasklease.engine.embedded import EmbeddedError
+from tasklease.engine.embedded import Embedded, EmbeddedError
 from tasklease.engine.registry import DEFAULT_LEASE_SECONDS, HandlerError
 from tasklease.engine.retention import RetentionConfig
 from tasklease.engine.store import Store
@@ -284,7 +284,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
     try:
         rev = migrate(dsn)
         log.info("schema at revision %s", rev)
-        return _supervise(args, dsn)
+        return _supervise(args, dsn, server)
     finally:
         if started and server is not None:
             others = asyncio.run(database.other_clients(dsn))
@@ -294,8 +294,27 @@ def cmd_dev(args: argparse.Namespace) -> int:
                 server.stop()
 
 
-def _supervise(args: argparse.Namespace, dsn: str) -> int:
-    """Run the API and the workers as child processes until Ctrl-C or SIGTERM."""
+def exit_reason(code: int) -> str:
+    if code < 0:
+        try:
+            return f"signal {signal.Signals(-code).name}"
+        except ValueError:
+            return f"signal {-code}"
+    return f"status {code}"
+
+
+# A child that dies is started again after RESTART_DELAYS[n] seconds, n its deaths in a row
+# (a child that ran RESTART_RESET seconds is healthy again); the embedded server is checked
+# every DATABASE_CHECK_SECONDS.
+RESTART_DELAYS = (0.5, 1, 2, 5, 10, 30)
+RESTART_RESET = 60.0
+DATABASE_CHECK_SECONDS = 2.0
+
+
+def _supervise(args: argparse.Namespace, dsn: str, server: Embedded | None = None) -> int:
+    """Run the API and the workers as child processes until Ctrl-C or SIGTERM. A child that
+    dies is said and started again (a handler that kills its process must not take the
+    whole of `tasklease dev` down); so is the embedded PostgreSQL."""
     env = {**os.environ, "DATABASE_URL": dsn}
     common = ["--handlers", *args.handlers] if args.handlers else []
     base = [sys.executable, "-m", "tasklease.engine.cli", "--log-level", args.log_level]
@@ -324,13 +343,20 @@ def _supervise(args: argparse.Namespace, dsn: str) -> int:
             if child.poll() is None:
                 child.send_signal(signal.SIGTERM)
 
+    def start(name: str) -> None:
+        # A session of their own: Ctrl-C reaches only us, and we stop them exactly once.
+        children[name] = subprocess.Popen(
+            commands[name], env={**env, LABEL_ENV: name}, start_new_session=True
+        )
+        started_at[name] = time.monotonic()
+
+    started_at: dict[str, float] = {}
+    deaths: dict[str, int] = dict.fromkeys(commands, 0)
+    restart_at: dict[str, float] = {}
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        for name, command in commands.items():
-            # A session of their own: Ctrl-C reaches only us, and we stop them exactly once.
-            children[name] = subprocess.Popen(
-                command, env={**env, LABEL_ENV: name}, start_new_session=True
-            )
+        for name in commands:
+            start(name)
         log.info(
             "tasklease dev: API http://%s:%d  workers %d x concurrency %d  database %s",
             args.host,
@@ -348,15 +374,40 @@ def _supervise(args: argparse.Namespace, dsn: str) -> int:
         log.info("dashboard: http://%s:%d/ui/", args.host, args.port)
         log.info("press Ctrl-C to stop")
         status = 0
+        checked = time.monotonic()
         while not signals:
+            now = time.monotonic()
             for name, child in children.items():
-                if child.poll() is not None:
-                    log.error("%s exited with status %d; stopping", name, child.returncode)
-                    status = 1
-                    on_signal(signal.SIGTERM, None)
-                    break
-            else:
-                time.sleep(0.2)
+                if child.poll() is not None and name not in restart_at:
+                    if now - started_at[name] > RESTART_RESET:
+                        deaths[name] = 0
+                    delay = RESTART_DELAYS[min(deaths[name], len(RESTART_DELAYS) - 1)]
+                    deaths[name] += 1
+                    log.error(
+                        "%s exited with %s (pid %d); starting it again in %gs",
+                        name,
+                        exit_reason(child.returncode),
+                        child.pid,
+                        delay,
+                    )
+                    restart_at[name] = now + delay
+            for name, at in list(restart_at.items()):
+                if at <= now:
+                    del restart_at[name]
+                    start(name)
+            if server is not None and now - checked >= DATABASE_CHECK_SECONDS:
+                checked = now
+                if not server.is_running():
+                    log.error("the embedded PostgreSQL is not running; starting it again")
+                    try:
+                        server.ensure_running()
+                    except EmbeddedError as exc:
+                        log.error("cannot start the embedded PostgreSQL (%s); stopping", exc)
+                        status = 1
+                        on_signal(signal.SIGTERM, None)
+                        break
+                    log.info("the embedded PostgreSQL runs again")
+            time.sleep(0.2)
         deadline = time.monotonic() + 60
         for name, child in children.items():
             try:

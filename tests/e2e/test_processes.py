@@ -277,3 +277,60 @@ async def test_dev_runs_everything_on_its_own_embedded_database(tmp_path: Path) 
     finally:
         dev.stop()
         Embedded(data).stop()
+
+
+async def test_dev_restarts_a_dead_worker_and_the_embedded_database(tmp_path: Path) -> None:
+    """A handler that kills its worker (os._exit) and a crashed PostgreSQL (SIGKILL) do not
+    take `tasklease dev` down: each is said in the log and started again, the poison task
+    ends DEAD after its attempts, and other tasks still run."""
+    data = tmp_path / "data"
+    port = free_port()
+    dev = Proc(
+        ["dev", "--port", str(port), "--workers", "1", "--handlers", "tests.support.handlers"],
+        tmp_path,
+        "dev",
+        {"DATABASE_URL": None, "TASKLEASE_DATA_DIR": str(data)},
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_http(f"{url}/healthz", dev, timeout=60)
+        async with httpx.AsyncClient(base_url=url, timeout=10) as http:
+            poison = (await http.post("/tasks", json={"action": "test_exit", "payload": {}})).json()
+
+            async def dead() -> bool:
+                return await task_state(http, poison["id"]) == "DEAD"
+
+            await wait_until(dead, "the poison task DEAD after its attempts", timeout=90)
+            assert dev.output().count("worker-1 exited with status 3") >= 2, dev.output()
+
+            async def runs(what: str) -> None:
+                task = (await http.post("/tasks", json=QUICK_START)).json()
+
+                async def completed() -> bool:
+                    try:
+                        return await task_state(http, task["id"]) == "COMPLETED"
+                    except (httpx.HTTPError, KeyError):  # 503 while the database is away
+                        return False
+
+                await wait_until(completed, what, timeout=90)
+
+            await runs("a task after the poison one")
+            postmaster = int((Embedded(data).pgdata / "postmaster.pid").read_text().split()[0])
+            os.kill(postmaster, signal.SIGKILL)
+
+            async def resubmitted() -> bool:
+                try:
+                    r = await http.post("/tasks", json=QUICK_START)
+                except httpx.HTTPError:
+                    return False
+                return r.status_code == 201
+
+            await wait_until(resubmitted, "the API to reach the database again", timeout=90)
+            await runs("a task after the database was restarted")
+        text = dev.output()
+        assert "the embedded PostgreSQL is not running; starting it again" in text, text
+        dev.signal(signal.SIGINT)
+        assert dev.wait(60) == 0, dev.output()
+    finally:
+        dev.stop()
+        Embedded(data).stop()

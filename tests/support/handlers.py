@@ -134,6 +134,12 @@ async def hostile_outcome(ctx: TaskContext, payload: Hostile) -> Any:
     raise RuntimeError("bad bytes \ud800 and \x00 in an error")
 
 
+@handler("test_exit", max_attempts=2, lease_seconds=2)
+async def exit_process(ctx: TaskContext, payload: dict[str, Any]) -> None:
+    """A poison task: it kills the worker process that runs it, on every attempt."""
+    os._exit(int(payload.get("status", 3)))
+
+
 @handler("test_sync", lease_seconds=2)
 def sync_sleep(ctx: TaskContext, payload: Sleep) -> dict[str, Any]:
     time.sleep(payload.seconds)
