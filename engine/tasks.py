@@ -81,27 +81,12 @@ class Task(msgspec.Struct, kw_only=True):
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> Any:
-        return cls(
-            id=row["id"],
-            action=row["action"],
-            payload=_json(row["payload"]),
-            state=TaskState(row["state"]),
-            attempt=row["attempt"],
-            max_attempts=row["max_attempts"],
-            due_at=row["due_at"],
-            created_at=row["created_at"],
-            updated_at=row["updated_at"],
-            queue=row["queue"],
-            priority=row["priority"],
-            result=None if row["result"] is None else _json(row["result"]),
-            last_error=row["last_error"],
-            idempotency_key=row["idempotency_key"],
-            lease_expires_at=row["lease_expires_at"],
-            worker=row["worker"],
-            cancel_requested_at=row["cancel_requested_at"],
-            lease_seconds=row["lease_seconds"],
-            timeout_seconds=row["timeout_seconds"],
-        )
+        fields = {f: row[f] for f in cls.__struct_fields__}
+        fields["payload"] = _json(fields["payload"])
+        fields["state"] = TaskState(fields["state"])
+        if fields["result"] is not None:
+            fields["result"] = _json(fields["result"])
+        return cls(**fields)
 
     @property
     def finished(self) -> bool:
