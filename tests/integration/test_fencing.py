@@ -146,3 +146,38 @@ async def test_a_dropped_connection_is_not_a_completion(
         assert (await state_of(conn, task_id))["state"] == "RUNNING"
     finally:
         await fence.close()
+
+
+async def test_a_lost_commit_reply_is_settled_by_the_lease_outcome(
+    store: Store, conn: asyncpg.Connection, db: str
+) -> None:
+    """COMMIT sent, its reply lost: COMPLETED under this token means it committed (the
+    handler goes on); still RUNNING means it did not (the handler gets the error)."""
+    for _ in range(2):
+        await submit(store, "test_tx_write", "{}")
+    fence = Fence(store)
+    own = await asyncpg.connect(db)
+    try:
+        task_id, token = await claimed(store, "w1")
+        tx = own.transaction()
+        await tx.start()
+        await fence._complete(own, task_id, token, "1")
+
+        async def committed_then_lost() -> None:
+            await tx.commit()
+            raise ConnectionResetError("the reply was lost")
+
+        await fence._commit(committed_then_lost, task_id, token)  # settled: no error
+        assert (await state_of(conn, task_id))["state"] == "COMPLETED"
+
+        other_id, other_token = await claimed(store, "w1")
+
+        async def lost_before_commit() -> None:
+            raise ConnectionResetError("the connection dropped")
+
+        with pytest.raises(ConnectionResetError):
+            await fence._commit(lost_before_commit, other_id, other_token)
+        assert (await state_of(conn, other_id))["state"] == "RUNNING"
+    finally:
+        await own.close()
+        await fence.close()
