@@ -113,6 +113,10 @@ class Snoozed:
     reason: str | None
 
 
+class HandlerExited(Exception):
+    """The handler raised SystemExit: a failed attempt, not the worker's end."""
+
+
 class TaskTimeout(Exception):
     """The attempt ran longer than its timeout and was stopped."""
 
@@ -617,6 +621,9 @@ class Worker:
             if ex.stopped is None:  # not ours: the event loop itself is going away
                 raise
             asyncio.current_task().uncancel()  # type: ignore[union-attr]
+        except SystemExit as exc:
+            # a handler's sys.exit() must not stop the worker and every task it runs
+            error = HandlerExited(f"the handler called sys.exit({exc.code!r})")
         except Exception as exc:
             error = exc
         finally:

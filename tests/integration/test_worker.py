@@ -343,3 +343,17 @@ async def test_an_outcome_that_cannot_be_stored_as_is_is_recorded_at_once(
     row = await state_of(conn, task_id)
     assert row["last_error"].startswith(error), row["last_error"]
     assert "reclaim" not in await triggers(conn, task_id)
+
+
+@pytest.mark.parametrize(("action", "code"), [("test_sys_exit", "0"), ("test_sync_sys_exit", "4")])
+async def test_a_handler_calling_sys_exit_fails_its_attempt_not_the_worker(
+    store: Store, conn: asyncpg.Connection, workers: Running, action: str, code: str
+) -> None:
+    task_id = await submit(store, action, "{}", max_attempts=1)
+    worker = workers.start(store)
+    await wait_until(done(conn, task_id, S.DEAD), "buried", timeout=30)
+    row = await state_of(conn, task_id)
+    assert row["last_error"].startswith(f"HandlerExited: the handler called sys.exit({code})")
+    after = await submit(store, "noop", "{}")
+    await wait_until(done(conn, after, S.COMPLETED), "the worker still runs tasks", timeout=30)
+    assert not worker._stopping.is_set()

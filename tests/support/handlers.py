@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
 import time
 from typing import Any
 
@@ -138,6 +139,16 @@ async def hostile_outcome(ctx: TaskContext, payload: Hostile) -> Any:
 async def exit_process(ctx: TaskContext, payload: dict[str, Any]) -> None:
     """A poison task: it kills the worker process that runs it, on every attempt."""
     os._exit(int(payload.get("status", 3)))
+
+
+@handler("test_sys_exit", max_attempts=1)
+async def sys_exit(ctx: TaskContext, payload: dict[str, Any]) -> None:
+    sys.exit(0)
+
+
+@handler("test_sync_sys_exit", max_attempts=1)
+def sync_sys_exit(ctx: TaskContext, payload: dict[str, Any]) -> None:
+    sys.exit(4)
 
 
 @handler("test_sync", lease_seconds=2)
