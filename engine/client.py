@@ -300,17 +300,24 @@ async def fetcher(connection: Any) -> Fetch:
     )
 
 
-async def _sqlalchemy_fetcher(connection: Any) -> Fetch:
+def _sync_driver(connection: Any) -> Any:
+    """The psycopg connection under a SQLAlchemy sync Session or Connection (its transaction
+    begun), else None."""
     from sqlalchemy.engine import Connection
-    from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
     from sqlalchemy.orm import Session
 
-    if isinstance(connection, AsyncSession):
-        connection = await connection.connection()
     if isinstance(connection, Session):
         connection = connection.connection()
-    if isinstance(connection, Connection):
-        return _psycopg_fetcher(connection.connection.driver_connection)
+    return connection.connection.driver_connection if isinstance(connection, Connection) else None
+
+
+async def _sqlalchemy_fetcher(connection: Any) -> Fetch:
+    from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+
+    if (driver := _sync_driver(connection)) is not None:
+        return _psycopg_fetcher(driver)
+    if isinstance(connection, AsyncSession):
+        connection = await connection.connection()
     if isinstance(connection, AsyncConnection):
         driver = (await connection.get_raw_connection()).driver_connection
         if isinstance(driver, asyncpg.Connection):
@@ -418,10 +425,6 @@ class SyncClient:
         psycopg connection (thread-safe), so SQLAlchemy is used on one thread only."""
         connection = options.get("connection")
         if type(connection).__module__.startswith("sqlalchemy"):
-            from sqlalchemy.orm import Session
-
-            if isinstance(connection, Session):
-                connection = connection.connection()
-            assert connection is not None
-            options["connection"] = connection.connection.driver_connection
+            driver = _sync_driver(connection)
+            options["connection"] = connection if driver is None else driver
         return options

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
@@ -15,6 +16,15 @@ from tasklease.engine.store import Store
 from tests.integration.test_worker import done
 from tests.support.db import expire_lease, state_of, submit, triggers, wait_until
 from tests.support.workers import Running
+
+
+@pytest.fixture
+async def fence(store: Store) -> AsyncIterator[Fence]:
+    """Handler transactions as a worker makes them, on the test's database."""
+    f = Fence(store)
+    yield f
+    await f.close()
+
 
 S = TaskState
 
@@ -62,100 +72,83 @@ async def claimed(store: Store, worker: str) -> tuple[int, uuid.UUID]:
 
 
 async def test_a_lost_lease_rolls_the_whole_transaction_back(
-    store: Store, conn: asyncpg.Connection
+    store: Store, conn: asyncpg.Connection, fence: Fence
 ) -> None:
     await submit(store, "test_tx_write", "{}")
     task_id, stale = await claimed(store, "w1")
-    fence = Fence(store)
-    try:
-        with pytest.raises(LeaseLost, match="another worker took the task over"):
-            async with fence.transaction(task_id, stale, lambda: '"w1"') as tx:
-                await tx.execute("INSERT INTO effects VALUES ($1, 1, 'w1')", task_id)
-                # meanwhile the lease runs out and another worker takes the task over
-                await expire_lease(conn, task_id)
-                _, current = await claimed(store, "w2")
-                # a savepoint left open, or closed, cannot keep the guard from failing
-                await tx.execute("SAVEPOINT handler_own")
-        assert await effects(conn, task_id) == []
-        row = await state_of(conn, task_id)
-        assert (row["state"], row["attempt"]) == ("RUNNING", 2)
-        # the current holder completes it, with its writes
-        async with fence.transaction(task_id, current, lambda: '"w2"') as tx:
-            await tx.execute("INSERT INTO effects VALUES ($1, 2, 'w2')", task_id)
-        assert await effects(conn, task_id) == [2]
-        assert (await state_of(conn, task_id))["state"] == "COMPLETED"
-        assert await triggers(conn, task_id) == ["submit", "claim", "reclaim", "complete"]
-    finally:
-        await fence.close()
+    with pytest.raises(LeaseLost, match="another worker took the task over"):
+        async with fence.transaction(task_id, stale, lambda: '"w1"') as tx:
+            await tx.execute("INSERT INTO effects VALUES ($1, 1, 'w1')", task_id)
+            # meanwhile the lease runs out and another worker takes the task over
+            await expire_lease(conn, task_id)
+            _, current = await claimed(store, "w2")
+            # a savepoint left open, or closed, cannot keep the guard from failing
+            await tx.execute("SAVEPOINT handler_own")
+    assert await effects(conn, task_id) == []
+    row = await state_of(conn, task_id)
+    assert (row["state"], row["attempt"]) == ("RUNNING", 2)
+    # the current holder completes it, with its writes
+    async with fence.transaction(task_id, current, lambda: '"w2"') as tx:
+        await tx.execute("INSERT INTO effects VALUES ($1, 2, 'w2')", task_id)
+    assert await effects(conn, task_id) == [2]
+    assert (await state_of(conn, task_id))["state"] == "COMPLETED"
+    assert await triggers(conn, task_id) == ["submit", "claim", "reclaim", "complete"]
 
 
 async def test_an_exception_inside_rolls_back_and_completes_nothing(
-    store: Store, conn: asyncpg.Connection
+    store: Store, conn: asyncpg.Connection, fence: Fence
 ) -> None:
     await submit(store, "test_tx_write", "{}")
     task_id, token = await claimed(store, "w1")
-    fence = Fence(store)
-    try:
-        with pytest.raises(ZeroDivisionError):
-            async with fence.transaction(task_id, token, lambda: "1") as tx:
-                await tx.execute("INSERT INTO effects VALUES ($1, 1, 'w1')", task_id)
-                _ = 1 / 0
-        with pytest.raises(asyncpg.InFailedSQLTransactionError):
-            async with fence.transaction(task_id, token, lambda: "1") as tx:
-                await tx.execute("INSERT INTO effects VALUES ($1, 1, 'w1')", task_id)
-                # an error the handler swallows leaves the transaction aborted: the guard
-                # cannot run in it, so nothing commits
-                with pytest.raises(asyncpg.UndefinedTableError):
-                    await tx.execute("SELECT * FROM no_such_table")
-        assert await effects(conn, task_id) == []
-        assert (await state_of(conn, task_id))["state"] == "RUNNING"
-    finally:
-        await fence.close()
+    with pytest.raises(ZeroDivisionError):
+        async with fence.transaction(task_id, token, lambda: "1") as tx:
+            await tx.execute("INSERT INTO effects VALUES ($1, 1, 'w1')", task_id)
+            _ = 1 / 0
+    with pytest.raises(asyncpg.InFailedSQLTransactionError):
+        async with fence.transaction(task_id, token, lambda: "1") as tx:
+            await tx.execute("INSERT INTO effects VALUES ($1, 1, 'w1')", task_id)
+            # an error the handler swallows leaves the transaction aborted: the guard
+            # cannot run in it, so nothing commits
+            with pytest.raises(asyncpg.UndefinedTableError):
+                await tx.execute("SELECT * FROM no_such_table")
+    assert await effects(conn, task_id) == []
+    assert (await state_of(conn, task_id))["state"] == "RUNNING"
 
 
 async def test_a_handler_that_commits_by_itself_completes_nothing(
-    store: Store, conn: asyncpg.Connection
+    store: Store, conn: asyncpg.Connection, fence: Fence
 ) -> None:
     await submit(store, "test_tx_write", "{}")
     task_id, token = await claimed(store, "w1")
-    fence = Fence(store)
-    try:
-        with pytest.raises(RuntimeError, match="ended its transaction itself"):
-            async with fence.transaction(task_id, token, lambda: "1") as tx:
-                await tx.execute("COMMIT")
-        assert (await state_of(conn, task_id))["state"] == "RUNNING"
-    finally:
-        await fence.close()
+    with pytest.raises(RuntimeError, match="ended its transaction itself"):
+        async with fence.transaction(task_id, token, lambda: "1") as tx:
+            await tx.execute("COMMIT")
+    assert (await state_of(conn, task_id))["state"] == "RUNNING"
 
 
 async def test_a_dropped_connection_is_not_a_completion(
-    store: Store, conn: asyncpg.Connection
+    store: Store, conn: asyncpg.Connection, fence: Fence
 ) -> None:
     """The handler's connection dies inside the block: the handler gets the error, nothing is
     written, and the task stays RUNNING under its lease (the worker records the failure)."""
     await submit(store, "test_tx_write", "{}")
     task_id, token = await claimed(store, "w1")
-    fence = Fence(store)
-    try:
-        with pytest.raises((asyncpg.PostgresConnectionError, asyncpg.InterfaceError, OSError)):
-            async with fence.transaction(task_id, token, lambda: "1") as tx:
-                await tx.execute("INSERT INTO effects VALUES ($1, 1, 'w1')", task_id)
-                await conn.execute("SELECT pg_terminate_backend($1)", tx.get_server_pid())
-                await asyncio.sleep(0.2)
-        assert await effects(conn, task_id) == []
-        assert (await state_of(conn, task_id))["state"] == "RUNNING"
-    finally:
-        await fence.close()
+    with pytest.raises((asyncpg.PostgresConnectionError, asyncpg.InterfaceError, OSError)):
+        async with fence.transaction(task_id, token, lambda: "1") as tx:
+            await tx.execute("INSERT INTO effects VALUES ($1, 1, 'w1')", task_id)
+            await conn.execute("SELECT pg_terminate_backend($1)", tx.get_server_pid())
+            await asyncio.sleep(0.2)
+    assert await effects(conn, task_id) == []
+    assert (await state_of(conn, task_id))["state"] == "RUNNING"
 
 
 async def test_a_lost_commit_reply_is_settled_by_the_lease_outcome(
-    store: Store, conn: asyncpg.Connection, db: str
+    store: Store, conn: asyncpg.Connection, db: str, fence: Fence
 ) -> None:
     """COMMIT sent, its reply lost: COMPLETED under this token means it committed (the
     handler goes on); still RUNNING means it did not (the handler gets the error)."""
     for _ in range(2):
         await submit(store, "test_tx_write", "{}")
-    fence = Fence(store)
     own = await asyncpg.connect(db)
     try:
         task_id, token = await claimed(store, "w1")
@@ -180,4 +173,3 @@ async def test_a_lost_commit_reply_is_settled_by_the_lease_outcome(
         assert (await state_of(conn, other_id))["state"] == "RUNNING"
     finally:
         await own.close()
-        await fence.close()
