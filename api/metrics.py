@@ -55,7 +55,8 @@ class Snapshot:
         yield due
         yield lag
 
-        transitions, durations = merge([p["counters"] for p in self.processes])
+        merged = merge([p["counters"] for p in self.processes])
+        transitions, durations = merged.transitions, merged.durations
         by_trigger = CounterMetricFamily(
             "tasklease_transitions", "Transitions recorded, by trigger", labels=["trigger"]
         )
@@ -75,6 +76,27 @@ class Snapshot:
             "Outcomes dropped because the worker had lost its lease",
             value=transitions.get("dropped", 0),
         )
+
+        yield CounterMetricFamily(
+            "tasklease_self_fenced",
+            "Handlers stopped because their lease could not be renewed in time",
+            value=transitions.get("fenced", 0),
+        )
+        blocked = CounterMetricFamily(
+            "tasklease_event_loop_blocked",
+            "Times a handler blocked its worker's event loop for 1 s or more, by action",
+            labels=["action"],
+        )
+        blocked_seconds = CounterMetricFamily(
+            "tasklease_event_loop_blocked_seconds",
+            "Seconds handlers kept their worker's event loop blocked, by action",
+            labels=["action"],
+        )
+        for action, b in sorted(merged.blocked.items()):
+            blocked.add_metric([action], b["count"])
+            blocked_seconds.add_metric([action], b["seconds"])
+        yield blocked
+        yield blocked_seconds
 
         hist = HistogramMetricFamily(
             "tasklease_handler_duration_seconds", "Handler run time, by action", labels=["action"]

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from tasklease import schema
-from tasklease.engine import database, http_client, registry, states
+from tasklease.engine import database, http_client, registry, states, supervisor
 from tasklease.engine.embedded import Embedded, EmbeddedError
 from tasklease.engine.registry import DEFAULT_LEASE_SECONDS, HandlerError
 from tasklease.engine.retention import RetentionConfig
@@ -138,7 +138,11 @@ def cmd_worker(args: argparse.Namespace) -> int:
     handlers = load_handlers(args.handlers)
     dsn = database_url()
     ready(dsn)
+    worker_id = os.environ.pop(supervisor.WORKER_ID_ENV, None)
+    if worker_id is None:  # we are `tasklease worker` as started: run the worker as our child
+        return supervisor.supervise(args.argv, dsn, handlers)
     config = WorkerConfig(
+        worker_id=worker_id,
         concurrency=args.concurrency,
         queues=args.queues,
         lease_seconds=args.lease_seconds,
@@ -294,20 +298,8 @@ def cmd_dev(args: argparse.Namespace) -> int:
                 server.stop()
 
 
-def exit_reason(code: int) -> str:
-    if code < 0:
-        try:
-            return f"signal {signal.Signals(-code).name}"
-        except ValueError:
-            return f"signal {-code}"
-    return f"status {code}"
-
-
-# A child that dies is started again after RESTART_DELAYS[n] seconds, n its deaths in a row
-# (a child that ran RESTART_RESET seconds is healthy again); the embedded server is checked
-# every DATABASE_CHECK_SECONDS.
-RESTART_DELAYS = (0.5, 1, 2, 5, 10, 30)
-RESTART_RESET = 60.0
+# A child that dies is started again as engine/supervisor.py does its worker; the embedded
+# server is checked every DATABASE_CHECK_SECONDS.
 DATABASE_CHECK_SECONDS = 2.0
 
 
@@ -379,14 +371,14 @@ def _supervise(args: argparse.Namespace, dsn: str, server: Embedded | None = Non
             now = time.monotonic()
             for name, child in children.items():
                 if child.poll() is not None and name not in restart_at:
-                    if now - started_at[name] > RESTART_RESET:
+                    if now - started_at[name] > supervisor.RESTART_RESET:
                         deaths[name] = 0
-                    delay = RESTART_DELAYS[min(deaths[name], len(RESTART_DELAYS) - 1)]
+                    delay = supervisor.restart_delay(deaths[name])
                     deaths[name] += 1
                     log.error(
                         "%s exited with %s (pid %d); starting it again in %gs",
                         name,
-                        exit_reason(child.returncode),
+                        supervisor.exit_reason(child.returncode),
                         child.pid,
                         delay,
                     )
@@ -708,7 +700,9 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser().parse_args(argv)
+    args.argv = argv
     setup_logging(args.command, args.log_level)
     try:
         return int(args.func(args))

@@ -374,6 +374,12 @@ WITH moved AS (
 )
 SELECT id, attempt FROM moved;
 
+-- name: task_running_by_worker
+-- The tasks worker $1 holds, with their lease tokens: a dead worker's, for its supervisor to
+-- settle (engine/supervisor.py). RUNNING rows are those with a lease (tasks_lease_expiry).
+SELECT id, lease_token, action, attempt, max_attempts FROM tasks
+WHERE lease_expires_at IS NOT NULL AND state = 'RUNNING' AND worker = $1;
+
 -- name: task_lease_outcome
 -- After a lost reply: the state of task $1 and whether token $2 holds its latest lease.
 SELECT state, lease_token = $2 AS ours FROM tasks WHERE id = $1;

@@ -14,6 +14,7 @@ import os
 import pkgutil
 import random
 import sys
+import threading
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -82,10 +83,20 @@ class TaskContext:
     # set once a ctx.transaction() committed the task's completion
     completed: bool = False
     _result_json: str = field(default="null", repr=False)
+    _stop: threading.Event = field(default_factory=threading.Event, repr=False)
 
     @property
     def is_last_attempt(self) -> bool:
         return self.attempt >= self.max_attempts
+
+    @property
+    def stop_requested(self) -> bool:
+        """True once the worker wants this attempt to end: past its timeout, cancelled, its
+        lease lost or not renewable, or the worker stopping. Async handlers are cancelled
+        then; a def handler (which a thread cannot be made to leave) should check this in
+        its loops and return: until it does, its task stays RUNNING under its lease and is
+        not run again anywhere."""
+        return self._stop.is_set()
 
     async def heartbeat(self) -> bool:
         """Extend the lease now (the worker also does it on its own every lease/3).

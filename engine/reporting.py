@@ -15,6 +15,7 @@ import socket
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import msgspec
@@ -58,14 +59,17 @@ def minute_now() -> int:
 
 
 class Counters:
-    """Transitions by trigger, `dropped` (outcomes refused for a lost lease) and
-    `cancel_request`, and handler durations by action. `minutes` holds the same
-    transitions per minute (Unix time // 60) for the last MINUTES_KEPT minutes."""
+    """Transitions by trigger, `dropped` (outcomes refused for a lost lease), `fenced`
+    (handlers stopped because their lease could not be renewed) and `cancel_request`, and
+    handler durations by action. `minutes` holds the same transitions per minute (Unix time
+    // 60) for the last MINUTES_KEPT minutes. `blocked`: by action, how often and for how
+    long a handler blocked the worker's event loop ("" when no handler was found)."""
 
     def __init__(self, clock: Callable[[], int] = minute_now) -> None:
         self.transitions: Counter[str] = Counter()
         self.durations: dict[str, dict[str, Any]] = {}
         self.minutes: dict[int, Counter[str]] = {}
+        self.blocked: dict[str, dict[str, float]] = {}
         self._clock = clock
 
     def count(self, trigger: str, n: int = 1) -> None:
@@ -84,27 +88,45 @@ class Counters:
         h["buckets"][slot] += 1
         h["sum"] += seconds
 
+    def block(self, action: str, seconds: float) -> None:
+        b = self.blocked.setdefault(action, {"count": 0, "seconds": 0.0})
+        b["count"] += 1
+        b["seconds"] += seconds
+
     def to_json(self) -> str:
         body = {
             "transitions": dict(self.transitions),
             "durations": self.durations,
             "minutes": {str(m): dict(c) for m, c in self.minutes.items()},
+            "blocked": self.blocked,
         }
         return msgspec.json.encode(body).decode()
 
 
-def merge(counters_json: Sequence[str]) -> tuple[Counter[str], dict[str, dict[str, Any]]]:
+@dataclass
+class Merged:
+    transitions: Counter[str]
+    durations: dict[str, dict[str, Any]]
+    blocked: dict[str, dict[str, float]]
+
+
+def merge(counters_json: Sequence[str]) -> Merged:
     """Sum the counters of many processes (their `processes.counters` column)."""
-    transitions: Counter[str] = Counter()
-    durations: dict[str, dict[str, Any]] = {}
+    out = Merged(Counter(), {}, {})
     for raw in counters_json:
         one = msgspec.json.decode(raw)
-        transitions.update(one.get("transitions", {}))
+        out.transitions.update(one.get("transitions", {}))
         for action, h in one.get("durations", {}).items():
-            total = durations.setdefault(action, {"buckets": [0] * (len(BUCKETS) + 1), "sum": 0.0})
+            total = out.durations.setdefault(
+                action, {"buckets": [0] * (len(BUCKETS) + 1), "sum": 0.0}
+            )
             total["buckets"] = [a + b for a, b in zip(total["buckets"], h["buckets"], strict=False)]
             total["sum"] += h["sum"]
-    return transitions, durations
+        for action, b in one.get("blocked", {}).items():
+            total = out.blocked.setdefault(action, {"count": 0, "seconds": 0.0})
+            total["count"] += b["count"]
+            total["seconds"] += b["seconds"]
+    return out
 
 
 def per_minute(

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import logging
 import time
 import traceback
@@ -43,6 +44,7 @@ import asyncpg
 import msgspec
 
 from tasklease.engine.fencing import Fence
+from tasklease.engine.leases import Blocker, Lease, LeaseKeeper
 from tasklease.engine.registry import (
     DEFAULT_LEASE_SECONDS,
     Handler,
@@ -206,7 +208,9 @@ class _Execution:
     lease_seconds: float
     started: float = field(default_factory=time.monotonic)
     task: asyncio.Task[None] | None = None
+    thread: concurrent.futures.Future[Any] | None = None  # a def handler's run
     in_handler: bool = False
+    outliving: bool = False  # waiting for a def handler's thread that was told to stop
     stopped: str | None = None  # RELEASE, LEASE_LOST or CANCEL once the handler is stopped
     holds_slot: bool = False  # counted in Worker.handling
 
@@ -335,8 +339,14 @@ class Worker:
         # batched with others, while the next tasks are already claimed.
         self.handling = 0
         self._wake = asyncio.Event()
-        self.beat_every = self._beat_interval()
-        self._lease_shortened = asyncio.Event()
+        self.keeper = LeaseKeeper(
+            store.dsn,
+            default_seconds=min(self.leases.values(), default=DEFAULT_LEASE_SECONDS),
+            handler_codes={
+                h.fn.__code__: a for a, h in handlers.items() if hasattr(h.fn, "__code__")
+            },
+            on_stall=self._loop_blocked,
+        )
         # (queue, statement) -> monotonic time before which that claim is not run again
         self._quiet: dict[tuple[str, int], float] = {}
         # claims a global limit held back: tried again as soon as outcomes free some room
@@ -377,11 +387,11 @@ class Worker:
             ",".join(sorted(self.handlers)),
         )
         self.reporter.start()
+        self.keeper.start()
         helpers = [
             asyncio.create_task(c)
             for c in (
                 self.outcomes.run(),
-                self._heartbeat_loop(),
                 self._listen(),
                 self.scheduler.run(),
                 Retention(self.store.dsn, self.config.retention).run(),
@@ -391,6 +401,7 @@ class Worker:
             await self._claim_loop()
         finally:
             await self._drain()
+            await self.keeper.stop()
             for helper in helpers:
                 helper.cancel()
             self._executor.shutdown(wait=False, cancel_futures=True)
@@ -484,6 +495,7 @@ class Worker:
             ):
                 await self.wait_for(self.outcomes.settled, self._stopping, timeout=QUIET_SECONDS)
                 free = self.config.concurrency - self.handling
+            sent = time.monotonic()  # the leases taken hold at least until sent + lease
             claim = await self.store.claim(queue, leases, free, self.config.worker_id, rules)
             if claim.held_back:
                 self._held.add((queue, i))
@@ -499,7 +511,7 @@ class Worker:
                     "task %d: lease expired on its last attempt: RUNNING -> DEAD (expire)", task_id
                 )
             for claimed in claim.leased:
-                self._start(claimed)
+                self._start(claimed, sent)
             busy = busy or len(claim.leased) == free
             if claim.wait_seconds is not None:
                 wait = min(wait, max(claim.wait_seconds, 0.0))
@@ -544,7 +556,7 @@ class Worker:
                 del self._quiet[key]
             self._wake.set()
 
-    def _start(self, claimed: Claimed) -> None:
+    def _start(self, claimed: Claimed, sent: float) -> None:
         handler = self.handlers[claimed.action]
         lease_seconds = claimed.lease_seconds
         ctx = TaskContext(
@@ -569,13 +581,22 @@ class Worker:
             claimed.attempt,
             claimed.max_attempts,
         )
-        if lease_seconds / 3 < self.beat_every:
-            self._lease_shortened.set()
         self.handling += 1
         ex.holds_slot = True
         ex.task = asyncio.create_task(self._execute(ex))
         self.running[ex.task] = ex
         ex.task.add_done_callback(self._finished)
+        self.keeper.hold(
+            Lease(
+                claimed.id,
+                claimed.lease_token,
+                lease_seconds,
+                claimed.action,
+                valid_until=sent + lease_seconds,
+                answer=lambda held, cancel: self._lease_answer(ex, held, cancel),
+                fence=lambda: self._fence(ex),
+            )
+        )
 
     def _free_slot(self, ex: _Execution) -> None:
         if ex.holds_slot:
@@ -586,6 +607,7 @@ class Worker:
     def _finished(self, task: asyncio.Task[None]) -> None:
         ex = self.running.pop(task, None)
         if ex is not None:
+            self.keeper.forget(ex.claimed.lease_token)
             self._free_slot(ex)  # a task cancelled before its handler ran
         if not task.cancelled() and task.exception() is not None:
             log.error("execution crashed", exc_info=task.exception())
@@ -603,9 +625,8 @@ class Worker:
             if ex.handler.is_async:
                 work = ex.handler.fn(ex.ctx, payload)
             else:
-                # a thread cannot be interrupted: past the timeout it runs on unobserved
-                loop = asyncio.get_running_loop()
-                work = loop.run_in_executor(self._executor, ex.handler.fn, ex.ctx, payload)
+                ex.thread = self._executor.submit(ex.handler.fn, ex.ctx, payload)
+                work = asyncio.wrap_future(ex.thread)
             if timeout is None:
                 result = await work
             else:
@@ -627,7 +648,11 @@ class Worker:
         except Exception as exc:
             error = exc
         finally:
+            ex.ctx._stop.set()
+            if ex.thread is not None and not ex.thread.done():
+                await self._outlive(ex, error)
             ex.in_handler = False
+            self.keeper.done_executing(ex.claimed.lease_token)
             self._free_slot(ex)
         if ex.stopped is None:
             self.counters.observe(ex.claimed.action, time.monotonic() - ex.started)
@@ -660,15 +685,38 @@ class Worker:
             reason = storable(f"the outcome could not be recorded: {describe(exc)}")
             await self._record(ex, Bury(reason, permanent=True))
 
+    async def _outlive(self, ex: _Execution, error: BaseException | None) -> None:
+        """A def handler told to stop (timeout, cancel, lease, shutdown) whose thread still
+        runs: a thread cannot be interrupted, so the attempt ends when it returns. Until then
+        the task stays RUNNING under this worker's lease (renewed as usual) and keeps its
+        slot, so it is not run again anywhere meanwhile; its outcome is the stop's."""
+        assert ex.thread is not None
+        why = describe(error) if error is not None else (ex.stopped or "stopped")
+        ex.ctx.logger.warning(
+            "%s, but its thread still runs (ctx.stop_requested is set): the task is held under "
+            "its lease until the handler returns",
+            why,
+        )
+        began = time.monotonic()
+        ex.outliving = True
+        await asyncio.wait([asyncio.wrap_future(ex.thread)])
+        ex.ctx.logger.info("its thread returned %.1fs later", time.monotonic() - began)
+
     def _stop_handler(self, ex: _Execution, why: str) -> None:
         if ex.in_handler and ex.stopped is None and ex.task is not None:
             ex.stopped = why
-            ex.task.cancel()
+            ex.ctx._stop.set()
+            if not ex.outliving:  # else only its thread is left, which returns in its time
+                ex.task.cancel()
 
     def _lease_answer(self, ex: _Execution, held: bool, cancel_requested: bool) -> None:
-        """React to a heartbeat: a lost lease or a cancel request stops the handler."""
+        """React to a renewal: a lost lease or a cancel request stops the handler."""
+        if ex.task not in self.running:
+            return
         if not held:
-            if not ex.ctx.lease_lost:
+            if ex.ctx.completed:  # completed in the handler's transaction: nothing to hold
+                self.keeper.forget(ex.claimed.lease_token)
+            elif not ex.ctx.lease_lost:
                 ex.ctx.lease_lost = True
                 if ex.in_handler:
                     ex.ctx.logger.warning(
@@ -680,44 +728,29 @@ class Worker:
             ex.ctx.logger.info("cancellation requested; stopping the handler")
             self._stop_handler(ex, CANCEL)
 
+    def _fence(self, ex: _Execution) -> None:
+        """The lease keeper could not renew this lease in time (engine/leases.py): stop the
+        handler before the lease can run out and another worker take the task over. Its
+        outcome is dropped; the task is taken over once its lease has run out."""
+        if ex.task not in self.running or ex.ctx.completed:
+            self.keeper.forget(ex.claimed.lease_token)
+            return
+        if ex.in_handler and ex.stopped is None:
+            self.counters.count("fenced")
+        ex.ctx.lease_lost = True
+        self._stop_handler(ex, LEASE_LOST)
+
+    def _loop_blocked(self, blocker: Blocker, seconds: float) -> None:
+        self.counters.block(blocker.action or "", seconds)
+
     async def _heartbeat_one(self, ex: _Execution) -> bool:
         """ctx.heartbeat(): extend this task's lease now."""
+        sent = time.monotonic()
         row = await self.store.heartbeat(ex.claimed.id, ex.claimed.lease_token, ex.lease_seconds)
+        if row is not None:
+            self.keeper.renewed(ex.claimed.lease_token, sent)
         self._lease_answer(ex, row is not None, bool(row and row["cancel_requested"]))
         return row is not None
-
-    def _beat_interval(self) -> float:
-        """A third of the shortest lease running (a task's own lease_seconds, else its
-        action's), so every lease is renewed twice before it could run out."""
-        running = (ex.lease_seconds for ex in self.running.values() if not ex.ctx.lease_lost)
-        return min(running, default=min(self.leases.values(), default=DEFAULT_LEASE_SECONDS)) / 3
-
-    async def _heartbeat_loop(self) -> None:
-        """Extend the leases of all running tasks in one statement, every _beat_interval();
-        a task started with a shorter lease than the interval planned brings the beat
-        forward (`_lease_shortened`)."""
-        last = time.monotonic()
-        while True:
-            self.beat_every = self._beat_interval()
-            remaining = last + self.beat_every - time.monotonic()
-            if remaining > 0:
-                self._lease_shortened.clear()
-                await self.wait_for(self._lease_shortened, timeout=remaining)
-                continue
-            last = time.monotonic()
-            held = [ex for ex in self.running.values() if not ex.ctx.lease_lost]
-            if not held:
-                continue
-            try:
-                alive = await self.store.heartbeat_many(
-                    [(ex.claimed.id, ex.claimed.lease_token, ex.lease_seconds) for ex in held]
-                )
-            except TRANSIENT_ERRORS as exc:
-                log.warning("heartbeat failed (%s); will try again", describe(exc))
-                continue
-            for ex in held:
-                if ex.task in self.running:
-                    self._lease_answer(ex, ex.claimed.id in alive, alive.get(ex.claimed.id, False))
 
     # --- recording ---------------------------------------------------------------------------
 

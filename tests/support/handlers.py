@@ -135,7 +135,7 @@ async def hostile_outcome(ctx: TaskContext, payload: Hostile) -> Any:
     raise RuntimeError("bad bytes \ud800 and \x00 in an error")
 
 
-@handler("test_exit", max_attempts=2, lease_seconds=2)
+@handler("test_exit", max_attempts=2, lease_seconds=2, backoff=[0.2])
 async def exit_process(ctx: TaskContext, payload: dict[str, Any]) -> None:
     """A poison task: it kills the worker process that runs it, on every attempt."""
     os._exit(int(payload.get("status", 3)))
@@ -261,3 +261,68 @@ async def tx_session(ctx: TaskContext, payload: TxWrite) -> None:
         if payload.fail_inside and ctx.attempt == 1:
             raise RuntimeError("failed inside its transaction")
         ctx.set_result({"attempt": ctx.attempt, "via": "sqlalchemy"})
+
+
+# --- handlers that misbehave (tests/e2e/test_isolation.py) ------------------------------
+
+
+class Ticks(msgspec.Struct):
+    path: str  # each run appends "<task> <attempt> <worker> <what> <unix time>" lines here
+    seconds: float = 0.0
+    ignore_stop: bool = False  # a def handler that does not look at ctx.stop_requested
+
+
+def tick(ctx: TaskContext, path: str, what: str = "tick") -> None:
+    """One line in a file on this machine, written with this machine's clock (which every
+    process of a test shares): a worker cut off from the database can still write it."""
+    with open(path, "a") as f:
+        f.write(f"{ctx.task_id} {ctx.attempt} {ctx.worker} {what} {time.time():.6f}\n")
+
+
+@handler("test_block_loop", lease_seconds=1, max_attempts=20)
+async def block_loop(ctx: TaskContext, payload: Ticks) -> dict[str, float]:
+    """An async handler that blocks its worker's event loop (time.sleep) for longer than
+    its lease."""
+    tick(ctx, payload.path, "start")
+    time.sleep(payload.seconds)  # noqa: ASYNC251 - the point of the test
+    tick(ctx, payload.path, "end")
+    return {"slept": payload.seconds}
+
+
+@handler("test_ticks", lease_seconds=3, max_attempts=5, backoff=[0.1])
+async def ticks(ctx: TaskContext, payload: Ticks) -> None:
+    """Ticks every 50 ms for `seconds`; a cancellation stops it, as any async handler."""
+    deadline = time.monotonic() + payload.seconds
+    tick(ctx, payload.path, "start")
+    while time.monotonic() < deadline:
+        tick(ctx, payload.path)
+        await asyncio.sleep(0.05)
+    tick(ctx, payload.path, "end")
+
+
+@handler("test_sync_ticks", lease_seconds=3, timeout=0.5, max_attempts=2, backoff=[0.0])
+def sync_ticks(ctx: TaskContext, payload: Ticks) -> None:
+    """A def handler ticking every 50 ms for `seconds` (its thread cannot be interrupted);
+    unless told to ignore it, it returns once ctx.stop_requested."""
+    deadline = time.monotonic() + payload.seconds
+    tick(ctx, payload.path, "start")
+    while time.monotonic() < deadline and (payload.ignore_stop or not ctx.stop_requested):
+        tick(ctx, payload.path)
+        time.sleep(0.05)
+    tick(ctx, payload.path, "end")
+
+
+class Crash(msgspec.Struct):
+    how: str = "exit"  # exit: os._exit(0); segv: a segmentation fault
+
+
+@handler("test_crash", lease_seconds=60, max_attempts=2, backoff=[0.2])
+async def crash(ctx: TaskContext, payload: Crash) -> None:
+    """A poison task that ends the worker process running it, on every attempt. Its lease
+    is long: it must not take a lease's time to be settled."""
+    await asyncio.sleep(0.3)  # the tasks beside it have started
+    if payload.how == "segv":
+        import ctypes
+
+        ctypes.string_at(0)
+    os._exit(0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -11,6 +12,7 @@ import time
 from pathlib import Path
 
 import httpx
+import psutil
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -58,6 +60,17 @@ class Proc:
     def signal(self, sig: int) -> None:
         if self.popen.poll() is None:
             self.popen.send_signal(sig)
+
+    def signal_tree(self, sig: int) -> None:
+        """Signal the process and all its descendants (`tasklease worker` runs its worker as
+        a child, engine/supervisor.py): SIGSTOP and SIGCONT pause and resume the worker."""
+        try:
+            tree = [psutil.Process(self.pid), *psutil.Process(self.pid).children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return
+        for proc in tree:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.send_signal(sig)
 
     def wait(self, timeout: float = 60) -> int:
         return self.popen.wait(timeout=timeout)

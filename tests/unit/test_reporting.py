@@ -48,6 +48,8 @@ def test_metrics_merge_ignores_minutes_and_reads_old_rows() -> None:
     c = Counters(Clock(7))
     c.count("complete", 2)
     without_minutes = msgspec.json.encode({"transitions": {"complete": 1}}).decode()
-    transitions, _ = merge([c.to_json(), without_minutes])
-    assert transitions == Counter(complete=3)
+    c.block("slow", 2.5)
+    merged = merge([c.to_json(), without_minutes, c.to_json()])
+    assert merged.transitions == Counter(complete=5)
+    assert merged.blocked == {"slow": {"count": 2, "seconds": 5.0}}
     assert per_minute([without_minutes], now=7) == [Counter()] * MINUTES_KEPT
