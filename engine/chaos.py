@@ -5,7 +5,9 @@ error), handled by `chaos_probe` (sleeps a few to tens of milliseconds and recor
 row per execution), while a chaos loop SIGKILLs a random worker every fraction of a
 second and starts a replacement, and optionally cuts every tasklease database
 connection. Then it stops the chaos, waits for the queue to drain, and checks what the
-engine promises: no task lost, none completed twice, every task executed at least once.
+engine promises: no task lost, none completed twice, every task executed at least once,
+and no two executions of one task at once while their workers were alive (an execution
+ends when its handler returns or its worker is killed; times are this machine's clock).
 
 The test suite runs a short round (tests/chaos/); a soak is
 `tasklease chaos --minutes 10 --workers 6`.
@@ -39,7 +41,8 @@ CREATE TABLE IF NOT EXISTS chaos_executions (
     task_id bigint NOT NULL,
     attempt integer NOT NULL,
     worker  text NOT NULL,
-    at      timestamptz NOT NULL DEFAULT clock_timestamp()
+    at      timestamptz NOT NULL,
+    finished_at timestamptz  -- NULL: its worker was killed while it ran
 )"""
 
 _pool: asyncpg.Pool | None = None
@@ -47,17 +50,26 @@ _pool: asyncpg.Pool | None = None
 
 @handler(ACTION, max_attempts=100, backoff=[0.2])
 async def chaos_probe(ctx: TaskContext, payload: dict[str, Any]) -> dict[str, Any]:
-    """Record this execution, then sleep for payload["ms"] milliseconds."""
+    """Record this execution, sleep for payload["ms"] milliseconds, record its end."""
     global _pool
     if _pool is None:
         _pool = await asyncpg.create_pool(os.environ["DATABASE_URL"], min_size=1, max_size=4)
-    await _pool.execute(
-        "INSERT INTO chaos_executions (task_id, attempt, worker) VALUES ($1, $2, $3)",
+    run = await _pool.fetchval(
+        "INSERT INTO chaos_executions (task_id, attempt, worker, at) "
+        "VALUES ($1, $2, $3, to_timestamp($4)) RETURNING id",
         ctx.task_id,
         ctx.attempt,
         ctx.worker,
+        time.time(),
     )
-    await asyncio.sleep(payload.get("ms", 10) / 1000)
+    try:
+        await asyncio.sleep(payload.get("ms", 10) / 1000)
+    finally:  # stopped too (cancelled: lease lost, fenced, released)
+        await _pool.execute(
+            "UPDATE chaos_executions SET finished_at = to_timestamp($2) WHERE id = $1",
+            run,
+            time.time(),
+        )
     return {"attempt": ctx.attempt}
 
 
@@ -84,6 +96,7 @@ class ChaosReport:
     submit_retries: int = 0
     executions: int = 0
     extra_executions: int = 0
+    overlapping_executions: int = 0  # of one task at once, while both workers were alive
     reclaims: int = 0
     completed: int = 0
     lost: int = 0
@@ -187,6 +200,7 @@ async def run(
     await admin.execute(f"CREATE DATABASE {name}")
     dsn = with_database(admin_dsn, name)
     cluster = Cluster(dsn, log_dir, "tasklease.engine.chaos")
+    killed: dict[int, float] = {}  # worker pid -> when it was killed (time.time())
     began = time.monotonic()
     try:
         await schema.upgrade(dsn)
@@ -204,10 +218,10 @@ async def run(
                 f"submitted {report.tasks} tasks; chaos for {config.seconds:.0f}s with "
                 f"{config.workers} workers"
             )
-            await _chaos(cluster, http, conn, config, rng, report, say)
+            await _chaos(cluster, http, conn, config, rng, report, say, killed)
         say("chaos over; waiting for the queue to drain")
         await _drain(conn, config, say)
-        await _verify(conn, report)
+        await _verify(conn, report, killed)
         await conn.close()
     finally:
         cluster.stop()
@@ -226,6 +240,7 @@ async def _chaos(
     rng: random.Random,
     report: ChaosReport,
     say: Any,
+    killed: dict[int, float],
 ) -> None:
     end = time.monotonic() + config.seconds
     next_kill = time.monotonic() + config.kill_every
@@ -233,7 +248,9 @@ async def _chaos(
     next_submit, next_line, submitted = time.monotonic(), time.monotonic() + 5, config.tasks
     while (now := time.monotonic()) < end:
         if config.kill_every and now >= next_kill:
-            cluster.kill(rng.choice([p for p in cluster.workers if p.poll() is None]))
+            victim = rng.choice([p for p in cluster.workers if p.poll() is None])
+            cluster.kill(victim)
+            killed[victim.pid] = time.time()
             start_worker(cluster, config)
             report.kills += 1
             next_kill = now + config.kill_every * rng.uniform(0.5, 1.5)
@@ -273,7 +290,21 @@ async def _drain(conn: asyncpg.Connection, config: ChaosConfig, say: Any) -> Non
     say(f"the queue did not drain in {config.drain_timeout:.0f}s")
 
 
-async def _verify(conn: asyncpg.Connection, report: ChaosReport) -> None:
+def overlaps(runs: list[tuple[float, float]]) -> int:
+    """How many runs began before an earlier run of the same task had ended."""
+    n, ended = 0, float("-inf")
+    for began, end in sorted(runs):
+        n += began < ended
+        ended = max(ended, end)
+    return n
+
+
+def worker_pid(worker: str) -> int:
+    """The pid in a worker id, host:pid.xxxx (engine.reporting.process_id)."""
+    return int(worker.rpartition(":")[2].partition(".")[0])
+
+
+async def _verify(conn: asyncpg.Connection, report: ChaosReport, killed: dict[int, float]) -> None:
     row = await conn.fetchrow("""
         SELECT count(*) AS tasks,
                count(*) FILTER (WHERE state = 'COMPLETED') AS completed,
@@ -293,6 +324,15 @@ async def _verify(conn: asyncpg.Connection, report: ChaosReport) -> None:
         "SELECT count(*) FROM task_transitions WHERE trigger = 'reclaim'"
     )
     report.executions = await conn.fetchval("SELECT count(*) FROM chaos_executions")
+    runs: dict[int, list[tuple[float, float]]] = {}
+    for r in await conn.fetch(
+        "SELECT task_id, worker, extract(epoch FROM at)::float8 AS began, "
+        "extract(epoch FROM finished_at)::float8 AS ended FROM chaos_executions"
+    ):
+        ended = r["ended"] if r["ended"] is not None else killed.get(worker_pid(r["worker"]))
+        if ended is not None:  # else its worker ended otherwise, when is not known
+            runs.setdefault(r["task_id"], []).append((r["began"], ended))
+    report.overlapping_executions = sum(overlaps(spans) for spans in runs.values())
     report.extra_executions = report.executions - row["tasks"]
     report.never_executed = await conn.fetchval(
         "SELECT count(*) FROM tasks t WHERE NOT EXISTS "
@@ -305,6 +345,7 @@ async def _verify(conn: asyncpg.Connection, report: ChaosReport) -> None:
         "dead": report.dead,
         "running with a live lease": report.running_with_live_lease,
         "duplicate tasks": report.duplicate_tasks,
+        "overlapping executions": report.overlapping_executions,
     }
     report.problems = [f"{what}: {n}" for what, n in checks.items() if n]
     if row["tasks"] != report.tasks:

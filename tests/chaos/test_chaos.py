@@ -40,6 +40,14 @@ async def test_killed_workers_lose_nothing_and_double_nothing(
     # kills landed mid-lease: some tasks ran twice and were taken over after their lease
     assert report.executions > report.tasks and report.reclaims > 0
     assert report.running_with_live_lease == 0 and report.duplicate_tasks == 0
+    assert report.overlapping_executions == 0
+
+
+def test_overlaps_counts_runs_that_began_before_an_earlier_one_ended() -> None:
+    assert chaos.overlaps([(0, 1), (1, 2), (3, 4)]) == 0
+    assert chaos.overlaps([(0, 5), (1, 2), (3, 4)]) == 2
+    assert chaos.overlaps([(2, 3), (0, 2.5)]) == 1
+    assert chaos.worker_pid("vm:4242.ab12") == 4242
 
 
 async def _executions(conn: asyncpg.Connection, task_id: int) -> list[asyncpg.Record]:

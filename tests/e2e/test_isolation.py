@@ -135,7 +135,10 @@ async def test_a_sync_handler_that_looks_at_stop_requested_ends_at_its_timeout(
 
     await wait_until(dead, "both attempts to time out", timeout=30)
     spans = assert_no_overlap(ticks, task_id)
-    assert len(spans) == 2 and all(end - start < 5 for start, end in spans), spans
+    assert len(spans) == 2 and all(0.45 < end - start < 5 for start, end in spans), spans
+    steps = await history(conn, task_id)
+    assert [s["trigger"] for s in steps] == ["submit", "claim", "fail", "claim", "bury"]
+    assert "TaskTimeout: timed out after 0.5s" in steps[-1]["detail"]
 
 
 async def test_a_cancelled_sync_handler_is_recorded_cancelled_once_its_thread_returned(
