@@ -44,7 +44,7 @@ from tasklease.api.schemas import (
     TransitionRead,
     WorkerStats,
 )
-from tasklease.engine import database, operations, tasks
+from tasklease.engine import database, jsontext, operations, tasks
 from tasklease.engine.registry import Handler
 from tasklease.engine.reporting import Counters, Reporter, alive
 from tasklease.engine.states import TaskState
@@ -54,6 +54,9 @@ log = logging.getLogger("tasklease.api")
 T = TypeVar("T")
 TaskId = Annotated[int, Parameter(ge=1, le=2**63 - 1, description="the task's id")]
 DEFAULT_MAX_BODY_BYTES = 1024 * 1024
+# A JSON body nesting deeper is refused before it is decoded (msgspec's decoder recurses and
+# ran out of stack near 1,000 levels: a 500). A payload may nest MAX_PAYLOAD_DEPTH (64).
+MAX_BODY_DEPTH = 100
 QUICK_START = {"due_at": "2026-01-20T12:00:00Z", "payload": {"action": "email_user", "user_id": 42}}
 
 _ERRORS = {
@@ -115,9 +118,24 @@ def _store(state: State) -> Store:
     return store
 
 
+class JsonRequest(Request[Any, Any, Any]):
+    """A request whose JSON body is checked before any decoder sees it: UTF-8 (RFC 8259),
+    nested at most MAX_BODY_DEPTH levels. Litestar decodes a route's `data` through json()."""
+
+    async def json(self) -> Any:
+        body = await self.body()
+        problem = jsontext.not_utf8(body)
+        if problem is None and jsontext.nested_deeper_than(body, MAX_BODY_DEPTH):
+            problem = f"arrays and objects nest more than {MAX_BODY_DEPTH} levels"
+        if problem is not None:
+            raise ClientException(f"malformed JSON body: {problem}")
+        return await super().json()
+
+
 async def strict(request: Request[Any, Any, Any], kind: type[T]) -> T:
     """The body decoded strictly: Litestar's own decoding coerces ("3" -> 3, 0 -> 1970-01-01),
     which would accept a wrong-typed field instead of naming it."""
+    await request.json()  # checked (JsonRequest), then decoded again, strictly
     try:
         return msgspec.json.decode(await request.body(), type=kind)
     except msgspec.ValidationError as exc:
@@ -422,10 +440,16 @@ def refuse_cross_site(
     has_body = connection.headers.get("content-length", "0") != "0" or (
         "transfer-encoding" in connection.headers
     )
-    media = connection.headers.get("content-type", "").partition(";")[0].strip().lower()
+    media, _, parameters = connection.headers.get("content-type", "").partition(";")
+    media = media.strip().lower()
     if has_body and media != "application/json":
         raise UnsupportedMediaType(
             f"Content-Type must be application/json, not {media or 'missing'}"
+        )
+    charset = ui.charset(parameters)
+    if has_body and charset not in (None, "utf-8", "utf8"):
+        raise UnsupportedMediaType(
+            f"Content-Type must be application/json in UTF-8 (RFC 8259), not charset={charset}"
         )
 
 
@@ -478,6 +502,7 @@ def create_app(
             **{exc: database_unavailable for exc in TRANSIENT_ERRORS},
         },
         template_config=ui.TEMPLATES,
+        request_class=JsonRequest,
         request_max_body_size=max_body_bytes,
         logging_config=None,
         openapi_config=OpenAPIConfig(

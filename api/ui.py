@@ -84,6 +84,15 @@ def whole(text: str | None, digits: int = 19) -> int | None:
     return int(text)
 
 
+def charset(parameters: str) -> str | None:
+    """The charset a Content-Type's parameters (after the `;`) name, lower case, unquoted."""
+    for parameter in parameters.split(";"):
+        name, _, value = parameter.partition("=")
+        if name.strip().lower() == "charset":
+            return value.strip().strip('"').lower()
+    return None
+
+
 def session_value(token: str, session_id: str) -> str:
     """`id.mac`: the cookie names a server-side session (table ui_sessions) and holds a MAC
     keyed by the token, never the token itself: a new token ends every session."""
