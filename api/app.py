@@ -143,7 +143,8 @@ async def strict(request: Request[Any, Any, Any], kind: type[T]) -> T:
 
 
 def prepare(data: TaskCreate, handlers: dict[str, Handler], index: int | None = None) -> NewTask:
-    """engine.tasks.prepare, its InvalidTask as a 422 that names what is wrong."""
+    """engine.tasks.prepare, its InvalidTask as a 422 that names what is wrong (a
+    MalformedTask, which no action could accept, as a 400)."""
     try:
         return tasks.prepare(data, handlers, index)
     except tasks.InvalidTask as exc:
@@ -152,6 +153,8 @@ def prepare(data: TaskCreate, handlers: dict[str, Handler], index: int | None = 
             extra["known_actions"] = exc.known_actions
         if exc.field is not None:
             extra["field"] = exc.field
+        if isinstance(exc, tasks.MalformedTask):
+            raise ClientException(str(exc), extra=extra) from None
         raise UnprocessableTask(str(exc), extra=extra or None) from None
 
 

@@ -1,4 +1,4 @@
-"""Checks on JSON text that must run before a decoder sees it.
+"""Checks on JSON text that must run before a decoder sees it, and on what PostgreSQL can store.
 
 msgspec decodes and encodes recursively: a body nested about a thousand levels deep raised
 RecursionError, and a string that is not UTF-8 raised UnicodeDecodeError, both outside the
@@ -9,6 +9,7 @@ size of the text and refuse such input with a message that says what is wrong.
 from __future__ import annotations
 
 import re
+from typing import Any
 
 # A string literal, escapes included (linear: no nested repetition that can backtrack).
 _STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
@@ -56,4 +57,23 @@ def not_utf8(text: bytes) -> str | None:
     except UnicodeDecodeError as exc:
         bad = text[exc.start : exc.end]
         return f"the body is not UTF-8: byte {exc.start} ({bad.hex(' ')}) {exc.reason}"
+    return None
+
+
+def nul_at(value: Any, path: str) -> str | None:
+    """The path of the first string or key holding a NUL character (`payload.note`,
+    `payload.items[2]`), which PostgreSQL cannot store in text or jsonb; else None."""
+    stack: list[tuple[Any, str]] = [(value, path)]
+    while stack:
+        item, where = stack.pop()
+        if isinstance(item, str):
+            if "\x00" in item:
+                return where
+        elif isinstance(item, dict):
+            for key, inner in item.items():
+                if isinstance(key, str) and "\x00" in key:
+                    return f"{where} (a key)"
+                stack.append((inner, f"{where}.{key}"))
+        elif isinstance(item, list | tuple):
+            stack.extend((inner, f"{where}[{i}]") for i, inner in enumerate(item))
     return None
