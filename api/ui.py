@@ -93,6 +93,22 @@ def charset(parameters: str) -> str | None:
     return None
 
 
+def host_name(connection: ASGIConnection[Any, Any, Any, Any]) -> str:
+    """The name in the Host header, without its port or an IPv6 address's brackets. Not
+    `request.url.hostname`: Litestar's URL parses the port eagerly and raises ValueError
+    (a 500) for `Host: x:abc`."""
+    host = connection.headers.get("host", "").strip().lower()
+    if host.startswith("["):
+        return host[1:].partition("]")[0]
+    return host.partition(":")[0]
+
+
+def here(connection: ASGIConnection[Any, Any, Any, Any]) -> tuple[str, str]:
+    """This request's path and query string, from the ASGI scope (see host_name)."""
+    path = connection.scope.get("root_path", "") + connection.scope["path"]
+    return path, connection.scope.get("query_string", b"").decode("latin-1")
+
+
 def session_value(token: str, session_id: str) -> str:
     """`id.mac`: the cookie names a server-side session (table ui_sessions) and holds a MAC
     keyed by the token, never the token itself: a new token ends every session."""
@@ -105,7 +121,9 @@ def session_id(token: str, value: str | None) -> str | None:
     sid, _, _ = (value or "").partition(".")
     if not re.fullmatch(r"[0-9a-f]{32}", sid):
         return None
-    return sid if hmac.compare_digest(session_value(token, sid), value or "") else None
+    # as bytes: compare_digest refuses str with non-ASCII characters (TypeError, a 500)
+    given = (value or "").encode("utf-8", "surrogateescape")
+    return sid if hmac.compare_digest(session_value(token, sid).encode(), given) else None
 
 
 class LoginThrottle:
@@ -150,7 +168,11 @@ def same_origin(connection: ASGIConnection[Any, Any, Any, Any]) -> bool:
     origin = connection.headers.get("origin")
     if origin is None:
         return True
-    return origin != "null" and urlsplit(origin).netloc == connection.headers.get("host")
+    try:
+        netloc = urlsplit(origin).netloc
+    except ValueError:  # `http://[::1`: no origin of ours
+        return False
+    return origin != "null" and netloc == connection.headers.get("host")
 
 
 class LoginRequired(NotAuthorizedException):
@@ -175,7 +197,8 @@ def to_login(request: Request[Any, Any, Any], exc: LoginRequired) -> Response[An
     if request.headers.get("hx-request"):
         target = "/ui/login?" + urlencode({"next": "/ui/"})
         return Response(b"", status_code=401, headers={"HX-Redirect": target})
-    back = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+    path, query = here(request)
+    back = path + (f"?{query}" if query else "")
     if request.method != "GET":
         back = "/ui/"
     return Redirect("/ui/login?" + urlencode({"next": back}))
@@ -252,7 +275,7 @@ def page(
             "action": fields["action"][:200],
         }
         context["notice"] = (notice[0], notice[1].format(**fields))
-    context.update(auth=bool(request.app.state.api_token), path=request.url.path)
+    context.update(auth=bool(request.app.state.api_token), path=here(request)[0])
     return Template(template_name=f"ui/{name}", context=context, status_code=status_code)
 
 
@@ -521,7 +544,7 @@ async def login(request: Request[Any, Any, Any]) -> Response[Any]:
         log.warning("dashboard login from %s refused: wrong token", client)
         return page(request, "login.html", status_code=401, next=target, error="Wrong token.")
     THROTTLE.succeeded(client)
-    host = (request.url.hostname or "").strip("[]")
+    host = host_name(request)
     sid = secrets.token_hex(16)
     await _store(request.app.state).start_ui_session(sid, SESSION_SECONDS)
     cookie = Cookie(
@@ -532,7 +555,7 @@ async def login(request: Request[Any, Any, Any]) -> Response[Any]:
         httponly=True,
         samesite="strict",
         # Browsers keep Secure cookies from https and from loopback (a secure context).
-        secure=request.url.scheme == "https" or host in LOOPBACK,
+        secure=request.scope.get("scheme") == "https" or host in LOOPBACK,
     )
     return see(target, [cookie])
 
