@@ -52,7 +52,8 @@ from tasklease.engine.store import TRANSIENT_ERRORS, NewTask, Store
 
 log = logging.getLogger("tasklease.api")
 T = TypeVar("T")
-TaskId = Annotated[int, Parameter(ge=1, le=2**63 - 1, description="the task's id")]
+MAX_ID = 2**63 - 1  # bigint
+TaskId = Annotated[int, Parameter(ge=1, le=MAX_ID, description="the task's id")]
 DEFAULT_MAX_BODY_BYTES = 1024 * 1024
 # A JSON body nesting deeper is refused before it is decoded (msgspec's decoder recurses and
 # ran out of stack near 1,000 levels: a 500). A payload may nest MAX_PAYLOAD_DEPTH (64).
@@ -226,6 +227,8 @@ async def list_tasks(
 ) -> TaskPage:
     """A page of tasks, newest first, filtered by state, action and queue."""
     before = int(cursor) if cursor is not None else None
+    if before is not None and before > MAX_ID:  # 19 digits, beyond bigint
+        raise ValidationException(f"invalid request: `cursor`: {cursor} is not a task id")
     rows = await _store(state).list_tasks(
         limit=limit + 1, before=before, state=task_state, action=action, queue=queue
     )
@@ -426,6 +429,15 @@ def require_token(
         )
 
 
+def task_id_digits(
+    connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler
+) -> None:
+    """A task id in the path is ASCII digits (ui.plain_task_id; the dashboard's own guards
+    check it after its login)."""
+    if not handler.opt.get("ui"):
+        ui.plain_task_id(connection, handler)
+
+
 class UnsupportedMediaType(HTTPException):
     status_code = 415
 
@@ -498,7 +510,7 @@ def create_app(
         ],
         lifespan=[lifespan],
         state=State({"handlers": handlers, "counters": counters, "api_token": api_token}),
-        guards=[refuse_cross_site, require_token],
+        guards=[refuse_cross_site, require_token, task_id_digits],
         exception_handlers={
             ClientException: bad_request,
             asyncpg.DataError: refused_value,
