@@ -165,7 +165,8 @@ def storable(data: TaskSpec, where: str = "", field: str = "") -> bytes:
     for name, value in (
         ("queue", data.queue),
         ("idempotency_key", data.idempotency_key),
-        ("payload", data.payload if b"\\u0000" in payload_json else None),
+        # as stored (a Struct's fields too); an escaped backslash before "u0000" is no NUL
+        ("payload", msgspec.json.decode(payload_json) if b"\\u0000" in payload_json else None),
     ):
         at = nul_at(value, field + name)
         if at is not None:
