@@ -44,7 +44,7 @@ from tasklease.api.schemas import (
     TransitionRead,
     WorkerStats,
 )
-from tasklease.engine import database, operations, tasks
+from tasklease.engine import database, jsontext, operations, tasks
 from tasklease.engine.registry import Handler
 from tasklease.engine.reporting import Counters, Reporter, alive
 from tasklease.engine.states import TaskState
@@ -52,8 +52,12 @@ from tasklease.engine.store import TRANSIENT_ERRORS, NewTask, Store
 
 log = logging.getLogger("tasklease.api")
 T = TypeVar("T")
-TaskId = Annotated[int, Parameter(ge=1, le=2**63 - 1, description="the task's id")]
+MAX_ID = 2**63 - 1  # bigint
+TaskId = Annotated[int, Parameter(ge=1, le=MAX_ID, description="the task's id")]
 DEFAULT_MAX_BODY_BYTES = 1024 * 1024
+# A JSON body nesting deeper is refused before it is decoded (msgspec's decoder recurses and
+# ran out of stack near 1,000 levels: a 500). A payload may nest MAX_PAYLOAD_DEPTH (64).
+MAX_BODY_DEPTH = 100
 QUICK_START = {"due_at": "2026-01-20T12:00:00Z", "payload": {"action": "email_user", "user_id": 42}}
 
 _ERRORS = {
@@ -115,9 +119,24 @@ def _store(state: State) -> Store:
     return store
 
 
+class JsonRequest(Request[Any, Any, Any]):
+    """A request whose JSON body is checked before any decoder sees it: UTF-8 (RFC 8259),
+    nested at most MAX_BODY_DEPTH levels. Litestar decodes a route's `data` through json()."""
+
+    async def json(self) -> Any:
+        body = await self.body()
+        problem = jsontext.not_utf8(body)
+        if problem is None and jsontext.nested_deeper_than(body, MAX_BODY_DEPTH):
+            problem = f"arrays and objects nest more than {MAX_BODY_DEPTH} levels"
+        if problem is not None:
+            raise ClientException(f"malformed JSON body: {problem}")
+        return await super().json()
+
+
 async def strict(request: Request[Any, Any, Any], kind: type[T]) -> T:
     """The body decoded strictly: Litestar's own decoding coerces ("3" -> 3, 0 -> 1970-01-01),
     which would accept a wrong-typed field instead of naming it."""
+    await request.json()  # checked (JsonRequest), then decoded again, strictly
     try:
         return msgspec.json.decode(await request.body(), type=kind)
     except msgspec.ValidationError as exc:
@@ -125,7 +144,8 @@ async def strict(request: Request[Any, Any, Any], kind: type[T]) -> T:
 
 
 def prepare(data: TaskCreate, handlers: dict[str, Handler], index: int | None = None) -> NewTask:
-    """engine.tasks.prepare, its InvalidTask as a 422 that names what is wrong."""
+    """engine.tasks.prepare, its InvalidTask as a 422 that names what is wrong (a
+    MalformedTask, which no action could accept, as a 400)."""
     try:
         return tasks.prepare(data, handlers, index)
     except tasks.InvalidTask as exc:
@@ -134,6 +154,8 @@ def prepare(data: TaskCreate, handlers: dict[str, Handler], index: int | None = 
             extra["known_actions"] = exc.known_actions
         if exc.field is not None:
             extra["field"] = exc.field
+        if isinstance(exc, tasks.MalformedTask):
+            raise ClientException(str(exc), extra=extra) from None
         raise UnprocessableTask(str(exc), extra=extra or None) from None
 
 
@@ -205,6 +227,8 @@ async def list_tasks(
 ) -> TaskPage:
     """A page of tasks, newest first, filtered by state, action and queue."""
     before = int(cursor) if cursor is not None else None
+    if before is not None and before > MAX_ID:  # 19 digits, beyond bigint
+        raise ValidationException(f"invalid request: `cursor`: {cursor} is not a task id")
     rows = await _store(state).list_tasks(
         limit=limit + 1, before=before, state=task_state, action=action, queue=queue
     )
@@ -405,6 +429,15 @@ def require_token(
         )
 
 
+def task_id_digits(
+    connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler
+) -> None:
+    """A task id in the path is ASCII digits (ui.plain_task_id; the dashboard's own guards
+    check it after its login)."""
+    if not handler.opt.get("ui"):
+        ui.plain_task_id(connection, handler)
+
+
 class UnsupportedMediaType(HTTPException):
     status_code = 415
 
@@ -422,10 +455,16 @@ def refuse_cross_site(
     has_body = connection.headers.get("content-length", "0") != "0" or (
         "transfer-encoding" in connection.headers
     )
-    media = connection.headers.get("content-type", "").partition(";")[0].strip().lower()
+    media, _, parameters = connection.headers.get("content-type", "").partition(";")
+    media = media.strip().lower()
     if has_body and media != "application/json":
         raise UnsupportedMediaType(
             f"Content-Type must be application/json, not {media or 'missing'}"
+        )
+    charset = ui.charset(parameters)
+    if has_body and charset not in (None, "utf-8", "utf8"):
+        raise UnsupportedMediaType(
+            f"Content-Type must be application/json in UTF-8 (RFC 8259), not charset={charset}"
         )
 
 
@@ -471,13 +510,14 @@ def create_app(
         ],
         lifespan=[lifespan],
         state=State({"handlers": handlers, "counters": counters, "api_token": api_token}),
-        guards=[refuse_cross_site, require_token],
+        guards=[refuse_cross_site, require_token, task_id_digits],
         exception_handlers={
             ClientException: bad_request,
             asyncpg.DataError: refused_value,
             **{exc: database_unavailable for exc in TRANSIENT_ERRORS},
         },
         template_config=ui.TEMPLATES,
+        request_class=JsonRequest,
         request_max_body_size=max_body_bytes,
         logging_config=None,
         openapi_config=OpenAPIConfig(

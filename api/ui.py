@@ -30,6 +30,7 @@ from litestar.exceptions import (
     NotAuthorizedException,
     NotFoundException,
     PermissionDeniedException,
+    ValidationException,
 )
 from litestar.handlers.base import BaseRouteHandler
 from litestar.params import Parameter
@@ -51,7 +52,10 @@ LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 PAGE_SIZE, MAX_PAGE_SIZE = 50, 500
 WORKERS_SEEN_SECONDS = 300  # workers shown on the overview: seen in the last 5 minutes
 FAILURES = ("fail", "bury", "expire")
-TaskId = Annotated[int, Parameter(ge=1, le=2**63 - 1)]
+MAX_ID = 2**63 - 1  # bigint
+TaskId = Annotated[int, Parameter(ge=1, le=MAX_ID)]
+MAX_TEXT = 200  # an action's or queue's name, an idempotency key (engine/tasks.py)
+MAX_NEXT = 2048  # where the login sends back to: a path of the dashboard
 
 # Messages shown after an action, chosen by code in the URL; the values filled in are
 # checked (ids and counts are digits, a state is a state, an action name is cut at 200
@@ -84,6 +88,47 @@ def whole(text: str | None, digits: int = 19) -> int | None:
     return int(text)
 
 
+def plain_task_id(
+    connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler
+) -> None:
+    """A task id in a path is written in ASCII digits. Litestar's `int` path parameter takes
+    whatever int() takes, so /tasks/٣ (an Arabic-Indic three), /tasks/+3, /tasks/%203 and
+    /tasks/0_3 named task 3 (and POST /tasks/٣/cancel cancelled it)."""
+    if "task_id" not in connection.path_params:
+        return
+    found = re.search(r"/tasks/([^/]*)", connection.scope["path"])
+    if found is None or not re.fullmatch(r"[0-9]{1,19}", found.group(1)):
+        written = found.group(1) if found else ""
+        raise ValidationException(
+            f"invalid request: `task_id`: {written[:40]!r} is not a task id (ASCII digits)"
+        )
+
+
+def charset(parameters: str) -> str | None:
+    """The charset a Content-Type's parameters (after the `;`) name, lower case, unquoted."""
+    for parameter in parameters.split(";"):
+        name, _, value = parameter.partition("=")
+        if name.strip().lower() == "charset":
+            return value.strip().strip('"').lower()
+    return None
+
+
+def host_name(connection: ASGIConnection[Any, Any, Any, Any]) -> str:
+    """The name in the Host header, without its port or an IPv6 address's brackets. Not
+    `request.url.hostname`: Litestar's URL parses the port eagerly and raises ValueError
+    (a 500) for `Host: x:abc`."""
+    host = connection.headers.get("host", "").strip().lower()
+    if host.startswith("["):
+        return host[1:].partition("]")[0]
+    return host.partition(":")[0]
+
+
+def here(connection: ASGIConnection[Any, Any, Any, Any]) -> tuple[str, str]:
+    """This request's path and query string, from the ASGI scope (see host_name)."""
+    path = connection.scope.get("root_path", "") + connection.scope["path"]
+    return path, connection.scope.get("query_string", b"").decode("latin-1")
+
+
 def session_value(token: str, session_id: str) -> str:
     """`id.mac`: the cookie names a server-side session (table ui_sessions) and holds a MAC
     keyed by the token, never the token itself: a new token ends every session."""
@@ -96,7 +141,9 @@ def session_id(token: str, value: str | None) -> str | None:
     sid, _, _ = (value or "").partition(".")
     if not re.fullmatch(r"[0-9a-f]{32}", sid):
         return None
-    return sid if hmac.compare_digest(session_value(token, sid), value or "") else None
+    # as bytes: compare_digest refuses str with non-ASCII characters (TypeError, a 500)
+    given = (value or "").encode("utf-8", "surrogateescape")
+    return sid if hmac.compare_digest(session_value(token, sid).encode(), given) else None
 
 
 class LoginThrottle:
@@ -141,7 +188,11 @@ def same_origin(connection: ASGIConnection[Any, Any, Any, Any]) -> bool:
     origin = connection.headers.get("origin")
     if origin is None:
         return True
-    return origin != "null" and urlsplit(origin).netloc == connection.headers.get("host")
+    try:
+        netloc = urlsplit(origin).netloc
+    except ValueError:  # `http://[::1`: no origin of ours
+        return False
+    return origin != "null" and netloc == connection.headers.get("host")
 
 
 class LoginRequired(NotAuthorizedException):
@@ -166,8 +217,9 @@ def to_login(request: Request[Any, Any, Any], exc: LoginRequired) -> Response[An
     if request.headers.get("hx-request"):
         target = "/ui/login?" + urlencode({"next": "/ui/"})
         return Response(b"", status_code=401, headers={"HX-Redirect": target})
-    back = request.url.path + (f"?{request.url.query}" if request.url.query else "")
-    if request.method != "GET":
+    path, query = here(request)
+    back = path + (f"?{query}" if query else "")
+    if request.method != "GET" or len(back) > MAX_NEXT:
         back = "/ui/"
     return Redirect("/ui/login?" + urlencode({"next": back}))
 
@@ -243,7 +295,7 @@ def page(
             "action": fields["action"][:200],
         }
         context["notice"] = (notice[0], notice[1].format(**fields))
-    context.update(auth=bool(request.app.state.api_token), path=request.url.path)
+    context.update(auth=bool(request.app.state.api_token), path=here(request)[0])
     return Template(template_name=f"ui/{name}", context=context, status_code=status_code)
 
 
@@ -355,6 +407,13 @@ async def task_list(
     store = _store(state)
     problems = []
     filters = {"state": task_state or None, "action": action or None, "queue": queue or None}
+    for name, value in (*filters.items(), ("q", q)):
+        if value is not None and "\x00" in value:  # PostgreSQL text cannot hold it
+            problems.append(f"{name} {value!r} holds a NUL character")
+            if name == "q":
+                q = None
+            else:
+                filters[name] = None
     if filters["state"] is not None and filters["state"] not in TaskState.__members__:
         problems.append(f"unknown state {filters['state']!r}")
         filters["state"] = None
@@ -364,6 +423,8 @@ async def task_list(
         size = PAGE_SIZE
     size = min(max(size, 1), MAX_PAGE_SIZE)
     before = whole(cursor) if cursor else None
+    if before is not None and before > MAX_ID:
+        before = None
     if cursor and before is None:
         problems.append(f"cursor {cursor!r} is not a task id")
     search = (q or "").strip()
@@ -460,9 +521,15 @@ async def requeue_dead_confirm(
 
 
 @post("/requeue-dead")
-async def requeue_dead(request: Request[Any, Any, Any], state: State) -> Redirect:
+async def requeue_dead(request: Request[Any, Any, Any], state: State) -> Response[Any]:
     form = await request.form()
     action = str(form.get("action", ""))
+    if len(action) > MAX_TEXT or "\x00" in action:  # no action has such a name
+        return Response(
+            f"action: no action is named so (at most {MAX_TEXT} characters, no NUL)",
+            status_code=400,
+            media_type="text/plain",
+        )
     moved = await operations.requeue_action(_store(state), action) if action else 0
     state.counters.count("requeue", moved)
     log.info("%d DEAD task(s) of %s: DEAD -> PENDING (requeue, dashboard)", moved, action)
@@ -473,9 +540,10 @@ async def requeue_dead(request: Request[Any, Any, Any], state: State) -> Redirec
 
 
 def _next(target: str | None) -> str:
-    """Only back into the dashboard: never to another site (`//evil`)."""
+    """Only back into the dashboard: never to another site (`//evil`), nor to a URL longer
+    than any of its pages needs."""
     if target and target.startswith("/ui") and not target.startswith("//"):
-        return target
+        return target if len(target) <= MAX_NEXT else "/ui/"
     return "/ui/"
 
 
@@ -512,7 +580,7 @@ async def login(request: Request[Any, Any, Any]) -> Response[Any]:
         log.warning("dashboard login from %s refused: wrong token", client)
         return page(request, "login.html", status_code=401, next=target, error="Wrong token.")
     THROTTLE.succeeded(client)
-    host = (request.url.hostname or "").strip("[]")
+    host = host_name(request)
     sid = secrets.token_hex(16)
     await _store(request.app.state).start_ui_session(sid, SESSION_SECONDS)
     cookie = Cookie(
@@ -523,7 +591,7 @@ async def login(request: Request[Any, Any, Any]) -> Response[Any]:
         httponly=True,
         samesite="strict",
         # Browsers keep Secure cookies from https and from loopback (a secure context).
-        secure=request.url.scheme == "https" or host in LOOPBACK,
+        secure=request.scope.get("scheme") == "https" or host in LOOPBACK,
     )
     return see(target, [cookie])
 
@@ -564,7 +632,7 @@ router = Router(
         login,
         logout,
     ],
-    guards=[ui_guard],
+    guards=[ui_guard, plain_task_id],
     opt={"ui": True},
     include_in_schema=False,
     response_headers=SECURITY_HEADERS,

@@ -13,6 +13,7 @@ from typing import Annotated, Any
 
 import msgspec
 
+from tasklease.engine.jsontext import nested_deeper_than, nul_at
 from tasklease.engine.registry import Handler
 from tasklease.engine.states import TaskState
 from tasklease.engine.store import NewTask
@@ -32,6 +33,10 @@ AwareDatetime = Annotated[
     datetime, msgspec.Meta(tz=True, description="RFC 3339 with a time zone offset")
 ]
 
+
+# How deep a payload's arrays and objects may nest: far more than any payload needs, far less
+# than where a recursive decoder (msgspec's, in the API and the workers) runs out of stack.
+MAX_PAYLOAD_DEPTH = 64
 
 # The schedulers' keys (`schedule:<name>:<slot>`, engine/schedules.py): a submission may not
 # take one, or the schedule would adopt that task as its slot's and never run its action.
@@ -119,6 +124,12 @@ class InvalidTask(ValueError):
         self.known_actions = known_actions
 
 
+class MalformedTask(InvalidTask):
+    """A submission no action could accept: a payload nested deeper than MAX_PAYLOAD_DEPTH,
+    or text PostgreSQL cannot store (a NUL character, a lone surrogate). The HTTP API answers
+    400 where other InvalidTasks get 422."""
+
+
 def payload_field(message: str) -> str:
     """`payload.user_id` from msgspec's "… - at `$.user_id`" / "missing required field `x`"."""
     at = re.search(r"at `\$(.*?)`", message)
@@ -132,6 +143,38 @@ def spec(fields: Mapping[str, Any]) -> TaskSpec:
         return msgspec.convert(fields, TaskSpec)
     except msgspec.ValidationError as exc:
         raise InvalidTask(f"invalid task: {exc}".replace("$.", "")) from None
+
+
+def storable(data: TaskSpec, where: str = "", field: str = "") -> bytes:
+    """The payload as JSON, once its nesting and its text are known to be storable; else
+    MalformedTask, naming where the problem is (`where`, `field`: the batch's `tasks[i]`)."""
+    try:
+        payload_json = msgspec.json.encode(data.payload)
+    except RecursionError:  # a Python caller's payload: the API's nest less (a bounded body)
+        payload_json = None
+    except UnicodeEncodeError as exc:  # a Python caller's str with a lone surrogate
+        raise MalformedTask(
+            f"{where}invalid value in payload: {exc.reason} ({exc.object[exc.start : exc.end]!r})",
+            field=field + "payload",
+        ) from None
+    if payload_json is None or nested_deeper_than(payload_json, MAX_PAYLOAD_DEPTH):
+        raise MalformedTask(
+            f"{where}payload nests more than {MAX_PAYLOAD_DEPTH} levels of arrays and objects",
+            field=field + "payload",
+        )
+    for name, value in (
+        ("queue", data.queue),
+        ("idempotency_key", data.idempotency_key),
+        # as stored (a Struct's fields too); an escaped backslash before "u0000" is no NUL
+        ("payload", msgspec.json.decode(payload_json) if b"\\u0000" in payload_json else None),
+    ):
+        at = nul_at(value, field + name)
+        if at is not None:
+            raise MalformedTask(
+                f"invalid value at {at}: a NUL character (\\u0000), which PostgreSQL cannot store",
+                field=at.removesuffix(" (a key)"),
+            )
+    return payload_json
 
 
 def prepare(data: TaskSpec, handlers: Mapping[str, Handler], index: int | None = None) -> NewTask:
@@ -156,7 +199,7 @@ def prepare(data: TaskSpec, handlers: Mapping[str, Handler], index: int | None =
             f"{where}unknown action {action!r}; known actions: {', '.join(known)}",
             known_actions=known,
         )
-    payload_json = msgspec.json.encode(data.payload)
+    payload_json = storable(data, where, field)
     try:
         handler.validate(payload_json)
     except msgspec.ValidationError as exc:

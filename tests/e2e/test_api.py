@@ -170,6 +170,7 @@ async def test_list_pages_newest_first_with_filters(http: httpx.AsyncClient) -> 
         ({"cursor": "-1"}, "cursor"),
         ({"limit": "x"}, "limit"),
         ({"queue": "a\x00b"}, "invalid value"),
+        ({"cursor": "9999999999999999999"}, "`cursor`: 9999999999999999999 is not a task id"),
     ],
 )
 async def test_list_rejects_bad_parameters(
@@ -335,6 +336,9 @@ BAD_BODIES: list[tuple[bytes, int, str]] = [
     (b'{"payload": {"action": "noop"}, "lease_seconds": 604801}', 400, "lease_seconds"),
     (b'{"payload": {"action": "noop"}, "timeout_seconds": 0.01}', 400, "timeout_seconds"),
     (b'{"payload": {"action": "noop"}, "idempotency_key": "schedule:n:1"}', 422, "reserved"),
+    (b'{"payload": {"action": "noop", "a": ' + b"[" * 64 + b"]" * 64 + b"}}", 400, "nests more"),
+    (b'{"payload": {"action": "noop"}, "queue": "a\\u0000"}', 400, "invalid value at queue"),
+    (b'{"payload": {"action": "noop", "k\\u0000": 1}}', 400, "invalid value at payload"),
 ]
 
 
@@ -380,6 +384,7 @@ QUICK = b'{"payload": {"action": "noop"}}'
         ("/tasks", {"content-type": "text/plain"}, 415),
         ("/tasks", {"content-type": "application/x-www-form-urlencoded"}, 415),
         ("/tasks", {"content-type": "multipart/form-data; boundary=x"}, 415),
+        ("/tasks", {"content-type": "application/json; charset=latin-1"}, 415),
         ("/tasks", {}, 415),
         ("/tasks/batch", {"content-type": "text/plain"}, 415),
         ("/tasks", {"content-type": "application/json", "origin": "https://evil.example"}, 403),
@@ -452,7 +457,8 @@ def test_schemathesis_finds_no_server_error_or_schema_violation(api: str) -> Non
     """A bounded property-based run over every operation (seeded, so CI is repeatable)."""
     checks = (
         "not_a_server_error,status_code_conformance,content_type_conformance,"
-        "response_schema_conformance,response_headers_conformance,negative_data_rejection"
+        "response_schema_conformance,response_headers_conformance,negative_data_rejection,"
+        "unsupported_method"
     )
     command = [
         str(Path(sys.executable).parent / "st"),
