@@ -119,26 +119,32 @@ def _store(state: State) -> Store:
     return store
 
 
+async def checked_body(request: Request[Any, Any, Any]) -> bytes:
+    """The JSON body, checked before any decoder sees it: UTF-8 (RFC 8259), nested at most
+    MAX_BODY_DEPTH levels."""
+    body = await request.body()
+    problem = jsontext.not_utf8(body)
+    if problem is None and jsontext.nested_deeper_than(body, MAX_BODY_DEPTH):
+        problem = f"arrays and objects nest more than {MAX_BODY_DEPTH} levels"
+    if problem is not None:
+        raise ClientException(f"malformed JSON body: {problem}")
+    return body
+
+
 class JsonRequest(Request[Any, Any, Any]):
-    """A request whose JSON body is checked before any decoder sees it: UTF-8 (RFC 8259),
-    nested at most MAX_BODY_DEPTH levels. Litestar decodes a route's `data` through json()."""
+    """Litestar decodes a route's `data` through json(): checked first (checked_body)."""
 
     async def json(self) -> Any:
-        body = await self.body()
-        problem = jsontext.not_utf8(body)
-        if problem is None and jsontext.nested_deeper_than(body, MAX_BODY_DEPTH):
-            problem = f"arrays and objects nest more than {MAX_BODY_DEPTH} levels"
-        if problem is not None:
-            raise ClientException(f"malformed JSON body: {problem}")
+        await checked_body(self)
         return await super().json()
 
 
 async def strict(request: Request[Any, Any, Any], kind: type[T]) -> T:
     """The body decoded strictly: Litestar's own decoding coerces ("3" -> 3, 0 -> 1970-01-01),
     which would accept a wrong-typed field instead of naming it."""
-    await request.json()  # checked (JsonRequest), then decoded again, strictly
+    body = await checked_body(request)
     try:
-        return msgspec.json.decode(await request.body(), type=kind)
+        return msgspec.json.decode(body, type=kind)
     except msgspec.ValidationError as exc:
         raise ValidationException(f"invalid request: {exc}".replace("$.", "")) from None
 
