@@ -419,9 +419,12 @@ SELECT queue, state, count(*) AS tasks FROM tasks GROUP BY queue, state;
 
 -- name: queue_lag
 -- Per queue: tasks due and waiting (PENDING/FAILED with due_at <= now) and the age in
--- seconds of the oldest of them. Reads only the claimable index.
+-- seconds of the oldest of them. Reads only the claimable index. A due time before year 1
+-- ('-infinity', BC: only SQL writes such rows) counts from year 1: `now() - '-infinity'` is
+-- an error before PostgreSQL 17 and infinite after.
 SELECT queue, count(*) AS due,
-       extract(epoch FROM now() - min(due_at))::float8 AS oldest_due_seconds
+       extract(epoch FROM now() - greatest(min(due_at), '0001-01-01 00:00:00+00'))::float8
+           AS oldest_due_seconds
 FROM tasks WHERE state IN ('PENDING', 'FAILED') AND due_at <= now()
 GROUP BY queue;
 
@@ -435,8 +438,11 @@ SET running = excluded.running, counters = excluded.counters, last_seen_at = now
     stopped_at = excluded.stopped_at;
 
 -- name: process_list
--- Every process that has reported, with how long ago it was last seen.
-SELECT *, extract(epoch FROM now() - last_seen_at)::float8 AS seen_seconds_ago
+-- Every process that has reported, with how long ago it was last seen (a time out of years
+-- 1 to 9999, which only SQL writes, counts as the nearest end of that range).
+SELECT *, extract(epoch FROM now() - least(greatest(last_seen_at, '0001-01-01 00:00:00+00'),
+                                           '9999-12-31 23:59:59.999999+00'))::float8
+              AS seen_seconds_ago
 FROM processes ORDER BY kind, started_at;
 
 -- name: db_now

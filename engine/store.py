@@ -10,7 +10,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 import asyncpg
@@ -103,6 +103,53 @@ LIST_FILTERS = {
 FIRST_PAGE = 2**63 - 1
 
 
+# timestamptz on the wire: microseconds since 2000-01-01 UTC; int64's ends are +-infinity.
+PG_EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
+_INFINITY, _MINUS_INFINITY = 2**63 - 1, -(2**63)
+# What a time PostgreSQL holds and Python cannot (infinity, BC, after 9999) reads as.
+EARLIEST = datetime.min.replace(tzinfo=UTC)
+LATEST = datetime.max.replace(tzinfo=UTC)
+_EARLIEST_US = (EARLIEST - PG_EPOCH) // _MICROSECOND
+_LATEST_US = (LATEST - PG_EPOCH) // _MICROSECOND
+
+
+def decode_timestamptz(value: tuple[int]) -> datetime:
+    """A timestamptz, always aware (UTC). asyncpg's own decoder raises OverflowError for a
+    time Python cannot hold (BC, after 9999) and gives naive datetime.min/max for -infinity
+    and infinity, which break every comparison with an aware time: a row written by SQL must
+    not make a page or a claim fail. Such times read as EARLIEST or LATEST."""
+    try:
+        return PG_EPOCH + timedelta(microseconds=value[0])
+    except OverflowError:
+        return LATEST if value[0] > 0 else EARLIEST
+
+
+def encode_timestamptz(value: date) -> tuple[int]:
+    """As asyncpg's own encoder: a naive time is local time; datetime.max and datetime.min
+    (naive, or EARLIEST and LATEST) are infinity and -infinity, so they read back alike."""
+    if not isinstance(value, datetime):
+        value = datetime(value.year, value.month, value.day).astimezone()
+    if value == datetime.max:
+        return (_INFINITY,)
+    if value == datetime.min:
+        return (_MINUS_INFINITY,)
+    micros = (value.astimezone(UTC) - PG_EPOCH) // _MICROSECOND
+    if micros == _LATEST_US:
+        return (_INFINITY,)
+    return (_MINUS_INFINITY,) if micros == _EARLIEST_US else (micros,)
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    await conn.set_type_codec(
+        "timestamptz",
+        schema="pg_catalog",
+        encoder=encode_timestamptz,
+        decoder=decode_timestamptz,
+        format="tuple",
+    )
+
+
 async def _keep_session(conn: asyncpg.Connection) -> None:
     """Pool release without asyncpg's reset query (a round trip per statement): tasklease
     sets no session state (no LISTEN, advisory locks or SET) on pooled connections."""
@@ -136,6 +183,7 @@ class Store:
             min_size=min_size,
             max_size=max_size,
             server_settings=settings,
+            init=_init_connection,
             reset=_keep_session,
         )
         return cls(pool, dsn)
