@@ -125,10 +125,13 @@ async def strict(request: Request[Any, Any, Any], kind: type[T]) -> T:
 
 
 def prepare(data: TaskCreate, handlers: dict[str, Handler], index: int | None = None) -> NewTask:
-    """engine.tasks.prepare, its InvalidTask as a 422 that names what is wrong."""
+    """engine.tasks.prepare, its InvalidTask as a 400 (a value out of bounds) or a 422 that
+    names what is wrong."""
     try:
         return tasks.prepare(data, handlers, index)
     except tasks.InvalidTask as exc:
+        if exc.bad_value:
+            raise ClientException(f"invalid request: {exc}", extra={"field": exc.field}) from None
         extra: dict[str, Any] = {}
         if exc.known_actions is not None:
             extra["known_actions"] = exc.known_actions

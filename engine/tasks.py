@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 import msgspec
@@ -28,8 +28,19 @@ TimeoutSeconds = Annotated[
     float,
     msgspec.Meta(ge=0.1, le=7 * 86400, description="seconds, 0.1 to 604800; null: the action's"),
 ]
-AwareDatetime = Annotated[
-    datetime, msgspec.Meta(tz=True, description="RFC 3339 with a time zone offset")
+# When a task may be due: a time in the past runs now. The bounds keep every time a task
+# holds within what anyone reading it computes with (the dashboard's relative times, clients'
+# date types, PostgreSQL versions before 17 that have no infinite interval); a year-1 time
+# written by asyncpg is even stored as -infinity. Checked by `prepare` and tasklease_submit().
+DUE_FROM = datetime(1970, 1, 1, tzinfo=UTC)
+DUE_BEFORE = datetime(2200, 1, 1, tzinfo=UTC)
+DUE_RANGE = "from 1970-01-01T00:00:00Z up to (not including) 2200-01-01T00:00:00Z"
+DueAt = Annotated[
+    datetime,
+    msgspec.Meta(
+        tz=True,
+        description=f"RFC 3339 with a time zone offset, {DUE_RANGE}; a past time runs now",
+    ),
 ]
 
 
@@ -43,7 +54,7 @@ class TaskSpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
     payload: dict[str, Any]
     action: Text | None = None
-    due_at: AwareDatetime | None = None
+    due_at: DueAt | None = None
     idempotency_key: Text | None = None
     max_attempts: Annotated[int, msgspec.Meta(ge=1, le=1000)] | None = None
     queue: Text = "default"
@@ -108,15 +119,22 @@ class Transition(msgspec.Struct, kw_only=True):
 
 class InvalidTask(ValueError):
     """A submission that cannot be accepted; the message names what is wrong. `field` names
-    the field (`payload.user_id`), `known_actions` lists the actions when the action is
-    unknown."""
+    the field (`payload.user_id`, `tasks[3].due_at`), `known_actions` lists the actions when
+    the action is unknown."""
 
     def __init__(
-        self, message: str, *, field: str | None = None, known_actions: list[str] | None = None
+        self,
+        message: str,
+        *,
+        field: str | None = None,
+        known_actions: list[str] | None = None,
+        bad_value: bool = False,
     ) -> None:
         super().__init__(message)
         self.field = field
         self.known_actions = known_actions
+        # a field's value out of its bounds (the API's 400), not a refused task (422)
+        self.bad_value = bad_value
 
 
 def payload_field(message: str) -> str:
@@ -138,6 +156,14 @@ def prepare(data: TaskSpec, handlers: Mapping[str, Handler], index: int | None =
     """Check one submission (the index-th of a batch) against the handlers; InvalidTask names
     what is wrong."""
     where, field = ("", "") if index is None else (f"tasks[{index}]: ", f"tasks[{index}].")
+    due = data.due_at
+    if due is not None and (due.utcoffset() is None or not DUE_FROM <= due < DUE_BEFORE):
+        problem = "has no time zone" if due.utcoffset() is None else f"is out of range: {DUE_RANGE}"
+        raise InvalidTask(
+            f"{field}due_at: {due.isoformat()} {problem}",
+            field=field + "due_at",
+            bad_value=True,
+        )
     action = data.action if data.action is not None else data.payload.get("action")
     known = sorted(handlers)
     if not isinstance(action, str) or not action:

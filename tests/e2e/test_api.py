@@ -108,6 +108,7 @@ async def test_batch_submits_all_in_order(
         ),
         ({"payload": {"action": "noop"}, "due_at": "soon"}, 400, "tasks[2].due_at"),
         ({"payload": {"action": "noop"}, "priority": "high"}, 400, "tasks[2].priority"),
+        ({"payload": {"action": "noop"}, "due_at": "2200-01-01T00:00:00Z"}, 400, "tasks[2].due_at"),
         ({"payload": None}, 400, "tasks[2].payload"),
     ],
 )
@@ -347,6 +348,47 @@ async def test_bad_bodies_get_a_clear_4xx_and_write_nothing(
     assert r.status_code == status, r.text
     assert needle in r.json()["detail"], r.text
     assert await count(conn) == before
+
+
+@pytest.mark.parametrize(
+    "due_at",
+    [
+        "0001-01-01T00:00:00Z",  # was accepted, and stored as -infinity by asyncpg
+        "1969-12-31T23:59:59.999999Z",
+        "2200-01-01T00:00:00Z",
+        "2200-01-01T05:00:00+05:00",
+        "9999-12-31T23:59:59Z",
+    ],
+)
+async def test_due_at_out_of_range_is_400_naming_the_field(
+    http: httpx.AsyncClient, conn: asyncpg.Connection, due_at: str
+) -> None:
+    before = await count(conn)
+    r = await http.post("/tasks", json={"payload": {"action": "noop"}, "due_at": due_at})
+    assert r.status_code == 400, r.text
+    body = r.json()
+    assert body["detail"].startswith("invalid request: due_at: ") and "out of range" in r.text
+    assert "1970-01-01T00:00:00Z" in body["detail"] and body["extra"] == {"field": "due_at"}
+    good = {"payload": {"action": "noop"}}
+    r = await http.post("/tasks/batch", json={"tasks": [good, {**good, "due_at": due_at}]})
+    assert r.status_code == 400, r.text
+    assert "tasks[1].due_at" in r.json()["detail"]
+    assert r.json()["extra"] == {"field": "tasks[1].due_at"}
+    assert await count(conn) == before
+
+
+async def test_due_at_range_ends_are_accepted_and_a_past_time_runs_now(
+    http: httpx.AsyncClient,
+) -> None:
+    for given, stored in [
+        ("1970-01-01T00:00:00Z", "1970-01-01T00:00:00Z"),
+        ("1970-01-01T01:00:00+01:00", "1970-01-01T00:00:00Z"),
+        ("2199-12-31T23:59:59.999999Z", "2199-12-31T23:59:59.999999Z"),
+    ]:
+        task = await new(http, due_at=given, queue="due-range")
+        assert (task["due_at"], task["state"]) == (stored, "PENDING")
+    stats = (await http.get("/stats")).json()["queues"]["due-range"]
+    assert stats["due"] == 2  # the two in 1970: due now, waiting for a worker
 
 
 async def test_unicode_and_nested_payloads_round_trip(http: httpx.AsyncClient) -> None:

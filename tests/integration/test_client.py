@@ -22,6 +22,7 @@ from tasklease import (
     SyncClient,
     TaskConflict,
     TaskNotFound,
+    TaskSpec,
     TaskState,
 )
 from tasklease.engine.store import Store
@@ -75,6 +76,8 @@ async def test_a_struct_payload_and_the_action_default(client: Client) -> None:
         ("email_user", {"user_id": 1}, {"lease_seconds": 0.001}, "lease_seconds"),
         ("", {"user_id": 1}, {}, "action"),
         ("noop", {}, {"idempotency_key": "schedule:nightly:2026-01-01"}, "reserved"),
+        ("noop", {}, {"due_at": datetime(1, 1, 1, tzinfo=UTC)}, "due_at: 0001-01-01T00:00:00"),
+        ("noop", {}, {"due_at": datetime(2200, 1, 1, tzinfo=UTC)}, "due_at: 2200-01-01"),
     ],
 )
 async def test_bad_submissions_are_refused_and_named(
@@ -88,6 +91,26 @@ async def test_bad_submissions_are_refused_and_named(
     with pytest.raises(InvalidTask, match=named.replace("(", r"\(")):
         await client.submit(action, payload, **options)  # type: ignore[arg-type]
     assert await count_tasks(conn) == 0
+
+
+async def test_due_at_out_of_range_names_the_field(
+    client: Client, conn: asyncpg.Connection
+) -> None:
+    with pytest.raises(InvalidTask, match="out of range: from 1970-01-01T00:00:00Z") as raised:
+        await client.submit("noop", {}, due_at=datetime(1969, 12, 31, 23, 59, 59, tzinfo=UTC))
+    assert raised.value.field == "due_at"
+    late = TaskSpec(payload={"action": "noop"}, due_at=datetime(2200, 1, 1, tzinfo=UTC))
+    with pytest.raises(InvalidTask, match=r"^tasks\[1\]\.due_at: ") as raised:
+        await client.submit_many([{"action": "noop", "payload": {}}, late])
+    assert raised.value.field == "tasks[1].due_at"
+    naive = TaskSpec(payload={"action": "noop"}, due_at=datetime(2030, 1, 1))
+    with pytest.raises(InvalidTask, match="has no time zone"):
+        await client.submit_many([naive])
+    assert await count_tasks(conn) == 0
+    first = datetime(1970, 1, 1, tzinfo=UTC)
+    last = datetime(2199, 12, 31, 23, 59, 59, 999999, tzinfo=UTC)
+    assert (await client.submit("noop", {}, due_at=first)).due_at == first
+    assert (await client.submit("noop", {}, due_at=last)).due_at == last
 
 
 async def test_unknown_action_lists_the_known_ones(client: Client) -> None:
