@@ -339,9 +339,10 @@ async def test_sql_function_submits_in_the_callers_transaction(
     )
     assert [t.trigger for t in await client.history(task_id)] == ["submit"]
     again = await conn.fetchval(
-        "SELECT tasklease_submit('email_user', '{}', idempotency_key => 'sql-1')"
+        "SELECT tasklease_submit('email_user', '{\"user_id\":9}', queue => 'mail', "
+        "priority => 2, idempotency_key => 'sql-1', due_at => now() + interval '1 day')"
     )
-    assert again == task_id
+    assert again == task_id  # the same content (due_at is not compared)
     tx = conn.transaction()
     await tx.start()
     await conn.fetchval("SELECT tasklease_submit('noop')")
@@ -350,9 +351,67 @@ async def test_sql_function_submits_in_the_callers_transaction(
 
 
 @pytest.mark.parametrize(
+    ("call", "different"),
+    [
+        ("tasklease_submit('noop', '{\"n\": 2}', idempotency_key => 'k1')", "payload"),
+        ("tasklease_submit('email_user', '{\"n\": 1}', idempotency_key => 'k1')", "action"),
+        ("tasklease_submit('noop', '{\"n\": 1}', queue => 'q', idempotency_key => 'k1')", "queue"),
+        (
+            "tasklease_submit('noop', '{\"n\": 1}', max_attempts => 3, priority => 1, "
+            "idempotency_key => 'k1')",
+            "priority, max_attempts",
+        ),
+        (
+            "tasklease_submit('noop', '{\"n\": 1}', lease_seconds => 60, "
+            "timeout_seconds => 5, idempotency_key => 'k1')",
+            "lease_seconds, timeout_seconds",
+        ),
+    ],
+)
+async def test_sql_function_refuses_a_key_reused_with_other_content(
+    conn: asyncpg.Connection, call: str, different: str
+) -> None:
+    held = await conn.fetchval(
+        "SELECT tasklease_submit('noop', '{\"n\": 1}', idempotency_key => 'k1')"
+    )
+    same = await conn.fetchval(
+        "SELECT tasklease_submit('noop', '{ \"n\":1.0 }', idempotency_key => 'k1', "
+        "due_at => '2150-01-01Z')"
+    )
+    assert same == held
+    with pytest.raises(asyncpg.UniqueViolationError) as raised:
+        await conn.fetchval(f"SELECT {call}")
+    assert raised.value.message == (
+        f"tasklease_submit: idempotency_key 'k1' is already used by task {held} "
+        f"with a different {different}"
+    )
+    assert raised.value.detail == f"task_id={held} fields={different.replace(', ', ',')}"
+    assert await count_tasks(conn) == 1
+
+
+@pytest.mark.parametrize(
+    "due_at", ["1970-01-01 00:00:00+00", "1970-01-01 01:00:00+01", "2199-12-31 23:59:59.999999+00"]
+)
+async def test_sql_function_takes_due_times_from_1970_to_2200(
+    conn: asyncpg.Connection, due_at: str
+) -> None:
+    task_id = await conn.fetchval(
+        "SELECT tasklease_submit('noop', due_at => $1::text::timestamptz)", due_at
+    )
+    assert await conn.fetchval(
+        "SELECT due_at = $1::text::timestamptz FROM tasks WHERE id = $2", due_at, task_id
+    )
+
+
+@pytest.mark.parametrize(
     ("call", "named"),
     [
         ("tasklease_submit('')", "action must be 1 to 200 characters"),
+        ("tasklease_submit('noop', due_at => '-infinity')", "due_at must be from 1970-01-01"),
+        ("tasklease_submit('noop', due_at => 'infinity')", "due_at must be from 1970-01-01"),
+        ("tasklease_submit('noop', due_at => '0001-01-01Z')", "due_at"),
+        ("tasklease_submit('noop', due_at => '1969-12-31 23:59:59.999999Z')", "due_at"),
+        ("tasklease_submit('noop', due_at => '2200-01-01Z')", "up to \\(not including\\)"),
         ("tasklease_submit('noop', '[1]')", "payload must be a JSON object, not array"),
         ("tasklease_submit('noop', priority => 5000)", "priority"),
         ("tasklease_submit('noop', max_attempts => 0)", "max_attempts"),
