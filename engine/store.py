@@ -60,6 +60,30 @@ class Submitted:
 
 
 @dataclass(frozen=True)
+class KeyConflict:
+    """The index-th task of a submission (from 0) gives an idempotency key with other content
+    (`fields`: action, payload, ...) than the task that holds it (`task_id`), or, task_id None,
+    than the earlier task of the same batch that gives it (`earlier`, from 0)."""
+
+    index: int
+    key: str
+    task_id: int | None
+    earlier: int | None
+    fields: tuple[str, ...]
+
+
+class KeyTaken(Exception):
+    """task_submit_many wrote nothing: some of its tasks reuse idempotency keys with other
+    content. `conflicts` in input order (engine.tasks turns the first into an
+    IdempotencyConflict)."""
+
+    def __init__(self, conflicts: Sequence[KeyConflict]) -> None:
+        self.conflicts = sorted(conflicts, key=lambda c: c.index)
+        first = self.conflicts[0]
+        super().__init__(f"tasks[{first.index}]: idempotency_key {first.key!r} reused")
+
+
+@dataclass(frozen=True)
 class NewTask:
     action: str
     payload_json: str
@@ -421,9 +445,17 @@ class Store:
 Fetch = Callable[..., Awaitable[Sequence[Mapping[str, Any]]]]
 
 
-async def submit_on(fetch: Fetch, tasks: Sequence[NewTask]) -> list[Submitted]:
+async def submit_on(
+    fetch: Fetch, tasks: Sequence[NewTask], *, own_transaction: bool = True
+) -> list[Submitted]:
     """`task_submit_many` through `fetch` (a pool's, or a connection inside the caller's
-    transaction), each task paired with its row."""
+    transaction: `own_transaction` False), each task paired with its row. KeyTaken when a
+    task reuses an idempotency key with other content: then nothing was written.
+
+    A key taken by a transaction that committed during the statement: the statement is run
+    again, with a snapshot that sees it. If the statement had inserted other tasks meanwhile,
+    it failed instead (serialization_failure) so that none of them stays; in the caller's
+    transaction, now aborted, that error is the caller's to handle (retry the transaction)."""
     columns = (
         [t.action for t in tasks],
         [t.queue for t in tasks],
@@ -435,8 +467,29 @@ async def submit_on(fetch: Fetch, tasks: Sequence[NewTask]) -> list[Submitted]:
         [t.lease_seconds for t in tasks],
         [t.timeout_seconds for t in tasks],
     )
+    keyed = any(t.idempotency_key is not None for t in tasks)
+    statement = SQL["task_submit_many" if keyed else "task_submit_unkeyed"]
     for _ in range(3):
-        rows = await fetch(SQL["task_submit_many"], *columns)
+        try:
+            rows = await fetch(statement, *columns)
+        except asyncpg.SerializationError:
+            if not own_transaction:
+                raise
+            continue
+        conflicts = [r for r in rows if r.get("conflict_index") is not None]
+        if conflicts:
+            raise KeyTaken(
+                [
+                    KeyConflict(
+                        index=r["conflict_index"],
+                        key=str(tasks[r["conflict_index"]].idempotency_key),
+                        task_id=r["conflict_task"],
+                        earlier=r["conflict_earlier"],
+                        fields=tuple(r["conflict_fields"]),
+                    )
+                    for r in conflicts
+                ]
+            )
         by_key = {r["idempotency_key"]: r for r in rows if r["idempotency_key"] is not None}
         # Unkeyed tasks never conflict: they come back in input order (identity order).
         unkeyed = iter(

@@ -15,7 +15,7 @@ import msgspec
 
 from tasklease.engine.registry import Handler
 from tasklease.engine.states import TaskState
-from tasklease.engine.store import NewTask
+from tasklease.engine.store import KeyConflict, NewTask
 
 Text = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
 # A lease under a second would be renewed more often than a round trip takes on a busy
@@ -135,6 +135,54 @@ class InvalidTask(ValueError):
         self.known_actions = known_actions
         # a field's value out of its bounds (the API's 400), not a refused task (422)
         self.bad_value = bad_value
+
+
+class IdempotencyConflict(Exception):
+    """A submission reuses an idempotency key with other content than the task that holds it:
+    nothing was written. A repeat returns the task only when it has the same action, payload
+    (as a JSON value), queue, priority, max_attempts (as resolved: the action's when not given),
+    lease_seconds and timeout_seconds; due_at is not compared.
+
+    `key`; `task_id`, the task that holds the key (None when the key is given earlier in the
+    same batch, by the task at `earlier`); `index`, the task's position in a batch (None for
+    one task); `fields`, what differs."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        key: str,
+        task_id: int | None,
+        index: int | None = None,
+        earlier: int | None = None,
+        fields: tuple[str, ...] = (),
+    ) -> None:
+        super().__init__(message)
+        self.key = key
+        self.task_id = task_id
+        self.index = index
+        self.earlier = earlier
+        self.fields = fields
+
+    @classmethod
+    def of(cls, conflict: KeyConflict, *, batch: bool) -> IdempotencyConflict:
+        """From the store's KeyConflict; `batch`: name the task by its index."""
+        where = f"tasks[{conflict.index}]: " if batch else ""
+        *most, last = conflict.fields or ("content",)
+        what = f"{', '.join(most)} and {last}" if most else last
+        holder = (
+            f"is already used by task {conflict.task_id}"
+            if conflict.task_id is not None
+            else f"is also given to tasks[{conflict.earlier}]"
+        )
+        return cls(
+            f"{where}idempotency_key {conflict.key!r} {holder} with a different {what}",
+            key=conflict.key,
+            task_id=conflict.task_id,
+            index=conflict.index if batch else None,
+            earlier=conflict.earlier,
+            fields=conflict.fields,
+        )
 
 
 def payload_field(message: str) -> str:

@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session
 
 from tasklease import (
     Client,
+    IdempotencyConflict,
     InvalidTask,
     NoTransaction,
     SyncClient,
@@ -133,6 +134,91 @@ async def test_idempotency_key_returns_the_first_task(client: Client) -> None:
     first = await client.submit("noop", {"n": 1}, idempotency_key="k-1")
     again = await client.submit("noop", {"n": 1}, idempotency_key="k-1")
     assert again.id == first.id
+    # max_attempts as resolved: test_fail's own (3) whether given or not; due_at not compared
+    failing = await client.submit("test_fail", {}, idempotency_key="k-2")
+    later = datetime.now(UTC) + timedelta(days=1)
+    again = await client.submit(
+        "test_fail", {}, idempotency_key="k-2", max_attempts=3, due_at=later
+    )
+    assert again.id == failing.id and again.due_at == failing.due_at != later
+
+
+async def test_a_key_reused_with_other_content_is_a_conflict(
+    client: Client, conn: asyncpg.Connection
+) -> None:
+    first = await client.submit("noop", {"n": 1}, idempotency_key="k1")
+    with pytest.raises(
+        IdempotencyConflict,
+        match=f"^idempotency_key 'k1' is already used by task {first.id} with a different payload$",
+    ) as raised:
+        await client.submit("noop", {"n": 2}, idempotency_key="k1")
+    conflict = raised.value
+    assert (conflict.key, conflict.task_id, conflict.index, conflict.fields) == (
+        "k1",
+        first.id,
+        None,
+        ("payload",),
+    )
+    with pytest.raises(IdempotencyConflict, match="different max_attempts") as raised:
+        await client.submit("noop", {"n": 1}, idempotency_key="k1", max_attempts=7)
+    with pytest.raises(IdempotencyConflict, match="different queue and priority"):
+        await client.submit("noop", {"n": 1}, idempotency_key="k1", queue="q", priority=1)
+    body = {"action": "noop", "payload": {"n": 1}}
+    with pytest.raises(IdempotencyConflict) as raised:
+        await client.submit_many(
+            [
+                body,
+                {**body, "idempotency_key": "k1"},
+                {**body, "idempotency_key": "k1", "queue": "q"},
+            ]
+        )
+    assert raised.value.index == 2 and raised.value.task_id == first.id
+    assert str(raised.value).startswith("tasks[2]: idempotency_key 'k1' is already used by task ")
+    with pytest.raises(IdempotencyConflict, match=r"^tasks\[1\]: .* also given to tasks\[0\]"):
+        await client.submit_many(
+            [{**body, "idempotency_key": "k9"}, {**body, "idempotency_key": "k9", "payload": {}}]
+        )
+    assert await count_tasks(conn) == 1
+
+
+async def test_a_conflict_in_the_callers_transaction_leaves_it_usable(
+    client: Client, db: str, conn: asyncpg.Connection
+) -> None:
+    """The conflict is seen before anything is written, without an error in the database:
+    the caller may catch it and go on, and commit what else it did."""
+    held = await client.submit("noop", {"n": 1}, idempotency_key="k1")
+    mine = await asyncpg.connect(db)
+    try:
+        async with mine.transaction():
+            kept = await client.submit("noop", {"kept": True}, connection=mine)
+            with pytest.raises(IdempotencyConflict) as raised:
+                await client.submit_many(
+                    [
+                        {"action": "noop", "payload": {}},
+                        {"action": "noop", "payload": {"n": 2}, "idempotency_key": "k1"},
+                    ],
+                    connection=mine,
+                )
+            assert (raised.value.task_id, raised.value.index) == (held.id, 1)
+            assert await mine.fetchval("SELECT count(*) FROM tasks") == 2
+    finally:
+        await mine.close()
+    assert (await client.get(kept.id)).payload == {"kept": True}
+    assert await count_tasks(conn) == 2
+
+
+def test_sync_client_conflict_through_a_sqlalchemy_session(db: str) -> None:
+    engine = create_engine(db.replace("postgresql://", "postgresql+psycopg://"))
+    try:
+        with SyncClient(db, handlers=HANDLERS) as client:
+            held = client.submit("noop", {"n": 1}, idempotency_key="k1")
+            with Session(engine) as session, session.begin():
+                same = client.submit("noop", {"n": 1}, idempotency_key="k1", connection=session)
+                with pytest.raises(IdempotencyConflict) as raised:
+                    client.submit("noop", {"n": 2}, idempotency_key="k1", connection=session)
+            assert same.id == held.id and raised.value.task_id == held.id
+    finally:
+        engine.dispose()
 
 
 async def test_not_found_and_conflicts(client: Client, conn: asyncpg.Connection) -> None:
