@@ -48,7 +48,7 @@ from tasklease.engine import database, jsontext, operations, tasks
 from tasklease.engine.registry import Handler
 from tasklease.engine.reporting import Counters, Reporter, alive
 from tasklease.engine.states import TaskState
-from tasklease.engine.store import TRANSIENT_ERRORS, NewTask, Store
+from tasklease.engine.store import TRANSIENT_ERRORS, KeyTaken, NewTask, Store
 
 log = logging.getLogger("tasklease.api")
 T = TypeVar("T")
@@ -104,6 +104,26 @@ def errors(*codes: int) -> dict[int, ResponseSpec]:
         )
         for code in codes
     }
+
+
+# 409 on a submission: its own description and example (errors() has the state conflict's)
+KEY_CONFLICT = ResponseSpec(
+    ErrorBody,
+    description="The idempotency key is already used by a task with other content (action, "
+    "payload, queue, priority, max_attempts, lease_seconds or timeout_seconds; due_at is not "
+    "compared): `extra.task_id` is that task, `extra.index` the batch's task. Nothing written",
+    generate_examples=False,
+    examples=[
+        Example(
+            value={
+                "status_code": 409,
+                "detail": "idempotency_key 'k1' is already used by task 17 with a different "
+                "payload",
+                "extra": {"idempotency_key": "k1", "task_id": 17, "fields": ["payload"]},
+            }
+        )
+    ],
+)
 
 
 class UnprocessableTask(HTTPException):
@@ -165,6 +185,22 @@ def prepare(data: TaskCreate, handlers: dict[str, Handler], index: int | None = 
         raise UnprocessableTask(str(exc), extra=extra or None) from None
 
 
+def key_conflict(taken: KeyTaken, *, batch: bool) -> Conflict:
+    """409 naming the key, the task that holds it (or the batch's earlier task giving it), and
+    in a batch the task's index."""
+    exc = tasks.IdempotencyConflict.of(taken.conflicts[0], batch=batch)
+    extra: dict[str, Any] = {
+        "idempotency_key": exc.key,
+        "task_id": exc.task_id,
+        "fields": list(exc.fields),
+    }
+    if batch:
+        extra["index"] = exc.index
+    if exc.earlier is not None:
+        extra["earlier"] = exc.earlier
+    return Conflict(str(exc), extra=extra)
+
+
 @post(
     "/tasks",
     operation_id="submitTask",
@@ -173,8 +209,9 @@ def prepare(data: TaskCreate, handlers: dict[str, Handler], index: int | None = 
         200: ResponseSpec(
             TaskRead,
             generate_examples=False,
-            description="The task that already holds this idempotency key",
+            description="The task that already holds this idempotency key, with the same content",
         ),
+        409: KEY_CONFLICT,
         **errors(400, 401, 403, 413, 415, 422, 503),
     },
 )
@@ -184,9 +221,12 @@ async def submit_task(
     request: Request[Any, Any, Any],
 ) -> Response[TaskRead]:
     """Submit a task. 201 with the new task; 200 with the existing one for a repeated
-    idempotency key."""
+    idempotency key with the same content; 409 when that task's content differs."""
     new = prepare(await strict(request, TaskCreate), state.handlers)
-    submitted = (await _store(state).submit_many([new]))[0]
+    try:
+        submitted = (await _store(state).submit_many([new]))[0]
+    except KeyTaken as taken:
+        raise key_conflict(taken, batch=False) from None
     task = TaskRead.from_row(submitted.task)
     if submitted.created:
         state.counters.count("submit")
@@ -203,16 +243,20 @@ async def submit_task(
     "/tasks/batch",
     operation_id="submitTasks",
     status_code=HTTP_201_CREATED,
-    responses=errors(400, 401, 403, 413, 415, 422, 503),
+    responses={409: KEY_CONFLICT, **errors(400, 401, 403, 413, 415, 422, 503)},
 )
 async def submit_tasks(
     data: TaskBatchCreate, state: State, request: Request[Any, Any, Any]
 ) -> TaskBatchRead:
     """Submit many tasks in one transaction: all are written, or none (the first bad one is
-    named). Repeated idempotency keys return the existing tasks."""
+    named). Repeated idempotency keys with the same content return the existing tasks; with
+    other content, 409 naming the first such task (nothing is written)."""
     batch = await strict(request, TaskBatchCreate)
     new = [prepare(t, state.handlers, i) for i, t in enumerate(batch.tasks)]
-    submitted = await _store(state).submit_many(new)
+    try:
+        submitted = await _store(state).submit_many(new)
+    except KeyTaken as taken:
+        raise key_conflict(taken, batch=True) from None
     created = sum(s.created for s in submitted)
     state.counters.count("submit", created)
     log.info("batch of %d submitted: %d new -> PENDING (submit)", len(new), created)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import datetime
 from typing import Annotated, Any
 
 import msgspec
 
+from tasklease.engine.states import TaskState
 from tasklease.engine.tasks import Task, TaskSpec, Transition
 
 MAX_BATCH = 10_000
@@ -22,8 +24,24 @@ class TaskBatchCreate(msgspec.Struct, forbid_unknown_fields=True):
     tasks: Annotated[list[TaskCreate], msgspec.Meta(min_length=1, max_length=MAX_BATCH)]
 
 
+def stored_json(value: str) -> Any:
+    """A jsonb column's text, sent as it is (msgspec.Raw): never decoded, so whatever the
+    database holds (nesting deeper than a decoder goes, numbers beyond float) is shown
+    exactly, and a large payload costs no decoding."""
+    return msgspec.Raw(value)
+
+
 class TaskRead(Task):
     """A task, as stored."""
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> Any:
+        fields = {f: row[f] for f in cls.__struct_fields__}
+        fields["payload"] = stored_json(fields["payload"])
+        fields["state"] = TaskState(fields["state"])
+        if fields["result"] is not None:
+            fields["result"] = stored_json(fields["result"])
+        return cls(**fields)
 
 
 class TaskBatchRead(msgspec.Struct):
@@ -61,7 +79,7 @@ class ScheduleRead(msgspec.Struct, kw_only=True):
     @classmethod
     def from_row(cls, row: Any) -> ScheduleRead:
         fields = {f: row[f] for f in cls.__struct_fields__ if f != "payload"}
-        return cls(**fields, payload=msgspec.json.decode(row["payload"]))
+        return cls(**fields, payload=stored_json(row["payload"]))
 
 
 class QueueStats(msgspec.Struct):

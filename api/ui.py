@@ -231,11 +231,17 @@ def refused(request: Request[Any, Any, Any], exc: PermissionDeniedException) -> 
 # --- template helpers ----------------------------------------------------------------------
 
 
+RELATIVE_SECONDS = 365 * 86400  # further away than a year: the date, not "in 3 y"
+
+
 def ago(at: datetime | None, now: datetime | None = None) -> str:
-    """`3 min ago`, `in 2 h`: relative to now, coarse on purpose."""
+    """`3 min ago`, `in 2 h`: relative to now, coarse on purpose; further than a year away,
+    the date (rows written by SQL may say year 1 or 9999: `in 2914000 d` helps no one)."""
     if at is None:
         return "—"
     seconds = ((now or datetime.now(UTC)) - at).total_seconds()
+    if abs(seconds) >= RELATIVE_SECONDS:
+        return utc(at).date().isoformat()
     text = span(abs(seconds))
     if abs(seconds) < 1:
         return "just now"
@@ -254,17 +260,33 @@ def span(seconds: float) -> str:
     return f"{seconds / 86400:.0f} d"
 
 
+def utc(at: datetime) -> datetime:
+    """In UTC; as it is when it cannot be moved there (a zone's offset past year 9999)."""
+    try:
+        return at.astimezone(UTC)
+    except (OverflowError, ValueError):
+        return at
+
+
 def rfc3339(at: datetime | None) -> str:
-    return "" if at is None else at.astimezone(UTC).isoformat().replace("+00:00", "Z")
+    return "" if at is None else utc(at).isoformat().replace("+00:00", "Z")
 
 
 def clock(at: datetime | None) -> str:
-    """Absolute, to the millisecond, in UTC."""
-    return "—" if at is None else at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] + " UTC"
+    """Absolute, to the millisecond, in UTC (isoformat: strftime writes year 1 as `1`)."""
+    if at is None:
+        return "—"
+    return utc(at).isoformat(sep=" ", timespec="milliseconds").replace("+00:00", " UTC")
 
 
 def pretty(raw: str | None) -> str:
-    return "null" if raw is None else msgspec.json.format(raw, indent=2)
+    """Indented JSON; as stored when it cannot be (nesting deeper than msgspec goes)."""
+    if raw is None:
+        return "null"
+    try:
+        return msgspec.json.format(raw, indent=2)
+    except (RecursionError, msgspec.DecodeError):
+        return raw
 
 
 def _engine(engine: JinjaTemplateEngine) -> None:

@@ -31,8 +31,15 @@ import asyncpg
 import msgspec
 
 from tasklease.engine import database, operations, registry
-from tasklease.engine.store import Fetch, NewTask, Store, submit_on
-from tasklease.engine.tasks import Task, TaskSpec, Transition, prepare, spec
+from tasklease.engine.store import Fetch, KeyTaken, NewTask, Store, submit_on
+from tasklease.engine.tasks import (
+    IdempotencyConflict,
+    Task,
+    TaskSpec,
+    Transition,
+    prepare,
+    spec,
+)
 
 T = TypeVar("T")
 DONE_CHANNEL = "tasklease_done"
@@ -115,7 +122,8 @@ class Client:
         connection: Any = None,
     ) -> Task:
         """Submit one task; a repeated idempotency key returns the task that holds it.
-        InvalidTask names what is wrong with a submission."""
+        InvalidTask names what is wrong with a submission; IdempotencyConflict says that the
+        key is held by a task with other content (nothing is written)."""
         fields = {
             "action": action,
             "payload": _builtins(payload),
@@ -128,22 +136,27 @@ class Client:
             "timeout_seconds": timeout_seconds,
         }
         new = prepare(spec(_spec_fields(fields)), registry.REGISTRY)
-        [task] = await self._write([new], connection)
+        [task] = await self._write([new], connection, batch=False)
         return task
 
     async def submit_many(
         self, tasks: Iterable[Mapping[str, Any] | TaskSpec], *, connection: Any = None
     ) -> list[Task]:
-        """Submit tasks given as POST /tasks bodies (or TaskSpecs) together: all or none."""
+        """Submit tasks given as POST /tasks bodies (or TaskSpecs) together: all or none.
+        IdempotencyConflict names the first task that reuses a key with other content."""
         new = [
             prepare(t if isinstance(t, TaskSpec) else spec(_spec_fields(t)), registry.REGISTRY, i)
             for i, t in enumerate(tasks)
         ]
-        return await self._write(new, connection) if new else []
+        return await self._write(new, connection, batch=True) if new else []
 
-    async def _write(self, new: Sequence[NewTask], connection: Any) -> list[Task]:
+    async def _write(self, new: Sequence[NewTask], connection: Any, *, batch: bool) -> list[Task]:
         fetch = self.store.pool.fetch if connection is None else await fetcher(connection)
-        return [Task.from_row(s.task) for s in await submit_on(fetch, new)]
+        try:
+            submitted = await submit_on(fetch, new, own_transaction=connection is None)
+        except KeyTaken as taken:
+            raise IdempotencyConflict.of(taken.conflicts[0], batch=batch) from None
+        return [Task.from_row(s.task) for s in submitted]
 
     # --- reading and operating ---------------------------------------------------------------
 

@@ -261,7 +261,10 @@ def add_commands(sub: Any, state_choices: list[str]) -> None:
     when = p.add_mutually_exclusive_group()
     when.add_argument("--due-at", type=rfc3339, help="RFC 3339 time, e.g. 2026-01-20T12:00:00Z")
     when.add_argument("--in", dest="delay", type=duration, help="run after a delay: 90, 10s, 5m")
-    p.add_argument("--idempotency-key", help="a repeat returns the first task")
+    p.add_argument(
+        "--idempotency-key",
+        help="a repeat with the same content returns the first task (other content: 409)",
+    )
     p.add_argument("--queue", help="queue (default: default)")
     p.add_argument("--priority", type=int, help="higher runs first (default 0)")
     p.add_argument("--max-attempts", type=int, help="default: the handler's")

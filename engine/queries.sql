@@ -388,18 +388,63 @@ SELECT state, lease_token = $2 AS ours FROM tasks WHERE id = $1;
 -- Insert a batch of PENDING tasks and their `submit` rows in one statement. $1..$9 are
 -- aligned arrays, one element per task. Returns the inserted tasks (created) and, for
 -- idempotency keys already taken, the existing tasks (not created).
-WITH input AS (
-    SELECT * FROM unnest($1::text[], $2::text[], $3::smallint[], $4::text[], $5::integer[],
-                         $6::timestamptz[], $7::text[], $8::float8[], $9::float8[])
+-- A key is repeated faithfully when the task that holds it (or, within the batch, the first
+-- task that gives it) has the same action, payload (as a JSON value), queue, priority,
+-- max_attempts, lease_seconds and timeout_seconds; due_at is not compared. Any other repeat
+-- is a conflict: then nothing is inserted, and one row per such task (conflict_index, from 0)
+-- names the task holding the key (conflict_task) or the earlier task of the batch giving it
+-- (conflict_earlier, from 0), and what differs (conflict_fields).
+-- A key taken by a transaction that committed after this statement's snapshot is neither
+-- inserted nor returned; the caller runs the statement again. Should the statement have
+-- inserted other tasks meanwhile, it fails with serialization_failure (tasklease_raise)
+-- instead, so that none of them stays.
+WITH input AS MATERIALIZED (
+    SELECT action, queue, priority, payload::jsonb AS payload, max_attempts, due_at,
+           idempotency_key, lease_seconds, timeout_seconds, ord
+    FROM unnest($1::text[], $2::text[], $3::smallint[], $4::text[], $5::integer[],
+                $6::timestamptz[], $7::text[], $8::float8[], $9::float8[])
         WITH ORDINALITY
         AS i(action, queue, priority, payload, max_attempts, due_at, idempotency_key,
              lease_seconds, timeout_seconds, ord)
+), held AS (
+    -- the tasks that hold the keys given, as this statement's snapshot sees them
+    SELECT * FROM tasks WHERE idempotency_key = ANY($7::text[])
+), reference AS (
+    -- what a task giving a key must match: the task that holds it, else the first of the
+    -- batch that gives it
+    SELECT idempotency_key, id AS task_id, NULL::bigint AS ord, action, payload, queue,
+           priority, max_attempts, lease_seconds, timeout_seconds
+    FROM held
+    UNION ALL
+    SELECT * FROM (
+        SELECT DISTINCT ON (idempotency_key) idempotency_key, NULL::bigint, ord, action,
+               payload, queue, priority, max_attempts, lease_seconds, timeout_seconds
+        FROM input
+        WHERE idempotency_key IS NOT NULL
+          AND idempotency_key NOT IN (SELECT idempotency_key FROM held)
+        ORDER BY idempotency_key, ord) AS first_given
+), conflict AS (
+    SELECT i.ord, r.task_id, r.ord AS earlier, d.fields
+    FROM input i
+    JOIN reference r ON r.idempotency_key = i.idempotency_key
+    CROSS JOIN LATERAL (SELECT array_remove(ARRAY[
+        CASE WHEN i.action <> r.action THEN 'action' END,
+        CASE WHEN i.payload <> r.payload THEN 'payload' END,
+        CASE WHEN i.queue <> r.queue THEN 'queue' END,
+        CASE WHEN i.priority <> r.priority THEN 'priority' END,
+        CASE WHEN i.max_attempts <> r.max_attempts THEN 'max_attempts' END,
+        CASE WHEN i.lease_seconds IS DISTINCT FROM r.lease_seconds THEN 'lease_seconds' END,
+        CASE WHEN i.timeout_seconds IS DISTINCT FROM r.timeout_seconds
+             THEN 'timeout_seconds' END], NULL) AS fields) AS d
+    WHERE cardinality(d.fields) > 0
 ), new AS (
     INSERT INTO tasks (action, queue, priority, payload, max_attempts, due_at, idempotency_key,
                        lease_seconds, timeout_seconds)
-    SELECT action, queue, priority, payload::jsonb, max_attempts, coalesce(due_at, now()),
+    SELECT action, queue, priority, payload, max_attempts, coalesce(due_at, now()),
            idempotency_key, lease_seconds, timeout_seconds
-    FROM input ORDER BY ord
+    FROM input
+    WHERE NOT EXISTS (SELECT FROM conflict)
+    ORDER BY ord
     ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
     RETURNING *
 ), logged AS (
@@ -407,12 +452,54 @@ WITH input AS (
     INSERT INTO task_transitions (task_id, trigger, from_state, to_state, attempt)
     SELECT id, 'submit', NULL, 'PENDING', 0 FROM new
     WHERE pg_notify('tasklease', queue) IS NOT NULL
+), raced AS (
+    -- keys neither inserted nor seen: taken by a transaction that committed after our snapshot
+    SELECT idempotency_key FROM input
+    WHERE idempotency_key IS NOT NULL
+      AND idempotency_key NOT IN (SELECT idempotency_key FROM held)
+      AND idempotency_key NOT IN (SELECT idempotency_key FROM new
+                                  WHERE idempotency_key IS NOT NULL)
+      AND NOT EXISTS (SELECT FROM conflict)
 )
-SELECT true AS created, new.* FROM new
+SELECT true AS created, new.*, NULL::bigint AS conflict_index, NULL::bigint AS conflict_task,
+       NULL::bigint AS conflict_earlier, NULL::text[] AS conflict_fields
+FROM new
 UNION ALL
-SELECT false AS created, t.* FROM tasks t
-WHERE t.idempotency_key = ANY($7::text[])
-  AND t.idempotency_key NOT IN (SELECT idempotency_key FROM new WHERE idempotency_key IS NOT NULL);
+SELECT false, held.*, NULL, NULL, NULL, NULL FROM held
+WHERE held.idempotency_key NOT IN (SELECT idempotency_key FROM new
+                                   WHERE idempotency_key IS NOT NULL)
+UNION ALL
+SELECT false, (NULL::tasks).*, ord - 1, task_id, earlier - 1, fields FROM conflict
+UNION ALL
+SELECT false, (NULL::tasks).*, NULL, NULL, NULL, NULL FROM raced
+WHERE CASE WHEN EXISTS (SELECT FROM new)
+           THEN tasklease_raise('40001', format(
+               'idempotency_key %L was taken by a transaction that committed during this '
+               'submission: nothing of it was written; submit again', idempotency_key))
+           ELSE false END;
+
+-- name: task_submit_unkeyed
+-- task_submit_many for tasks none of which has an idempotency key (most submissions):
+-- nothing to find or compare, so none of its checks. $1..$9 as there ($7 all NULL).
+WITH new AS (
+    INSERT INTO tasks (action, queue, priority, payload, max_attempts, due_at, idempotency_key,
+                       lease_seconds, timeout_seconds)
+    SELECT action, queue, priority, payload::jsonb, max_attempts, coalesce(due_at, now()),
+           idempotency_key, lease_seconds, timeout_seconds
+    FROM unnest($1::text[], $2::text[], $3::smallint[], $4::text[], $5::integer[],
+                $6::timestamptz[], $7::text[], $8::float8[], $9::float8[])
+        WITH ORDINALITY
+        AS i(action, queue, priority, payload, max_attempts, due_at, idempotency_key,
+             lease_seconds, timeout_seconds, ord)
+    ORDER BY ord
+    RETURNING *
+), logged AS (
+    -- NOTIFY wakes idle workers of the queue (pg_notify returns void, which IS NOT NULL)
+    INSERT INTO task_transitions (task_id, trigger, from_state, to_state, attempt)
+    SELECT id, 'submit', NULL, 'PENDING', 0 FROM new
+    WHERE pg_notify('tasklease', queue) IS NOT NULL
+)
+SELECT true AS created, new.* FROM new;
 
 -- name: task_list
 -- A page of tasks, newest first: id below the cursor $1, at most $2 rows. Store.list_tasks
@@ -425,9 +512,12 @@ SELECT queue, state, count(*) AS tasks FROM tasks GROUP BY queue, state;
 
 -- name: queue_lag
 -- Per queue: tasks due and waiting (PENDING/FAILED with due_at <= now) and the age in
--- seconds of the oldest of them. Reads only the claimable index.
+-- seconds of the oldest of them. Reads only the claimable index. A due time before year 1
+-- ('-infinity', BC: only SQL writes such rows) counts from year 1: `now() - '-infinity'` is
+-- an error before PostgreSQL 17 and infinite after.
 SELECT queue, count(*) AS due,
-       extract(epoch FROM now() - min(due_at))::float8 AS oldest_due_seconds
+       extract(epoch FROM now() - greatest(min(due_at), '0001-01-01 00:00:00+00'))::float8
+           AS oldest_due_seconds
 FROM tasks WHERE state IN ('PENDING', 'FAILED') AND due_at <= now()
 GROUP BY queue;
 
@@ -441,8 +531,11 @@ SET running = excluded.running, counters = excluded.counters, last_seen_at = now
     stopped_at = excluded.stopped_at;
 
 -- name: process_list
--- Every process that has reported, with how long ago it was last seen.
-SELECT *, extract(epoch FROM now() - last_seen_at)::float8 AS seen_seconds_ago
+-- Every process that has reported, with how long ago it was last seen (a time out of years
+-- 1 to 9999, which only SQL writes, counts as the nearest end of that range).
+SELECT *, extract(epoch FROM now() - least(greatest(last_seen_at, '0001-01-01 00:00:00+00'),
+                                           '9999-12-31 23:59:59.999999+00'))::float8
+              AS seen_seconds_ago
 FROM processes ORDER BY kind, started_at;
 
 -- name: db_now

@@ -25,7 +25,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import msgspec
 from croniter import croniter
 
-from tasklease.engine.store import TRANSIENT_ERRORS, NewTask, Store
+from tasklease.engine.store import TRANSIENT_ERRORS, KeyTaken, NewTask, Store
 
 log = logging.getLogger("tasklease.schedules")
 MISSED_POLICIES = ("once", "skip")
@@ -154,31 +154,7 @@ class Scheduler:
             d = decide(s, now)
             task_id = None
             if d.run:
-                submitted = (
-                    await self.store.submit_many(
-                        [
-                            NewTask(
-                                s.action,
-                                msgspec.json.encode(s.payload).decode(),
-                                queue=s.queue,
-                                priority=s.priority,
-                                due_at=d.slot,
-                                idempotency_key=s.key(d.slot),
-                            )
-                        ]
-                    )
-                )[0]
-                task_id = submitted.task["id"]
-                if submitted.task["action"] != s.action:
-                    # submissions may not take schedule keys (engine.tasks); only a row
-                    # written around them could hold this one
-                    log.error(
-                        "schedule %s: its key for %s is held by task %d of action %s",
-                        s.name,
-                        d.slot.isoformat(),
-                        task_id,
-                        submitted.task["action"],
-                    )
+                task_id = await self.submit(s, d.slot)
             advanced = await self.store.advance_schedule(
                 s.name, row["last_slot_at"], d.slot, s.next_slot(d.slot), task_id
             )
@@ -192,6 +168,33 @@ class Scheduler:
                 )
             wait = 0.0  # look again at once: the next slot may have come too
         return wait
+
+    async def submit(self, s: Schedule, slot: datetime) -> int | None:
+        """The slot's task, made now or by another scheduler before (its key says which slot).
+        A task of other content holds the key when schedulers disagree on the schedule (a
+        deploy under way changed its payload, say): that task stands for the slot."""
+        new = NewTask(
+            s.action,
+            msgspec.json.encode(s.payload).decode(),
+            queue=s.queue,
+            priority=s.priority,
+            due_at=slot,
+            idempotency_key=s.key(slot),
+        )
+        try:
+            return int((await self.store.submit_many([new]))[0].task["id"])
+        except KeyTaken as taken:
+            conflict = taken.conflicts[0]
+            # submissions may not take schedule keys (engine.tasks): another action there
+            # means a row written around them
+            (log.error if "action" in conflict.fields else log.warning)(
+                "schedule %s: its key for %s is held by task %s with a different %s",
+                s.name,
+                slot.isoformat(),
+                conflict.task_id,
+                ", ".join(conflict.fields),
+            )
+            return conflict.task_id
 
     async def run(self) -> None:
         if not self.schedules:

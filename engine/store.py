@@ -10,7 +10,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 import asyncpg
@@ -60,6 +60,30 @@ class Submitted:
 
 
 @dataclass(frozen=True)
+class KeyConflict:
+    """The index-th task of a submission (from 0) gives an idempotency key with other content
+    (`fields`: action, payload, ...) than the task that holds it (`task_id`), or, task_id None,
+    than the earlier task of the same batch that gives it (`earlier`, from 0)."""
+
+    index: int
+    key: str
+    task_id: int | None
+    earlier: int | None
+    fields: tuple[str, ...]
+
+
+class KeyTaken(Exception):
+    """task_submit_many wrote nothing: some of its tasks reuse idempotency keys with other
+    content. `conflicts` in input order (engine.tasks turns the first into an
+    IdempotencyConflict)."""
+
+    def __init__(self, conflicts: Sequence[KeyConflict]) -> None:
+        self.conflicts = sorted(conflicts, key=lambda c: c.index)
+        first = self.conflicts[0]
+        super().__init__(f"tasks[{first.index}]: idempotency_key {first.key!r} reused")
+
+
+@dataclass(frozen=True)
 class NewTask:
     action: str
     payload_json: str
@@ -103,6 +127,53 @@ LIST_FILTERS = {
 FIRST_PAGE = 2**63 - 1
 
 
+# timestamptz on the wire: microseconds since 2000-01-01 UTC; int64's ends are +-infinity.
+PG_EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
+_INFINITY, _MINUS_INFINITY = 2**63 - 1, -(2**63)
+# What a time PostgreSQL holds and Python cannot (infinity, BC, after 9999) reads as.
+EARLIEST = datetime.min.replace(tzinfo=UTC)
+LATEST = datetime.max.replace(tzinfo=UTC)
+_EARLIEST_US = (EARLIEST - PG_EPOCH) // _MICROSECOND
+_LATEST_US = (LATEST - PG_EPOCH) // _MICROSECOND
+
+
+def decode_timestamptz(value: tuple[int]) -> datetime:
+    """A timestamptz, always aware (UTC). asyncpg's own decoder raises OverflowError for a
+    time Python cannot hold (BC, after 9999) and gives naive datetime.min/max for -infinity
+    and infinity, which break every comparison with an aware time: a row written by SQL must
+    not make a page or a claim fail. Such times read as EARLIEST or LATEST."""
+    try:
+        return PG_EPOCH + timedelta(microseconds=value[0])
+    except OverflowError:
+        return LATEST if value[0] > 0 else EARLIEST
+
+
+def encode_timestamptz(value: date) -> tuple[int]:
+    """As asyncpg's own encoder: a naive time is local time; datetime.max and datetime.min
+    (naive, or EARLIEST and LATEST) are infinity and -infinity, so they read back alike."""
+    if not isinstance(value, datetime):
+        value = datetime(value.year, value.month, value.day).astimezone()
+    if value == datetime.max:
+        return (_INFINITY,)
+    if value == datetime.min:
+        return (_MINUS_INFINITY,)
+    micros = (value.astimezone(UTC) - PG_EPOCH) // _MICROSECOND
+    if micros == _LATEST_US:
+        return (_INFINITY,)
+    return (_MINUS_INFINITY,) if micros == _EARLIEST_US else (micros,)
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    await conn.set_type_codec(
+        "timestamptz",
+        schema="pg_catalog",
+        encoder=encode_timestamptz,
+        decoder=decode_timestamptz,
+        format="tuple",
+    )
+
+
 async def _keep_session(conn: asyncpg.Connection) -> None:
     """Pool release without asyncpg's reset query (a round trip per statement): tasklease
     sets no session state (no LISTEN, advisory locks or SET) on pooled connections."""
@@ -136,6 +207,7 @@ class Store:
             min_size=min_size,
             max_size=max_size,
             server_settings=settings,
+            init=_init_connection,
             reset=_keep_session,
         )
         return cls(pool, dsn)
@@ -373,9 +445,17 @@ class Store:
 Fetch = Callable[..., Awaitable[Sequence[Mapping[str, Any]]]]
 
 
-async def submit_on(fetch: Fetch, tasks: Sequence[NewTask]) -> list[Submitted]:
+async def submit_on(
+    fetch: Fetch, tasks: Sequence[NewTask], *, own_transaction: bool = True
+) -> list[Submitted]:
     """`task_submit_many` through `fetch` (a pool's, or a connection inside the caller's
-    transaction), each task paired with its row."""
+    transaction: `own_transaction` False), each task paired with its row. KeyTaken when a
+    task reuses an idempotency key with other content: then nothing was written.
+
+    A key taken by a transaction that committed during the statement: the statement is run
+    again, with a snapshot that sees it. If the statement had inserted other tasks meanwhile,
+    it failed instead (serialization_failure) so that none of them stays; in the caller's
+    transaction, now aborted, that error is the caller's to handle (retry the transaction)."""
     columns = (
         [t.action for t in tasks],
         [t.queue for t in tasks],
@@ -387,8 +467,29 @@ async def submit_on(fetch: Fetch, tasks: Sequence[NewTask]) -> list[Submitted]:
         [t.lease_seconds for t in tasks],
         [t.timeout_seconds for t in tasks],
     )
+    keyed = any(t.idempotency_key is not None for t in tasks)
+    statement = SQL["task_submit_many" if keyed else "task_submit_unkeyed"]
     for _ in range(3):
-        rows = await fetch(SQL["task_submit_many"], *columns)
+        try:
+            rows = await fetch(statement, *columns)
+        except asyncpg.SerializationError:
+            if not own_transaction:
+                raise
+            continue
+        conflicts = [r for r in rows if r.get("conflict_index") is not None]
+        if conflicts:
+            raise KeyTaken(
+                [
+                    KeyConflict(
+                        index=r["conflict_index"],
+                        key=str(tasks[r["conflict_index"]].idempotency_key),
+                        task_id=r["conflict_task"],
+                        earlier=r["conflict_earlier"],
+                        fields=tuple(r["conflict_fields"]),
+                    )
+                    for r in conflicts
+                ]
+            )
         by_key = {r["idempotency_key"]: r for r in rows if r["idempotency_key"] is not None}
         # Unkeyed tasks never conflict: they come back in input order (identity order).
         unkeyed = iter(

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 import msgspec
@@ -16,7 +16,7 @@ import msgspec
 from tasklease.engine.jsontext import nested_deeper_than, nul_at
 from tasklease.engine.registry import Handler
 from tasklease.engine.states import TaskState
-from tasklease.engine.store import NewTask
+from tasklease.engine.store import KeyConflict, NewTask
 
 Text = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
 # A lease under a second would be renewed more often than a round trip takes on a busy
@@ -29,8 +29,19 @@ TimeoutSeconds = Annotated[
     float,
     msgspec.Meta(ge=0.1, le=7 * 86400, description="seconds, 0.1 to 604800; null: the action's"),
 ]
-AwareDatetime = Annotated[
-    datetime, msgspec.Meta(tz=True, description="RFC 3339 with a time zone offset")
+# When a task may be due: a time in the past runs now. The bounds keep every time a task
+# holds within what anyone reading it computes with (the dashboard's relative times, clients'
+# date types, PostgreSQL versions before 17 that have no infinite interval); a year-1 time
+# written by asyncpg is even stored as -infinity. Checked by `prepare` and tasklease_submit().
+DUE_FROM = datetime(1970, 1, 1, tzinfo=UTC)
+DUE_BEFORE = datetime(2200, 1, 1, tzinfo=UTC)
+DUE_RANGE = "from 1970-01-01T00:00:00Z up to (not including) 2200-01-01T00:00:00Z"
+DueAt = Annotated[
+    datetime,
+    msgspec.Meta(
+        tz=True,
+        description=f"RFC 3339 with a time zone offset, {DUE_RANGE}; a past time runs now",
+    ),
 ]
 
 
@@ -48,7 +59,7 @@ class TaskSpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
     payload: dict[str, Any]
     action: Text | None = None
-    due_at: AwareDatetime | None = None
+    due_at: DueAt | None = None
     idempotency_key: Text | None = None
     max_attempts: Annotated[int, msgspec.Meta(ge=1, le=1000)] | None = None
     queue: Text = "default"
@@ -113,21 +124,73 @@ class Transition(msgspec.Struct, kw_only=True):
 
 class InvalidTask(ValueError):
     """A submission that cannot be accepted; the message names what is wrong. `field` names
-    the field (`payload.user_id`), `known_actions` lists the actions when the action is
-    unknown."""
+    the field (`payload.user_id`, `tasks[3].due_at`), `known_actions` lists the actions when
+    the action is unknown."""
 
     def __init__(
-        self, message: str, *, field: str | None = None, known_actions: list[str] | None = None
+        self,
+        message: str,
+        *,
+        field: str | None = None,
+        known_actions: list[str] | None = None,
     ) -> None:
         super().__init__(message)
         self.field = field
         self.known_actions = known_actions
 
 
+class IdempotencyConflict(Exception):
+    """A submission reuses an idempotency key with other content than the task that holds it:
+    nothing was written. A repeat returns the task only when it has the same action, payload
+    (as a JSON value), queue, priority, max_attempts (as resolved: the action's when not given),
+    lease_seconds and timeout_seconds; due_at is not compared.
+
+    `key`; `task_id`, the task that holds the key (None when the key is given earlier in the
+    same batch, by the task at `earlier`); `index`, the task's position in a batch (None for
+    one task); `fields`, what differs."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        key: str,
+        task_id: int | None,
+        index: int | None = None,
+        earlier: int | None = None,
+        fields: tuple[str, ...] = (),
+    ) -> None:
+        super().__init__(message)
+        self.key = key
+        self.task_id = task_id
+        self.index = index
+        self.earlier = earlier
+        self.fields = fields
+
+    @classmethod
+    def of(cls, conflict: KeyConflict, *, batch: bool) -> IdempotencyConflict:
+        """From the store's KeyConflict; `batch`: name the task by its index."""
+        where = f"tasks[{conflict.index}]: " if batch else ""
+        *most, last = conflict.fields or ("content",)
+        what = f"{', '.join(most)} and {last}" if most else last
+        holder = (
+            f"is already used by task {conflict.task_id}"
+            if conflict.task_id is not None
+            else f"is also given to tasks[{conflict.earlier}]"
+        )
+        return cls(
+            f"{where}idempotency_key {conflict.key!r} {holder} with a different {what}",
+            key=conflict.key,
+            task_id=conflict.task_id,
+            index=conflict.index if batch else None,
+            earlier=conflict.earlier,
+            fields=conflict.fields,
+        )
+
+
 class MalformedTask(InvalidTask):
-    """A submission no action could accept: a payload nested deeper than MAX_PAYLOAD_DEPTH,
-    or text PostgreSQL cannot store (a NUL character, a lone surrogate). The HTTP API answers
-    400 where other InvalidTasks get 422."""
+    """A submission no action could accept: a value out of its bounds (`due_at`), a payload
+    nested deeper than MAX_PAYLOAD_DEPTH, or text PostgreSQL cannot store (a NUL character, a
+    lone surrogate). The HTTP API answers 400 where other InvalidTasks get 422."""
 
 
 def payload_field(message: str) -> str:
@@ -181,6 +244,13 @@ def prepare(data: TaskSpec, handlers: Mapping[str, Handler], index: int | None =
     """Check one submission (the index-th of a batch) against the handlers; InvalidTask names
     what is wrong."""
     where, field = ("", "") if index is None else (f"tasks[{index}]: ", f"tasks[{index}].")
+    due = data.due_at
+    if due is not None and (due.utcoffset() is None or not DUE_FROM <= due < DUE_BEFORE):
+        problem = "has no time zone" if due.utcoffset() is None else f"is out of range: {DUE_RANGE}"
+        raise MalformedTask(
+            f"{field}due_at: {due.isoformat()} {problem}",
+            field=field + "due_at",
+        )
     action = data.action if data.action is not None else data.payload.get("action")
     known = sorted(handlers)
     if not isinstance(action, str) or not action:

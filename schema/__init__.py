@@ -46,6 +46,15 @@ async def current(conn: asyncpg.Connection) -> str | None:
 
 async def upgrade(dsn: str, revision: str = "head") -> str:
     """Bring the schema to `revision` in one transaction; safe to run from many processes."""
+    return await _migrate(dsn, "upgrade", revision)
+
+
+async def downgrade(dsn: str, revision: str) -> str:
+    """Take the schema back to `revision` in one transaction (tests of each downgrade)."""
+    return await _migrate(dsn, "downgrade", revision)
+
+
+async def _migrate(dsn: str, direction: str, revision: str) -> str:
     from alembic import command
     from sqlalchemy import Connection, text
     from sqlalchemy.ext.asyncio import create_async_engine
@@ -58,7 +67,7 @@ async def upgrade(dsn: str, revision: str = "head") -> str:
 
     def run(sync_conn: Connection) -> None:
         cfg.attributes["connection"] = sync_conn
-        command.upgrade(cfg, revision)
+        getattr(command, direction)(cfg, revision)
 
     try:
         async with engine.begin() as conn:

@@ -21,10 +21,17 @@ from tasklease.engine.fencing import LeaseLost
 from tasklease.engine.registry import PermanentError, Snooze, TaskContext, handler
 from tasklease.engine.schedules import schedule
 from tasklease.engine.states import TaskState
-from tasklease.engine.tasks import InvalidTask, Task, TaskSpec, Transition
+from tasklease.engine.tasks import (
+    IdempotencyConflict,
+    InvalidTask,
+    Task,
+    TaskSpec,
+    Transition,
+)
 
 __all__ = [
     "Client",
+    "IdempotencyConflict",
     "InvalidTask",
     "LeaseLost",
     "NoTransaction",

@@ -13,7 +13,8 @@
     var now = Date.now();
     document.querySelectorAll("time[data-ago]").forEach(function (el) {
       var s = (now - Date.parse(el.getAttribute("datetime"))) / 1000;
-      if (isNaN(s)) return;
+      // further than a year away the server wrote the date (api/ui.py, ago): keep it
+      if (isNaN(s) || Math.abs(s) >= 31536000) return;
       el.textContent = Math.abs(s) < 1 ? "just now" : s > 0 ? span(s) + " ago" : "in " + span(-s);
     });
   }

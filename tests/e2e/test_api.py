@@ -85,14 +85,19 @@ async def test_batch_submits_all_in_order(
         "tasks": [{"payload": {"action": "noop", "n": i}, "queue": "batch"} for i in range(5)]
         + [
             {"action": "email_user", "payload": {"user_id": 1}, "idempotency_key": "b-1"},
-            {"action": "email_user", "payload": {"user_id": 2}, "idempotency_key": "b-1"},
+            {
+                "action": "email_user",
+                "payload": {"user_id": 1},
+                "idempotency_key": "b-1",
+                "due_at": "2030-01-01T00:00:00Z",  # not compared
+            },
         ]
     }
     r = await http.post("/tasks/batch", json=body)
     assert r.status_code == 201, r.text
     tasks = r.json()["tasks"]
     assert [t["payload"].get("n") for t in tasks[:5]] == [0, 1, 2, 3, 4]
-    assert tasks[5]["id"] == tasks[6]["id"] and tasks[6]["payload"] == {"user_id": 1}
+    assert tasks[5]["id"] == tasks[6]["id"] and tasks[6]["due_at"] == tasks[5]["due_at"]
     assert all(t["state"] == "PENDING" for t in tasks)
     assert await count(conn, "task_transitions") == before + 6
 
@@ -108,6 +113,7 @@ async def test_batch_submits_all_in_order(
         ),
         ({"payload": {"action": "noop"}, "due_at": "soon"}, 400, "tasks[2].due_at"),
         ({"payload": {"action": "noop"}, "priority": "high"}, 400, "tasks[2].priority"),
+        ({"payload": {"action": "noop"}, "due_at": "2200-01-01T00:00:00Z"}, 400, "tasks[2].due_at"),
         ({"payload": None}, 400, "tasks[2].payload"),
     ],
 )
@@ -123,6 +129,49 @@ async def test_batch_with_one_bad_task_writes_nothing(
     r = await http.post("/tasks/batch", json={"tasks": [good, good, bad, good]})
     assert r.status_code == status, r.text
     assert needle in r.json()["detail"], r.text
+    assert (await count(conn), await count(conn, "task_transitions")) == before
+
+
+async def test_a_batch_reusing_a_key_with_other_content_is_409_and_writes_nothing(
+    http: httpx.AsyncClient, conn: asyncpg.Connection
+) -> None:
+    held = await new(http, payload={"action": "noop", "n": 1}, idempotency_key="batch-held")
+    before = (await count(conn), await count(conn, "task_transitions"))
+    plain = {"payload": {"action": "noop"}}
+    reused = {"payload": {"action": "noop", "n": 1}, "idempotency_key": "batch-held"}
+    r = await http.post(
+        "/tasks/batch",
+        json={"tasks": [plain, reused, plain, {**reused, "priority": 9}, {**reused, "queue": "x"}]},
+    )
+    assert r.status_code == 409, r.text
+    assert r.json() == {
+        "status_code": 409,
+        "detail": f"tasks[3]: idempotency_key 'batch-held' is already used by task {held['id']} "
+        "with a different priority",
+        "extra": {
+            "idempotency_key": "batch-held",
+            "task_id": held["id"],
+            "fields": ["priority"],
+            "index": 3,
+        },
+    }
+    # one key, two contents within the batch
+    given = {"payload": {"action": "noop"}, "idempotency_key": "batch-new"}
+    r = await http.post(
+        "/tasks/batch", json={"tasks": [given, plain, {**given, "lease_seconds": 60}]}
+    )
+    assert r.status_code == 409, r.text
+    assert r.json()["detail"] == (
+        "tasks[2]: idempotency_key 'batch-new' is also given to tasks[0] with a different "
+        "lease_seconds"
+    )
+    assert r.json()["extra"] == {
+        "idempotency_key": "batch-new",
+        "task_id": None,
+        "fields": ["lease_seconds"],
+        "index": 2,
+        "earlier": 0,
+    }
     assert (await count(conn), await count(conn, "task_transitions")) == before
 
 
@@ -353,6 +402,100 @@ async def test_bad_bodies_get_a_clear_4xx_and_write_nothing(
     assert await count(conn) == before
 
 
+@pytest.mark.parametrize(
+    "due_at",
+    [
+        "0001-01-01T00:00:00Z",  # was accepted, and stored as -infinity by asyncpg
+        "1969-12-31T23:59:59.999999Z",
+        "2200-01-01T00:00:00Z",
+        "2200-01-01T05:00:00+05:00",
+        "9999-12-31T23:59:59Z",
+    ],
+)
+async def test_due_at_out_of_range_is_400_naming_the_field(
+    http: httpx.AsyncClient, conn: asyncpg.Connection, due_at: str
+) -> None:
+    before = await count(conn)
+    r = await http.post("/tasks", json={"payload": {"action": "noop"}, "due_at": due_at})
+    assert r.status_code == 400, r.text
+    body = r.json()
+    assert body["detail"].startswith("due_at: ") and "out of range" in r.text
+    assert "1970-01-01T00:00:00Z" in body["detail"] and body["extra"] == {"field": "due_at"}
+    good = {"payload": {"action": "noop"}}
+    r = await http.post("/tasks/batch", json={"tasks": [good, {**good, "due_at": due_at}]})
+    assert r.status_code == 400, r.text
+    assert "tasks[1].due_at" in r.json()["detail"]
+    assert r.json()["extra"] == {"field": "tasks[1].due_at"}
+    assert await count(conn) == before
+
+
+async def test_due_at_range_ends_are_accepted_and_a_past_time_runs_now(
+    http: httpx.AsyncClient,
+) -> None:
+    for given, stored in [
+        ("1970-01-01T00:00:00Z", "1970-01-01T00:00:00Z"),
+        ("1970-01-01T01:00:00+01:00", "1970-01-01T00:00:00Z"),
+        ("2199-12-31T23:59:59.999999Z", "2199-12-31T23:59:59.999999Z"),
+    ]:
+        task = await new(http, due_at=given, queue="due-range")
+        assert (task["due_at"], task["state"]) == (stored, "PENDING")
+    stats = (await http.get("/stats")).json()["queues"]["due-range"]
+    assert stats["due"] == 2  # the two in 1970: due now, waiting for a worker
+
+
+async def test_a_repeated_key_with_the_same_content_returns_the_task(
+    http: httpx.AsyncClient,
+) -> None:
+    """The same: action, payload as a JSON value, queue, priority, max_attempts (as resolved:
+    noop's 5 when not given), lease and timeout. due_at is not compared."""
+    body = {
+        "payload": {"action": "noop", "n": 1, "tags": ["a", "b"]},
+        "idempotency_key": "same-1",
+        "queue": "q",
+        "priority": 2,
+        "lease_seconds": 60,
+    }
+    first = await new(http, **body)
+    again = {
+        **body,
+        "payload": {"tags": ["a", "b"], "n": 1.0, "action": "noop"},
+        "max_attempts": 5,
+        "due_at": "2030-01-01T00:00:00Z",
+    }
+    raw = json.dumps(again, indent=4).encode()  # whitespace and key order do not matter
+    r = await http.post("/tasks", content=raw, headers={"content-type": "application/json"})
+    assert r.status_code == 200, r.text
+    assert r.json()["id"] == first["id"] and r.json()["due_at"] == first["due_at"]
+
+
+async def test_a_repeated_key_with_other_content_is_409_naming_the_key_and_the_task(
+    http: httpx.AsyncClient, conn: asyncpg.Connection
+) -> None:
+    first = await new(http, payload={"action": "noop", "n": 1}, idempotency_key="k1")
+    before = await count(conn)
+    r = await http.post(
+        "/tasks", json={"payload": {"action": "noop", "n": 2}, "idempotency_key": "k1"}
+    )
+    assert r.status_code == 409, r.text
+    assert r.json() == {
+        "status_code": 409,
+        "detail": f"idempotency_key 'k1' is already used by task {first['id']} with a "
+        "different payload",
+        "extra": {"idempotency_key": "k1", "task_id": first["id"], "fields": ["payload"]},
+    }
+    r = await http.post(
+        "/tasks",
+        json={"action": "email_user", "payload": {"user_id": 1}, "idempotency_key": "k1"},
+    )
+    assert r.status_code == 409 and r.json()["extra"]["fields"] == ["action", "payload"]
+    r = await http.post(
+        "/tasks",
+        json={"payload": {"action": "noop", "n": 1}, "idempotency_key": "k1", "max_attempts": 2},
+    )
+    assert r.status_code == 409 and "different max_attempts" in r.json()["detail"]
+    assert await count(conn) == before
+
+
 async def test_unicode_and_nested_payloads_round_trip(http: httpx.AsyncClient) -> None:
     payload = {
         "action": "noop",
@@ -431,8 +574,8 @@ async def test_openapi_documents_every_route_and_its_errors(http: httpx.AsyncCli
     doc = (await http.get("/schema/openapi.json")).json()
     operations = {(m.upper(), p): op for p, item in doc["paths"].items() for m, op in item.items()}
     expected = {
-        ("POST", "/tasks"): {"201", "400", "403", "413", "415", "422", "503"},
-        ("POST", "/tasks/batch"): {"201", "400", "403", "413", "415", "422", "503"},
+        ("POST", "/tasks"): {"200", "201", "400", "403", "409", "413", "415", "422", "503"},
+        ("POST", "/tasks/batch"): {"201", "400", "403", "409", "413", "415", "422", "503"},
         ("GET", "/tasks"): {"200", "400", "503"},
         ("GET", "/tasks/{task_id}"): {"200", "404", "503"},
         ("GET", "/tasks/{task_id}/transitions"): {"200", "404", "503"},
@@ -449,6 +592,8 @@ async def test_openapi_documents_every_route_and_its_errors(http: httpx.AsyncCli
         op = operations[key]
         assert statuses <= set(op["responses"]), (key, op["responses"].keys())
         assert op.get("operationId") and (op.get("summary") or op.get("description")), key
+    for route in ("/tasks", "/tasks/batch"):
+        assert "idempotency key" in operations[("POST", route)]["responses"]["409"]["description"]
     body = operations[("POST", "/tasks")]["requestBody"]["content"]["application/json"]
     assert body["schema"]["examples"], "POST /tasks shows the quick-start example"
 

@@ -17,11 +17,13 @@ from sqlalchemy.orm import Session
 
 from tasklease import (
     Client,
+    IdempotencyConflict,
     InvalidTask,
     NoTransaction,
     SyncClient,
     TaskConflict,
     TaskNotFound,
+    TaskSpec,
     TaskState,
 )
 from tasklease.engine.store import Store
@@ -75,6 +77,8 @@ async def test_a_struct_payload_and_the_action_default(client: Client) -> None:
         ("email_user", {"user_id": 1}, {"lease_seconds": 0.001}, "lease_seconds"),
         ("", {"user_id": 1}, {}, "action"),
         ("noop", {}, {"idempotency_key": "schedule:nightly:2026-01-01"}, "reserved"),
+        ("noop", {}, {"due_at": datetime(1, 1, 1, tzinfo=UTC)}, "due_at: 0001-01-01T00:00:00"),
+        ("noop", {}, {"due_at": datetime(2200, 1, 1, tzinfo=UTC)}, "due_at: 2200-01-01"),
     ],
 )
 async def test_bad_submissions_are_refused_and_named(
@@ -88,6 +92,26 @@ async def test_bad_submissions_are_refused_and_named(
     with pytest.raises(InvalidTask, match=named.replace("(", r"\(")):
         await client.submit(action, payload, **options)  # type: ignore[arg-type]
     assert await count_tasks(conn) == 0
+
+
+async def test_due_at_out_of_range_names_the_field(
+    client: Client, conn: asyncpg.Connection
+) -> None:
+    with pytest.raises(InvalidTask, match="out of range: from 1970-01-01T00:00:00Z") as raised:
+        await client.submit("noop", {}, due_at=datetime(1969, 12, 31, 23, 59, 59, tzinfo=UTC))
+    assert raised.value.field == "due_at"
+    late = TaskSpec(payload={"action": "noop"}, due_at=datetime(2200, 1, 1, tzinfo=UTC))
+    with pytest.raises(InvalidTask, match=r"^tasks\[1\]\.due_at: ") as raised:
+        await client.submit_many([{"action": "noop", "payload": {}}, late])
+    assert raised.value.field == "tasks[1].due_at"
+    naive = TaskSpec(payload={"action": "noop"}, due_at=datetime(2030, 1, 1))
+    with pytest.raises(InvalidTask, match="has no time zone"):
+        await client.submit_many([naive])
+    assert await count_tasks(conn) == 0
+    first = datetime(1970, 1, 1, tzinfo=UTC)
+    last = datetime(2199, 12, 31, 23, 59, 59, 999999, tzinfo=UTC)
+    assert (await client.submit("noop", {}, due_at=first)).due_at == first
+    assert (await client.submit("noop", {}, due_at=last)).due_at == last
 
 
 async def test_unknown_action_lists_the_known_ones(client: Client) -> None:
@@ -110,6 +134,91 @@ async def test_idempotency_key_returns_the_first_task(client: Client) -> None:
     first = await client.submit("noop", {"n": 1}, idempotency_key="k-1")
     again = await client.submit("noop", {"n": 1}, idempotency_key="k-1")
     assert again.id == first.id
+    # max_attempts as resolved: test_fail's own (3) whether given or not; due_at not compared
+    failing = await client.submit("test_fail", {}, idempotency_key="k-2")
+    later = datetime.now(UTC) + timedelta(days=1)
+    again = await client.submit(
+        "test_fail", {}, idempotency_key="k-2", max_attempts=3, due_at=later
+    )
+    assert again.id == failing.id and again.due_at == failing.due_at != later
+
+
+async def test_a_key_reused_with_other_content_is_a_conflict(
+    client: Client, conn: asyncpg.Connection
+) -> None:
+    first = await client.submit("noop", {"n": 1}, idempotency_key="k1")
+    with pytest.raises(
+        IdempotencyConflict,
+        match=f"^idempotency_key 'k1' is already used by task {first.id} with a different payload$",
+    ) as raised:
+        await client.submit("noop", {"n": 2}, idempotency_key="k1")
+    conflict = raised.value
+    assert (conflict.key, conflict.task_id, conflict.index, conflict.fields) == (
+        "k1",
+        first.id,
+        None,
+        ("payload",),
+    )
+    with pytest.raises(IdempotencyConflict, match="different max_attempts") as raised:
+        await client.submit("noop", {"n": 1}, idempotency_key="k1", max_attempts=7)
+    with pytest.raises(IdempotencyConflict, match="different queue and priority"):
+        await client.submit("noop", {"n": 1}, idempotency_key="k1", queue="q", priority=1)
+    body = {"action": "noop", "payload": {"n": 1}}
+    with pytest.raises(IdempotencyConflict) as raised:
+        await client.submit_many(
+            [
+                body,
+                {**body, "idempotency_key": "k1"},
+                {**body, "idempotency_key": "k1", "queue": "q"},
+            ]
+        )
+    assert raised.value.index == 2 and raised.value.task_id == first.id
+    assert str(raised.value).startswith("tasks[2]: idempotency_key 'k1' is already used by task ")
+    with pytest.raises(IdempotencyConflict, match=r"^tasks\[1\]: .* also given to tasks\[0\]"):
+        await client.submit_many(
+            [{**body, "idempotency_key": "k9"}, {**body, "idempotency_key": "k9", "payload": {}}]
+        )
+    assert await count_tasks(conn) == 1
+
+
+async def test_a_conflict_in_the_callers_transaction_leaves_it_usable(
+    client: Client, db: str, conn: asyncpg.Connection
+) -> None:
+    """The conflict is seen before anything is written, without an error in the database:
+    the caller may catch it and go on, and commit what else it did."""
+    held = await client.submit("noop", {"n": 1}, idempotency_key="k1")
+    mine = await asyncpg.connect(db)
+    try:
+        async with mine.transaction():
+            kept = await client.submit("noop", {"kept": True}, connection=mine)
+            with pytest.raises(IdempotencyConflict) as raised:
+                await client.submit_many(
+                    [
+                        {"action": "noop", "payload": {}},
+                        {"action": "noop", "payload": {"n": 2}, "idempotency_key": "k1"},
+                    ],
+                    connection=mine,
+                )
+            assert (raised.value.task_id, raised.value.index) == (held.id, 1)
+            assert await mine.fetchval("SELECT count(*) FROM tasks") == 2
+    finally:
+        await mine.close()
+    assert (await client.get(kept.id)).payload == {"kept": True}
+    assert await count_tasks(conn) == 2
+
+
+def test_sync_client_conflict_through_a_sqlalchemy_session(db: str) -> None:
+    engine = create_engine(db.replace("postgresql://", "postgresql+psycopg://"))
+    try:
+        with SyncClient(db, handlers=HANDLERS) as client:
+            held = client.submit("noop", {"n": 1}, idempotency_key="k1")
+            with Session(engine) as session, session.begin():
+                same = client.submit("noop", {"n": 1}, idempotency_key="k1", connection=session)
+                with pytest.raises(IdempotencyConflict) as raised:
+                    client.submit("noop", {"n": 2}, idempotency_key="k1", connection=session)
+            assert same.id == held.id and raised.value.task_id == held.id
+    finally:
+        engine.dispose()
 
 
 async def test_not_found_and_conflicts(client: Client, conn: asyncpg.Connection) -> None:
@@ -316,9 +425,10 @@ async def test_sql_function_submits_in_the_callers_transaction(
     )
     assert [t.trigger for t in await client.history(task_id)] == ["submit"]
     again = await conn.fetchval(
-        "SELECT tasklease_submit('email_user', '{}', idempotency_key => 'sql-1')"
+        "SELECT tasklease_submit('email_user', '{\"user_id\":9}', queue => 'mail', "
+        "priority => 2, idempotency_key => 'sql-1', due_at => now() + interval '1 day')"
     )
-    assert again == task_id
+    assert again == task_id  # the same content (due_at is not compared)
     tx = conn.transaction()
     await tx.start()
     await conn.fetchval("SELECT tasklease_submit('noop')")
@@ -327,9 +437,67 @@ async def test_sql_function_submits_in_the_callers_transaction(
 
 
 @pytest.mark.parametrize(
+    ("call", "different"),
+    [
+        ("tasklease_submit('noop', '{\"n\": 2}', idempotency_key => 'k1')", "payload"),
+        ("tasklease_submit('email_user', '{\"n\": 1}', idempotency_key => 'k1')", "action"),
+        ("tasklease_submit('noop', '{\"n\": 1}', queue => 'q', idempotency_key => 'k1')", "queue"),
+        (
+            "tasklease_submit('noop', '{\"n\": 1}', max_attempts => 3, priority => 1, "
+            "idempotency_key => 'k1')",
+            "priority, max_attempts",
+        ),
+        (
+            "tasklease_submit('noop', '{\"n\": 1}', lease_seconds => 60, "
+            "timeout_seconds => 5, idempotency_key => 'k1')",
+            "lease_seconds, timeout_seconds",
+        ),
+    ],
+)
+async def test_sql_function_refuses_a_key_reused_with_other_content(
+    conn: asyncpg.Connection, call: str, different: str
+) -> None:
+    held = await conn.fetchval(
+        "SELECT tasklease_submit('noop', '{\"n\": 1}', idempotency_key => 'k1')"
+    )
+    same = await conn.fetchval(
+        "SELECT tasklease_submit('noop', '{ \"n\":1.0 }', idempotency_key => 'k1', "
+        "due_at => '2150-01-01Z')"
+    )
+    assert same == held
+    with pytest.raises(asyncpg.UniqueViolationError) as raised:
+        await conn.fetchval(f"SELECT {call}")
+    assert raised.value.message == (
+        f"tasklease_submit: idempotency_key 'k1' is already used by task {held} "
+        f"with a different {different}"
+    )
+    assert raised.value.detail == f"task_id={held} fields={different.replace(', ', ',')}"
+    assert await count_tasks(conn) == 1
+
+
+@pytest.mark.parametrize(
+    "due_at", ["1970-01-01 00:00:00+00", "1970-01-01 01:00:00+01", "2199-12-31 23:59:59.999999+00"]
+)
+async def test_sql_function_takes_due_times_from_1970_to_2200(
+    conn: asyncpg.Connection, due_at: str
+) -> None:
+    task_id = await conn.fetchval(
+        "SELECT tasklease_submit('noop', due_at => $1::text::timestamptz)", due_at
+    )
+    assert await conn.fetchval(
+        "SELECT due_at = $1::text::timestamptz FROM tasks WHERE id = $2", due_at, task_id
+    )
+
+
+@pytest.mark.parametrize(
     ("call", "named"),
     [
         ("tasklease_submit('')", "action must be 1 to 200 characters"),
+        ("tasklease_submit('noop', due_at => '-infinity')", "due_at must be from 1970-01-01"),
+        ("tasklease_submit('noop', due_at => 'infinity')", "due_at must be from 1970-01-01"),
+        ("tasklease_submit('noop', due_at => '0001-01-01Z')", "due_at"),
+        ("tasklease_submit('noop', due_at => '1969-12-31 23:59:59.999999Z')", "due_at"),
+        ("tasklease_submit('noop', due_at => '2200-01-01Z')", "up to \\(not including\\)"),
         ("tasklease_submit('noop', '[1]')", "payload must be a JSON object, not array"),
         ("tasklease_submit('noop', priority => 5000)", "priority"),
         ("tasklease_submit('noop', max_attempts => 0)", "max_attempts"),

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from datetime import timedelta
 from zoneinfo import ZoneInfo
 
 import asyncpg
+import pytest
 
 from tasklease.engine.schedules import Schedule, Scheduler
 from tasklease.engine.store import Store
@@ -109,3 +111,29 @@ async def test_changing_the_rule_starts_over_and_keeps_progress_otherwise(
     await Scheduler(store, {"s": Schedule("s", "noop", every=60)}).declare()
     ahead = await conn.fetchval("SELECT next_run_at - now() FROM schedules")
     assert ahead <= timedelta(seconds=60)  # a new rule: from its next slot
+
+
+async def test_schedulers_that_disagree_on_a_payload_make_one_task_per_slot(
+    store: Store, conn: asyncpg.Connection, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A deploy under way: an old worker made the slot's task with the old payload. The new
+    one's submission is a key conflict, and the task made stands for the slot."""
+    old = Schedule("tick", "noop", every=3600, payload={"v": 1})
+    new = Schedule("tick", "noop", every=3600, payload={"v": 2})
+    first, second = Scheduler(store, {"tick": old}), Scheduler(store, {"tick": new})
+    await first.declare()
+    await conn.execute("UPDATE schedules SET next_run_at = now() - interval '1 second'")
+    state = await conn.fetchrow("SELECT last_slot_at, next_run_at FROM schedules")
+    await first.tick()
+    [made] = await tasks_of(conn, "noop")
+    # the second scheduler reads the schedule as it was before the first advanced it
+    await conn.execute(
+        "UPDATE schedules SET last_slot_at = $1, next_run_at = $2",
+        state["last_slot_at"],
+        state["next_run_at"],
+    )
+    with caplog.at_level(logging.WARNING, logger="tasklease.schedules"):
+        await second.tick()
+    assert [r["id"] for r in await tasks_of(conn, "noop")] == [made["id"]]
+    assert await conn.fetchval("SELECT last_task_id FROM schedules") == made["id"]
+    assert f"is held by task {made['id']} with a different payload" in caplog.text

@@ -3,6 +3,7 @@
 import asyncio
 
 import asyncpg
+import pytest
 
 from tasklease import schema
 from tasklease.engine.states import TRIGGERS, TaskState
@@ -54,3 +55,29 @@ async def test_database_refuses_what_the_machine_forbids(conn: asyncpg.Connectio
         except (asyncpg.CheckViolationError, asyncpg.InvalidTextRepresentationError):
             continue
         raise AssertionError(f"the database accepted: {bad}")
+
+
+async def test_0009_downgrades_to_0008_and_upgrades_again(db: str) -> None:
+    """0009 replaces tasklease_submit (due_at bounded, a key reused with other content
+    refused) and adds tasklease_raise; its downgrade puts 0007's function back."""
+    assert await schema.downgrade(db, "0008") == "0008"
+    conn = await asyncpg.connect(db)
+    try:
+        assert await conn.fetchval("SELECT to_regproc('tasklease_raise')") is None
+        first = await conn.fetchval("SELECT tasklease_submit('noop', idempotency_key => 'k')")
+        again = await conn.fetchval(
+            "SELECT tasklease_submit('noop', '{\"n\": 2}', idempotency_key => 'k')"
+        )
+        assert again == first  # 0007: any repeat returns the task
+        await conn.fetchval("SELECT tasklease_submit('noop', due_at => '0001-01-01Z')")
+        assert await schema.upgrade(db) == schema.head()
+        with pytest.raises(asyncpg.UniqueViolationError, match=f"used by task {first}"):
+            await conn.fetchval(
+                "SELECT tasklease_submit('noop', '{\"n\": 2}', idempotency_key => 'k')"
+            )
+        with pytest.raises(asyncpg.InvalidParameterValueError, match="due_at"):
+            await conn.fetchval("SELECT tasklease_submit('noop', due_at => '0001-01-01Z')")
+        with pytest.raises(asyncpg.SerializationError, match="the message"):
+            await conn.fetchval("SELECT tasklease_raise('40001', 'the message')")
+    finally:
+        await conn.close()

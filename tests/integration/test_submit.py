@@ -1,13 +1,16 @@
 """Submission: rows and history rows in one statement, idempotency keys honoured under races."""
 
 import asyncio
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
 import pytest
 
-from tasklease.engine.store import NewTask, Store
-from tests.support.db import triggers
+from tasklease.engine.store import KeyConflict, KeyTaken, NewTask, Store, submit_on
+from tests.support.db import triggers, wait_until
+
+LATER = datetime(2030, 1, 1, tzinfo=UTC)
 
 
 async def test_submit_writes_task_and_history(store: Store, conn: asyncpg.Connection) -> None:
@@ -46,12 +49,155 @@ async def test_due_defaults_to_database_now(store: Store, conn: asyncpg.Connecti
 async def test_idempotency_key_returns_the_existing_task(
     store: Store, conn: asyncpg.Connection
 ) -> None:
-    [first] = await store.submit_many([NewTask("noop", '{"n": 1}', idempotency_key="order-7")])
-    [again] = await store.submit_many([NewTask("noop", '{"n": 2}', idempotency_key="order-7")])
-    assert first.created and not again.created
-    assert again.task["id"] == first.task["id"] and again.task["payload"] == '{"n": 1}'
+    """The same content: the same action, payload as a JSON value (key order and spacing do
+    not matter), queue, priority, max_attempts, lease and timeout. due_at is not compared."""
+    given = NewTask(
+        "noop",
+        '{"n": 1, "tags": ["a", "b"]}',
+        queue="q",
+        priority=3,
+        max_attempts=2,
+        lease_seconds=30,
+        timeout_seconds=9.5,
+        idempotency_key="order-7",
+    )
+    [first] = await store.submit_many([given])
+    again = replace(given, payload_json='{ "tags":["a","b"],  "n":1.0 }', due_at=LATER)
+    [repeat] = await store.submit_many([again])
+    assert first.created and not repeat.created
+    assert repeat.task["id"] == first.task["id"]
+    assert repeat.task["payload"] == '{"n": 1, "tags": ["a", "b"]}'
+    assert repeat.task["due_at"] == first.task["due_at"] != LATER
     assert await conn.fetchval("SELECT count(*) FROM tasks") == 1
     assert await triggers(conn, first.task["id"]) == ["submit"]
+
+
+DIFFERENT = [
+    ({"action": "email_user"}, ("action",)),
+    ({"payload_json": '{"n": 2}'}, ("payload",)),
+    ({"payload_json": '{"n": "1"}'}, ("payload",)),  # a string is not a number
+    ({"payload_json": '{"n": 1, "m": null}'}, ("payload",)),
+    ({"queue": "other"}, ("queue",)),
+    ({"priority": 4}, ("priority",)),
+    ({"max_attempts": 5}, ("max_attempts",)),
+    ({"lease_seconds": None}, ("lease_seconds",)),
+    ({"timeout_seconds": 10.0}, ("timeout_seconds",)),
+    ({"payload_json": "{}", "queue": "other", "priority": 0}, ("payload", "queue", "priority")),
+]
+
+
+@pytest.mark.parametrize(("change", "fields"), DIFFERENT)
+async def test_a_key_reused_with_other_content_is_refused_and_writes_nothing(
+    store: Store, conn: asyncpg.Connection, change: dict[str, object], fields: tuple[str, ...]
+) -> None:
+    given = NewTask(
+        "noop", '{"n": 1}', queue="q", priority=3, max_attempts=2, lease_seconds=30,
+        timeout_seconds=9.5, idempotency_key="order-7",
+    )  # fmt: skip
+    [first] = await store.submit_many([given])
+    with pytest.raises(KeyTaken) as raised:
+        await store.submit_many([NewTask("noop", "{}"), replace(given, **change)])  # type: ignore[arg-type]
+    assert raised.value.conflicts == [
+        KeyConflict(index=1, key="order-7", task_id=first.task["id"], earlier=None, fields=fields)
+    ]
+    assert await conn.fetchval("SELECT count(*) FROM tasks") == 1
+    assert await conn.fetchval("SELECT count(*) FROM task_transitions") == 1
+
+
+async def test_a_batch_that_gives_one_key_two_contents_writes_nothing(
+    store: Store, conn: asyncpg.Connection
+) -> None:
+    [held] = await store.submit_many([NewTask("noop", '{"held": 1}', idempotency_key="k0")])
+    batch = [
+        NewTask("noop", '{"i": 0}'),
+        NewTask("noop", '{"i": 1}', idempotency_key="k1"),
+        NewTask("noop", '{"i": 1}', idempotency_key="k1", due_at=LATER),  # the same: fine
+        NewTask("noop", '{"i": 3}', idempotency_key="k1"),  # not the same as tasks[1]
+        NewTask("noop", '{"i": 4}', idempotency_key="k0"),  # not the same as the held task
+    ]
+    with pytest.raises(KeyTaken) as raised:
+        await store.submit_many(batch)
+    assert raised.value.conflicts == [
+        KeyConflict(index=3, key="k1", task_id=None, earlier=1, fields=("payload",)),
+        KeyConflict(index=4, key="k0", task_id=held.task["id"], earlier=None, fields=("payload",)),
+    ]
+    assert await conn.fetchval("SELECT count(*) FROM tasks") == 1
+    assert await conn.fetchval("SELECT count(*) FROM task_transitions") == 1
+
+
+async def blocked(conn: asyncpg.Connection) -> bool:
+    return bool(
+        await conn.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+            "AND datname = current_database()"
+        )
+    )
+
+
+@pytest.mark.parametrize("same", [True, False])
+async def test_a_key_taken_during_a_batch_leaves_none_of_the_batch_behind(
+    store: Store, conn: asyncpg.Connection, db: str, same: bool
+) -> None:
+    """The batch's statement waits on a transaction inserting one of its keys, which commits:
+    the statement's snapshot does not see that task, so it cannot tell same from different.
+    It fails rather than keep its other task, and runs again, seeing the task."""
+    other = await asyncpg.connect(db)
+    try:
+        tx = other.transaction()
+        await tx.start()
+        await submit_on(
+            other.fetch, [NewTask("noop", '{"n": 1}', idempotency_key="k")], own_transaction=False
+        )
+        batch = [
+            NewTask("noop", '{"plain": true}'),
+            NewTask("noop", '{"n": 1}', idempotency_key="k"),
+        ]
+        if not same:
+            batch[1] = replace(batch[1], payload_json='{"n": 2}')
+        racing = asyncio.create_task(store.submit_many(batch))
+        await wait_until(lambda: blocked(conn), "the batch waiting on the key's row")
+        await tx.commit()
+        if same:
+            plain, keyed = await racing
+            assert plain.created and not keyed.created
+            assert await conn.fetchval("SELECT count(*) FROM tasks") == 2
+        else:
+            with pytest.raises(KeyTaken):
+                await racing
+            assert await conn.fetchval("SELECT count(*) FROM tasks") == 1
+        assert await conn.fetchval(
+            "SELECT count(*) FROM tasks WHERE payload = '{\"plain\": true}'"
+        ) == (1 if same else 0)
+        assert await conn.fetchval("SELECT count(*) FROM task_transitions") == (2 if same else 1)
+    finally:
+        await other.close()
+
+
+async def test_in_the_callers_transaction_a_key_taken_meanwhile_is_a_serialization_failure(
+    conn: asyncpg.Connection, db: str
+) -> None:
+    """The caller's transaction cannot run the statement again: it gets the error that says
+    "retry the transaction", and nothing of its batch stays."""
+    other, mine = await asyncpg.connect(db), await asyncpg.connect(db)
+    try:
+        theirs = other.transaction()
+        await theirs.start()
+        keyed = NewTask("noop", '{"n": 1}', idempotency_key="k")
+        await submit_on(other.fetch, [keyed], own_transaction=False)
+        tx = mine.transaction()
+        await tx.start()
+        racing = asyncio.create_task(
+            submit_on(mine.fetch, [NewTask("noop", "{}"), keyed], own_transaction=False)
+        )
+        await wait_until(lambda: blocked(conn), "the batch waiting on the key's row")
+        await theirs.commit()
+        with pytest.raises(asyncpg.SerializationError, match="idempotency_key 'k' was taken"):
+            await racing
+        await tx.rollback()
+        assert await conn.fetchval("SELECT count(*) FROM tasks") == 1
+    finally:
+        await other.close()
+        await mine.close()
 
 
 async def test_racing_submissions_with_one_key_make_one_task(
@@ -71,10 +217,10 @@ async def test_batch_keeps_input_order_and_resolves_keys(
     [old] = await store.submit_many([NewTask("noop", '{"old": true}', idempotency_key="k1")])
     batch = [
         NewTask("noop", '{"i": 0}'),
-        NewTask("noop", '{"i": 1}', idempotency_key="k1"),  # taken before
+        NewTask("noop", '{"old": true}', idempotency_key="k1"),  # taken before
         NewTask("noop", '{"i": 2}', idempotency_key="k2"),
         NewTask("noop", '{"i": 3}'),
-        NewTask("noop", '{"i": 4}', idempotency_key="k2"),  # repeated within the batch
+        NewTask("noop", '{"i": 2}', idempotency_key="k2", due_at=LATER),  # repeated within
         NewTask("noop", '{"i": 5}'),
     ]
     out = await store.submit_many(batch)

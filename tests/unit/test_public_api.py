@@ -4,6 +4,7 @@ import tasklease
 def test_public_surface_is_small() -> None:
     assert sorted(tasklease.__all__) == [
         "Client",
+        "IdempotencyConflict",
         "InvalidTask",
         "LeaseLost",
         "NoTransaction",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import pytest
@@ -12,6 +12,9 @@ from tasklease.api.ui import (
     _next,
     ago,
     chart,
+    clock,
+    pretty,
+    rfc3339,
     same_origin,
     session_id,
     session_value,
@@ -87,6 +90,31 @@ def test_relative_times() -> None:
     assert ago(now + timedelta(hours=2), now) == "in 2.0 h"
     assert ago(now, now) == "just now"
     assert ago(None, now) == "—"
+    assert ago(now + timedelta(days=300), now) == "in 300 d"
+
+
+def test_times_far_away_are_dates_and_years_have_four_digits() -> None:
+    """Rows written by SQL may hold any time; the database's extremes read as year 1 and 9999
+    (engine/store.py), which no relative time helps with."""
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    first, last = datetime.min.replace(tzinfo=UTC), datetime.max.replace(tzinfo=UTC)
+    assert ago(first, now) == "0001-01-01"
+    assert ago(last, now) == "9999-12-31"
+    assert ago(now + timedelta(days=400), now) == "2027-02-05"
+    assert clock(first) == "0001-01-01 00:00:00.000 UTC"
+    assert clock(last) == "9999-12-31 23:59:59.999 UTC"
+    assert rfc3339(first) == "0001-01-01T00:00:00Z"
+    assert rfc3339(datetime(2026, 1, 20, 12, tzinfo=UTC)) == "2026-01-20T12:00:00Z"
+    # an aware time whose UTC equivalent Python cannot hold stays in its own zone
+    east = timezone(timedelta(hours=-5))
+    assert clock(datetime.max.replace(tzinfo=east)) == "9999-12-31 23:59:59.999-05:00"
+
+
+def test_json_too_deep_to_indent_is_shown_as_stored() -> None:
+    assert pretty('{"a": [1]}') == '{\n  "a": [\n    1\n  ]\n}'
+    deep = "[" * 3000 + "]" * 3000
+    assert pretty(deep) == deep
+    assert pretty(None) == "null"
 
 
 def test_chart_stacks_failures_on_completions() -> None:
