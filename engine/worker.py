@@ -84,6 +84,9 @@ class WorkerConfig:
     aging_seconds: float | None = DEFAULT_AGING_SECONDS
     queue_limits: dict[str, int] = field(default_factory=dict)  # global RUNNING per queue
     retention: RetentionConfig = field(default_factory=RetentionConfig)
+    # a handler that cannot be stopped when its lease cannot be kept ends the process
+    # (engine/leases.py); False for a worker in a process that is not its own
+    exit_to_fence: bool = True
 
 
 # What to write once a handler has finished (or was stopped).
@@ -346,6 +349,7 @@ class Worker:
                 h.fn.__code__: a for a, h in handlers.items() if hasattr(h.fn, "__code__")
             },
             on_stall=self._loop_blocked,
+            exit_to_fence=config.exit_to_fence,
         )
         # (queue, statement) -> monotonic time before which that claim is not run again
         self._quiet: dict[tuple[str, int], float] = {}

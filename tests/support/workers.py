@@ -21,8 +21,15 @@ class Running:
         self, store: Store, handlers: dict[str, Handler] | None = None, **config: object
     ) -> Worker:
         """A worker with these handlers (by default all of tests/support/handlers.py)."""
+        # the tests' process must not end itself to fence a lease (engine/leases.py)
         cfg = WorkerConfig(
-            **{"concurrency": 4, "poll_interval": 0.05, "grace_seconds": 5, **config}
+            **{
+                "concurrency": 4,
+                "poll_interval": 0.05,
+                "grace_seconds": 5,
+                "exit_to_fence": False,
+                **config,
+            }
         )  # type: ignore[arg-type]
         worker = Worker(store, HANDLERS if handlers is None else handlers, cfg)
         self.workers.append((worker, asyncio.create_task(worker.run())))
