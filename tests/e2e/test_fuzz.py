@@ -18,6 +18,7 @@ import socket
 import urllib.parse
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import psycopg
@@ -161,7 +162,7 @@ def check_answer(api: Api, reply: Reply, before: tuple[int, int], refuse: bool) 
 # --- hostile JSON ------------------------------------------------------------------------
 
 QUICK = b'{"payload": {"action": "noop"}}'
-# Where a fragment goes (`@`). due_at is left to the tests of its bounds (test_api.py).
+# Where a fragment goes (`@`).
 SLOTS = [
     b'{"payload": {"action": "noop", "x": @}}',
     b'{"payload": {"action": "noop", "items": [1, @, 3]}}',
@@ -171,6 +172,7 @@ SLOTS = [
     b'{"payload": {"action": "noop"}, "lease_seconds": @}',
     b'{"payload": {"action": "noop"}, "queue": @}',
     b'{"payload": {"action": "noop"}, "idempotency_key": @}',
+    b'{"payload": {"action": "noop"}, "due_at": @}',
     b'{"payload": {"action": @}}',
     b'{"payload": @}',
     b"@",
@@ -233,6 +235,48 @@ strings = st.one_of(
     st.sampled_from([LIMIT - 100, LIMIT + 1]).map(lambda n: quoted(b"x" * n, bad=n > LIMIT)),
 )
 
+# due_at (its own slot): taken from 1970-01-01T00:00:00Z up to 2200-01-01T00:00:00Z, with
+# a time zone.
+DUE_FROM, DUE_BEFORE = datetime(1970, 1, 1, tzinfo=UTC), datetime(2200, 1, 1, tzinfo=UTC)
+ODD_TIMES = [
+    ("0000-01-01T00:00:00Z", True),
+    ("infinity", True),
+    ("-infinity", True),
+    ("+275760-09-13T00:00:00Z", True),
+    ("2026-01-20T12:00:00", True),  # no time zone
+    ("2026-13-01T00:00:00Z", True),
+    ("2026-02-30T00:00:00Z", True),
+    ("2026-06-30T23:59:60Z", False),  # a leap second: taken or refused, never a 5xx
+    ("2026-01-20T12:00:00.123456789Z", False),
+    ("2026-01-20T12:00:00+24:00", True),
+]
+
+
+def rfc3339(year: int, second: int, offset_minutes: int | None) -> Fragment:
+    """A time in the form RFC 3339 gives, in any year, and whether it is out of bounds."""
+    stamp = datetime(year, 1, 1) + timedelta(seconds=second)
+    if offset_minutes is None:
+        return Fragment(f'"{stamp.isoformat()}"'.encode(), bad=True)
+    sign, minutes = "+-"[offset_minutes < 0], abs(offset_minutes)
+    zone = "Z" if offset_minutes == 0 else f"{sign}{minutes // 60:02d}:{minutes % 60:02d}"
+    try:
+        utc = stamp.replace(tzinfo=UTC) - timedelta(minutes=offset_minutes)
+        bad = not DUE_FROM <= utc < DUE_BEFORE
+    except OverflowError:  # before year 1 or after 9999 in UTC
+        bad = True
+    return Fragment(f'"{stamp.isoformat()}{zone}"'.encode(), bad=bad)
+
+
+due_ats = st.one_of(
+    st.builds(
+        rfc3339,
+        st.one_of(st.integers(1, 9999), st.sampled_from([1969, 1970, 2199, 2200])),
+        st.one_of(st.integers(0, 365 * 86400 - 1), st.sampled_from([0, 365 * 86400 - 1])),
+        st.one_of(st.none(), st.integers(-23 * 60 - 59, 23 * 60 + 59), st.just(0)),
+    ),
+    st.sampled_from(ODD_TIMES).map(lambda t: Fragment(f'"{t[0]}"'.encode(), bad=t[1])),
+)
+
 fragments = st.one_of(
     st.builds(
         nested,
@@ -265,6 +309,7 @@ def many_keys(n: int) -> tuple[bytes, bool]:
 
 bodies = st.one_of(
     st.builds(place, st.sampled_from(SLOTS), fragments),
+    st.builds(place, st.just(b'{"payload": {"action": "noop"}, "due_at": @}'), due_ats),
     strings.map(lambda f: (KEY_SLOT.replace(b"@", f.text), f.bad)),
     st.sampled_from(ENCODINGS).map(lambda e: (BODY.encode(e), True)),
     st.sampled_from([b"", b"null", b"[]", b'"x"', b"1", b"true", b"{}", b" ", b"\x00"]).map(
