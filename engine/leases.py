@@ -110,8 +110,10 @@ class LeaseKeeper:
         # end the process when a handler cannot be stopped (False: a worker inside a process
         # that is not its own, as the tests run them, only says so)
         self.exit_to_fence = exit_to_fence
+        # Written by the worker's loop (hold, forget), read by the keeper as a copy. No lock:
+        # a dict's set, pop and copy() are atomic, and a lock taken on both sides cost the
+        # worker a GIL hand-over (up to the 5 ms switch interval) whenever they met.
         self._leases: dict[uuid.UUID, Lease] = {}
-        self._lock = threading.Lock()
         self._worker_loop: asyncio.AbstractEventLoop | None = None
         self._worker_thread = 0
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -121,6 +123,7 @@ class LeaseKeeper:
         self._loop_seen = time.monotonic()
         self._stall: tuple[float, Blocker] | None = None
         self._stopping = False
+        self._every = default_seconds / 3  # the renewal interval planned
 
     # --- the worker's side (its event loop) --------------------------------------------------
 
@@ -145,12 +148,9 @@ class LeaseKeeper:
 
     def hold(self, lease: Lease) -> None:
         """Renew this lease from now on (the task was just claimed)."""
-        with self._lock:
-            shorter = lease.seconds < min(
-                (other.seconds for other in self._leases.values()), default=float("inf")
-            )
-            self._leases[lease.token] = lease
-        if shorter and self._loop is not None and self._wake is not None:
+        self._leases[lease.token] = lease
+        if lease.seconds / 3 < self._every and self._loop is not None and self._wake is not None:
+            self._every = lease.seconds / 3  # renew sooner than planned: wake the keeper
             self._loop.call_soon_threadsafe(self._wake.set)
 
     def done_executing(self, token: uuid.UUID) -> None:
@@ -161,8 +161,7 @@ class LeaseKeeper:
 
     def forget(self, token: uuid.UUID) -> None:
         """The outcome is written (or the task was completed in the handler's transaction)."""
-        with self._lock:
-            lease = self._leases.pop(token, None)
+        lease = self._leases.pop(token, None)
         if lease is not None:
             lease.executing = False
 
@@ -187,8 +186,7 @@ class LeaseKeeper:
     def _held(self) -> list[Lease]:
         """The leases to renew, one per task (the newest, should a task have been claimed
         again after this worker lost it)."""
-        with self._lock:
-            leases = list(self._leases.values())
+        leases = self._leases.copy().values()
         return list({lease.task_id: lease for lease in leases if not lease.lost}.values())
 
     async def _main(self, ready: threading.Event) -> None:
@@ -209,6 +207,7 @@ class LeaseKeeper:
         while not self._stopping:
             held = self._held()
             every = min((lease.seconds for lease in held), default=self.default_seconds) / 3
+            self._every = every
             if failures:
                 every = min(every, 0.25 * failures)
             remaining = last + every - time.monotonic()
@@ -273,9 +272,7 @@ class LeaseKeeper:
             now = time.monotonic()
             self._check_loop(now)
             shortest = self.default_seconds
-            with self._lock:
-                leases = list(self._leases.values())
-            for lease in leases:
+            for lease in self._leases.copy().values():
                 shortest = min(shortest, lease.seconds)
                 if lease.executing:
                     self._fence(lease, now)

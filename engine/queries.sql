@@ -187,23 +187,21 @@ WITH lease AS (
     FROM dead WHERE pg_notify('tasklease_done', id::text) IS NOT NULL
 )
 SELECT 'claim' AS trigger, from_state, id, action, queue, payload, attempt, max_attempts,
-       lease_token, lease_expires_at, idempotency_key, due_at, lease_for, timeout_seconds,
-       NULL::float8 AS wait_seconds
+       lease_token, idempotency_key, lease_for, timeout_seconds, NULL::float8 AS wait_seconds
 FROM claimed
 UNION ALL
 SELECT 'reclaim', 'RUNNING', id, action, queue, payload, attempt, max_attempts,
-       lease_token, lease_expires_at, idempotency_key, due_at, lease_for, timeout_seconds, NULL
+       lease_token, idempotency_key, lease_for, timeout_seconds, NULL
 FROM reclaimed
 UNION ALL
-SELECT 'expire', 'RUNNING', id, NULL, NULL, NULL, attempt, NULL, NULL, NULL, NULL, NULL, NULL,
-       NULL, NULL
+SELECT 'expire', 'RUNNING', id, NULL, NULL, NULL, attempt, NULL, NULL, NULL, NULL, NULL, NULL
 FROM dead
 UNION ALL
-SELECT 'wait', NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, -- no limits
+SELECT 'wait', NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,     -- no limits
        extract(epoch FROM at - now())::float8                                         -- no limits
 -- 'held': a limit held due work back                                                 -- limits
 SELECT CASE WHEN (SELECT retry_in FROM held_back) IS NULL THEN 'wait' ELSE 'held' END, -- limits
-       NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,  -- limits
+       NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,              -- limits
        least(extract(epoch FROM at - now())::float8, (SELECT retry_in FROM held_back)) -- limits
 FROM wake;
 

@@ -14,7 +14,6 @@ import os
 import pkgutil
 import random
 import sys
-import threading
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -83,7 +82,7 @@ class TaskContext:
     # set once a ctx.transaction() committed the task's completion
     completed: bool = False
     _result_json: str = field(default="null", repr=False)
-    _stop: threading.Event = field(default_factory=threading.Event, repr=False)
+    _stop: bool = field(default=False, repr=False)  # set by the worker's loop, read anywhere
 
     @property
     def is_last_attempt(self) -> bool:
@@ -96,7 +95,7 @@ class TaskContext:
         then; a def handler (which a thread cannot be made to leave) should check this in
         its loops and return: until it does, its task stays RUNNING under its lease and is
         not run again anywhere."""
-        return self._stop.is_set()
+        return self._stop
 
     async def heartbeat(self) -> bool:
         """Extend the lease now (the worker also does it on its own every lease/3).

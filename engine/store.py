@@ -45,9 +45,7 @@ class Claimed:
     attempt: int
     max_attempts: int
     lease_token: uuid.UUID
-    lease_expires_at: datetime
     idempotency_key: str | None
-    due_at: datetime
     lease_seconds: float  # the task's own, else its action's
     timeout_seconds: float | None  # the task's own (the action's applies when None)
     # the columns of task_claim_due, in order, before wait_seconds
@@ -314,7 +312,7 @@ class Store:
             elif r["trigger"] == "expire":
                 expired.append(r["id"])
             else:
-                leased.append(Claimed(*r[:14]))
+                leased.append(Claimed(*r[:12]))
         return Claim(leased, expired, wait, held)
 
     async def heartbeat(

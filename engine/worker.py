@@ -652,7 +652,7 @@ class Worker:
         except Exception as exc:
             error = exc
         finally:
-            ex.ctx._stop.set()
+            ex.ctx._stop = True
             if ex.thread is not None and not ex.thread.done():
                 await self._outlive(ex, error)
             ex.in_handler = False
@@ -709,7 +709,7 @@ class Worker:
     def _stop_handler(self, ex: _Execution, why: str) -> None:
         if ex.in_handler and ex.stopped is None and ex.task is not None:
             ex.stopped = why
-            ex.ctx._stop.set()
+            ex.ctx._stop = True
             if not ex.outliving:  # else only its thread is left, which returns in its time
                 ex.task.cancel()
 
