@@ -542,7 +542,10 @@ def parser() -> argparse.ArgumentParser:
         help="claim and run due tasks",
         description="Claim due tasks and run their handlers. SIGTERM or "
         "Ctrl-C: stop claiming, finish running tasks within the grace "
-        "period, hand the rest back. A second signal skips the wait.",
+        "period, hand the rest back. A second signal skips the wait. The worker "
+        "runs as the child of this process, which holds no task: if a handler "
+        "ends the worker (os._exit, a segfault), its tasks are failed with the "
+        "reason and a new worker is started.",
     )
     _worker_options(worker)
     worker.add_argument(
