@@ -163,6 +163,7 @@ def test_the_wheel_installs_only_tasklease(tmp_path: Path) -> None:
     for needed in (
         "tasklease/__init__.py",
         "tasklease/engine/queries.sql",
+        "tasklease/schema/schema.sql",
         "tasklease/api/templates/ui/base.html",
         "tasklease/handlers/email_user.py",
         "tasklease/schema/migrations/versions/0007_submit_in_sql.py",

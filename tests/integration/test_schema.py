@@ -1,12 +1,82 @@
 """The database agrees with the declaration, and migrating is idempotent and concurrent-safe."""
 
 import asyncio
+import difflib
+from typing import Any
 
 import asyncpg
 import pytest
 
 from tasklease import schema
+from tasklease.engine.database import with_database
 from tasklease.engine.states import TRIGGERS, TaskState
+from tests.conftest import create_database, drop_database
+from tests.support.schema_dump import DECLARED
+
+# What a schema is made of, read from the catalogs (alembic_version aside): equal catalogs,
+# equal schemas, whatever statements made them.
+CATALOG = {
+    "types": "SELECT t.typname, array_agg(e.enumlabel ORDER BY e.enumsortorder)::text "
+    "FROM pg_type t JOIN pg_enum e ON e.enumtypid = t.oid "
+    "WHERE t.typnamespace = 'public'::regnamespace GROUP BY 1 ORDER BY 1",
+    "columns": "SELECT table_name, ordinal_position, column_name, data_type, udt_name, "
+    "is_nullable, column_default, is_identity, identity_generation "
+    "FROM information_schema.columns WHERE table_schema = 'public' "
+    "AND table_name <> 'alembic_version' ORDER BY 1, 2",
+    "constraints": "SELECT conrelid::regclass::text, conname, pg_get_constraintdef(oid) "
+    "FROM pg_constraint WHERE connamespace = 'public'::regnamespace "
+    "AND conrelid::regclass::text <> 'alembic_version' ORDER BY 1, 2",
+    "indexes": "SELECT tablename, indexname, indexdef FROM pg_indexes "
+    "WHERE schemaname = 'public' AND tablename <> 'alembic_version' ORDER BY 1, 2",
+    "functions": "SELECT p.oid::regprocedure::text, pg_get_functiondef(p.oid) FROM pg_proc p "
+    "WHERE p.pronamespace = 'public'::regnamespace ORDER BY 1",
+    "triggers": "SELECT tgrelid::regclass::text, tgname, pg_get_triggerdef(oid) "
+    "FROM pg_trigger WHERE NOT tgisinternal ORDER BY 1, 2",
+    "views": "SELECT viewname, definition FROM pg_views WHERE schemaname = 'public' ORDER BY 1",
+    "sequences": "SELECT sequencename, data_type::text, start_value, increment_by "
+    "FROM pg_sequences WHERE schemaname = 'public' ORDER BY 1",
+}
+
+
+async def catalog(dsn: str) -> dict[str, list[tuple[Any, ...]]]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return {part: [tuple(r) for r in await conn.fetch(q)] for part, q in CATALOG.items()}
+    finally:
+        await conn.close()
+
+
+async def test_the_declared_schema_is_what_the_migrations_make(admin_dsn: str) -> None:
+    """schema/schema.sql applied to one empty database, every migration to another: the same
+    types, columns, constraints, indexes, functions, triggers, views and sequences."""
+    names = [await create_database(admin_dsn, None) for _ in range(2)]
+    migrated, declared = (with_database(admin_dsn, name) for name in names)
+    try:
+        await schema.upgrade(migrated)
+        conn = await asyncpg.connect(declared)
+        try:
+            await conn.execute(DECLARED.read_text())
+        finally:
+            await conn.close()
+        want, got = await catalog(migrated), await catalog(declared)
+        assert want["columns"] and want["functions"], "the catalogs read nothing"
+        for part in CATALOG:
+            diff = "\n".join(
+                difflib.unified_diff(
+                    [repr(row) for row in want[part]],
+                    [repr(row) for row in got[part]],
+                    "migrations",
+                    "schema/schema.sql",
+                    lineterm="",
+                )
+            )
+            assert not diff, (
+                f"schema/schema.sql is not what the migrations make ({part}); regenerate it "
+                f"with `.venv/bin/python -m tests.support.schema_dump`:\n{diff[:4000]}"
+            )
+    finally:
+        for name in names:
+            await drop_database(admin_dsn, name)
 
 
 async def test_enum_equals_task_state(conn: asyncpg.Connection) -> None:
