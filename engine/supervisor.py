@@ -55,6 +55,7 @@ def restart_delay(deaths: int) -> float:
 
 
 PR_SET_PDEATHSIG = 1
+SETTLE_SECONDS = 15.0  # beyond that, a dead worker's leases are left to run out
 
 
 def exit_reason(code: int) -> str:
@@ -121,7 +122,11 @@ def supervise(argv: Sequence[str], dsn: str, handlers: Mapping[str, Handler]) ->
                 delay,
             )
             try:
-                settled = asyncio.run(settle(dsn, worker_id, reason, handlers))
+                # bounded: a database cut off without a word must not keep us from
+                # starting a new worker (or from stopping)
+                settled = asyncio.run(
+                    asyncio.wait_for(settle(dsn, worker_id, reason, handlers), SETTLE_SECONDS)
+                )
             except Exception as exc:  # unreachable database, or anything else: best effort
                 log.error(
                     "cannot settle the tasks of worker %s (%s): their leases will run out",
@@ -147,9 +152,7 @@ async def settle(
     dsn: str, worker_id: str, reason: str, handlers: Mapping[str, Handler]
 ) -> dict[str, list[int]]:
     """Fail or bury every task the dead worker `worker_id` still held, with `reason`."""
-    conn = await asyncio.wait_for(
-        asyncpg.connect(dsn, server_settings={"application_name": "tasklease"}), 10
-    )
+    conn = await asyncpg.connect(dsn, server_settings={"application_name": "tasklease"})
     try:
         held = await conn.fetch(SQL["task_running_by_worker"], worker_id)
         fail = [r for r in held if r["attempt"] < r["max_attempts"]]
@@ -174,7 +177,7 @@ async def settle(
             if rows
         }
     finally:
-        await conn.close()
+        await conn.close(timeout=2)
 
 
 def _retry_in(handler: Handler | None, attempt: int) -> float:
