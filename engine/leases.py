@@ -268,9 +268,14 @@ class LeaseKeeper:
 
     async def _watch(self) -> None:
         """Fence what cannot be renewed; say when the worker's loop is blocked."""
+        last = time.monotonic()
         while True:
             now = time.monotonic()
-            self._check_loop(now)
+            # This thread did not run either for a while: the process was paused (SIGSTOP)
+            # or starved, not the loop blocked; give the loop a tick to run first.
+            if now - last < STALL_SECONDS:
+                self._check_loop(now)
+            last = now
             shortest = self.default_seconds
             for lease in self._leases.copy().values():
                 shortest = min(shortest, lease.seconds)

@@ -322,13 +322,6 @@ class Store:
             SQL["task_heartbeat_if_leased"], task_id, token, lease_seconds
         )
 
-    async def heartbeat_many(
-        self, leases: Sequence[tuple[int, uuid.UUID, float]]
-    ) -> dict[int, bool]:
-        """Extend many leases at once: {id: cancel_requested} for those still held."""
-        rows = await self.pool.fetch(SQL["task_heartbeat_many_if_leased"], *_columns(leases, 3))
-        return {r["id"]: r["cancel_requested"] for r in rows}
-
     async def complete_many(self, items: Sequence[tuple[int, uuid.UUID, str]]) -> set[int]:
         """(id, token, result JSON) each: the ids that moved to COMPLETED."""
         return await self._moved_many("task_complete_many_if_leased", items, 3)

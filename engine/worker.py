@@ -6,7 +6,9 @@ task runs as an asyncio task. Every statement on the hot path serves many tasks 
 - claim: one statement leases a batch, takes over expired leases, and says how long until
   the next task comes due; an idle worker sleeps that long, or until a NOTIFY from a
   submission wakes it (`--poll-interval` is only a safety net);
-- heartbeat: one statement every lease/3 seconds extends the leases of all running tasks;
+- heartbeat: one statement every lease/3 seconds extends the leases of all running tasks,
+  from a thread of its own (engine/leases.py: a handler that blocks the event loop cannot
+  stop it; a lease it cannot renew stops its handler before it runs out);
 - outcomes: finished tasks queue their outcome, and one statement per kind (complete, fail,
   bury) writes everything that queued while the previous write was in flight.
 
