@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from datetime import datetime
 from typing import Annotated, Any
 
 import msgspec
 
-from tasklease.engine.states import TaskState
 from tasklease.engine.tasks import Task, TaskSpec, Transition
 
 MAX_BATCH = 10_000
@@ -34,14 +32,9 @@ def stored_json(value: str) -> Any:
 class TaskRead(Task):
     """A task, as stored."""
 
-    @classmethod
-    def from_row(cls, row: Mapping[str, Any]) -> Any:
-        fields = {f: row[f] for f in cls.__struct_fields__}
-        fields["payload"] = stored_json(fields["payload"])
-        fields["state"] = TaskState(fields["state"])
-        if fields["result"] is not None:
-            fields["result"] = stored_json(fields["result"])
-        return cls(**fields)
+    @staticmethod
+    def _json_column(value: Any) -> Any:
+        return stored_json(value)
 
 
 class TaskBatchRead(msgspec.Struct):

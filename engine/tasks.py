@@ -95,13 +95,19 @@ class Task(msgspec.Struct, kw_only=True):
     lease_seconds: float | None
     timeout_seconds: float | None
 
+    @staticmethod
+    def _json_column(value: Any) -> Any:
+        """payload and result as this class holds them (decoded; the API's TaskRead keeps
+        them as stored)."""
+        return _json(value)
+
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> Any:
         fields = {f: row[f] for f in cls.__struct_fields__}
-        fields["payload"] = _json(fields["payload"])
+        fields["payload"] = cls._json_column(fields["payload"])
         fields["state"] = TaskState(fields["state"])
         if fields["result"] is not None:
-            fields["result"] = _json(fields["result"])
+            fields["result"] = cls._json_column(fields["result"])
         return cls(**fields)
 
     @property
