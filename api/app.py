@@ -10,7 +10,7 @@ from typing import Annotated, Any, TypeVar
 
 import asyncpg
 import msgspec
-from litestar import Litestar, Request, Response, get, post
+from litestar import Litestar, Request, Response, delete, get, post, put
 from litestar.connection import ASGIConnection
 from litestar.datastructures import State
 from litestar.exceptions import (
@@ -32,6 +32,8 @@ from tasklease.api import metrics, ui
 from tasklease.api.schemas import (
     ErrorBody,
     Health,
+    LimitRead,
+    LimitWrite,
     QueueStats,
     Ready,
     ScheduleRead,
@@ -48,7 +50,7 @@ from tasklease.engine import database, jsontext, operations, tasks
 from tasklease.engine.registry import Handler
 from tasklease.engine.reporting import Counters, Reporter, alive
 from tasklease.engine.states import TaskState
-from tasklease.engine.store import TRANSIENT_ERRORS, KeyTaken, NewTask, Store
+from tasklease.engine.store import TRANSIENT_ERRORS, InvalidLimit, KeyTaken, Limit, NewTask, Store
 
 log = logging.getLogger("tasklease.api")
 T = TypeVar("T")
@@ -393,6 +395,54 @@ async def list_schedules(state: State) -> list[ScheduleRead]:
     return [ScheduleRead.from_row(r) for r in await _store(state).schedules()]
 
 
+@get("/limits", operation_id="listLimits", responses=errors(401, 503))
+async def list_limits(state: State) -> list[LimitRead]:
+    """The global limits, the same for every worker, with what holds their tokens now."""
+    return [LimitRead.from_row(r) for r in await _store(state).limits()]
+
+
+@put(
+    "/limits/{key:str}",
+    operation_id="setLimit",
+    status_code=HTTP_200_OK,
+    responses=errors(400, 401, 403, 415, 503),
+)
+async def set_limit(
+    key: str, data: LimitWrite, state: State, request: Request[Any, Any, Any]
+) -> LimitRead:
+    """Give a global limit a value (`queue:NAME`, `action:NAME`: running at once;
+    `rate:NAME`: starts per `per_seconds`). Workers' declarations leave it alone until it is
+    deleted. Lowering it stops new starts beyond it; running tasks are not stopped."""
+    body = await strict(request, LimitWrite)
+    try:
+        limit = Limit(key, body.value, body.per_seconds)
+    except InvalidLimit as exc:
+        raise ClientException(str(exc)) from None
+    store = _store(state)
+    await store.set_limit(limit, declared=False)
+    log.info(
+        "limit %s set to %d%s",
+        key,
+        body.value,
+        f" per {body.per_seconds:g}s" if body.per_seconds else "",
+    )
+    return next(LimitRead.from_row(r) for r in await store.limits() if r["key"] == key)
+
+
+@delete(
+    "/limits/{key:str}",
+    operation_id="deleteLimit",
+    status_code=HTTP_200_OK,
+    responses=errors(401, 403, 404, 503),
+)
+async def delete_limit(key: str, state: State) -> dict[str, str]:
+    """Remove a global limit. A worker whose code declares it writes it again when it starts."""
+    if not await _store(state).unset_limits([key], declared_only=False):
+        raise NotFoundException(f"no limit {key}")
+    log.info("limit %s removed", key)
+    return {"removed": key}
+
+
 @get("/healthz", operation_id="health", opt={"public": True})
 async def healthz() -> Health:
     """The process is up (it does not touch the database). Never needs a token."""
@@ -552,6 +602,9 @@ def create_app(
             requeue_task,
             get_stats,
             list_schedules,
+            list_limits,
+            set_limit,
+            delete_limit,
             healthz,
             readyz,
             get_metrics,

@@ -75,6 +75,31 @@ class ScheduleRead(msgspec.Struct, kw_only=True):
         return cls(**fields, payload=stored_json(row["payload"]))
 
 
+class LimitWrite(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """A global limit's new value: at most `value` tasks RUNNING at once (queue:, action:),
+    or `value` starts per `per_seconds` (rate:)."""
+
+    value: Annotated[int, msgspec.Meta(ge=0, le=100_000)]
+    per_seconds: Annotated[float, msgspec.Meta(gt=0)] | None = None
+
+
+class LimitRead(msgspec.Struct, kw_only=True):
+    """A global limit, the same for every worker. `declared`: written by a worker from its
+    code (false: set by an operator, which declarations leave alone). `used`: tokens held
+    now (running tasks; for a rate, starts within the last period)."""
+
+    key: str
+    value: int
+    per_seconds: float | None
+    declared: bool
+    used: int
+    updated_at: datetime
+
+    @classmethod
+    def from_row(cls, row: Any) -> LimitRead:
+        return cls(**{f: row[f] for f in cls.__struct_fields__})
+
+
 class QueueStats(msgspec.Struct):
     states: dict[str, int]
     due: int

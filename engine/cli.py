@@ -459,8 +459,9 @@ def _worker_options(p: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="QUEUE=N",
-        help="at most N tasks of QUEUE running at once over all workers (global; give every "
-        "worker of the queue the same limit); repeat for more queues",
+        help="declare: at most N tasks of QUEUE running at once over all workers (stored "
+        "in the database as limit queue:QUEUE; `tasklease limits set` overrides it); repeat "
+        "for more queues",
     )
 
 
@@ -697,7 +698,7 @@ def parser() -> argparse.ArgumentParser:
     be.set_defaults(func=cmd_bench)
 
     http_client.add_commands(sub, [s.value for s in states.TaskState])
-    for name in ("submit", "show", "ls", "cancel", "requeue", "stats", "schedules"):
+    for name in ("submit", "show", "ls", "cancel", "requeue", "stats", "schedules", "limits"):
         sub.choices[name].set_defaults(func=http_client.run)
     return root
 

@@ -234,10 +234,58 @@ def run(args: argparse.Namespace) -> int:
                 for s in out
             ]
             text = table(rows, ["NAME", "ACTION", "WHEN", "TZ", "MISSED", "NEXT RUN", "LAST TASK"])
+        case "limits":
+            if args.op and (args.key is None or (args.op == "set") != (args.value is not None)):
+                raise ClientError(
+                    "usage: tasklease limits [set KEY VALUE | unset KEY] (see --help)"
+                )
+            if args.op == "set":
+                value, per = limit_value(args.key, args.value)
+                body = {"value": value} | ({"per_seconds": per} if per else {})
+                out = client.call("PUT", f"/limits/{args.key}", json=body)
+                text = f"limit {out['key']} = {_limit_text(out)}"
+            elif args.op == "unset":
+                out = client.call("DELETE", f"/limits/{args.key}")
+                text = f"limit {args.key} removed"
+            else:
+                out = client.call("GET", "/limits")
+                rows = [
+                    [
+                        lim["key"],
+                        _limit_text(lim),
+                        lim["used"],
+                        "code" if lim["declared"] else "operator",
+                        lim["updated_at"],
+                    ]
+                    for lim in out
+                ]
+                text = table(rows, ["KEY", "LIMIT", "IN USE", "SET BY", "UPDATED"])
         case _:
             raise ClientError(f"unknown command {args.command}")
     sys.stdout.write((json.dumps(out, indent=2) if args.json else text) + "\n")
     return 0
+
+
+RATE_UNITS = {"s": 1.0, "min": 60.0, "h": 3600.0}
+
+
+def limit_value(key: str, text: str) -> tuple[int, float | None]:
+    """VALUE of `tasklease limits set`: N (queue:, action:) or N/s, N/min, N/h (rate:)."""
+    count, _, unit = text.partition("/")
+    if not count.isdigit() or (unit and unit not in RATE_UNITS):
+        raise ClientError(
+            f"limit value {text!r} is not a count (5) or a rate (10/s, 600/min, 1000/h)"
+        )
+    if key.startswith("rate:") != bool(unit):
+        raise ClientError(
+            f"limit {key}: a rate: key takes a rate (10/s), a queue: or action: key a count (5)"
+        )
+    return int(count), RATE_UNITS[unit] if unit else None
+
+
+def _limit_text(limit: dict[str, Any]) -> str:
+    per = limit["per_seconds"]
+    return str(limit["value"]) + (f" per {per:g}s" if per else " running")
 
 
 def add_commands(sub: Any, state_choices: list[str]) -> None:
@@ -292,3 +340,19 @@ def add_commands(sub: Any, state_choices: list[str]) -> None:
 
     sub.add_parser("stats", parents=[common], help="counts by state and queue, queue lag")
     sub.add_parser("schedules", parents=[common], help="periodic tasks and when each runs next")
+
+    p = sub.add_parser(
+        "limits",
+        parents=[common],
+        help="global limits: list, set or unset",
+        description="Global limits, the same for every worker, stored in the database. "
+        "KEY is queue:NAME or action:NAME (at most VALUE tasks running at once) or rate:NAME "
+        "(at most VALUE starts per period, e.g. 10/s, 600/min, 1000/h). A value set here "
+        "stays until unset, whatever the workers' code declares; lowering a limit stops "
+        "new starts beyond it, running tasks finish. "
+        "Examples: tasklease limits set action:send_email 5; "
+        "tasklease limits set rate:send_email 10/s; tasklease limits unset queue:reports",
+    )
+    p.add_argument("op", nargs="?", choices=["set", "unset"], help="without: list them")
+    p.add_argument("key", nargs="?", help="queue:NAME, action:NAME or rate:NAME")
+    p.add_argument("value", nargs="?", help="N, or for a rate N/s, N/min, N/h")

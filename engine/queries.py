@@ -28,24 +28,6 @@ def load(text: str) -> dict[str, Query]:
     return queries
 
 
-_MARK = re.compile(r"\s*-- (no )?limits$")
-
-
-def form(sql: str, *, limits: bool) -> str:
-    """One form of a statement whose lines end in `-- limits` (kept only with limits) or
-    `-- no limits` (kept only without); unmarked lines are in both."""
-    kept = []
-    for line in sql.splitlines():
-        mark = _MARK.search(line)
-        if mark is None:
-            kept.append(line)
-        elif bool(mark.group(1)) != limits:
-            kept.append(line[: mark.start()])
-    return "\n".join(kept)
-
-
 QUERIES = load(SOURCE.read_text())
 SQL: dict[str, str] = {name: q.sql for name, q in QUERIES.items()}
-# The claim without and with global limits (see its comment in queries.sql).
-CLAIM = form(SQL["task_claim_due"], limits=False)
-CLAIM_LIMITED = form(SQL["task_claim_due"], limits=True)
+CLAIM = SQL["task_claim_due"]

@@ -30,22 +30,29 @@ FROM task_transitions WHERE task_id = $1 ORDER BY id;
 -- PENDING/FAILED tasks are claimed: highest priority, then earliest due, except that with
 -- aging on ($6 seconds) about half of each claim goes to tasks due for longer than that,
 -- oldest first, so no priority starves another. SKIP LOCKED lets workers claim side by side.
--- A last row (trigger 'wait') says in how many seconds to look again: the next due time or
--- lease expiry, or, when a limit held due work back (trigger 'held'), when it may let some
--- through.
--- Two forms (engine/queries.py): lines marked `-- limits` are only in the form used when a
--- global limit applies ($7 running tasks of the queue; per action $8: $9 running tasks, $10
--- starts per $11 seconds; tasklease_claim_slots says how many more this claim may start, in
--- which shard of each limit, under the shard's lock); lines marked `-- no limits` only in the
--- other, which costs nothing for limits.
+-- Global limits (the `limits` table) join in at one place, `tokens`: a task starts only
+-- with a free token of every limit it falls under (its queue's, its action's, its action's
+-- rate; a takeover keeps its concurrency tokens and needs only a rate token), taken here.
+-- A last row says in how many seconds to look again: the next due time or lease expiry
+-- (trigger 'wait'), or, when a limit held due work back ('held'), sooner if a token may
+-- free sooner.
 WITH lease AS (
     SELECT * FROM unnest($2::text[], $5::float8[]) AS l(action, seconds)
-), caps AS MATERIALIZED (                                                             -- limits
-    SELECT * FROM tasklease_claim_slots($1, $7, $8, $9, $10, $11, $3)                  -- limits
-), blocked AS MATERIALIZED (                                                          -- limits
-    -- limited actions that may start nothing now                                     -- limits
-    SELECT name FROM caps                                                             -- limits
-    WHERE scope = 'action' AND (running_left <= 0 OR starts_left <= 0)                -- limits
+), limited AS MATERIALIZED (
+    -- the limits this claim starts tasks under, and whether any of their tokens is free
+    SELECT l.key, l.value, l.per_seconds,
+           (SELECT t.n FROM limit_tokens t
+            WHERE t.key = l.key AND t.task_id IS NULL AND t.free_at <= now() AND t.n <= l.value
+            ORDER BY t.free_at, t.n LIMIT 1) IS NOT NULL AS open
+    FROM limits l
+    WHERE l.key = ANY(ARRAY['queue:' || $1]
+                      || ARRAY(SELECT p || a FROM unnest($2::text[]) AS a,
+                                                  unnest('{action:,rate:}'::text[]) AS p))
+), shut AS MATERIALIZED (
+    -- actions that may start nothing now: the scans below step over their due tasks
+    SELECT a FROM unnest($2::text[]) AS a
+    WHERE EXISTS (SELECT FROM limited
+                  WHERE NOT open AND key IN ('queue:' || $1, 'action:' || a, 'rate:' || a))
 ), expired_locked AS (
     -- a crashed worker's lease: no reaper, whoever claims next takes it over
     SELECT id, worker AS old_worker, action, attempt < max_attempts AS restart FROM tasks
@@ -54,32 +61,13 @@ WITH lease AS (
     ORDER BY lease_expires_at
     LIMIT $3
     FOR UPDATE SKIP LOCKED
-), expired AS (
-    SELECT * FROM expired_locked                                                      -- no limits
-    -- a reclaim is a start: a rate limit holds it back (it already counts as running) -- limits
-    SELECT e.* FROM (                                                                 -- limits
-        SELECT *, row_number() OVER (PARTITION BY action, restart ORDER BY id) AS n   -- limits
-        FROM expired_locked) AS e                                                     -- limits
-    LEFT JOIN caps ON caps.scope = 'action' AND caps.name = e.action                  -- limits
-    WHERE NOT e.restart OR e.n <= coalesce(caps.starts_left, 2147483647)              -- limits
-), allowance AS MATERIALIZED (                                                       -- limits
-    -- what each limited action may still start: its room, less its reclaims under a  -- limits
-    -- rate limit                                                                     -- limits
-    SELECT c.name, c.run_slot,                                                        -- limits
-           least(coalesce(c.running_left, 2147483647),                                -- limits
-                 coalesce(c.starts_left, 2147483647)                                  -- limits
-                 - (SELECT count(*) FROM expired e                                    -- limits
-                    WHERE e.restart AND e.action = c.name)) AS n                      -- limits
-    FROM caps c WHERE c.scope = 'action'                                              -- limits
 ), room AS MATERIALIZED (
-    SELECT greatest($3 - (SELECT count(*) FROM expired), 0) AS n                      -- no limits
-    SELECT greatest(least($3 - (SELECT count(*) FROM expired),                        -- limits
-                          (SELECT running_left FROM caps WHERE scope = 'queue')), 0) AS n -- limits
+    SELECT greatest($3 - (SELECT count(*) FROM expired_locked), 0) AS n
 ), aged AS (
     SELECT id, state, action, priority, due_at FROM tasks
     WHERE state IN ('PENDING', 'FAILED') AND due_at <= now() - make_interval(secs => $6)
       AND queue = $1 AND action = ANY($2::text[])
-      AND action NOT IN (SELECT name FROM blocked)                                    -- limits
+      AND action NOT IN (SELECT a FROM shut)
     ORDER BY due_at, id
     -- half the room, rounded up or down at random: a one-slot claim takes the oldest half
     -- of the time
@@ -89,28 +77,47 @@ WITH lease AS (
     SELECT id, state, action, priority, due_at FROM tasks
     WHERE state IN ('PENDING', 'FAILED') AND due_at <= now()
       AND queue = $1 AND action = ANY($2::text[])
-      AND action NOT IN (SELECT name FROM blocked)                                    -- limits
+      AND action NOT IN (SELECT a FROM shut)
       AND id <> ALL(ARRAY(SELECT id FROM aged))
     ORDER BY priority DESC, due_at, id
     LIMIT (SELECT n FROM room) - (SELECT count(*) FROM aged)
     FOR UPDATE SKIP LOCKED
+), candidates AS MATERIALIZED (
+    -- everything this claim may start, in the order it starts them: takeovers, aged, ranked
+    SELECT id, action, NULL::task_state AS from_state, restart, 0 AS part,
+           0 AS priority, NULL::timestamptz AS due_at
+    FROM expired_locked
+    UNION ALL SELECT id, action, state, NULL, 1, 0, due_at FROM aged
+    UNION ALL SELECT id, action, state, NULL, 2, priority, due_at FROM ranked
+), wants AS MATERIALIZED (
+    -- each start's place in line for each limit it falls under
+    SELECT c.id, l.key, l.value, l.per_seconds,
+           row_number() OVER (PARTITION BY l.key
+                              ORDER BY c.part, c.priority DESC, c.due_at, c.id) AS place
+    FROM candidates c
+    JOIN limited l ON l.key IN ('queue:' || $1, 'action:' || c.action, 'rate:' || c.action)
+    WHERE c.restart IS NULL OR (c.restart AND l.per_seconds IS NOT NULL)
+), tokens AS MATERIALIZED (
+    -- per limit, up to as many free tokens as starts want one, lowest numbers first, locked:
+    -- a token another claim holds is skipped, one it took meanwhile is read again and left
+    SELECT w.key, t.n, row_number() OVER (PARTITION BY w.key ORDER BY t.n) AS place
+    FROM (SELECT key, value, count(*) AS k FROM wants GROUP BY key, value) AS w
+    CROSS JOIN LATERAL (
+        SELECT t.n FROM limit_tokens t
+        WHERE t.key = w.key AND t.task_id IS NULL AND t.free_at <= now() AND t.n <= w.value
+        ORDER BY t.free_at, t.n
+        LIMIT w.k
+        FOR UPDATE SKIP LOCKED
+    ) AS t
+), refused AS MATERIALIZED (
+    -- starts that did not get a token of some limit: not started this time
+    SELECT DISTINCT w.id FROM wants w
+    WHERE NOT EXISTS (SELECT FROM tokens k WHERE k.key = w.key AND k.place = w.place)
+), expired AS (
+    SELECT * FROM expired_locked WHERE id NOT IN (SELECT id FROM refused)
 ), due AS (
-    SELECT id, state AS from_state FROM aged UNION ALL SELECT id, state FROM ranked    -- no limits
-    -- each limited action keeps at most what it may still start (its reclaims included): -- limits
-    -- when none may start fewer than the room, all of them, else the first of each   -- limits
-    SELECT u.id, u.state AS from_state, a.run_slot                                    -- limits
-    FROM (SELECT * FROM aged UNION ALL SELECT * FROM ranked) AS u                     -- limits
-    LEFT JOIN allowance a ON a.name = u.action                                        -- limits
-    WHERE coalesce((SELECT min(n) FROM allowance), 2147483647) >= (SELECT n FROM room) -- limits
-    UNION ALL                                                                         -- limits
-    SELECT p.id, p.state AS from_state, a.run_slot FROM (                             -- limits
-        SELECT *, row_number() OVER (PARTITION BY action                              -- limits
-            ORDER BY part, CASE part WHEN 1 THEN -priority END, due_at, id) AS n      -- limits
-        FROM (SELECT *, 0 AS part FROM aged UNION ALL SELECT *, 1 FROM ranked) AS u   -- limits
-    ) AS p                                                                            -- limits
-    LEFT JOIN allowance a ON a.name = p.action                                        -- limits
-    WHERE coalesce((SELECT min(n) FROM allowance), 2147483647) < (SELECT n FROM room) -- limits
-      AND (a.name IS NULL OR p.n <= a.n)                                              -- limits
+    SELECT id, from_state FROM candidates
+    WHERE part > 0 AND id NOT IN (SELECT id FROM refused)
 ), reclaimed AS (
     UPDATE tasks t
     SET attempt = t.attempt + 1, lease_token = gen_random_uuid(),
@@ -133,22 +140,24 @@ WITH lease AS (
     UPDATE tasks t
     SET state = 'RUNNING', attempt = t.attempt + 1, lease_token = gen_random_uuid(),
         lease_expires_at = now() + make_interval(secs => coalesce(t.lease_seconds, lease.seconds)),
-        -- the shards of the limits this start counts in                               -- limits
-        action_slot = due.run_slot,                                                   -- limits
-        queue_slot = (SELECT run_slot FROM caps WHERE scope = 'queue'),               -- limits
         worker = $4, updated_at = now()
     FROM due, lease
     -- the id list steers the planner to the primary key rather than re-reading the due range
     WHERE t.id = ANY(ARRAY(SELECT id FROM due)) AND t.id = due.id AND lease.action = t.action
       AND t.state IN ('PENDING', 'FAILED') AND t.due_at <= now()
     RETURNING t.*, due.from_state, coalesce(t.lease_seconds, lease.seconds) AS lease_for
-), started AS (                                                                       -- limits
-    -- starts of rate-limited actions, for their sliding window                       -- limits
-    INSERT INTO action_starts (action, at, slot)                                      -- limits
-    SELECT s.action, now(), caps.rate_slot FROM (SELECT action FROM claimed           -- limits
-                                 UNION ALL SELECT action FROM reclaimed) AS s         -- limits
-    JOIN caps ON caps.scope = 'action' AND caps.name = s.action                       -- limits
-                 AND caps.starts_left IS NOT NULL                                     -- limits
+), taken AS (
+    -- the tokens of what started: a concurrency token is held by its task until the task
+    -- leaves RUNNING, a rate token comes free one period after this start
+    UPDATE limit_tokens t
+    SET task_id = CASE WHEN w.per_seconds IS NULL THEN w.id END,
+        free_at = CASE WHEN w.per_seconds IS NOT NULL
+                       THEN now() + make_interval(secs => w.per_seconds) ELSE t.free_at END
+    FROM wants w, tokens k
+    WHERE k.key = w.key AND k.place = w.place AND t.key = k.key AND t.n = k.n
+      AND w.id IN (SELECT id FROM claimed UNION ALL SELECT id FROM reclaimed)
+), freed AS (
+    UPDATE limit_tokens SET task_id = NULL WHERE task_id = ANY(ARRAY(SELECT id FROM dead))
 ), wake AS (
     -- the earliest future due time: one ordered probe of tasks_claimable
     SELECT least(
@@ -160,22 +169,27 @@ WITH lease AS (
          WHERE state = 'RUNNING' AND lease_expires_at > now()
            AND queue = $1 AND action = ANY($2::text[]))
     ) AS at
-), held_back AS (                                                                     -- limits
-    -- a limit is reached and due work remains: look again soon (0: another shard has -- limits
-    -- room; a rate window: when it frees)                                            -- limits
-    SELECT min(greatest(CASE WHEN c.running_left <= d.n THEN coalesce(c.run_retry, 0.1) END, -- limits
-                        CASE WHEN c.starts_left <= d.n THEN coalesce(c.rate_retry, 0.1) END)) -- limits
-           AS retry_in                                                                -- limits
-    FROM caps AS c, (SELECT count(*) AS n FROM due) AS d                              -- limits
-    -- CASE: the probe runs only for a limit this claim reached (as a plain AND, the     -- limits
-    -- planner ran it first, for every limit: a scan of all due tasks per limited action -- limits
-    -- with none due)                                                                 -- limits
-    WHERE CASE WHEN c.running_left <= d.n OR c.starts_left <= d.n THEN                -- limits
-          (SELECT t.id FROM tasks t                                                   -- limits
-           WHERE t.queue = $1 AND t.state IN ('PENDING', 'FAILED') AND t.due_at <= now() -- limits
-             AND t.action = ANY($2::text[]) AND t.id <> ALL(ARRAY(SELECT id FROM due)) -- limits
-             AND (c.scope = 'queue' OR t.action = c.name)                             -- limits
-           ORDER BY t.due_at LIMIT 1) IS NOT NULL END                                 -- limits
+), held_back AS (
+    -- a limit held due work back: look again when a token may free (running tasks: any
+    -- worker may end one at any moment, so soon; a rate: when its next token frees)
+    SELECT min(CASE WHEN l.value = 0 THEN NULL WHEN l.per_seconds IS NULL THEN 0.1 ELSE
+                   -- the tokens taken now are still free in this statement's snapshot
+                   (SELECT extract(epoch FROM least(min(t.free_at), now() + make_interval(
+                                                   secs => l.per_seconds)) - now())::float8
+                    FROM limit_tokens t
+                    WHERE t.key = l.key AND t.task_id IS NULL AND t.free_at > now()
+                      AND t.n <= l.value) END) AS retry_in
+    FROM limited l
+    WHERE l.key IN (SELECT w.key FROM wants w JOIN refused r ON r.id = w.id)
+       -- CASE: the probe runs only for a shut limit (as a plain OR the planner may run it
+       -- for every limit)
+       OR CASE WHEN NOT l.open THEN
+              (SELECT t.id FROM tasks t
+               WHERE t.queue = $1 AND t.state IN ('PENDING', 'FAILED') AND t.due_at <= now()
+                 AND t.action = ANY($2::text[])
+                 AND l.key IN ('queue:' || $1, 'action:' || t.action, 'rate:' || t.action)
+               ORDER BY t.due_at LIMIT 1) IS NOT NULL
+          ELSE false END
 ), logged AS (
     INSERT INTO task_transitions (task_id, trigger, from_state, to_state, attempt, worker, detail)
     SELECT id, 'claim', from_state, 'RUNNING'::task_state, attempt, $4, NULL FROM claimed
@@ -197,12 +211,9 @@ UNION ALL
 SELECT 'expire', 'RUNNING', id, NULL, NULL, NULL, attempt, NULL, NULL, NULL, NULL, NULL, NULL
 FROM dead
 UNION ALL
-SELECT 'wait', NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,     -- no limits
-       extract(epoch FROM at - now())::float8                                         -- no limits
--- 'held': a limit held due work back                                                 -- limits
-SELECT CASE WHEN (SELECT retry_in FROM held_back) IS NULL THEN 'wait' ELSE 'held' END, -- limits
-       NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,              -- limits
-       least(extract(epoch FROM at - now())::float8, (SELECT retry_in FROM held_back)) -- limits
+SELECT CASE WHEN (SELECT retry_in FROM held_back) IS NULL THEN 'wait' ELSE 'held' END,
+       NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
+       least(extract(epoch FROM at - now())::float8, (SELECT retry_in FROM held_back))
 FROM wake;
 
 -- name: task_heartbeat_if_leased
@@ -236,6 +247,9 @@ WITH moved AS (
         SELECT string_agg(id::text, ',') AS ids
         FROM (SELECT id, (row_number() OVER ()) / 300 AS chunk FROM moved) AS m GROUP BY chunk
     ) AS c
+), freed AS (
+    -- its concurrency tokens come free (docs/scheduling.md)
+    UPDATE limit_tokens SET task_id = NULL WHERE task_id = ANY(ARRAY(SELECT id FROM moved))
 ), logged AS (
     INSERT INTO task_transitions (task_id, trigger, from_state, to_state, attempt, worker)
     SELECT id, 'complete', 'RUNNING', 'COMPLETED', attempt, worker FROM moved
@@ -258,6 +272,9 @@ WITH moved AS (
       AND t.attempt < t.max_attempts
     RETURNING t.id, t.attempt, t.worker, t.last_error,
               ($3::float8[])[array_position($1, t.id)] AS retry_in
+), freed AS (
+    -- its concurrency tokens come free (docs/scheduling.md)
+    UPDATE limit_tokens SET task_id = NULL WHERE task_id = ANY(ARRAY(SELECT id FROM moved))
 ), logged AS (
     INSERT INTO task_transitions (task_id, trigger, from_state, to_state, attempt, worker, detail)
     SELECT id, 'fail', 'RUNNING', 'FAILED', attempt, worker,
@@ -284,6 +301,9 @@ WITH moved AS (
         SELECT string_agg(id::text, ',') AS ids
         FROM (SELECT id, (row_number() OVER ()) / 300 AS chunk FROM moved) AS m GROUP BY chunk
     ) AS c
+), freed AS (
+    -- its concurrency tokens come free (docs/scheduling.md)
+    UPDATE limit_tokens SET task_id = NULL WHERE task_id = ANY(ARRAY(SELECT id FROM moved))
 ), logged AS (
     INSERT INTO task_transitions (task_id, trigger, from_state, to_state, attempt, worker, detail)
     SELECT id, 'bury', 'RUNNING', 'DEAD', attempt, worker, split_part(last_error, E'\n', 1)
@@ -299,6 +319,9 @@ WITH moved AS (
                      updated_at = now()
     WHERE id = $1 AND state = 'RUNNING' AND lease_token = $2
     RETURNING id, attempt, worker, queue
+), freed AS (
+    -- its concurrency tokens come free (docs/scheduling.md)
+    UPDATE limit_tokens SET task_id = NULL WHERE task_id = ANY(ARRAY(SELECT id FROM moved))
 ), logged AS (
     INSERT INTO task_transitions (task_id, trigger, from_state, to_state, attempt, worker, detail)
     SELECT id, 'release', 'RUNNING', 'PENDING', attempt, worker, 'worker shutting down'
@@ -314,6 +337,9 @@ WITH moved AS (
                      due_at = now() + make_interval(secs => $3), updated_at = now()
     WHERE id = $1 AND state = 'RUNNING' AND lease_token = $2
     RETURNING id, attempt, worker
+), freed AS (
+    -- its concurrency tokens come free (docs/scheduling.md)
+    UPDATE limit_tokens SET task_id = NULL WHERE task_id = ANY(ARRAY(SELECT id FROM moved))
 ), logged AS (
     INSERT INTO task_transitions (task_id, trigger, from_state, to_state, attempt, worker, detail)
     SELECT id, 'snooze', 'RUNNING', 'PENDING', attempt, worker,
@@ -344,6 +370,9 @@ WITH moved AS (
     WHERE id = $1 AND state = 'RUNNING' AND lease_token = $2
       AND cancel_requested_at IS NOT NULL
     RETURNING id, attempt, worker
+), freed AS (
+    -- its concurrency tokens come free (docs/scheduling.md)
+    UPDATE limit_tokens SET task_id = NULL WHERE task_id = ANY(ARRAY(SELECT id FROM moved))
 ), logged AS (
     INSERT INTO task_transitions (task_id, trigger, from_state, to_state, attempt, worker, detail)
     SELECT id, 'cancel_running', 'RUNNING', 'CANCELLED', attempt, worker,
@@ -657,3 +686,43 @@ SELECT EXISTS (SELECT 1 FROM ui_sessions WHERE id = $1 AND expires_at > now());
 -- name: ui_session_end
 -- Log dashboard session $1 out.
 DELETE FROM ui_sessions WHERE id = $1;
+
+-- name: limit_set
+-- Give global limit $1 ('queue:NAME', 'action:NAME' or 'rate:NAME') the value $2 (a rate:
+-- per $3 seconds), declared by code ($4 true: an operator's value is left alone) or set by
+-- an operator ($4 false). Adds its tokens up to the value and deletes the free ones above it
+-- (those still held stay with their tasks, and are never taken again). Returns the limit,
+-- or no row when a declaration met an operator's value.
+WITH l AS (
+    INSERT INTO limits AS l (key, value, per_seconds, declared) VALUES ($1, $2, $3, $4)
+    ON CONFLICT (key) DO UPDATE
+    SET value = excluded.value, per_seconds = excluded.per_seconds,
+        declared = excluded.declared,
+        updated_at = CASE WHEN (l.value, l.per_seconds, l.declared)
+                               IS DISTINCT FROM (excluded.value, excluded.per_seconds,
+                                                 excluded.declared)
+                          THEN now() ELSE l.updated_at END
+    WHERE NOT (excluded.declared AND NOT l.declared)
+    RETURNING l.*
+), added AS (
+    INSERT INTO limit_tokens (key, n)
+    SELECT key, generate_series(1, value) FROM l
+    ON CONFLICT DO NOTHING
+), dropped AS (
+    DELETE FROM limit_tokens t USING l
+    WHERE t.key = l.key AND t.n > l.value AND t.task_id IS NULL
+)
+SELECT key, value, per_seconds, declared, updated_at FROM l;
+
+-- name: limit_unset
+-- Remove the global limits in $1, those declared by code only if $2 (a worker whose code no
+-- longer declares them), any if not $2 (an operator). Their tokens go with them.
+DELETE FROM limits WHERE key = ANY($1::text[]) AND (declared OR NOT $2) RETURNING key;
+
+-- name: limit_list
+-- Every global limit with what holds its tokens now: running tasks (concurrency) or starts
+-- within the last period (rate).
+SELECT l.key, l.value, l.per_seconds, l.declared, l.updated_at,
+       count(t.n) FILTER (WHERE t.task_id IS NOT NULL OR t.free_at > now()) AS used
+FROM limits l LEFT JOIN limit_tokens t ON t.key = l.key
+GROUP BY l.key ORDER BY l.key;

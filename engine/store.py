@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 import asyncpg
 import msgspec
 
-from tasklease.engine.queries import CLAIM, CLAIM_LIMITED, SQL
+from tasklease.engine.queries import CLAIM, SQL
 
 # Errors after which the same statement can succeed once the database is back.
 TRANSIENT_ERRORS: tuple[type[Exception], ...] = (
@@ -95,27 +95,36 @@ class NewTask:
 
 
 @dataclass(frozen=True)
-class ActionLimit:
-    """Global limits of one action, across all workers: at most `max_running` RUNNING, at
-    most `rate` starts in any `period` seconds. None: no such limit."""
+class Limit:
+    """A global limit, the same for every worker (docs/scheduling.md): `key` is
+    'queue:NAME' (tasks of the queue RUNNING at once), 'action:NAME' (tasks of the action
+    RUNNING at once) or 'rate:NAME' (starts of the action per `per_seconds`)."""
 
-    max_running: int | None = None
-    rate: int | None = None
-    period: float | None = None
+    key: str
+    value: int
+    per_seconds: float | None = None
+
+    def __post_init__(self) -> None:
+        kind, _, name = self.key.partition(":")
+        if kind not in ("queue", "action", "rate") or not name:
+            raise InvalidLimit(f"limit {self.key!r}: a key is queue:NAME, action:NAME or rate:NAME")
+        if not 0 <= self.value <= MAX_LIMIT:
+            raise InvalidLimit(f"limit {self.key}: the value must be 0 to {MAX_LIMIT}")
+        if (kind == "rate") != (self.per_seconds is not None):
+            raise InvalidLimit(
+                f"limit {self.key}: a rate takes per_seconds, a concurrency limit does not"
+            )
+        if self.per_seconds is not None and not self.per_seconds > 0:
+            raise InvalidLimit(f"limit {self.key}: per_seconds must be positive")
 
 
-@dataclass(frozen=True)
-class ClaimRules:
-    """What a claim obeys besides free slots: aging (seconds a task may wait before it is
-    taken ahead of higher priorities; None: strict priority), the queue's global limit of
-    running tasks, and the actions' global limits."""
-
-    aging_seconds: float | None = None
-    queue_max_running: int | None = None
-    actions: dict[str, ActionLimit] = field(default_factory=dict)
+class InvalidLimit(ValueError):
+    """A limit that cannot be: the message names what is wrong."""
 
 
-NO_RULES = ClaimRules()
+MAX_LIMIT = 100_000
+
+
 # The filters GET /tasks accepts, each an equality on one indexed column.
 LIST_FILTERS = {
     "state": "state = ${}::task_state",
@@ -281,30 +290,15 @@ class Store:
         leases: dict[str, float],
         limit: int,
         worker: str,
-        rules: ClaimRules = NO_RULES,
+        aging_seconds: float | None = None,
     ) -> Claim:
         """Lease up to `limit` tasks of `queue` (claim or reclaim), expire dead leases, and say
-        when to look again. `leases`: lease seconds by action, the actions this worker runs."""
-        limited = [a for a in leases if a in rules.actions]
-        args: list[Any] = [
-            queue,
-            list(leases),
-            limit,
-            worker,
-            list(leases.values()),
-            rules.aging_seconds,
-        ]
-        if limited or rules.queue_max_running is not None:
-            args += [
-                rules.queue_max_running,
-                limited,
-                [rules.actions[a].max_running for a in limited],
-                [rules.actions[a].rate for a in limited],
-                [rules.actions[a].period for a in limited],
-            ]
-            rows = await self.pool.fetch(CLAIM_LIMITED, *args)
-        else:
-            rows = await self.pool.fetch(CLAIM, *args)
+        when to look again. `leases`: lease seconds by action, the actions this worker runs.
+        `aging_seconds`: how long a task may wait before it is taken ahead of higher
+        priorities (None: strict priority). Global limits are read by the claim itself."""
+        rows = await self.pool.fetch(
+            CLAIM, queue, list(leases), limit, worker, list(leases.values()), aging_seconds
+        )
         leased, expired, wait, held = [], [], None, False
         for r in rows:
             if r["trigger"] in ("wait", "held"):
@@ -362,6 +356,20 @@ class Store:
 
     async def requeue(self, task_id: int, detail: str | None = None) -> bool:
         return await self._moved("task_requeue_if_dead", task_id, detail)
+
+    async def set_limit(self, limit: Limit, *, declared: bool) -> asyncpg.Record | None:
+        """Give a global limit its value (declared by code: an operator's value stays).
+        Returns the limit as stored, or None when nothing changed."""
+        return await self.pool.fetchrow(
+            SQL["limit_set"], limit.key, limit.value, limit.per_seconds, declared
+        )
+
+    async def unset_limits(self, keys: Sequence[str], *, declared_only: bool) -> list[str]:
+        rows = await self.pool.fetch(SQL["limit_unset"], list(keys), declared_only)
+        return [r["key"] for r in rows]
+
+    async def limits(self) -> list[asyncpg.Record]:
+        return await self.pool.fetch(SQL["limit_list"])
 
     async def db_now(self) -> datetime:
         now: datetime = await self.pool.fetchval(SQL["db_now"])

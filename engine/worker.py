@@ -12,10 +12,10 @@ task runs as an asyncio task. Every statement on the hot path serves many tasks 
 - outcomes: finished tasks queue their outcome, and one statement per kind (complete, fail,
   bury) writes everything that queued while the previous write was in flight.
 
-Each claim also obeys the claim rules (engine.store.ClaimRules): aging, the queue's global
-limit (`--queue-limit`) and the actions' global and rate limits (`@handler(global_limit=,
-rate_limit=)`); a worker with limited actions claims them in a statement of their own, and
-a claim statement that found nothing rests up to QUIET_SECONDS unless a NOTIFY wakes it.
+Each claim also obeys aging and the global limits, which the claim statement reads from the
+database (the `limits` table); at start-up the worker writes there the limits its code
+declares (`@handler(global_limit=, rate_limit=)`, `--queue-limit`). A queue whose claim
+found nothing rests up to QUIET_SECONDS unless a NOTIFY wakes it.
 An attempt that runs past its timeout (the task's, else the action's) is cancelled and
 counts as failed. Beside claiming, each worker runs the scheduler of the periodic tasks its
 modules declare (engine.schedules) and the retention loop (engine.retention), whose rounds
@@ -58,7 +58,7 @@ from tasklease.engine.reporting import REPORT_EVERY, Counters, Reporter, process
 from tasklease.engine.retention import Retention, RetentionConfig
 from tasklease.engine.schedules import SCHEDULES, Scheduler
 from tasklease.engine.states import BY_TRIGGER
-from tasklease.engine.store import TRANSIENT_ERRORS, ActionLimit, Claimed, ClaimRules, Store
+from tasklease.engine.store import TRANSIENT_ERRORS, Claimed, Limit, Store
 
 log = logging.getLogger("tasklease.worker")
 CHANNEL = "tasklease"
@@ -67,10 +67,6 @@ DEFAULT_AGING_SECONDS = 300.0
 # A claim statement that found nothing is not run again for this long (or until its next
 # known due time, or a NOTIFY) while the worker's other statements keep claiming.
 QUIET_SECONDS = 1.0
-# For this long after a claim statement found a global limit reached, it is not run while
-# this worker's outcomes are being written: tasks count against a limit until their outcome
-# is written, so a claim made before they land gets less than it could (and takes turns).
-NEAR_LIMIT_SECONDS = 1.0
 
 
 @dataclass
@@ -325,12 +321,6 @@ class Worker:
         self.handlers = handlers
         self.config = config
         self.leases = {a: h.lease(config.lease_seconds) for a, h in handlers.items()}
-        limits = {
-            a: ActionLimit(h.global_limit, *(h.rate_limit or (None, None)))
-            for a, h in handlers.items()
-            if h.global_limit is not None or h.rate_limit is not None
-        }
-        self.claims = {q: self._claims(q, limits) for q in config.queues}
         self.scheduler = Scheduler(
             store, {n: s for n, s in SCHEDULES.items() if s.action in handlers}
         )
@@ -353,13 +343,11 @@ class Worker:
             on_stall=self._loop_blocked,
             exit_to_fence=config.exit_to_fence,
         )
-        # (queue, statement) -> monotonic time before which that claim is not run again
-        self._quiet: dict[tuple[str, int], float] = {}
-        # claims a global limit held back: tried again as soon as outcomes free some room
-        self._held: set[tuple[str, int]] = set()
-        # (queue, statement) -> monotonic time its claim last found a global limit reached
-        # (see NEAR_LIMIT_SECONDS)
-        self._limit_reached: dict[tuple[str, int], float] = {}
+        # queue -> monotonic time before which it is not claimed from again
+        self._quiet: dict[str, float] = {}
+        # queues whose claim a global limit held back: tried again as soon as this worker's
+        # outcomes free some room
+        self._held: set[str] = set()
         self._executor = ThreadPoolExecutor(
             max_workers=config.concurrency, thread_name_prefix="tasklease-handler"
         )
@@ -433,6 +421,16 @@ class Worker:
 
     async def _claim_loop(self) -> None:
         errors = 0
+        while not self._stopping.is_set():
+            try:
+                await self._declare_limits()
+                break
+            except TRANSIENT_ERRORS as exc:
+                errors += 1
+                delay = min(0.25 * 2**errors, 10.0)
+                log.warning("cannot declare limits (%s); retrying in %.1fs", describe(exc), delay)
+                await self.wait_for(self._stopping, timeout=delay)
+        errors = 0
         queues = collections.deque(self.config.queues)
         while not self._stopping.is_set():
             if self.config.concurrency - self.handling <= 0:
@@ -457,60 +455,32 @@ class Worker:
                 # a NOTIFY of new work, or the safety-net poll, whichever is first.
                 await self.wait_for(self._wake, self._stopping, timeout=wait)
 
-    def _claims(
-        self, queue: str, limits: dict[str, ActionLimit]
-    ) -> list[tuple[dict[str, float], ClaimRules]]:
-        """The claims of one round in `queue`: (actions with their leases, rules) each.
-
-        Only claimers of a limited key take its (shards') locks, so the actions with a
-        global or rate limit are claimed apart from the others, first (else a backlog of the
-        others would fill every slot before them); the others are claimed without any lock.
-        A queue with a limit of its own is claimed in one statement under that limit."""
-        aging = self.config.aging_seconds
-        queue_limit = self.config.queue_limits.get(queue)
-        if queue_limit is not None:
-            return [(self.leases, ClaimRules(aging, queue_limit, limits))]
-        limited = {a: s for a, s in self.leases.items() if a in limits}
-        free = {a: s for a, s in self.leases.items() if a not in limits}
-        claims = [(limited, ClaimRules(aging, None, limits))] if limited else []
-        return claims + ([(free, ClaimRules(aging))] if free else [])
-
     async def _claim_round(self, queues: Sequence[str]) -> tuple[bool, float]:
         """Claim from each queue while slots are free. Returns (some queue had more due work
         than we could take, seconds until the next known due time or lease expiry)."""
         busy, wait = False, self.config.poll_interval
-        for queue, i, (leases, rules) in (
-            (q, i, claim) for q in queues for i, claim in enumerate(self.claims[q])
-        ):
+        for queue in queues:
             free = self.config.concurrency - self.handling
             if free <= 0:
                 return True, 0.0
-            # A statement that found nothing lately (say, that of the limited actions while
-            # the others have a backlog) rests a moment instead of running every round.
+            # A queue that had nothing lately rests a moment instead of being asked every
+            # round while others keep this worker busy.
             now = time.monotonic()
-            quiet_until = self._quiet.get((queue, i), 0.0)
+            quiet_until = self._quiet.get(queue, 0.0)
             if quiet_until > now:
                 wait = min(wait, quiet_until - now)
                 continue
-            # Near a global limit, this worker's outcomes in flight still count against it:
-            # let them land first (NEAR_LIMIT_SECONDS).
-            if (
-                self.outcomes.unsettled
-                and now - self._limit_reached.get((queue, i), -NEAR_LIMIT_SECONDS)
-                < NEAR_LIMIT_SECONDS
-            ):
-                await self.wait_for(self.outcomes.settled, self._stopping, timeout=QUIET_SECONDS)
-                free = self.config.concurrency - self.handling
             sent = time.monotonic()  # the leases taken hold at least until sent + lease
-            claim = await self.store.claim(queue, leases, free, self.config.worker_id, rules)
+            claim = await self.store.claim(
+                queue, self.leases, free, self.config.worker_id, self.config.aging_seconds
+            )
             if claim.held_back:
-                self._held.add((queue, i))
-                self._limit_reached[(queue, i)] = time.monotonic()
+                self._held.add(queue)
             if claim.leased or claim.expired:
-                self._quiet.pop((queue, i), None)
+                self._quiet.pop(queue, None)
             else:
                 rest = QUIET_SECONDS if claim.wait_seconds is None else claim.wait_seconds
-                self._quiet[(queue, i)] = now + min(QUIET_SECONDS, max(rest, 0.0))
+                self._quiet[queue] = now + min(QUIET_SECONDS, max(rest, 0.0))
             self.counters.count("expire", len(claim.expired))
             for task_id in claim.expired:
                 log.warning(
@@ -522,6 +492,32 @@ class Worker:
             if claim.wait_seconds is not None:
                 wait = min(wait, max(claim.wait_seconds, 0.0))
         return busy, wait
+
+    async def _declare_limits(self) -> None:
+        """Write the global limits this worker's code declares (an operator's value set with
+        `tasklease limits set` stays), and remove those its actions no longer declare."""
+        declared = [Limit(f"queue:{q}", n) for q, n in self.config.queue_limits.items()]
+        undeclared = []
+        for action, h in self.handlers.items():
+            if h.global_limit is None:
+                undeclared.append(f"action:{action}")
+            else:
+                declared.append(Limit(f"action:{action}", h.global_limit))
+            if h.rate_limit is None:
+                undeclared.append(f"rate:{action}")
+            else:
+                declared.append(Limit(f"rate:{action}", *h.rate_limit))
+        for limit in declared:
+            await self.store.set_limit(limit, declared=True)
+        removed = await self.store.unset_limits(undeclared, declared_only=True)
+        if removed:
+            log.info("global limits no longer declared, removed: %s", ", ".join(removed))
+        mine = {limit.key for limit in declared} | set(undeclared)
+        for row in await self.store.limits():
+            if row["key"] in mine:
+                per = f" per {row['per_seconds']:g}s" if row["per_seconds"] else ""
+                by = "" if row["declared"] else " (set by an operator)"
+                log.info("global limit %s = %d%s%s", row["key"], row["value"], per, by)
 
     def _outcomes_written(self) -> None:
         """Tasks left RUNNING: a claim that a global limit held back may get through now.

@@ -14,284 +14,6 @@ CREATE TYPE public.task_state AS ENUM (
     'CANCELLED'
 );
 
-CREATE FUNCTION public.tasklease_claim_capacity(p_queue text, p_queue_max integer, p_actions text[], p_max_running integer[], p_rate integer[], p_period double precision[]) RETURNS TABLE(scope text, name text, running_left integer, starts_left integer, retry_in double precision)
-    LANGUAGE plpgsql
-    AS $$
-DECLARE
-    k record;
-BEGIN
-    FOR k IN
-        SELECT key FROM (
-            SELECT 'queue:' || p_queue AS key WHERE p_queue_max IS NOT NULL
-            UNION SELECT 'action:' || a FROM unnest(p_actions) AS a
-        ) AS keys ORDER BY key
-    LOOP
-        PERFORM pg_advisory_xact_lock(hashtextextended('tasklease.limit:' || k.key, 0));
-    END LOOP;
-
-    IF p_queue_max IS NOT NULL THEN
-        RETURN QUERY
-        SELECT 'queue', p_queue, greatest(p_queue_max - count(*)::integer, 0), NULL::integer,
-               NULL::float8
-        FROM tasks WHERE lease_expires_at IS NOT NULL AND state = 'RUNNING' AND queue = p_queue;
-    END IF;
-
-    DELETE FROM action_starts s
-    USING unnest(p_actions, p_period) AS l(action, period)
-    WHERE s.action = l.action AND l.period IS NOT NULL
-      AND s.at <= now() - make_interval(secs => l.period);
-
-    RETURN QUERY
-    SELECT 'action', l.action,
-           CASE WHEN l.max_running IS NOT NULL
-                THEN greatest(l.max_running - coalesce(r.running, 0), 0) END,
-           CASE WHEN l.rate IS NOT NULL THEN greatest(l.rate - coalesce(w.starts, 0), 0) END,
-           CASE WHEN l.rate IS NOT NULL AND coalesce(w.starts, 0) >= l.rate
-                THEN greatest(extract(epoch FROM w.oldest + make_interval(secs => l.period)
-                                                  - now())::float8, 0) END
-    FROM unnest(p_actions, p_max_running, p_rate, p_period)
-         AS l(action, max_running, rate, period)
-    LEFT JOIN LATERAL (
-        SELECT count(*)::integer AS running FROM tasks t
-        WHERE t.lease_expires_at IS NOT NULL AND t.state = 'RUNNING' AND t.action = l.action
-    ) AS r ON l.max_running IS NOT NULL
-    LEFT JOIN LATERAL (
-        SELECT count(*)::integer AS starts, min(s.at) AS oldest FROM action_starts s
-        WHERE s.action = l.action AND s.at > now() - make_interval(secs => l.period)
-    ) AS w ON l.rate IS NOT NULL;
-END
-$$;
-
-CREATE FUNCTION public.tasklease_claim_slots(p_queue text, p_queue_max integer, p_actions text[], p_max_running integer[], p_rate integer[], p_period double precision[], p_want integer) RETURNS TABLE(scope text, name text, running_left integer, run_slot smallint, run_retry double precision, starts_left integer, rate_slot smallint, rate_retry double precision)
-    LANGUAGE plpgsql
-    AS $$
-DECLARE
-    k record;
-    v_shards integer;
-    v_first integer;
-    v_slot integer;
-    v_cap integer;
-    v_part integer;
-    v_held integer[];          -- per shard (index shard + 1): running tasks, or starts
-    v_oldest timestamptz[];    -- per shard: its oldest start in the window
-    v_stray record;
-    v_strays integer;
-    v_excess integer;
-    v_used integer;
-    v_own integer;
-    v_row record;
-    v_try integer;
-    v_room integer;
-    v_r integer;
-    v_ties integer;
-    v_moved boolean;
-    v_left integer;
-    v_prefix text;
-    v_bound_key text;
-    v_retry float8;
-    v_n integer := coalesce(cardinality(p_actions), 0);
-    v_run_left integer[] := array_fill(NULL::integer, ARRAY[v_n]);
-    v_run_slot smallint[] := array_fill(NULL::smallint, ARRAY[v_n]);
-    v_run_retry float8[] := array_fill(NULL::float8, ARRAY[v_n]);
-    v_rate_left integer[] := array_fill(NULL::integer, ARRAY[v_n]);
-    v_rate_slot smallint[] := array_fill(NULL::smallint, ARRAY[v_n]);
-    v_rate_retry float8[] := array_fill(NULL::float8, ARRAY[v_n]);
-BEGIN
-    FOR k IN
-        SELECT * FROM (
-            SELECT 'queue:' || p_queue AS key, 'queue' AS kind, 0 AS i, p_queue_max AS lim,
-                   NULL::float8 AS period
-            WHERE p_queue_max IS NOT NULL
-            UNION ALL
-            SELECT 'action:' || u.a, 'running', u.i::integer, u.m, NULL
-            FROM unnest(p_actions, p_max_running) WITH ORDINALITY AS u(a, m, i)
-            WHERE u.m IS NOT NULL
-            UNION ALL
-            SELECT 'rate:' || u.a, 'rate', u.i::integer, u.r, u.p
-            FROM unnest(p_actions, p_rate, p_period) WITH ORDINALITY AS u(a, r, p, i)
-            WHERE u.r IS NOT NULL
-        ) AS keys ORDER BY key
-    LOOP
-        v_shards := greatest(least((k.lim + 64) / 128, 16), 1);
-        v_first := floor(random() * v_shards)::integer;
-        v_slot := NULL;
-        FOR j IN 0 .. v_shards - 1 LOOP
-            IF pg_try_advisory_xact_lock(hashtextextended(
-                   'tasklease.limit:' || k.key || '#' || (v_first + j) % v_shards, 0)) THEN
-                v_slot := (v_first + j) % v_shards;
-                EXIT;
-            END IF;
-        END LOOP;
-        IF v_slot IS NULL THEN
-            v_slot := v_first;
-            PERFORM pg_advisory_xact_lock(hashtextextended(
-                'tasklease.limit:' || k.key || '#' || v_slot, 0));
-        END IF;
-        v_cap := k.lim / v_shards + (v_slot < k.lim % v_shards)::integer;
-        v_retry := NULL;
-        v_moved := false;
-
-        -- What the shard holds: its bound (what its slot holds, plus what its last count of
-        -- this value of the limit found beside) when that leaves room for the whole claim,
-        -- else a count (which also says when to look again if the claim fills it).
-        v_prefix := k.key || coalesce('/' || k.period, '') || '#';
-        v_bound_key := v_prefix || v_slot;
-        SELECT b.bound, b.lim, b.extra INTO v_row FROM limit_bounds b WHERE b.key = v_bound_key;
-        v_own := v_row.bound;
-        v_used := v_row.bound + v_row.extra;
-        IF v_row.lim IS DISTINCT FROM k.lim OR v_used + p_want > v_cap THEN
-            IF v_row.lim IS DISTINCT FROM k.lim THEN
-                -- The first claim of this value in this shard: what the last counts of
-                -- other values found beside their shards misses what this value adds, so a
-                -- claim under one of them counts again. (SKIP LOCKED: a row locked now is
-                -- being written by a claim beside this one, which only a rolling deploy
-                -- makes.)
-                UPDATE limit_bounds AS b SET lim = NULL
-                WHERE b.key IN (
-                    SELECT o.key FROM limit_bounds o
-                    WHERE o.key = ANY(ARRAY(SELECT v_prefix || g FROM generate_series(0, 15) AS g))
-                      AND o.lim <> k.lim
-                    FOR UPDATE SKIP LOCKED);
-            END IF;
-            IF k.kind = 'rate' THEN
-                -- the shard's sliding window: its holder clears what left it (the holder
-                -- of shard 0 also what strays left)
-                DELETE FROM action_starts s
-                WHERE s.action = p_actions[k.i] AND s.slot = v_slot
-                  AND s.at <= now() - make_interval(secs => k.period);
-                IF v_slot = 0 THEN
-                    DELETE FROM action_starts s
-                    WHERE s.action = p_actions[k.i] AND (s.slot IS NULL OR s.slot >= v_shards)
-                      AND s.at <= now() - make_interval(secs => k.period);
-                END IF;
-            END IF;
-            LOOP
-                -- Every shard of the key: what it holds itself. Running tasks are read
-                -- through the lease index (few), never the whole index of the action or
-                -- queue (OFFSET 0 keeps the key's test out of the scan); starts shard by
-                -- shard through (action, slot, at).
-                IF k.kind = 'rate' THEN
-                    SELECT array_agg(c.n ORDER BY g.s), array_agg(c.oldest ORDER BY g.s)
-                    INTO v_held, v_oldest
-                    FROM generate_series(0, v_shards - 1) AS g(s)
-                    CROSS JOIN LATERAL (
-                        SELECT count(*)::integer AS n, min(s.at) AS oldest
-                        FROM action_starts s
-                        WHERE s.action = p_actions[k.i] AND s.slot = g.s
-                          AND s.at > now() - make_interval(secs => k.period)) AS c;
-                    SELECT count(*)::integer AS n, min(s.at) AS oldest INTO v_stray
-                    FROM action_starts s
-                    WHERE s.action = p_actions[k.i] AND (s.slot IS NULL OR s.slot >= v_shards)
-                      AND s.at > now() - make_interval(secs => k.period);
-                    v_strays := v_stray.n;
-                    v_oldest[1] := least(v_oldest[1], v_stray.oldest);
-                ELSE
-                    -- strays at -1, the first element
-                    SELECT array_agg(coalesce(c.n, 0) ORDER BY g.s) INTO v_held
-                    FROM generate_series(-1, v_shards - 1) AS g(s)
-                    LEFT JOIN (
-                        SELECT CASE WHEN r.slot < v_shards THEN r.slot ELSE -1 END AS s,
-                               count(*)::integer AS n
-                        FROM (SELECT CASE k.kind WHEN 'queue' THEN t.queue_slot
-                                                 ELSE t.action_slot END AS slot
-                              FROM (SELECT t.queue, t.action, t.queue_slot, t.action_slot
-                                    FROM tasks t
-                                    WHERE t.lease_expires_at IS NOT NULL
-                                      AND t.state = 'RUNNING'
-                                    OFFSET 0) AS t
-                              WHERE CASE k.kind WHEN 'queue' THEN t.queue = p_queue
-                                                ELSE t.action = p_actions[k.i] END) AS r
-                        GROUP BY 1) AS c ON c.s = g.s;
-                    v_strays := v_held[1];
-                    v_held := v_held[2:];
-                END IF;
-                -- strays (no shard, or one the limit no longer has) are held by shard 0
-                v_held[1] := v_held[1] + v_strays;
-                -- what shards hold above their parts counts in every other shard
-                v_excess := 0;
-                FOR w IN 0 .. v_shards - 1 LOOP
-                    v_part := k.lim / v_shards + (w < k.lim % v_shards)::integer;
-                    v_excess := v_excess + greatest(v_held[w + 1] - v_part, 0);
-                END LOOP;
-                v_used := v_held[v_slot + 1] + v_excess
-                          - greatest(v_held[v_slot + 1] - v_cap, 0);
-                v_own := v_held[v_slot + 1] - CASE WHEN v_slot = 0 THEN v_strays ELSE 0 END;
-                -- the other shard with the most room (at random among equals)
-                v_try := NULL;
-                v_room := NULL;
-                v_ties := 0;
-                FOR w IN 0 .. v_shards - 1 LOOP
-                    CONTINUE WHEN w = v_slot;
-                    v_part := k.lim / v_shards + (w < k.lim % v_shards)::integer;
-                    v_r := v_part - v_held[w + 1] - v_excess
-                           + greatest(v_held[w + 1] - v_part, 0);
-                    IF v_room IS NULL OR v_r > v_room THEN
-                        v_try := w;
-                        v_room := v_r;
-                        v_ties := 1;
-                    ELSIF v_r = v_room THEN
-                        v_ties := v_ties + 1;
-                        IF random() * v_ties < 1 THEN
-                            v_try := w;
-                        END IF;
-                    END IF;
-                END LOOP;
-                -- A concurrency claim its shard cannot hold moves, once, to that shard if
-                -- it has more room and its lock is free, and counts again (the counts came
-                -- before that lock). The shard it leaves was counted under its lock: its
-                -- bound becomes that count.
-                EXIT WHEN k.kind = 'rate' OR v_used + p_want <= v_cap OR v_moved
-                    OR coalesce(v_room, 0) <= greatest(v_cap - v_used, 0)
-                    OR NOT pg_try_advisory_xact_lock(hashtextextended(
-                               'tasklease.limit:' || k.key || '#' || v_try, 0));
-                v_moved := true;
-                INSERT INTO limit_bounds AS b (key, bound, lim, extra)
-                VALUES (v_bound_key, v_own, k.lim, v_used - v_own)
-                ON CONFLICT (key) DO UPDATE
-                SET bound = excluded.bound, lim = excluded.lim, extra = excluded.extra;
-                v_slot := v_try;
-                v_cap := k.lim / v_shards + (v_slot < k.lim % v_shards)::integer;
-                v_bound_key := v_prefix || v_slot;
-            END LOOP;
-            -- when this claim fills its shard, when to look again: at once if another
-            -- shard has room, else (a rate) when the first start leaves a window
-            IF coalesce(v_room, 0) > 0 THEN
-                v_retry := 0;
-            ELSIF k.kind = 'rate' AND v_used + p_want >= v_cap THEN
-                SELECT min(greatest(extract(epoch FROM coalesce(o.at, now())
-                                    + make_interval(secs => k.period) - now())::float8, 0))
-                INTO v_retry FROM unnest(v_oldest) AS o(at);
-            END IF;
-        END IF;
-        v_left := greatest(v_cap - v_used, 0);
-        -- the claim may start up to this many in the shard: the bound says so until the next
-        -- count
-        INSERT INTO limit_bounds AS b (key, bound, lim, extra)
-        VALUES (v_bound_key, v_own + least(v_left, p_want), k.lim, v_used - v_own)
-        ON CONFLICT (key) DO UPDATE
-        SET bound = excluded.bound, lim = excluded.lim, extra = excluded.extra;
-
-        IF k.kind = 'rate' THEN
-            v_rate_left[k.i] := v_left;
-            v_rate_slot[k.i] := v_slot;
-            v_rate_retry[k.i] := v_retry;
-        ELSIF k.kind = 'queue' THEN
-            RETURN QUERY SELECT 'queue', p_queue, v_left, v_slot::smallint, v_retry,
-                                NULL::integer, NULL::smallint, NULL::float8;
-        ELSE
-            v_run_left[k.i] := v_left;
-            v_run_slot[k.i] := v_slot;
-            v_run_retry[k.i] := v_retry;
-        END IF;
-    END LOOP;
-
-    RETURN QUERY
-    SELECT 'action', u.a, u.rl, u.rs, u.rr, u.sl, u.ss, u.sr
-    FROM unnest(p_actions, v_run_left, v_run_slot, v_run_retry, v_rate_left, v_rate_slot,
-                v_rate_retry) AS u(a, rl, rs, rr, sl, ss, sr);
-END
-$$;
-
 CREATE FUNCTION public.tasklease_raise(code text, message text) RETURNS boolean
     LANGUAGE plpgsql
     AS $$
@@ -401,17 +123,23 @@ BEGIN
 END
 $$;
 
-CREATE TABLE public.action_starts (
-    action text NOT NULL,
-    at timestamp with time zone NOT NULL,
-    slot smallint
+CREATE TABLE public.limit_tokens (
+    key text NOT NULL,
+    n integer NOT NULL,
+    task_id bigint,
+    free_at timestamp with time zone DEFAULT '-infinity'::timestamp with time zone NOT NULL
 );
 
-CREATE TABLE public.limit_bounds (
+CREATE TABLE public.limits (
     key text NOT NULL,
-    bound integer NOT NULL,
-    lim integer,
-    extra integer DEFAULT 0 NOT NULL
+    value integer NOT NULL,
+    per_seconds double precision,
+    declared boolean NOT NULL,
+    updated_at timestamp with time zone DEFAULT now() NOT NULL,
+    CONSTRAINT limits_check CHECK (((key ~~ 'rate:%'::text) = (per_seconds IS NOT NULL))),
+    CONSTRAINT limits_key_check CHECK ((key ~ '^(queue|action|rate):.'::text)),
+    CONSTRAINT limits_per_seconds_check CHECK ((per_seconds > (0)::double precision)),
+    CONSTRAINT limits_value_check CHECK (((value >= 0) AND (value <= 100000)))
 );
 
 CREATE TABLE public.processes (
@@ -493,8 +221,6 @@ CREATE TABLE public.tasks (
     updated_at timestamp with time zone DEFAULT now() NOT NULL,
     lease_seconds double precision,
     timeout_seconds double precision,
-    queue_slot smallint,
-    action_slot smallint,
     CONSTRAINT tasks_action_check CHECK ((action <> ''::text)),
     CONSTRAINT tasks_check CHECK (((attempt >= 0) AND (attempt <= max_attempts))),
     CONSTRAINT tasks_check1 CHECK (((state = 'RUNNING'::public.task_state) = ((lease_expires_at IS NOT NULL) AND (lease_token IS NOT NULL)))),
@@ -520,8 +246,11 @@ CREATE TABLE public.ui_sessions (
     expires_at timestamp with time zone NOT NULL
 );
 
-ALTER TABLE ONLY public.limit_bounds
-    ADD CONSTRAINT limit_bounds_pkey PRIMARY KEY (key);
+ALTER TABLE ONLY public.limit_tokens
+    ADD CONSTRAINT limit_tokens_pkey PRIMARY KEY (key, n);
+
+ALTER TABLE ONLY public.limits
+    ADD CONSTRAINT limits_pkey PRIMARY KEY (key);
 
 ALTER TABLE ONLY public.processes
     ADD CONSTRAINT processes_pkey PRIMARY KEY (id);
@@ -538,7 +267,9 @@ ALTER TABLE ONLY public.tasks
 ALTER TABLE ONLY public.ui_sessions
     ADD CONSTRAINT ui_sessions_pkey PRIMARY KEY (id);
 
-CREATE INDEX action_starts_action_slot_at ON public.action_starts USING btree (action, slot, at);
+CREATE INDEX limit_tokens_free ON public.limit_tokens USING btree (key, free_at, n) WHERE (task_id IS NULL);
+
+CREATE INDEX limit_tokens_task ON public.limit_tokens USING btree (task_id) WHERE (task_id IS NOT NULL);
 
 CREATE INDEX tasks_action_id ON public.tasks USING btree (action, id);
 
@@ -553,3 +284,6 @@ CREATE INDEX tasks_lease_expiry ON public.tasks USING btree (lease_expires_at) W
 CREATE INDEX tasks_queue_id ON public.tasks USING btree (queue, id);
 
 CREATE INDEX tasks_state_id ON public.tasks USING btree (state, id) WHERE (state <> ALL (ARRAY['COMPLETED'::public.task_state, 'RUNNING'::public.task_state]));
+
+ALTER TABLE ONLY public.limit_tokens
+    ADD CONSTRAINT limit_tokens_key_fkey FOREIGN KEY (key) REFERENCES public.limits(key) ON DELETE CASCADE;

@@ -10,7 +10,6 @@ from collections.abc import Callable
 import asyncpg
 import pytest
 
-from tasklease.engine import worker as worker_module
 from tasklease.engine.states import TaskState
 from tasklease.engine.store import Store
 from tasklease.engine.worker import Worker
@@ -245,65 +244,6 @@ async def test_survives_terminated_connections(
         await own.close()
     await assert_completed_once(conn)
     await assert_histories_are_paths(conn)
-
-
-async def test_a_claim_that_found_nothing_rests_while_the_others_drain(
-    store: Store, conn: asyncpg.Connection, workers: Running, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The worker runs limited actions (test_limited, test_rated, ...) and others: each round
-    claims the limited ones in a statement of their own. While only unlimited work is due,
-    that statement runs about once a second (worker.QUIET_SECONDS), not every round; a
-    submission (NOTIFY) wakes it at once."""
-    calls: list[bool] = []
-    claim = store.claim
-
-    async def counted(*args: object, **kw: object) -> object:
-        rules = args[4] if len(args) > 4 else kw.get("rules")
-        calls.append(bool(getattr(rules, "actions", None)))
-        return await claim(*args, **kw)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(store, "claim", counted)
-    ids = [await submit(store, "noop") for _ in range(600)]
-    loop = asyncio.get_running_loop()
-    began = loop.time()
-    workers.start(store, concurrency=3)
-    await wait_until(lambda: _all(conn, ids), "600 noop tasks", 60)
-    seconds = loop.time() - began
-    limited, plain = calls.count(True), calls.count(False)
-    assert plain >= 200, plain  # at most 3 per claim
-    # once at the start, then at most once per quiet second
-    assert limited <= 2 + seconds / worker_module.QUIET_SECONDS, (limited, plain, seconds)
-    # a limited task submitted now is claimed without waiting out the rest
-    limited_id = await submit(store, "test_limited", '{"seconds": 0}')
-    await wait_until(done(conn, limited_id, S.COMPLETED), "the limited task", 30)
-
-
-async def test_near_a_limit_a_claim_waits_for_the_workers_outcomes_in_flight(
-    store: Store, conn: asyncpg.Connection, workers: Running, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A task counts against its global limit until its outcome is written. Once a claim
-    found the limit reached, the worker makes its next claims of that statement only after
-    its own outcomes in flight have landed: claimed earlier, they would count them and get
-    less (worker.NEAR_LIMIT_SECONDS)."""
-    seen: list[tuple[int, bool]] = []  # (outcomes in flight at the claim, limit reached)
-    claim = store.claim
-
-    async def watched(*args: object, **kw: object) -> object:
-        rules = args[4] if len(args) > 4 else kw.get("rules")
-        in_flight = worker.outcomes.unsettled
-        got = await claim(*args, **kw)  # type: ignore[arg-type]
-        if getattr(rules, "actions", None):
-            seen.append((in_flight, got.held_back))
-        return got
-
-    monkeypatch.setattr(store, "claim", watched)
-    ids = [await submit(store, "test_limited", '{"seconds": 0}') for _ in range(20)]
-    worker = workers.start(store, concurrency=4)
-    await wait_until(lambda: _all(conn, ids), "20 limited tasks", 60)
-    reached = [n for n, (_, held) in enumerate(seen) if held]
-    assert reached, seen  # global_limit=2 for 20 due tasks: claims find it reached
-    after = [in_flight for in_flight, _ in seen[reached[0] + 1 :]]
-    assert after and not any(after), seen
 
 
 async def test_a_task_is_heartbeated_by_its_own_lease(
