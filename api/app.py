@@ -71,7 +71,7 @@ _ERRORS = {
         "TASKLEASE_API_TOKEN is set and the bearer token is missing or wrong",
         "missing or wrong bearer token",
     ),
-    404: ("No task with this id", "no task 7"),
+    404: ("No such task (or limit)", "no task 7"),
     409: (
         "The task's state does not allow this",
         "task 7 is COMPLETED: only DEAD tasks can be requeued",
@@ -433,7 +433,7 @@ async def set_limit(
     "/limits/{key:str}",
     operation_id="deleteLimit",
     status_code=HTTP_200_OK,
-    responses=errors(401, 403, 404, 503),
+    responses=errors(400, 401, 403, 404, 503),
 )
 async def delete_limit(key: str, state: State) -> dict[str, str]:
     """Remove a global limit. A worker whose code declares it writes it again when it starts."""

@@ -80,7 +80,7 @@ class LimitWrite(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     or `value` starts per `per_seconds` (rate:)."""
 
     value: Annotated[int, msgspec.Meta(ge=0, le=100_000)]
-    per_seconds: Annotated[float, msgspec.Meta(gt=0)] | None = None
+    per_seconds: Annotated[float, msgspec.Meta(gt=0, le=366 * 86400)] | None = None
 
 
 class LimitRead(msgspec.Struct, kw_only=True):

@@ -114,8 +114,10 @@ class Limit:
             raise InvalidLimit(
                 f"limit {self.key}: a rate takes per_seconds, a concurrency limit does not"
             )
-        if self.per_seconds is not None and not self.per_seconds > 0:
-            raise InvalidLimit(f"limit {self.key}: per_seconds must be positive")
+        if self.per_seconds is not None and not 0 < self.per_seconds <= MAX_PERIOD:
+            raise InvalidLimit(
+                f"limit {self.key}: per_seconds must be above 0 and at most {MAX_PERIOD}"
+            )
 
 
 class InvalidLimit(ValueError):
@@ -123,6 +125,7 @@ class InvalidLimit(ValueError):
 
 
 MAX_LIMIT = 100_000
+MAX_PERIOD = 366 * 86400  # a rate's period: at most a year
 
 
 # The filters GET /tasks accepts, each an equality on one indexed column.

@@ -17,6 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tasklease.engine.database import with_database
 from tasklease.engine.states import TaskState
 from tests.conftest import create_database, drop_database
+from tests.e2e.test_auth_and_client import cli
 from tests.support.db import force_state, wait_until
 from tests.support.procs import REPO, Procs
 
@@ -567,6 +568,50 @@ async def test_cancel_and_requeue_refuse_cross_site_requests(
     assert r.status_code == 201, r.text
 
 
+# --- limits ------------------------------------------------------------------------------
+
+
+async def test_limits_are_set_listed_and_removed_over_the_api_and_the_cli(
+    http: httpx.AsyncClient, api: str, conn: asyncpg.Connection
+) -> None:
+    assert (await http.get("/limits")).json() == []
+    r = await http.put("/limits/action:noop", json={"value": 3})
+    assert r.status_code == 200, r.text
+    assert {k: r.json()[k] for k in ("key", "value", "per_seconds", "declared", "used")} == {
+        "key": "action:noop",
+        "value": 3,
+        "per_seconds": None,
+        "declared": False,
+        "used": 0,
+    }
+    assert await conn.fetchval("SELECT count(*) FROM limit_tokens") == 3
+    for key, body, problem in (
+        ("noop", {"value": 1}, "a key is queue:NAME, action:NAME or rate:NAME"),
+        ("rate:noop", {"value": 1}, "a rate takes per_seconds"),
+        ("action:noop", {"value": -1}, "value"),
+        ("action:noop", {"value": "3"}, "value"),
+        ("action:noop", {"value": 3, "per": 1}, "per"),
+    ):
+        r = await http.put(f"/limits/{key}", json=body)
+        assert r.status_code == 400 and problem in r.json()["detail"], (body, r.text)
+    assert [lim["value"] for lim in (await http.get("/limits")).json()] == [3]
+
+    done = cli("limits", "set", "rate:noop", "10/s", url=api)
+    assert done.returncode == 0 and "rate:noop = 10 per 1s" in done.stdout, done.stderr
+    listed = cli("limits", url=api)
+    assert listed.returncode == 0, listed.stderr
+    assert "action:noop" in listed.stdout and "10 per 1s" in listed.stdout
+    assert "operator" in listed.stdout
+    wrong = cli("limits", "set", "rate:noop", "10", url=api)
+    assert wrong.returncode == 1 and "a rate: key takes a rate" in wrong.stderr
+    assert cli("limits", "unset", "rate:noop", url=api).returncode == 0
+    assert (await http.delete("/limits/action:noop")).status_code == 200
+    gone = await http.delete("/limits/action:noop")
+    assert gone.status_code == 404 and "no limit action:noop" in gone.text
+    assert (await http.get("/limits")).json() == []
+    assert await conn.fetchval("SELECT count(*) FROM limit_tokens") == 0
+
+
 # --- OpenAPI -----------------------------------------------------------------------------
 
 
@@ -583,6 +628,9 @@ async def test_openapi_documents_every_route_and_its_errors(http: httpx.AsyncCli
         ("POST", "/tasks/{task_id}/requeue"): {"200", "403", "404", "409", "503"},
         ("GET", "/stats"): {"200", "503"},
         ("GET", "/schedules"): {"200", "503"},
+        ("GET", "/limits"): {"200", "503"},
+        ("PUT", "/limits/{key}"): {"200", "400", "403", "415", "503"},
+        ("DELETE", "/limits/{key}"): {"200", "400", "403", "404", "503"},
         ("GET", "/healthz"): {"200"},
         ("GET", "/readyz"): {"200", "503"},
         ("GET", "/metrics"): {"200", "503"},

@@ -4,12 +4,12 @@ and rate limits, aging, timeouts, snooze and periodic tasks (docs/scheduling.md)
 from __future__ import annotations
 
 import itertools
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import asyncpg
 import httpx
 
-from tasklease.engine.store import NewTask, Store
+from tasklease.engine.store import Limit, NewTask, Store
 from tests.support.db import assert_completed_once, assert_histories_are_paths, wait_until
 from tests.support.procs import Procs
 
@@ -75,24 +75,61 @@ async def test_global_limit_is_never_exceeded_across_workers(
     await assert_completed_once(conn)
 
 
-async def test_a_sharded_global_limit_is_never_exceeded_and_is_used_whole(
+async def test_a_wide_global_limit_is_never_exceeded_and_is_used_whole(
     procs: Procs, store: Store, conn: asyncpg.Connection
 ) -> None:
-    """global_limit=256 is counted in 2 shards of 128 whose claimers do not wait for each
-    other; three workers of concurrency 100 could run 300."""
+    """global_limit=256, three workers of concurrency 100 that could run 300: never more
+    than 256 at once, and far more than half of it in use at once."""
     await start_workers(procs, conn, 3, "--concurrency", "100")
     n = 1000
     await store.submit_many([NewTask("test_wide_limited", '{"seconds": 0.4}') for _ in range(n)])
     await wait_until(lambda: all_completed(conn, "test_wide_limited", n), f"{n} tasks", 90)
     most = await most_at_once(conn, "test_wide_limited")
-    # never above the limit, and more than one shard's part at once: both shards in use
     assert 128 < most <= 256, most
-    slots = await conn.fetch(
-        "SELECT action_slot, count(*) FROM tasks WHERE action = 'test_wide_limited' "
-        "GROUP BY 1 ORDER BY 1"
-    )
-    assert [r["action_slot"] for r in slots] == [0, 1], slots
     await assert_completed_once(conn)
+
+
+async def test_a_limit_lowered_while_tasks_run_is_never_exceeded_once_they_finish(
+    procs: Procs, store: Store, conn: asyncpg.Connection
+) -> None:
+    """test_wide_limited runs up to 256 at once over three workers; an operator lowers its
+    limit to 20 (as PUT /limits does). Nothing starts beyond what ran when it was lowered,
+    and once the tasks that ran then have finished, never more than 20 run at once."""
+    await start_workers(procs, conn, 3, "--concurrency", "100")
+    n = 600
+    await store.submit_many([NewTask("test_wide_limited", '{"seconds": 0.5}') for _ in range(n)])
+
+    async def busy() -> bool:
+        return bool(await conn.fetchval("SELECT count(*) FROM executions") >= 150)
+
+    await wait_until(busy, "150 runs started", 60)
+    await store.set_limit(Limit("action:test_wide_limited", 20), declared=False)
+    lowered_at = await conn.fetchval("SELECT clock_timestamp()")
+    await wait_until(lambda: all_completed(conn, "test_wide_limited", n), f"{n} tasks", 120)
+    # each run with the time of its claim (the database's): a claim made before the limit
+    # was lowered may have taken a token above 20, whenever its handler began
+    rows = await conn.fetch("""
+        SELECT e.at, e.finished_at, h.at AS claimed_at FROM executions e
+        JOIN task_transitions h
+          ON h.task_id = e.task_id AND h.trigger = 'claim' AND h.attempt = e.attempt""")
+    assert len(rows) == n
+    before = [r for r in rows if r["claimed_at"] < lowered_at]
+    surplus_gone = max(r["finished_at"] for r in before)
+    assert any(r["at"] >= surplus_gone for r in rows), "nothing ran after the old ones"
+    assert len(before) >= 150
+    # from the moment the last task of before finished: at most 20 at once
+    after = [r for r in rows if r["finished_at"] > surplus_gone]
+    assert peak([_clip(r, surplus_gone) for r in after]) <= 20
+    # and between: never more than ran when the limit was lowered
+    running_then = sum(1 for r in before if r["finished_at"] > lowered_at)
+    assert peak([_clip(r, lowered_at) for r in rows if r["finished_at"] > lowered_at]) <= max(
+        running_then, 20
+    )
+    await assert_completed_once(conn)
+
+
+def _clip(row: asyncpg.Record, start: datetime) -> dict[str, datetime]:
+    return {"at": max(row["at"], start), "finished_at": row["finished_at"]}
 
 
 async def test_queue_limit_is_never_exceeded_across_workers(
@@ -141,10 +178,10 @@ async def test_rate_limit_holds_in_every_window_across_workers(
     assert starts[-1] - starts[0] >= timedelta(seconds=3)
 
 
-async def test_a_sharded_rate_limit_holds_in_every_window_across_workers(
+async def test_a_wide_rate_limit_holds_in_every_window_across_workers(
     procs: Procs, store: Store, conn: asyncpg.Connection
 ) -> None:
-    """test_wide_rated allows 256 starts per second, counted in 2 shards of 128."""
+    """test_wide_rated allows 256 starts per second: more than one claim takes."""
     await start_workers(procs, conn, 3, "--concurrency", "100")
     n = 800
     await store.submit_many([NewTask("test_wide_rated", "{}") for _ in range(n)])

@@ -274,7 +274,8 @@ async def test_a_declared_value_yields_to_an_operators(
         ("action:x", -1, None, "must be 0 to 100000"),
         ("rate:x", 1, None, "a rate takes per_seconds"),
         ("action:x", 1, 1.0, "a rate takes per_seconds"),
-        ("rate:x", 1, 0.0, "per_seconds must be positive"),
+        ("rate:x", 1, 0.0, "per_seconds must be above 0"),
+        ("rate:x", 1, 1e300, "at most 31622400"),
     ],
 )
 def test_a_limit_that_cannot_be_is_named(

@@ -151,3 +151,23 @@ async def test_0009_downgrades_to_0008_and_upgrades_again(db: str) -> None:
             await conn.fetchval("SELECT tasklease_raise('40001', 'the message')")
     finally:
         await conn.close()
+
+
+async def test_0010_downgrades_to_0009_and_upgrades_again(db: str) -> None:
+    """0010 replaces the sharded limits (0003-0006: a function, bounds, starts) with the
+    limits and limit_tokens tables; its downgrade puts the machinery of 0009 back."""
+    assert await schema.downgrade(db, "0009") == "0009"
+    conn = await asyncpg.connect(db)
+    try:
+        assert await conn.fetchval("SELECT to_regclass('limits')") is None
+        caps = await conn.fetch(
+            "SELECT * FROM tasklease_claim_slots('default', 3, '{noop}', '{2}', '{5}', '{1}', 10)"
+        )
+        assert {(r["scope"], r["running_left"]) for r in caps} == {("queue", 3), ("action", 2)}
+        assert await conn.fetchval("SELECT count(*) FROM action_starts") == 0
+        assert await schema.upgrade(db) == schema.head()
+        assert await conn.fetchval("SELECT to_regproc('tasklease_claim_slots')") is None
+        assert await conn.fetchval("SELECT to_regclass('limit_bounds')") is None
+        assert await conn.fetchval("SELECT count(*) FROM limits") == 0
+    finally:
+        await conn.close()

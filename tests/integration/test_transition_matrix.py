@@ -2,7 +2,8 @@
 
 The statement must move the task exactly when the declaration in engine/states.py
 lists that state as a source, land in the declared destination, and write one history
-row; from any other state it must change nothing at all.
+row; from any other state it must change nothing at all. The task's action is under a
+global limit: a task holds one of its tokens exactly while it is RUNNING.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import asyncpg
 import pytest
 
 from tasklease.engine.states import BY_TRIGGER, TRANSITIONS, TaskState
-from tasklease.engine.store import Store
+from tasklease.engine.store import Limit, Store
 from tests.support.db import LEASES, force_state, state_of, submit, triggers
 
 WORKER = "matrix-worker"
@@ -62,6 +63,9 @@ async def arrange(
     task_id = await submit(store, max_attempts=5)
     options = {k: v for k, v in setup.items() if k != "cancel_requested"}
     token = await force_state(conn, task_id, state, **options)
+    await store.set_limit(Limit("action:noop", 10), declared=True)
+    if state is TaskState.RUNNING:  # as its claim would have: it holds a token
+        await conn.execute("UPDATE limit_tokens SET task_id = $1 WHERE n = 1", task_id)
     if setup.get("cancel_requested"):
         await conn.execute("UPDATE tasks SET cancel_requested_at = now() WHERE id = $1", task_id)
     return task_id, token
@@ -94,3 +98,5 @@ async def test_trigger_from_state(
     else:
         assert dict(after) == dict(before), f"{trigger} changed a {state} task"
         assert history_after == history_before
+    tokens = await conn.fetchval("SELECT count(*) FROM limit_tokens WHERE task_id = $1", task_id)
+    assert tokens == (after["state"] == TaskState.RUNNING), (trigger, state, after["state"], tokens)

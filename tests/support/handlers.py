@@ -183,13 +183,13 @@ async def limited(ctx: TaskContext, payload: Sleep) -> None:
 
 @handler("test_wide_limited", global_limit=256, lease_seconds=5)
 async def wide_limited(ctx: TaskContext, payload: Sleep) -> None:
-    """At most 256 running at once over all workers: a limit counted in 2 shards of 128."""
+    """At most 256 running at once over all workers: more than any one claim takes."""
     await run_timed(ctx, payload.seconds)
 
 
 @handler("test_wide_rated", rate_limit=(256, 1.0), lease_seconds=5)
 async def wide_rated(ctx: TaskContext, payload: dict[str, Any]) -> None:
-    """At most 256 starts in any second over all workers: 2 shards of 128."""
+    """At most 256 starts in any second over all workers: more than any one claim takes."""
 
 
 @handler("test_rated", rate_limit=(5, 1.0), lease_seconds=5)

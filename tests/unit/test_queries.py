@@ -1,7 +1,7 @@
 import re
 
-from tasklease.engine.queries import CLAIM, CLAIM_LIMITED, QUERIES, load
-from tasklease.engine.states import TRANSITIONS
+from tasklease.engine.queries import CLAIM, QUERIES, load
+from tasklease.engine.states import TRANSITIONS, TaskState
 
 
 def test_every_query_is_named_and_described() -> None:
@@ -39,11 +39,21 @@ def test_loader_splits_on_names() -> None:
     }
 
 
-def test_the_claim_has_a_form_without_limits_and_one_with() -> None:
-    params = re.compile(r"\$(\d+)")
-    assert {int(n) for n in params.findall(CLAIM)} == set(range(1, 7))
-    assert {int(n) for n in params.findall(CLAIM_LIMITED)} == set(range(1, 12))
-    assert "tasklease_claim_slots" not in CLAIM and "action_starts" not in CLAIM
-    assert "tasklease_claim_slots" in CLAIM_LIMITED
-    for sql in (CLAIM, CLAIM_LIMITED):
-        assert "-- limits" not in sql and "-- no limits" not in sql
+def test_the_claim_is_one_statement_with_its_six_parameters() -> None:
+    assert {int(n) for n in re.findall(r"\$(\d+)", CLAIM)} == set(range(1, 7))
+
+
+def test_every_statement_that_ends_a_running_task_gives_its_tokens_back() -> None:
+    """Its concurrency tokens are held while a task is RUNNING: whatever moves it out of
+    RUNNING frees them in the same statement (docs/scheduling.md)."""
+    leaving = {
+        t.trigger
+        for t in TRANSITIONS
+        if TaskState.RUNNING in t.sources and t.dest is not TaskState.RUNNING
+    }
+    assert leaving == {"complete", "fail", "bury", "release", "snooze", "cancel_running", "expire"}
+    for trigger in leaving:
+        writers = [q for q in QUERIES.values() if f"'{trigger}'" in q.sql]
+        assert writers, trigger
+        for q in writers:
+            assert "UPDATE limit_tokens SET task_id = NULL" in q.sql, (trigger, q.name)

@@ -51,7 +51,7 @@ ALTER TABLE tasks DROP COLUMN action_slot, DROP COLUMN queue_slot;
 CREATE TABLE limits (
     key         text        PRIMARY KEY CHECK (key ~ '^(queue|action|rate):.'),
     value       integer     NOT NULL CHECK (value BETWEEN 0 AND 100000),
-    per_seconds float8      CHECK (per_seconds > 0),
+    per_seconds float8      CHECK (per_seconds > 0 AND per_seconds <= 366 * 86400),
     -- true: written by a worker from its code (@handler, --queue-limit); false: by an
     -- operator (tasklease limits set), which the workers' declarations leave alone
     declared    boolean     NOT NULL,
