@@ -34,6 +34,7 @@ from tasklease.api.schemas import (
     Health,
     LimitRead,
     LimitWrite,
+    QueueState,
     QueueStats,
     Ready,
     ScheduleRead,
@@ -382,6 +383,9 @@ async def get_stats(state: State) -> Stats:
     for r in lags:
         q = queues.setdefault(r["queue"], QueueStats({s.value: 0 for s in TaskState}, 0, None))
         q.due, q.oldest_due_seconds = r["due"], r["oldest_due_seconds"]
+    for name, paused_at in (await store.paused_queues()).items():
+        q = queues.setdefault(name, QueueStats({s.value: 0 for s in TaskState}, 0, None))
+        q.paused_at = paused_at
     oldest = max((r["oldest_due_seconds"] for r in lags), default=None)
     workers = [p for p in procs if p["kind"] == "worker" and alive(p)]
     return Stats(
@@ -393,6 +397,38 @@ async def get_stats(state: State) -> Stats:
 async def list_schedules(state: State) -> list[ScheduleRead]:
     """Periodic tasks as the workers declare them, with the next run time of each."""
     return [ScheduleRead.from_row(r) for r in await _store(state).schedules()]
+
+
+QueueName = Annotated[str, Parameter(min_length=1, max_length=200)]
+
+
+@post(
+    "/queues/{queue:str}/pause",
+    operation_id="pauseQueue",
+    status_code=HTTP_200_OK,
+    responses=errors(400, 401, 403, 503),
+)
+async def pause_queue(queue: QueueName, state: State) -> QueueState:
+    """Pause a queue: from their next claim, workers start nothing in it (no claim, no
+    takeover) until it is resumed; submissions are still accepted, running tasks finish.
+    Kept in the database: a worker started meanwhile does not claim from it either."""
+    paused_at = await _store(state).pause_queue(queue)
+    log.info("queue %s paused", queue)
+    return QueueState(queue=queue, paused=True, paused_at=paused_at)
+
+
+@post(
+    "/queues/{queue:str}/resume",
+    operation_id="resumeQueue",
+    status_code=HTTP_200_OK,
+    responses=errors(400, 401, 403, 503),
+)
+async def resume_queue(queue: QueueName, state: State) -> QueueState:
+    """Resume a paused queue (a queue that is not paused stays as it is); its workers are
+    woken at once."""
+    if await _store(state).resume_queue(queue):
+        log.info("queue %s resumed", queue)
+    return QueueState(queue=queue, paused=False, paused_at=None)
 
 
 @get("/limits", operation_id="listLimits", responses=errors(401, 503))
@@ -604,6 +640,8 @@ def create_app(
             list_schedules,
             list_limits,
             set_limit,
+            pause_queue,
+            resume_queue,
             delete_limit,
             healthz,
             readyz,

@@ -104,6 +104,16 @@ class QueueStats(msgspec.Struct):
     states: dict[str, int]
     due: int
     oldest_due_seconds: float | None
+    paused_at: datetime | None = None  # paused since (tasklease pause): claims start nothing
+
+
+class QueueState(msgspec.Struct, kw_only=True):
+    """Whether a queue is paused: claims in a paused queue start nothing (submissions are
+    still accepted; running tasks finish)."""
+
+    queue: str
+    paused: bool
+    paused_at: datetime | None
 
 
 class WorkerStats(msgspec.Struct):

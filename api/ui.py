@@ -74,6 +74,12 @@ NOTICES = {
     "requeued": ("ok", "Task {id} requeued: PENDING, due now, attempts reset."),
     "requeue_conflict": ("error", "Task {id} is {state}: only DEAD tasks can be requeued."),
     "requeued_all": ("ok", "{n} DEAD task(s) of {action} requeued: PENDING, due now."),
+    "paused": (
+        "ok",
+        "Queue {queue} paused: workers start nothing in it until it is resumed; "
+        "submissions are still accepted.",
+    ),
+    "resumed": ("ok", "Queue {queue} resumed."),
 }
 
 
@@ -309,12 +315,14 @@ def page(
 ) -> Template:
     notice = NOTICES.get(request.query_params.get("notice", ""))
     if notice is not None:
-        fields = {k: request.query_params.get(k, "") for k in ("id", "state", "n", "action")}
+        given = ("id", "state", "n", "action", "queue")
+        fields = {k: request.query_params.get(k, "") for k in given}
         fields = {
             "id": fields["id"] if whole(fields["id"]) is not None else "?",
             "n": fields["n"] if whole(fields["n"]) is not None else "?",
             "state": fields["state"] if fields["state"] in TaskState.__members__ else "?",
             "action": fields["action"][:200],
+            "queue": fields["queue"][:200],
         }
         context["notice"] = (notice[0], notice[1].format(**fields))
     context.update(auth=bool(request.app.state.api_token), path=here(request)[0])
@@ -341,7 +349,7 @@ async def overview_context(store: Store) -> dict[str, Any]:
     queues: dict[str, dict[str, Any]] = {}
 
     def queue(name: str) -> dict[str, Any]:
-        empty = {"states": {s.value: 0 for s in TaskState}, "due": 0, "lag": None}
+        empty = {"states": {s.value: 0 for s in TaskState}, "due": 0, "lag": None, "paused": None}
         return queues.setdefault(name, empty)
 
     for r in counts:
@@ -349,6 +357,8 @@ async def overview_context(store: Store) -> dict[str, Any]:
         queue(r["queue"])["states"][r["state"]] = r["tasks"]
     for r in lags:
         queue(r["queue"]).update(due=r["due"], lag=r["oldest_due_seconds"])
+    for name, paused_at in (await store.paused_queues()).items():
+        queue(name)["paused"] = paused_at
     recent = [p for p in procs if p["seen_seconds_ago"] <= 3600]
     series = per_minute([p["counters"] for p in recent], minute_now())
     workers = [
@@ -534,6 +544,20 @@ async def requeue(state: State, task_id: TaskId) -> Redirect:
     return see(link(detail, notice="requeued", id=task_id))
 
 
+@post("/queues/{queue:str}/pause")
+async def pause_queue(state: State, queue: str) -> Redirect:
+    await _store(state).pause_queue(queue)
+    log.info("queue %s paused (dashboard)", queue)
+    return see(link("/ui/", notice="paused", queue=queue))
+
+
+@post("/queues/{queue:str}/resume")
+async def resume_queue(state: State, queue: str) -> Redirect:
+    if await _store(state).resume_queue(queue):
+        log.info("queue %s resumed (dashboard)", queue)
+    return see(link("/ui/", notice="resumed", queue=queue))
+
+
 @get("/requeue-dead")
 async def requeue_dead_confirm(
     request: Request[Any, Any, Any], state: State, action: str = ""
@@ -650,6 +674,8 @@ router = Router(
         requeue,
         requeue_dead_confirm,
         requeue_dead,
+        pause_queue,
+        resume_queue,
         login_form,
         login,
         logout,

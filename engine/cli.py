@@ -698,7 +698,18 @@ def parser() -> argparse.ArgumentParser:
     be.set_defaults(func=cmd_bench)
 
     http_client.add_commands(sub, [s.value for s in states.TaskState])
-    for name in ("submit", "show", "ls", "cancel", "requeue", "stats", "schedules", "limits"):
+    for name in (
+        "submit",
+        "show",
+        "ls",
+        "cancel",
+        "requeue",
+        "stats",
+        "schedules",
+        "limits",
+        "pause",
+        "resume",
+    ):
         sub.choices[name].set_defaults(func=http_client.run)
     return root
 

@@ -210,11 +210,12 @@ def run(args: argparse.Namespace) -> int:
                     *(s["states"][st] for st in states),
                     s["due"],
                     "-" if s["oldest_due_seconds"] is None else f"{s['oldest_due_seconds']:.1f}s",
+                    "paused" if s.get("paused_at") else "",
                 ]
                 for q, s in sorted(out["queues"].items())
             ]
-            rows.append(["(all)", *out["states"].values(), "", ""])
-            text = table(rows, ["QUEUE", *states, "DUE", "OLDEST DUE"])
+            rows.append(["(all)", *out["states"].values(), "", "", ""])
+            text = table(rows, ["QUEUE", *states, "DUE", "OLDEST DUE", ""])
             text += (
                 f"\nworkers alive: {out['workers']['alive']}, "
                 f"running tasks: {out['workers']['running']}"
@@ -234,6 +235,14 @@ def run(args: argparse.Namespace) -> int:
                 for s in out
             ]
             text = table(rows, ["NAME", "ACTION", "WHEN", "TZ", "MISSED", "NEXT RUN", "LAST TASK"])
+        case "pause" | "resume":
+            out = client.call("POST", f"/queues/{args.queue}/{args.command}")
+            text = (
+                f"queue {out['queue']} paused since {out['paused_at']}: workers start nothing "
+                "in it until `tasklease resume`"
+                if out["paused"]
+                else f"queue {out['queue']} runs"
+            )
         case "limits":
             if args.op and (args.key is None or (args.op == "set") != (args.value is not None)):
                 raise ClientError(
@@ -340,6 +349,18 @@ def add_commands(sub: Any, state_choices: list[str]) -> None:
 
     sub.add_parser("stats", parents=[common], help="counts by state and queue, queue lag")
     sub.add_parser("schedules", parents=[common], help="periodic tasks and when each runs next")
+
+    p = sub.add_parser(
+        "pause",
+        parents=[common],
+        help="pause a queue: workers start nothing in it until it is resumed",
+        description="Pause a queue: from their next claim, workers start nothing in it (no "
+        "claim, no takeover of a crashed worker's task) until `tasklease resume`. Submissions "
+        "are still accepted; running tasks finish. Kept in the database.",
+    )
+    p.add_argument("queue")
+    p = sub.add_parser("resume", parents=[common], help="resume a paused queue")
+    p.add_argument("queue")
 
     p = sub.add_parser(
         "limits",

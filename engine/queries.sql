@@ -35,7 +35,7 @@ FROM task_transitions WHERE task_id = $1 ORDER BY id;
 -- rate; a takeover keeps its concurrency tokens and needs only a rate token), taken here.
 -- A last row says in how many seconds to look again: the next due time or lease expiry
 -- (trigger 'wait'), or, when a limit held due work back ('held'), sooner if a token may
--- free sooner.
+-- free sooner. A paused queue (queue_pauses) starts nothing and gives no time.
 WITH lease AS (
     SELECT * FROM unnest($2::text[], $5::float8[]) AS l(action, seconds)
 ), limited AS MATERIALIZED (
@@ -53,16 +53,20 @@ WITH lease AS (
     SELECT a FROM unnest($2::text[]) AS a
     WHERE EXISTS (SELECT FROM limited
                   WHERE NOT open AND key IN ('queue:' || $1, 'action:' || a, 'rate:' || a))
+), paused AS MATERIALIZED (
+    -- a paused queue starts nothing, neither claims nor takeovers
+    SELECT EXISTS (SELECT FROM queue_pauses WHERE queue = $1) AS yes
 ), expired_locked AS (
     -- a crashed worker's lease: no reaper, whoever claims next takes it over
     SELECT id, worker AS old_worker, action, attempt < max_attempts AS restart FROM tasks
     WHERE state = 'RUNNING' AND lease_expires_at <= now()
       AND queue = $1 AND action = ANY($2::text[])
     ORDER BY lease_expires_at
-    LIMIT $3
+    LIMIT (SELECT CASE WHEN yes THEN 0 ELSE $3 END FROM paused)
     FOR UPDATE SKIP LOCKED
 ), room AS MATERIALIZED (
-    SELECT greatest($3 - (SELECT count(*) FROM expired_locked), 0) AS n
+    SELECT CASE WHEN (SELECT yes FROM paused) THEN 0
+                ELSE greatest($3 - (SELECT count(*) FROM expired_locked), 0) END AS n
 ), aged AS (
     SELECT id, state, action, priority, due_at FROM tasks
     WHERE state IN ('PENDING', 'FAILED') AND due_at <= now() - make_interval(secs => $6)
@@ -213,7 +217,10 @@ FROM dead
 UNION ALL
 SELECT CASE WHEN (SELECT retry_in FROM held_back) IS NULL THEN 'wait' ELSE 'held' END,
        NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
-       least(extract(epoch FROM at - now())::float8, (SELECT retry_in FROM held_back))
+       -- paused: no time to look again (resuming wakes the workers)
+       CASE WHEN NOT (SELECT yes FROM paused)
+            THEN least(extract(epoch FROM at - now())::float8,
+                       (SELECT retry_in FROM held_back)) END
 FROM wake;
 
 -- name: task_heartbeat_if_leased
@@ -726,3 +733,23 @@ SELECT l.key, l.value, l.per_seconds, l.declared, l.updated_at,
        count(t.n) FILTER (WHERE t.task_id IS NOT NULL OR t.free_at > now()) AS used
 FROM limits l LEFT JOIN limit_tokens t ON t.key = l.key
 GROUP BY l.key ORDER BY l.key;
+
+-- name: queue_pause
+-- Pause queue $1: claims in it start nothing until it is resumed. Returns when it was
+-- paused (the first time, if it already was).
+WITH paused AS (
+    INSERT INTO queue_pauses (queue) VALUES ($1) ON CONFLICT (queue) DO NOTHING
+    RETURNING paused_at
+)
+SELECT paused_at FROM paused
+UNION ALL
+SELECT paused_at FROM queue_pauses WHERE queue = $1;
+
+-- name: queue_resume
+-- Resume queue $1 and wake the workers of it; returns the queue if it was paused.
+DELETE FROM queue_pauses WHERE queue = $1 AND pg_notify('tasklease', queue) IS NOT NULL
+RETURNING queue;
+
+-- name: queue_paused_list
+-- The paused queues, with when each was paused.
+SELECT queue, paused_at FROM queue_pauses ORDER BY queue;

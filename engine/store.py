@@ -374,6 +374,18 @@ class Store:
     async def limits(self) -> list[asyncpg.Record]:
         return await self.pool.fetch(SQL["limit_list"])
 
+    async def pause_queue(self, queue: str) -> datetime:
+        """Claims in `queue` start nothing until it is resumed. Returns when it was paused."""
+        paused_at: datetime = await self.pool.fetchval(SQL["queue_pause"], queue)
+        return paused_at
+
+    async def resume_queue(self, queue: str) -> bool:
+        """Whether it was paused; its workers are woken."""
+        return await self.pool.fetchval(SQL["queue_resume"], queue) is not None
+
+    async def paused_queues(self) -> dict[str, datetime]:
+        return {r["queue"]: r["paused_at"] for r in await self.pool.fetch(SQL["queue_paused_list"])}
+
     async def db_now(self) -> datetime:
         now: datetime = await self.pool.fetchval(SQL["db_now"])
         return now

@@ -138,7 +138,7 @@ CREATE TABLE public.limits (
     updated_at timestamp with time zone DEFAULT now() NOT NULL,
     CONSTRAINT limits_check CHECK (((key ~~ 'rate:%'::text) = (per_seconds IS NOT NULL))),
     CONSTRAINT limits_key_check CHECK ((key ~ '^(queue|action|rate):.'::text)),
-    CONSTRAINT limits_per_seconds_check CHECK ((per_seconds > (0)::double precision)),
+    CONSTRAINT limits_per_seconds_check CHECK (((per_seconds > (0)::double precision) AND (per_seconds <= ((366 * 86400))::double precision))),
     CONSTRAINT limits_value_check CHECK (((value >= 0) AND (value <= 100000)))
 );
 
@@ -155,6 +155,11 @@ CREATE TABLE public.processes (
     stopped_at timestamp with time zone,
     counters jsonb DEFAULT '{}'::jsonb NOT NULL,
     CONSTRAINT processes_kind_check CHECK ((kind = ANY (ARRAY['api'::text, 'worker'::text])))
+);
+
+CREATE TABLE public.queue_pauses (
+    queue text NOT NULL,
+    paused_at timestamp with time zone DEFAULT now() NOT NULL
 );
 
 CREATE TABLE public.schedules (
@@ -254,6 +259,9 @@ ALTER TABLE ONLY public.limits
 
 ALTER TABLE ONLY public.processes
     ADD CONSTRAINT processes_pkey PRIMARY KEY (id);
+
+ALTER TABLE ONLY public.queue_pauses
+    ADD CONSTRAINT queue_pauses_pkey PRIMARY KEY (queue);
 
 ALTER TABLE ONLY public.schedules
     ADD CONSTRAINT schedules_pkey PRIMARY KEY (name);

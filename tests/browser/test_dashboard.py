@@ -221,6 +221,27 @@ def test_requeue_all_dead_tasks_of_an_action_after_confirming(page: Page, procs:
     expect(count(page, "DEAD")).to_have_text("1")  # the other action's task stays DEAD
 
 
+def test_pause_and_resume_a_queue_from_the_overview(page: Page, procs: Procs) -> None:
+    _, url = procs.api()
+    procs.worker("worker", "--queues", "emails")
+    submit(url, {"action": "noop", "payload": {}, "queue": "emails"})
+    page.goto(f"{url}/ui/")
+    expect(count(page, "COMPLETED")).to_have_text("1")
+    row = page.get_by_role("region", name="Queues").get_by_role("row", name=re.compile("^emails"))
+    row.get_by_role("button", name="Pause").click()
+    expect(page.locator("#notice")).to_contain_text("Queue emails paused")
+    expect(row.get_by_text("paused", exact=True)).to_be_visible()
+    assert httpx.get(f"{url}/stats").json()["queues"]["emails"]["paused_at"]
+    submit(url, {"action": "noop", "payload": {}, "queue": "emails"})
+    page.goto(f"{url}/ui/")
+    expect(count(page, "PENDING")).to_have_text("1")  # accepted, not started
+    expect(count(page, "COMPLETED")).to_have_text("1")
+    row.get_by_role("button", name="Resume").click()
+    expect(page.locator("#notice")).to_have_text("Queue emails resumed.")
+    page.goto(f"{url}/ui/")
+    expect(count(page, "COMPLETED")).to_have_text("2")
+
+
 def test_task_list_filters_search_and_pages(page: Page, procs: Procs) -> None:
     _, url = procs.api()
     tasks = submit(

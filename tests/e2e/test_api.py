@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
@@ -612,6 +613,29 @@ async def test_limits_are_set_listed_and_removed_over_the_api_and_the_cli(
     assert await conn.fetchval("SELECT count(*) FROM limit_tokens") == 0
 
 
+async def test_a_queue_is_paused_and_resumed_over_the_api_and_the_cli(
+    http: httpx.AsyncClient, api: str, conn: asyncpg.Connection
+) -> None:
+    r = await http.post("/queues/reports/pause")
+    assert r.status_code == 200 and r.json()["paused"] and r.json()["paused_at"], r.text
+    await new(http, queue="reports")  # still accepted
+    stats = (await http.get("/stats")).json()
+    assert stats["queues"]["reports"]["paused_at"] == r.json()["paused_at"]
+    listed = cli("stats", url=api)
+    assert listed.returncode == 0 and re.search(r"reports .* paused", listed.stdout), listed.stdout
+    resumed = cli("resume", "reports", url=api)
+    assert resumed.returncode == 0 and "queue reports runs" in resumed.stdout, resumed.stderr
+    assert (await http.get("/stats")).json()["queues"]["reports"]["paused_at"] is None
+    assert await conn.fetchval("SELECT count(*) FROM queue_pauses") == 0
+    paused = cli("pause", "reports", url=api)
+    assert paused.returncode == 0 and "workers start nothing in it" in paused.stdout
+    assert (await http.post("/queues/reports/resume")).json() == {
+        "queue": "reports",
+        "paused": False,
+        "paused_at": None,
+    }
+
+
 # --- OpenAPI -----------------------------------------------------------------------------
 
 
@@ -631,6 +655,8 @@ async def test_openapi_documents_every_route_and_its_errors(http: httpx.AsyncCli
         ("GET", "/limits"): {"200", "503"},
         ("PUT", "/limits/{key}"): {"200", "400", "403", "415", "503"},
         ("DELETE", "/limits/{key}"): {"200", "400", "403", "404", "503"},
+        ("POST", "/queues/{queue}/pause"): {"200", "400", "403", "503"},
+        ("POST", "/queues/{queue}/resume"): {"200", "400", "403", "503"},
         ("GET", "/healthz"): {"200"},
         ("GET", "/readyz"): {"200", "503"},
         ("GET", "/metrics"): {"200", "503"},

@@ -23,6 +23,7 @@ ALLOWED_INDEXES = {
     "limit_tokens_pkey",
     "limit_tokens_free",
     "limit_tokens_task",
+    "queue_pauses_pkey",
 }
 
 
