@@ -27,6 +27,7 @@ from litestar.openapi import OpenAPIConfig, ResponseSpec
 from litestar.openapi.spec import Components, Example, SecurityScheme
 from litestar.params import Body, Parameter
 from litestar.status_codes import HTTP_200_OK, HTTP_201_CREATED
+from litestar.types import Message, Scope
 
 from tasklease.api import metrics, ui
 from tasklease.api.schemas import (
@@ -47,9 +48,10 @@ from tasklease.api.schemas import (
     TransitionRead,
     WorkerStats,
 )
+from tasklease.api.stats import ReadModel
 from tasklease.engine import database, jsontext, operations, tasks
 from tasklease.engine.registry import Handler
-from tasklease.engine.reporting import Counters, Reporter, alive
+from tasklease.engine.reporting import Counters, Reporter
 from tasklease.engine.states import TaskState
 from tasklease.engine.store import TRANSIENT_ERRORS, InvalidLimit, KeyTaken, Limit, NewTask, Store
 
@@ -371,26 +373,29 @@ async def requeue_task(task_id: TaskId, state: State) -> TaskRead:
 
 @get("/stats", operation_id="getStats", responses=errors(401, 503))
 async def get_stats(state: State) -> Stats:
-    """Tasks by state and by queue, due tasks waiting and the age of the oldest, workers."""
-    store = _store(state)
-    counts, lags, procs = await store.counts(), await store.queue_lag(), await store.processes()
-    states = {s.value: 0 for s in TaskState}
-    queues: dict[str, QueueStats] = {}
-    for r in counts:
-        states[r["state"]] += r["tasks"]
-        q = queues.setdefault(r["queue"], QueueStats({s.value: 0 for s in TaskState}, 0, None))
-        q.states[r["state"]] = r["tasks"]
-    for r in lags:
-        q = queues.setdefault(r["queue"], QueueStats({s.value: 0 for s in TaskState}, 0, None))
-        q.due, q.oldest_due_seconds = r["due"], r["oldest_due_seconds"]
-    for name, paused_at in (await store.paused_queues()).items():
-        q = queues.setdefault(name, QueueStats({s.value: 0 for s in TaskState}, 0, None))
-        q.paused_at = paused_at
-    oldest = max((r["oldest_due_seconds"] for r in lags), default=None)
-    workers = [p for p in procs if p["kind"] == "worker" and alive(p)]
+    """Tasks by state and by queue, due tasks waiting and the age of the oldest, paused
+    queues, workers. Read at most every few seconds (TASKLEASE_STATS_SECONDS, default 5)
+    however many ask; this API's own writes are seen at once."""
+    figures = await state.stats.figures()
+    queues = {
+        name: QueueStats(q.states, q.due, q.oldest_due_seconds, q.paused_at)
+        for name, q in figures.queues.items()
+    }
+    workers = figures.live_workers
     return Stats(
-        states, queues, oldest, WorkerStats(len(workers), sum(p["running"] for p in workers))
+        figures.states,
+        queues,
+        figures.oldest_due_seconds,
+        WorkerStats(len(workers), sum(p["running"] for p in workers)),
     )
+
+
+async def figures_changed(message: Message, scope: Scope) -> None:
+    """Anything but a read, answered: the next figures are read afresh (api/stats.py)."""
+    if message["type"] == "http.response.start" and scope.get("method") not in ("GET", "HEAD"):
+        stats = getattr(scope["app"].state, "stats", None)
+        if stats is not None:
+            stats.changed()
 
 
 @get("/schedules", operation_id="listSchedules", responses=errors(401, 503))
@@ -511,7 +516,7 @@ async def readyz(state: State) -> Response[Ready]:
 )
 async def get_metrics(state: State) -> Response[bytes]:
     """Prometheus text format: the whole cluster's figures, from the database."""
-    return Response(await metrics.render(_store(state)), media_type=metrics.CONTENT_TYPE)
+    return Response(metrics.render(await state.stats.figures()), media_type=metrics.CONTENT_TYPE)
 
 
 # --- errors and auth ---------------------------------------------------------------------
@@ -619,6 +624,7 @@ def create_app(
         store = await Store.connect(dsn, min_size=0, max_size=pool_size)
         reporter = Reporter(store, counters, kind="api")
         app.state.store = store
+        app.state.stats = ReadModel(store)
         reporter.start()
         try:
             yield
@@ -650,6 +656,7 @@ def create_app(
             ui.static,
         ],
         lifespan=[lifespan],
+        before_send=[figures_changed],
         state=State({"handlers": handlers, "counters": counters, "api_token": api_token}),
         guards=[refuse_cross_site, require_token, task_id_digits],
         exception_handlers={

@@ -1,6 +1,7 @@
 """GET /metrics: the cluster's figures in Prometheus text format (prometheus-client).
 
-Task counts and queue lag are read from the tasks table at scrape time; transitions and
+Task counts, queue lag and pauses are the figures of api/stats.py (read at most every few
+seconds, shared with /stats and the dashboard); transitions and
 handler durations are the sums of what every process reported to the `processes` table
 (engine/reporting.py), so any API replica gives the same cluster-wide answer.
 """
@@ -8,7 +9,6 @@ handler durations are the sums of what every process reported to the `processes`
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (
@@ -18,28 +18,36 @@ from prometheus_client.core import (
     Metric,
 )
 
-from tasklease.engine.reporting import alive, cumulative, merge
+from tasklease.api.stats import Figures
+from tasklease.engine.reporting import cumulative, merge
 from tasklease.engine.states import TRIGGERS, TaskState
-from tasklease.engine.store import Store
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 class Snapshot:
-    """Collects metric families from figures already read from the database."""
+    """Collects metric families from the figures of api/stats.py."""
 
-    def __init__(self, counts: list[Any], lags: list[Any], processes: list[Any]) -> None:
-        self.counts, self.lags, self.processes = counts, lags, processes
+    def __init__(self, figures: Figures) -> None:
+        self.figures = figures
+        self.processes = figures.processes
 
     def collect(self) -> Iterator[Metric]:
         tasks = GaugeMetricFamily(
             "tasklease_tasks", "Tasks by queue and state", labels=["queue", "state"]
         )
-        seen = {(r["queue"], r["state"]): r["tasks"] for r in self.counts}
-        for queue in sorted({q for q, _ in seen} | {"default"}):
+        queues = self.figures.queues
+        for queue in sorted(set(queues) | {"default"}):
+            counts = queues[queue].states if queue in queues else {}
             for state in TaskState:
-                tasks.add_metric([queue, state.value], seen.get((queue, state.value), 0))
+                tasks.add_metric([queue, state.value], counts.get(state.value, 0))
         yield tasks
+        paused = GaugeMetricFamily(
+            "tasklease_queue_paused", "1 while the queue is paused", labels=["queue"]
+        )
+        for queue, q in queues.items():
+            paused.add_metric([queue], 1 if q.paused_at else 0)
+        yield paused
 
         due = GaugeMetricFamily(
             "tasklease_queue_due_tasks", "Tasks due and waiting for a worker", labels=["queue"]
@@ -49,9 +57,10 @@ class Snapshot:
             "Age of the oldest due task still waiting",
             labels=["queue"],
         )
-        for r in self.lags:
-            due.add_metric([r["queue"]], r["due"])
-            lag.add_metric([r["queue"]], r["oldest_due_seconds"])
+        for queue, q in queues.items():
+            if q.oldest_due_seconds is not None:
+                due.add_metric([queue], q.due)
+                lag.add_metric([queue], q.oldest_due_seconds)
         yield due
         yield lag
 
@@ -105,7 +114,7 @@ class Snapshot:
             hist.add_metric([action], cumulative(h["buckets"]), sum_value=h["sum"])
         yield hist
 
-        workers = [p for p in self.processes if p["kind"] == "worker" and alive(p)]
+        workers = self.figures.live_workers
         yield GaugeMetricFamily(
             "tasklease_workers", "Worker processes seen in the last 15 s", value=len(workers)
         )
@@ -116,9 +125,7 @@ class Snapshot:
         )
 
 
-async def render(store: Store) -> bytes:
+def render(figures: Figures) -> bytes:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(
-        Snapshot(await store.counts(), await store.queue_lag(), await store.processes())
-    )  # type: ignore[arg-type]
+    registry.register(Snapshot(figures))  # type: ignore[arg-type]
     return generate_latest(registry)

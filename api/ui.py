@@ -342,34 +342,20 @@ def link(path: str, **params: Any) -> str:
 # --- overview ------------------------------------------------------------------------------
 
 
-async def overview_context(store: Store) -> dict[str, Any]:
-    counts, lags = await store.counts(), await store.queue_lag()
-    procs, dead = await store.processes(), await store.dead_by_action()
-    states = {s.value: 0 for s in TaskState}
-    queues: dict[str, dict[str, Any]] = {}
-
-    def queue(name: str) -> dict[str, Any]:
-        empty = {"states": {s.value: 0 for s in TaskState}, "due": 0, "lag": None, "paused": None}
-        return queues.setdefault(name, empty)
-
-    for r in counts:
-        states[r["state"]] += r["tasks"]
-        queue(r["queue"])["states"][r["state"]] = r["tasks"]
-    for r in lags:
-        queue(r["queue"]).update(due=r["due"], lag=r["oldest_due_seconds"])
-    for name, paused_at in (await store.paused_queues()).items():
-        queue(name)["paused"] = paused_at
-    recent = [p for p in procs if p["seen_seconds_ago"] <= 3600]
+async def overview_context(state: State) -> dict[str, Any]:
+    figures = await state.stats.figures()
+    dead = await _store(state).dead_by_action()
+    recent = [p for p in figures.processes if p["seen_seconds_ago"] <= 3600]
     series = per_minute([p["counters"] for p in recent], minute_now())
     workers = [
         {**dict(p), "alive": alive(p)}
-        for p in procs
+        for p in figures.processes
         if p["kind"] == "worker" and p["seen_seconds_ago"] <= WORKERS_SEEN_SECONDS
     ]
     return {
-        "states": states,
-        "queues": dict(sorted(queues.items())),
-        "oldest_due": max((r["oldest_due_seconds"] for r in lags), default=None),
+        "states": figures.states,
+        "queues": figures.queues,
+        "oldest_due": figures.oldest_due_seconds,
         "chart": chart(
             [c["complete"] for c in series], [sum(c[t] for t in FAILURES) for c in series]
         ),
@@ -414,12 +400,12 @@ def chart(
 
 @get("/", name="ui-overview")
 async def overview(request: Request[Any, Any, Any], state: State) -> Template:
-    return page(request, "overview.html", **await overview_context(_store(state)))
+    return page(request, "overview.html", **await overview_context(state))
 
 
 @get("/fragments/overview")
 async def overview_fragment(request: Request[Any, Any, Any], state: State) -> Template:
-    return page(request, "_overview.html", **await overview_context(_store(state)))
+    return page(request, "_overview.html", **await overview_context(state))
 
 
 # --- tasks ---------------------------------------------------------------------------------

@@ -226,7 +226,7 @@ def test_pause_and_resume_a_queue_from_the_overview(page: Page, procs: Procs) ->
     procs.worker("worker", "--queues", "emails")
     submit(url, {"action": "noop", "payload": {}, "queue": "emails"})
     page.goto(f"{url}/ui/")
-    expect(count(page, "COMPLETED")).to_have_text("1")
+    expect(count(page, "COMPLETED")).to_have_text("1", timeout=WAIT_MS)
     row = page.get_by_role("region", name="Queues").get_by_role("row", name=re.compile("^emails"))
     row.get_by_role("button", name="Pause").click()
     expect(page.locator("#notice")).to_contain_text("Queue emails paused")
@@ -234,12 +234,12 @@ def test_pause_and_resume_a_queue_from_the_overview(page: Page, procs: Procs) ->
     assert httpx.get(f"{url}/stats").json()["queues"]["emails"]["paused_at"]
     submit(url, {"action": "noop", "payload": {}, "queue": "emails"})
     page.goto(f"{url}/ui/")
-    expect(count(page, "PENDING")).to_have_text("1")  # accepted, not started
-    expect(count(page, "COMPLETED")).to_have_text("1")
+    expect(count(page, "PENDING")).to_have_text("1", timeout=WAIT_MS)  # accepted, not run
+    expect(count(page, "COMPLETED")).to_have_text("1", timeout=WAIT_MS)
     row.get_by_role("button", name="Resume").click()
     expect(page.locator("#notice")).to_have_text("Queue emails resumed.")
     page.goto(f"{url}/ui/")
-    expect(count(page, "COMPLETED")).to_have_text("2")
+    expect(count(page, "COMPLETED")).to_have_text("2", timeout=WAIT_MS)
 
 
 def test_task_list_filters_search_and_pages(page: Page, procs: Procs) -> None:
