@@ -159,7 +159,7 @@ WITH lease AS (
                        THEN now() + make_interval(secs => w.per_seconds) ELSE t.free_at END
     FROM wants w, tokens k
     WHERE k.key = w.key AND k.place = w.place AND t.key = k.key AND t.n = k.n
-      AND w.id IN (SELECT id FROM claimed UNION ALL SELECT id FROM reclaimed)
+      AND w.id NOT IN (SELECT id FROM refused)
 ), freed AS (
     UPDATE limit_tokens SET task_id = NULL WHERE task_id = ANY(ARRAY(SELECT id FROM dead))
 ), wake AS (
@@ -174,8 +174,9 @@ WITH lease AS (
            AND queue = $1 AND action = ANY($2::text[]))
     ) AS at
 ), held_back AS (
-    -- a limit held due work back: look again when a token may free (running tasks: any
-    -- worker may end one at any moment, so soon; a rate: when its next token frees)
+    -- a limit held due work back (it refused a start, or is shut while its tasks are due):
+    -- look again when a token may free: running tasks may end at any moment, so soon; a
+    -- rate's next token frees at a known time
     SELECT min(CASE WHEN l.value = 0 THEN NULL WHEN l.per_seconds IS NULL THEN 0.1 ELSE
                    -- the tokens taken now are still free in this statement's snapshot
                    (SELECT extract(epoch FROM least(min(t.free_at), now() + make_interval(
@@ -184,16 +185,14 @@ WITH lease AS (
                     WHERE t.key = l.key AND t.task_id IS NULL AND t.free_at > now()
                       AND t.n <= l.value) END) AS retry_in
     FROM limited l
-    WHERE l.key IN (SELECT w.key FROM wants w JOIN refused r ON r.id = w.id)
-       -- CASE: the probe runs only for a shut limit (as a plain OR the planner may run it
-       -- for every limit)
-       OR CASE WHEN NOT l.open THEN
-              (SELECT t.id FROM tasks t
-               WHERE t.queue = $1 AND t.state IN ('PENDING', 'FAILED') AND t.due_at <= now()
-                 AND t.action = ANY($2::text[])
-                 AND l.key IN ('queue:' || $1, 'action:' || t.action, 'rate:' || t.action)
-               ORDER BY t.due_at LIMIT 1) IS NOT NULL
-          ELSE false END
+    -- CASE: the probe of due tasks runs only when a limit is shut and none refused a start
+    WHERE CASE WHEN EXISTS (SELECT FROM refused) THEN true
+               WHEN l.open THEN false
+               ELSE (SELECT t.id FROM tasks t
+                     WHERE t.queue = $1 AND t.state IN ('PENDING', 'FAILED')
+                       AND t.due_at <= now() AND t.action IN (SELECT a FROM shut)
+                     ORDER BY t.due_at LIMIT 1) IS NOT NULL
+          END
 ), logged AS (
     INSERT INTO task_transitions (task_id, trigger, from_state, to_state, attempt, worker, detail)
     SELECT id, 'claim', from_state, 'RUNNING'::task_state, attempt, $4, NULL FROM claimed
