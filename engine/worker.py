@@ -43,10 +43,26 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import asyncpg
-import msgspec
 
 from tasklease.engine.fencing import Fence
 from tasklease.engine.leases import Blocker, Lease, LeaseKeeper
+from tasklease.engine.outcomes import (
+    CANCEL,
+    LEASE_LOST,
+    RELEASE,
+    Bury,
+    CancelRunning,
+    Committed,
+    Complete,
+    Decision,
+    Drop,
+    Fail,
+    Outcomes,
+    Release,
+    Snoozed,
+    decide,
+    storable,
+)
 from tasklease.engine.registry import (
     DEFAULT_LEASE_SECONDS,
     Handler,
@@ -56,13 +72,13 @@ from tasklease.engine.registry import (
 )
 from tasklease.engine.reporting import REPORT_EVERY, Counters, Reporter, process_id
 from tasklease.engine.retention import Retention, RetentionConfig
+from tasklease.engine.retry import Retry, describe, wait_for
 from tasklease.engine.schedules import SCHEDULES, Scheduler
 from tasklease.engine.states import BY_TRIGGER
 from tasklease.engine.store import TRANSIENT_ERRORS, Claimed, Limit, Store
 
 log = logging.getLogger("tasklease.worker")
 CHANNEL = "tasklease"
-MAX_BATCH = 1000
 DEFAULT_AGING_SECONDS = 300.0
 # A claim statement that found nothing is not run again for this long (or until its next
 # known due time, or a NOTIFY) while the worker's other statements keep claiming.
@@ -87,112 +103,12 @@ class WorkerConfig:
     exit_to_fence: bool = True
 
 
-# What to write once a handler has finished (or was stopped).
-@dataclass(frozen=True)
-class Complete:
-    result_json: str
-
-
-@dataclass(frozen=True)
-class Fail:
-    retry_in: float
-    error: str
-
-
-@dataclass(frozen=True)
-class Bury:
-    error: str
-    permanent: bool
-
-
-@dataclass(frozen=True)
-class Release:
-    pass
-
-
-@dataclass(frozen=True)
-class Snoozed:
-    seconds: float
-    reason: str | None
-
-
 class HandlerExited(Exception):
     """The handler raised SystemExit: a failed attempt, not the worker's end."""
 
 
 class TaskTimeout(Exception):
     """The attempt ran longer than its timeout and was stopped."""
-
-
-@dataclass(frozen=True)
-class CancelRunning:
-    pass
-
-
-@dataclass(frozen=True)
-class Drop:
-    reason: str
-
-
-@dataclass(frozen=True)
-class Committed:
-    """The handler's ctx.transaction() completed the task: nothing left to write."""
-
-
-Decision = Complete | Fail | Bury | Release | Snoozed | CancelRunning | Drop | Committed
-# Why a running handler was stopped: the worker is stopping, the lease was lost, or an
-# operator asked for the task to be cancelled.
-RELEASE, LEASE_LOST, CANCEL = "release", "lease lost", "cancel"
-
-
-def describe(exc: BaseException) -> str:
-    text = str(exc)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
-def storable(text: str) -> str:
-    """Text PostgreSQL takes: lone surrogates and NULs written out as escapes."""
-    return text.encode("utf-8", "backslashreplace").decode().replace("\x00", "\\x00")
-
-
-def decide(
-    handler: Handler,
-    ctx: TaskContext,
-    *,
-    result: Any = None,
-    error: BaseException | None = None,
-    stopped: str | None = None,
-) -> Decision:
-    """The policy: from how the handler ended to the transition to record."""
-    if ctx.completed:
-        return Committed()
-    if ctx.lease_lost and stopped is None:
-        return Drop("the lease was lost before the handler's transaction could commit")
-    if stopped == RELEASE:
-        return Release()
-    if stopped == CANCEL:
-        return CancelRunning()
-    if stopped == LEASE_LOST:
-        return Drop("the lease was lost while the handler ran")
-    if error is None:
-        try:
-            return Complete(msgspec.json.encode(result).decode())
-        except Exception as err:  # not JSON, a lone surrogate, nested past the encoder's limit
-            return Bury(storable(f"result cannot be encoded as JSON: {describe(err)}"), True)
-    if isinstance(error, Snooze):
-        return Snoozed(error.seconds, error.reason)
-    if isinstance(error, PermanentError):
-        return Bury(storable(describe(error)), permanent=True)
-    # last_error: the one-line description, then the traceback (history rows keep the first line)
-    trace = ""
-    if error.__traceback__ is not None:
-        trace = "\n\n" + "".join(traceback.format_exception(error)).rstrip()
-    if ctx.is_last_attempt:
-        return Bury(
-            storable(f"{describe(error)} (attempt {ctx.attempt} of {ctx.max_attempts}){trace}"),
-            permanent=False,
-        )
-    return Fail(handler.retry_delay(ctx.attempt), storable(describe(error) + trace))
 
 
 class _TaskLogger(logging.LoggerAdapter[logging.Logger]):
@@ -214,105 +130,6 @@ class _Execution:
     outliving: bool = False  # waiting for a def handler's thread that was told to stop
     stopped: str | None = None  # RELEASE, LEASE_LOST or CANCEL once the handler is stopped
     holds_slot: bool = False  # counted in Worker.handling
-
-
-class Outcomes:
-    """Writes finished tasks' outcomes, many per statement.
-
-    `put` queues one outcome and waits for its write. A writer loop takes whatever has
-    queued of each kind and writes it with one statement (so one commit), while new
-    outcomes queue for the next: under load the batches grow, when idle an outcome is
-    written at once. A write that fails on the connection is retried; if a retried write
-    finds the row already moved, `task_lease_outcome` tells whether the first attempt had
-    committed before its reply was lost.
-    """
-
-    def __init__(
-        self, store: Store, give_up: asyncio.Event, written: Callable[[], None] = lambda: None
-    ) -> None:
-        self.store = store
-        self.give_up = give_up
-        self.written = written  # called after a write that moved tasks out of RUNNING
-        self.writers: dict[str, Callable[[Sequence[Any]], Awaitable[set[int]]]] = {
-            "complete": store.complete_many,
-            "fail": store.fail_many,
-            "bury": store.bury_many,
-        }
-        self.queued: dict[str, list[tuple[tuple[Any, ...], asyncio.Future[bool | None]]]] = {
-            kind: [] for kind in self.writers
-        }
-        self.ready = asyncio.Event()
-        # outcomes put and not yet written (or given up): `settled` is set when there are none
-        self.unsettled = 0
-        self.settled = asyncio.Event()
-        self.settled.set()
-
-    async def put(self, kind: str, item: tuple[Any, ...]) -> bool | None:
-        """True: recorded. False: refused, the lease was lost. None: gave up (stopping with
-        the database unreachable), so the lease will run out."""
-        future: asyncio.Future[bool | None] = asyncio.get_running_loop().create_future()
-        self.queued[kind].append((item, future))
-        self.ready.set()
-        self.unsettled += 1
-        self.settled.clear()
-        try:
-            return await future
-        finally:
-            self.unsettled -= 1
-            if not self.unsettled:
-                self.settled.set()
-
-    async def run(self) -> None:
-        while True:
-            await self.ready.wait()
-            self.ready.clear()
-            for kind, queue in self.queued.items():
-                while queue:
-                    batch = queue[:MAX_BATCH]
-                    del queue[:MAX_BATCH]
-                    await self._write(kind, batch)
-
-    async def _write(
-        self, kind: str, batch: list[tuple[tuple[Any, ...], asyncio.Future[bool | None]]]
-    ) -> None:
-        retried = False
-        while True:
-            try:
-                moved = await self.writers[kind]([item for item, _ in batch])
-                break
-            except TRANSIENT_ERRORS as exc:
-                if self.give_up.is_set():
-                    log.error(
-                        "could not record %d outcome(s) (%s); their leases will run out",
-                        len(batch),
-                        describe(exc),
-                    )
-                    for _, future in batch:
-                        future.set_result(None)
-                    return
-                retried = True
-                log.warning(
-                    "cannot record %d outcome(s) yet (%s); retrying", len(batch), describe(exc)
-                )
-                await Worker.wait_for(self.give_up, timeout=1.0)
-            except Exception as exc:
-                # Not the connection: some item cannot be stored (a result PostgreSQL refuses,
-                # a value the driver cannot encode). Write the others alone; the culprit's own
-                # write fails with this error.
-                if len(batch) == 1:
-                    batch[0][1].set_exception(exc)
-                    return
-                for one in batch:
-                    await self._write(kind, [one])
-                return
-        if moved:
-            self.written()
-        for item, future in batch:
-            done = item[0] in moved
-            if not done and retried:
-                outcome = await self.store.lease_outcome(item[0], item[1])
-                done = outcome is not None and outcome["ours"] and outcome["state"] != "RUNNING"
-            future.set_result(done)
 
 
 class Worker:
@@ -407,30 +224,19 @@ class Worker:
                 " ".join(f"{k}={v}" for k, v in self.stats.items()),
             )
 
-    @staticmethod
-    async def wait_for(*events: asyncio.Event, timeout: float | None) -> None:
-        """Until one of the events is set, or the timeout passes."""
-        waiters = {asyncio.ensure_future(e.wait()) for e in events}
-        try:
-            await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for w in waiters:
-                w.cancel()
+    wait_for = staticmethod(wait_for)
 
     # --- claiming ----------------------------------------------------------------------------
 
     async def _claim_loop(self) -> None:
-        errors = 0
+        declaring = Retry("declare the global limits", self._stopping, log)
         while not self._stopping.is_set():
             try:
                 await self._declare_limits()
                 break
             except TRANSIENT_ERRORS as exc:
-                errors += 1
-                delay = min(0.25 * 2**errors, 10.0)
-                log.warning("cannot declare limits (%s); retrying in %.1fs", describe(exc), delay)
-                await self.wait_for(self._stopping, timeout=delay)
-        errors = 0
+                await declaring.after(exc)
+        claiming = Retry("claim", self._stopping, log)
         queues = collections.deque(self.config.queues)
         while not self._stopping.is_set():
             if self.config.concurrency - self.handling <= 0:
@@ -442,14 +248,9 @@ class Worker:
             try:
                 busy, wait = await self._claim_round(queues)
             except TRANSIENT_ERRORS as exc:
-                errors += 1
-                delay = min(0.25 * 2**errors, 10.0)
-                log.warning("cannot claim (%s); retrying in %.1fs", describe(exc), delay)
-                await self.wait_for(self._stopping, timeout=delay)
+                await claiming.after(exc)
                 continue
-            if errors:
-                log.info("database reachable again")
-                errors = 0
+            claiming.succeeded()
             if not busy:
                 # Nothing more is due: sleep until the next task comes due or lease runs out,
                 # a NOTIFY of new work, or the safety-net poll, whichever is first.
@@ -554,8 +355,7 @@ class Worker:
 
     def _notified(self, conn: Any, pid: int, channel: str, queue: str) -> None:
         if queue in self.config.queues:
-            for key in [k for k in self._quiet if k[0] == queue]:
-                del self._quiet[key]
+            self._quiet.pop(queue, None)
             self._wake.set()
 
     def _start(self, claimed: Claimed, sent: float) -> None:
@@ -820,17 +620,16 @@ class Worker:
 
     async def _write_one(self, write: Callable[[], Awaitable[bool]]) -> bool | None:
         """The rare outcomes (release, cancel_running), one statement each, retried."""
+        retry = Retry("record an outcome", self._force, log, most=1.0)
         while True:
             try:
                 return await write()
             except TRANSIENT_ERRORS as exc:
-                if self._force.is_set():
+                if not await retry.after(exc):
                     log.error(
                         "could not record an outcome (%s); its lease will run out", describe(exc)
                     )
                     return None
-                log.warning("cannot record an outcome yet (%s); retrying", describe(exc))
-                await self.wait_for(self._force, timeout=1.0)
 
     def _wake_in(self, seconds: float) -> None:
         """A task this worker failed comes due again then: look for it."""

@@ -5,8 +5,7 @@ from typing import Any
 
 import pytest
 
-from tasklease.engine.registry import Handler, PermanentError, TaskContext
-from tasklease.engine.worker import (
+from tasklease.engine.outcomes import (
     CANCEL,
     LEASE_LOST,
     RELEASE,
@@ -18,6 +17,7 @@ from tasklease.engine.worker import (
     Release,
     decide,
 )
+from tasklease.engine.registry import Handler, PermanentError, TaskContext
 
 HANDLER = Handler("x", lambda c, p: None, None, None, 3, [10], 0.0, True)
 
