@@ -17,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tasklease.engine.database import with_database
 from tasklease.engine.states import TaskState
 from tests.conftest import create_database, drop_database
-from tests.support.db import force_state, wait_until
+from tests.support.db import connect_db, force_state, wait_until
 from tests.support.procs import REPO, Procs
 
 
@@ -46,7 +46,7 @@ async def http(api: str) -> AsyncIterator[httpx.AsyncClient]:
 
 @pytest.fixture
 async def conn(api_db: str) -> AsyncIterator[asyncpg.Connection]:
-    c = await asyncpg.connect(api_db)
+    c = await connect_db(api_db)
     yield c
     await c.close()
 

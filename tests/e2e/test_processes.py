@@ -17,6 +17,7 @@ from tasklease.engine.states import TaskState
 from tests.support.db import (
     assert_completed_once,
     assert_histories_are_paths,
+    connect_db,
     state_of,
     triggers,
     wait_until,
@@ -218,7 +219,7 @@ async def test_migrate_from_several_processes_at_once(empty_db: str) -> None:
     ]
     results = [(p.wait(60), p.stderr.read() if p.stderr else "") for p in procs]
     assert all(code == 0 for code, _ in results), results
-    conn = await asyncpg.connect(empty_db)
+    conn = await connect_db(empty_db)
     try:
         assert await conn.fetchval("SELECT count(*) FROM alembic_version") == 1
     finally:

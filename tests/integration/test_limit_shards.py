@@ -14,7 +14,7 @@ import pytest
 
 from tasklease.engine.states import TaskState
 from tasklease.engine.store import ActionLimit, ClaimRules, NewTask, Store
-from tests.support.db import force_state, submit, wait_until
+from tests.support.db import connect_db, force_state, submit, wait_until
 
 SLOTS = "SELECT * FROM tasklease_claim_slots($1, $2, $3, $4, $5, $6, $7)"
 
@@ -31,7 +31,7 @@ def rated(limit: int, period: float = 1.0, want: int = 10) -> tuple[Any, ...]:
 @asynccontextmanager
 async def claimer(db: str) -> AsyncIterator[asyncpg.Connection]:
     """A connection inside a transaction: the shards it takes stay held until the end."""
-    conn = await asyncpg.connect(db)
+    conn = await connect_db(db)
     tr = conn.transaction()
     await tr.start()
     try:
