@@ -511,7 +511,10 @@ def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(
         prog="tasklease",
         description="A durable task scheduler on PostgreSQL. Uses DATABASE_URL when set, "
-        "else an embedded PostgreSQL under .tasklease/ (TASKLEASE_DATA_DIR).",
+        "else an embedded PostgreSQL under .tasklease/ (TASKLEASE_DATA_DIR). Behind PgBouncer "
+        "in transaction mode set TASKLEASE_PGBOUNCER: to a DSN that reaches PostgreSQL "
+        "directly (used only to LISTEN), or to 1 (no direct path: workers poll every "
+        "--poll-interval); see docs/deployment.md.",
     )
     root.add_argument(
         "-v",
@@ -593,7 +596,8 @@ def parser() -> argparse.ArgumentParser:
         default=5.0,
         metavar="S",
         help="the longest an idle worker waits before looking for due tasks; it is woken "
-        "sooner by NOTIFY on submission and by the next known due time (default: 5)",
+        "sooner by NOTIFY on submission and by the next known due time (default: 5). With "
+        "TASKLEASE_PGBOUNCER=1 there is no NOTIFY: lower it (e.g. 0.5)",
     )
     worker.add_argument(
         "--retain-finished",

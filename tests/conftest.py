@@ -137,14 +137,30 @@ async def empty_db(admin_dsn: str, monkeypatch: pytest.MonkeyPatch) -> AsyncIter
     await drop_database(admin_dsn, name)
 
 
+def not_in_pooler_pass(why: str) -> pytest.MarkDecorator:
+    """Skip a test in the pooler pass (TASKLEASE_TEST_PGBOUNCER_URL), saying why."""
+    return pytest.mark.skipif(
+        bool(os.environ.get(PGBOUNCER_URL_ENV)), reason=f"not in the PgBouncer pass: {why}"
+    )
+
+
 def through_pooler(direct: str, monkeypatch: pytest.MonkeyPatch) -> str:
     """`direct`, or in the pooler pass the same database through PgBouncer, with
     TASKLEASE_PGBOUNCER naming `direct` (tasklease LISTENs there)."""
+    dsn, env = pooled(direct)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    return dsn
+
+
+def pooled(direct: str) -> tuple[str, dict[str, str]]:
+    """The DATABASE_URL tasklease processes get for the database `direct`, and the
+    environment they need besides: in the pooler pass, through PgBouncer."""
     pooler = os.environ.get(PGBOUNCER_URL_ENV)
     if not pooler:
-        return direct
-    monkeypatch.setenv(PGBOUNCER_ENV, direct)
-    return with_database(normalize(pooler), urlsplit(direct).path.lstrip("/"))
+        return direct, {}
+    name = urlsplit(direct).path.lstrip("/")
+    return with_database(normalize(pooler), name), {PGBOUNCER_ENV: direct}
 
 
 @pytest.fixture

@@ -1,12 +1,11 @@
 """PostgreSQL failover under load (engine/failover.py, `tasklease chaos --failover`):
 pg_auto_failover's `perform failover`, then a SIGKILL of the primary node; nothing
 acknowledged is lost, nothing completed twice, every process reconnects by itself.
-About 2.5 minutes, too long for every CI run: it runs with TASKLEASE_TEST_FAILOVER=1, as root
-with pg_auto_failover installed (postgresql-15-auto-failover, pg-auto-failover-cli)."""
+About a minute; as root, with pg_auto_failover installed (postgresql-15-auto-failover,
+pg-auto-failover-cli: .ci/run installs them)."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -16,10 +15,6 @@ from tasklease.engine import failover
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(failover.missing() is not None, reason=f"{failover.missing()}"),
-    pytest.mark.skipif(
-        os.environ.get("TASKLEASE_TEST_FAILOVER") != "1",
-        reason="2.5 minutes: runs with TASKLEASE_TEST_FAILOVER=1 (or `tasklease chaos --failover`)",
-    ),
 ]
 
 

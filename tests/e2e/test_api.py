@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tasklease.engine.database import with_database
 from tasklease.engine.states import TaskState
-from tests.conftest import create_database, drop_database
+from tests.conftest import create_database, drop_database, pooled
 from tests.support.db import connect_db, force_state, wait_until
 from tests.support.procs import REPO, Procs
 
@@ -30,8 +30,10 @@ async def api_db(admin_dsn: str, template: str) -> AsyncIterator[str]:
 
 @pytest.fixture(scope="module")
 def api(api_db: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    dsn, env = pooled(api_db)  # through PgBouncer in the pooler pass
     procs = Procs(
-        tmp_path_factory.mktemp("api"), {"DATABASE_URL": api_db, "TASKLEASE_REPORT_SECONDS": "0.2"}
+        tmp_path_factory.mktemp("api"),
+        {"DATABASE_URL": dsn, "TASKLEASE_REPORT_SECONDS": "0.2", **env},
     )
     _, url = procs.api()
     yield url

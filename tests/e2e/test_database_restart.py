@@ -11,7 +11,7 @@ import pytest
 
 from tasklease import schema
 from tasklease.engine.embedded import Embedded
-from tests.conftest import EXECUTIONS_TABLE
+from tests.conftest import EXECUTIONS_TABLE, not_in_pooler_pass
 from tests.support.db import (
     assert_completed_once,
     assert_histories_are_paths,
@@ -30,6 +30,7 @@ def own_server(tmp_path: Path) -> Iterator[Embedded]:
     server.stop()
 
 
+@not_in_pooler_pass("it restarts a PostgreSQL server of its own, with no PgBouncer in front")
 async def test_worker_and_api_survive_a_database_restart(
     own_server: Embedded, tmp_path: Path
 ) -> None:
