@@ -34,6 +34,7 @@ import asyncpg
 import httpx
 
 from tasklease import schema
+from tasklease.engine import database
 from tasklease.engine.cluster import Cluster
 from tasklease.engine.database import with_database
 from tasklease.engine.registry import TaskContext, handler
@@ -93,7 +94,7 @@ def _cpu_model() -> str:
 
 
 async def environment(dsn: str) -> dict[str, Any]:
-    conn = await asyncpg.connect(dsn)
+    conn = await database.connect(dsn, "tasklease-bench")
     try:
         settings = {
             r["name"]: r["setting"]
@@ -125,7 +126,7 @@ class Database:
         self.dsn = with_database(admin_dsn, self.name)
 
     async def __aenter__(self) -> Database:
-        conn = await asyncpg.connect(self.admin_dsn)
+        conn = await database.connect(self.admin_dsn, "tasklease-bench")
         try:
             await conn.execute(f"CREATE DATABASE {self.name}")
         finally:
@@ -134,7 +135,7 @@ class Database:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        conn = await asyncpg.connect(self.admin_dsn)
+        conn = await database.connect(self.admin_dsn, "tasklease-bench")
         try:
             await conn.execute(f"DROP DATABASE IF EXISTS {self.name} WITH (FORCE)")
         finally:
@@ -210,7 +211,7 @@ async def drain(
 ) -> dict[str, float]:
     """`beside(dsn)`, if given, is started with the workers and awaited after the drain."""
     async with Database(admin_dsn) as db:
-        conn = await asyncpg.connect(db.dsn)
+        conn = await database.connect(db.dsn, "tasklease-bench")
         try:
             if backlog:
                 say(f"  writing {backlog:,} finished tasks and their history")
@@ -332,7 +333,7 @@ async def latency(admin_dsn: str, config: BenchConfig, log_dir: Path, say: Say) 
         procs = Cluster(db.dsn, log_dir, "tasklease.engine.bench", log_level="warning")
         for _ in range(config.workers):
             procs.worker("--concurrency", str(config.concurrency))
-        conn = await asyncpg.connect(db.dsn)
+        conn = await database.connect(db.dsn, "tasklease-bench")
         try:
             await asyncio.sleep(3)  # the workers start and go idle
             # Every task is submitted ahead of time, due at its own moment: rate/s from t0.

@@ -29,6 +29,7 @@ import asyncpg
 import httpx
 
 from tasklease import schema
+from tasklease.engine import database
 from tasklease.engine.cluster import Cluster
 from tasklease.engine.database import with_database
 from tasklease.engine.registry import TaskContext, handler
@@ -53,7 +54,9 @@ async def chaos_probe(ctx: TaskContext, payload: dict[str, Any]) -> dict[str, An
     """Record this execution, sleep for payload["ms"] milliseconds, record its end."""
     global _pool
     if _pool is None:
-        _pool = await asyncpg.create_pool(os.environ["DATABASE_URL"], min_size=1, max_size=4)
+        _pool = await asyncpg.create_pool(
+            os.environ["DATABASE_URL"], min_size=1, max_size=4, **database.connect_options()
+        )
     run = await _pool.fetchval(
         "INSERT INTO chaos_executions (task_id, attempt, worker, at) "
         "VALUES ($1, $2, $3, to_timestamp($4)) RETURNING id",

@@ -215,6 +215,9 @@ def cmd_chaos(args: argparse.Namespace) -> int:
 
     from tasklease.engine import chaos
 
+    if args.failover:
+        return _chaos_failover(args)
+
     admin = database_url()
     config = chaos.ChaosConfig(
         tasks=args.tasks,
@@ -245,6 +248,35 @@ def cmd_chaos(args: argparse.Namespace) -> int:
                 else "FAILED: " + "; ".join(report.problems)
             )
         )
+    return 0 if report.ok else 1
+
+
+def _chaos_failover(args: argparse.Namespace) -> int:
+    import tempfile
+    from pathlib import Path
+
+    from tasklease.engine import failover
+
+    why = failover.missing()
+    if why:
+        print(f"tasklease chaos --failover: {why}", file=sys.stderr)
+        return 1
+    config = failover.FailoverConfig(
+        rate=args.rate, workers=args.workers, concurrency=args.concurrency
+    )
+    log_dir = Path(tempfile.mkdtemp(prefix="tasklease-failover-logs-"))
+    log.info("chaos --failover: %s; process logs in %s", config, log_dir)
+    report = asyncio.run(failover.run(config, log_dir, say=lambda line: log.info("%s", line)))
+    print("\n".join(report.lines()))
+    problems = report.problems + report.chaos.problems
+    print(
+        "result: "
+        + (
+            "OK: nothing lost, nothing completed twice"
+            if report.ok
+            else "FAILED: " + "; ".join(problems)
+        )
+    )
     return 0 if report.ok else 1
 
 
@@ -480,7 +512,10 @@ def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(
         prog="tasklease",
         description="A durable task scheduler on PostgreSQL. Uses DATABASE_URL when set, "
-        "else an embedded PostgreSQL under .tasklease/ (TASKLEASE_DATA_DIR).",
+        "else an embedded PostgreSQL under .tasklease/ (TASKLEASE_DATA_DIR). Behind PgBouncer "
+        "in transaction mode set TASKLEASE_PGBOUNCER: to a DSN that reaches PostgreSQL "
+        "directly (used only to LISTEN), or to 1 (no direct path: workers poll every "
+        "--poll-interval); see docs/deployment.md.",
     )
     root.add_argument(
         "-v",
@@ -562,7 +597,8 @@ def parser() -> argparse.ArgumentParser:
         default=5.0,
         metavar="S",
         help="the longest an idle worker waits before looking for due tasks; it is woken "
-        "sooner by NOTIFY on submission and by the next known due time (default: 5)",
+        "sooner by NOTIFY on submission and by the next known due time (default: 5). With "
+        "TASKLEASE_PGBOUNCER=1 there is no NOTIFY: lower it (e.g. 0.5)",
     )
     worker.add_argument(
         "--retain-finished",
@@ -645,6 +681,16 @@ def parser() -> argparse.ArgumentParser:
         help="pg_terminate_backend every tasklease connection this often (never)",
     )
     ch.add_argument("--seed", type=int, help="random seed, to repeat a run")
+    ch.add_argument(
+        "--failover",
+        action="store_true",
+        help="instead: PostgreSQL failover under load. Starts pg_auto_failover (monitor, "
+        "primary, synchronous secondary; root, runs them as postgres) on loopback ports, the "
+        "API and --workers on a multi-host DSN with target_session_attrs=read-write, submits "
+        "--rate tasks/s (40 is good here), runs `pg_autoctl perform failover`, then SIGKILLs the "
+        "primary node; prints the recovery times and checks nothing was lost or completed "
+        "twice. Needs postgresql-15-auto-failover and pg-auto-failover-cli. About 1.5 min",
+    )
     ch.add_argument("--json", action="store_true", help="print the report as JSON")
     ch.set_defaults(func=cmd_chaos)
 

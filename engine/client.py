@@ -57,6 +57,10 @@ class TaskConflict(Exception):
         self.task = task
 
 
+# How often wait() looks at the task when it cannot LISTEN (behind a pooler, poll only).
+WAIT_POLL_SECONDS = 0.5
+
+
 class NoTransaction(ValueError):
     """`connection=` was given a connection with no open transaction."""
 
@@ -195,18 +199,25 @@ class Client:
 
     async def wait(self, task_id: int, timeout: float | None = None) -> Task:
         """The task once it is COMPLETED, DEAD or CANCELLED; TimeoutError after `timeout`
-        seconds. Woken by the NOTIFY its final transition sends, not by polling."""
+        seconds. Woken by the NOTIFY its final transition sends, not by polling; behind a
+        pooler with no direct DSN to listen on (TASKLEASE_PGBOUNCER=1), it polls every
+        WAIT_POLL_SECONDS."""
         event = asyncio.Event()
         self._waiting.setdefault(task_id, set()).add(event)
+        listening = self.store.listen_dsn is not None
         try:
             async with asyncio.timeout(timeout):
-                await self._listen()
+                if listening:
+                    await self._listen()
                 while True:
                     task = await self.get(task_id)
                     if task.finished:
                         return task
-                    await event.wait()
-                    event.clear()
+                    if listening:
+                        await event.wait()
+                        event.clear()
+                    else:
+                        await asyncio.sleep(WAIT_POLL_SECONDS)
         except TimeoutError:
             raise TimeoutError(f"task {task_id} did not finish within {timeout}s") from None
         finally:
@@ -230,7 +241,8 @@ class Client:
         delay = 0.2
         while True:
             try:
-                conn = await asyncpg.connect(self.store.dsn)
+                assert self.store.listen_dsn is not None
+                conn = await database.connect(self.store.listen_dsn)
             except database.UNREACHABLE:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import re
+import uuid
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -50,6 +52,70 @@ def resolve() -> tuple[str, Embedded | None]:
     return server.dsn(), server
 
 
+# --- PgBouncer (transaction pooling) -----------------------------------------------------------
+#
+# TASKLEASE_PGBOUNCER says that DATABASE_URL goes through a pooler in transaction mode, where a
+# server connection is ours only for one transaction: no named prepared statements (each is on
+# one server connection), no LISTEN, no session advisory lock or SET. Its value is
+#   "1"              poll only: workers poll (--poll-interval), Client.wait polls;
+#   postgresql://... a DSN that reaches PostgreSQL itself, used only for LISTEN (one
+#                    connection per worker and per waiting client).
+# Every connection tasklease opens takes its options from connect_options() below.
+PGBOUNCER_ENV = "TASKLEASE_PGBOUNCER"
+
+
+def pgbouncer() -> str | None:
+    """TASKLEASE_PGBOUNCER's value; None when unset, empty or 0 (DATABASE_URL is direct)."""
+    value = os.environ.get(PGBOUNCER_ENV, "").strip()
+    return None if value in ("", "0") else value
+
+
+def pooled() -> bool:
+    return pgbouncer() is not None
+
+
+def listen_dsn(dsn: str) -> str | None:
+    """Where to LISTEN: `dsn` itself, unless behind a pooler: then the direct DSN
+    TASKLEASE_PGBOUNCER names, or None (poll only)."""
+    value = pgbouncer()
+    if value is None:
+        return dsn
+    if re.match(r"^(postgres|postgresql)(\+\w+)?://", value):
+        return normalize(value)
+    return None
+
+
+def connect_options(application_name: str = "tasklease", **settings: str) -> dict[str, Any]:
+    """asyncpg.connect / create_pool keyword arguments for every connection tasklease opens.
+    Behind a pooler: unnamed statements (statement_cache_size=0; asyncpg then parses each
+    statement in the same round trip as it runs it) and no startup settings but
+    application_name, which PgBouncer passes on (it refuses others, such as plan_cache_mode,
+    and a SET would leak to the next client of the server connection)."""
+    if pooled():
+        return {
+            "server_settings": {"application_name": application_name},
+            "statement_cache_size": 0,
+        }
+    return {"server_settings": {"application_name": application_name, **settings}}
+
+
+async def connect(
+    dsn: str, application_name: str = "tasklease", **kwargs: Any
+) -> asyncpg.Connection:
+    return await asyncpg.connect(dsn, **connect_options(application_name), **kwargs)
+
+
+def sqlalchemy_connect_args(dsn: str, application_name: str = "tasklease") -> dict[str, Any]:
+    """create_async_engine(connect_args=...) for SQLAlchemy's asyncpg dialect. It prepares
+    every statement under a name: behind a pooler, a unique one, never cached, so that a name
+    left on a server connection by another client cannot collide."""
+    args: dict[str, Any] = {"dsn": dsn, **connect_options(application_name)}
+    if pooled():
+        args["prepared_statement_cache_size"] = 0
+        args["prepared_statement_name_func"] = lambda: f"__tasklease_{uuid.uuid4().hex}__"
+    return args
+
+
 # What a failed connection attempt can raise.
 UNREACHABLE = (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError)
 
@@ -72,7 +138,7 @@ async def schema_problem(conn: asyncpg.Connection) -> str | None:
 async def check(dsn: str, *, need_schema: bool = True, timeout: float = 10) -> None:
     """Raise DatabaseUnavailable, in words, unless the database answers (and is migrated)."""
     try:
-        conn = await asyncpg.connect(dsn, timeout=timeout)
+        conn = await connect(dsn, timeout=timeout)
     except UNREACHABLE as exc:
         raise DatabaseUnavailable(
             f"cannot reach the database at {redact(dsn)}: {reason(exc)}"
@@ -86,7 +152,7 @@ async def check(dsn: str, *, need_schema: bool = True, timeout: float = 10) -> N
 
 
 async def other_clients(dsn: str) -> int:
-    conn = await asyncpg.connect(dsn)
+    conn = await connect(dsn)
     try:
         count: int = await conn.fetchval(
             "SELECT count(*) FROM pg_stat_activity "

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 import asyncpg
 
+from tasklease.engine import database
 from tasklease.engine.queries import SQL
 from tasklease.engine.store import TRANSIENT_ERRORS, Store
 
@@ -69,7 +70,7 @@ class Fence:
                     self.store.dsn,
                     min_size=0,
                     max_size=self.max_size,
-                    server_settings={"application_name": "tasklease-handler"},
+                    **database.connect_options("tasklease-handler"),
                 )
             return self._pool
 
@@ -78,11 +79,10 @@ class Fence:
             if self._engine is None:
                 from sqlalchemy.ext.asyncio import create_async_engine
 
-                dsn = self.store.dsn
                 self._engine = create_async_engine(
                     "postgresql+asyncpg://",
-                    async_creator=lambda: asyncpg.connect(
-                        dsn, server_settings={"application_name": "tasklease-handler"}
+                    connect_args=database.sqlalchemy_connect_args(
+                        self.store.dsn, "tasklease-handler"
                     ),
                     pool_size=self.max_size,
                     max_overflow=0,

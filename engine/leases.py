@@ -47,6 +47,7 @@ from dataclasses import dataclass
 
 import asyncpg
 
+from tasklease.engine import database
 from tasklease.engine.queries import SQL
 from tasklease.engine.store import TRANSIENT_ERRORS
 
@@ -255,9 +256,7 @@ class LeaseKeeper:
 
     async def _renew(self, held: list[Lease]) -> dict[int, bool]:
         if self._conn is None or self._conn.is_closed():
-            self._conn = await asyncpg.connect(
-                self.dsn, server_settings={"application_name": "tasklease"}
-            )
+            self._conn = await database.connect(self.dsn)
         rows = await self._conn.fetch(
             SQL["task_heartbeat_many_if_leased"],
             [lease.task_id for lease in held],

@@ -612,12 +612,9 @@ RETURNING name;
 SELECT * FROM schedules ORDER BY name;
 
 -- name: retention_try_lock
--- Whether this session won the retention lock (held until it unlocks or disconnects).
-SELECT pg_try_advisory_lock(hashtextextended('tasklease.retention', 0));
-
--- name: retention_unlock
--- Give the retention lock back at the end of a round.
-SELECT pg_advisory_unlock(hashtextextended('tasklease.retention', 0));
+-- Whether this transaction won the retention lock (held until it commits or rolls back:
+-- transaction-scoped, so that it works through a pooler in transaction mode too).
+SELECT pg_try_advisory_xact_lock(hashtextextended('tasklease.retention', 0));
 
 -- name: task_prune_finished
 -- Delete, with their history, the tasks among the next $2 ids after $1 that finished long

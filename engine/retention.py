@@ -2,8 +2,12 @@
 
 COMPLETED and CANCELLED tasks go after `finished_seconds` (default 7 days), DEAD ones after
 `dead_seconds` (default 30 days, so that people can still inspect and requeue them); None
-keeps them. Every worker runs a `Retention` loop, but a round runs only in the worker that
-wins a session advisory lock, on a connection of its own, so rounds never overlap.
+keeps them. Every worker runs a `Retention` loop; each window of a round is one transaction
+that first takes a transaction-scoped advisory lock, so no two workers ever delete at the same
+time. A round that finds the lock taken ends (another worker is pruning). The lock is
+transaction-scoped, not held by a session, so that it works through PgBouncer in transaction
+mode (TASKLEASE_PGBOUNCER), where a session lock would stay on whichever server connection
+took it.
 
 A round walks the primary key in windows of `batch` ids and deletes in each window what is
 old enough, in one statement per window (the task rows and their history together), pausing
@@ -23,6 +27,7 @@ from dataclasses import dataclass
 
 import asyncpg
 
+from tasklease.engine import database
 from tasklease.engine.queries import SQL
 from tasklease.engine.store import TRANSIENT_ERRORS
 
@@ -57,25 +62,27 @@ class Retention:
         self.config = config
 
     async def round(self) -> Pruned | None:
-        """One round, if this process wins the lock; None when another one holds it."""
-        conn = await asyncpg.connect(self.dsn, server_settings={"application_name": "tasklease"})
+        """One round, if this process wins the lock; None when another one holds it at the
+        start (a round that finds it taken later stops there)."""
+        conn = await database.connect(self.dsn)
         try:
-            if not await conn.fetchval(SQL["retention_try_lock"]):
-                return None
-            try:
-                return await self._prune(conn)
-            finally:
-                await conn.fetchval(SQL["retention_unlock"])
+            return await self._prune(conn)
         finally:
             await conn.close()
 
-    async def _prune(self, conn: asyncpg.Connection) -> Pruned:
+    async def _prune(self, conn: asyncpg.Connection) -> Pruned | None:
         c, pruned, after = self.config, Pruned(), 0
         started = time.monotonic()
         while True:
-            row = await conn.fetchrow(
-                SQL["task_prune_finished"], after, c.batch, c.finished_seconds, c.dead_seconds
-            )
+            async with conn.transaction():
+                if not await conn.fetchval(SQL["retention_try_lock"]):
+                    if pruned.windows == 0:
+                        return None
+                    log.info("retention: another worker is pruning; this round stops here")
+                    break
+                row = await conn.fetchrow(
+                    SQL["task_prune_finished"], after, c.batch, c.finished_seconds, c.dead_seconds
+                )
             pruned.windows += 1
             pruned.tasks += row["tasks"]
             pruned.transitions += row["transitions"]

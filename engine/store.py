@@ -16,6 +16,7 @@ from typing import Any
 import asyncpg
 import msgspec
 
+from tasklease.engine import database
 from tasklease.engine.queries import CLAIM, SQL
 
 # Errors after which the same statement can succeed once the database is back.
@@ -200,7 +201,8 @@ class Claim:
 class Store:
     def __init__(self, pool: asyncpg.Pool, dsn: str) -> None:
         self.pool = pool
-        self.dsn = dsn  # for connections of their own (LISTEN)
+        self.dsn = dsn  # for connections of their own (the lease keeper, retention)
+        self.listen_dsn = database.listen_dsn(dsn)  # None: behind a pooler, poll only
 
     @classmethod
     async def connect(
@@ -208,17 +210,16 @@ class Store:
     ) -> Store:
         """`generic_plans`: plan each prepared statement once (workers). The claim is a long
         statement whose planning costs about as much as running it; its generic plan reads
-        only the claimable indexes (tests/integration/test_query_plans.py checks both)."""
-        settings = {"application_name": "tasklease"}
-        if generic_plans:
-            settings["plan_cache_mode"] = "force_generic_plan"
+        only the claimable indexes (tests/integration/test_query_plans.py checks both).
+        Behind a pooler (TASKLEASE_PGBOUNCER) statements are unnamed and planned each time."""
+        settings = {"plan_cache_mode": "force_generic_plan"} if generic_plans else {}
         pool = await asyncpg.create_pool(
             dsn,
             min_size=min_size,
             max_size=max_size,
-            server_settings=settings,
             init=_init_connection,
             reset=_keep_session,
+            **database.connect_options("tasklease", **settings),
         )
         return cls(pool, dsn)
 

@@ -35,8 +35,7 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 
-import asyncpg
-
+from tasklease.engine import database
 from tasklease.engine.queries import SQL
 from tasklease.engine.registry import DEFAULT_BACKOFF, DEFAULT_JITTER, Handler
 from tasklease.engine.reporting import process_id
@@ -152,7 +151,7 @@ async def settle(
     dsn: str, worker_id: str, reason: str, handlers: Mapping[str, Handler]
 ) -> dict[str, list[int]]:
     """Fail or bury every task the dead worker `worker_id` still held, with `reason`."""
-    conn = await asyncpg.connect(dsn, server_settings={"application_name": "tasklease"})
+    conn = await database.connect(dsn)
     try:
         held = await conn.fetch(SQL["task_running_by_worker"], worker_id)
         fail = [r for r in held if r["attempt"] < r["max_attempts"]]

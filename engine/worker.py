@@ -42,8 +42,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-import asyncpg
-
+from tasklease.engine import database
 from tasklease.engine.fencing import Fence
 from tasklease.engine.leases import Blocker, Lease, LeaseKeeper
 from tasklease.engine.outcomes import (
@@ -332,12 +331,20 @@ class Worker:
             self._wake.set()
 
     async def _listen(self) -> None:
-        """LISTEN for submissions on a connection of its own; reconnect when it drops."""
+        """LISTEN for submissions on a connection of its own; reconnect when it drops. Behind
+        a pooler with no direct DSN to listen on (TASKLEASE_PGBOUNCER=1), only poll."""
+        if self.store.listen_dsn is None:
+            log.info(
+                "behind a pooler (TASKLEASE_PGBOUNCER=1): not listening for new tasks, "
+                "polling every %gs (--poll-interval)",
+                self.config.poll_interval,
+            )
+            return
         delay = 0.5
         while True:
             conn = None
             try:
-                conn = await asyncpg.connect(self.store.dsn)
+                conn = await database.connect(self.store.listen_dsn)
                 dropped = asyncio.Event()
                 conn.add_termination_listener(lambda _, d=dropped: d.set())
                 await conn.add_listener(CHANNEL, self._notified)

@@ -5,6 +5,7 @@ This package imports nothing else of tasklease.
 
 from __future__ import annotations
 
+import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -60,8 +61,18 @@ async def _migrate(dsn: str, direction: str, revision: str) -> str:
     from sqlalchemy.ext.asyncio import create_async_engine
     from sqlalchemy.pool import NullPool
 
+    # One transaction on one connection, so it works through PgBouncer in transaction mode
+    # too: no statement cache of asyncpg's, and SQLAlchemy's statements under unique names
+    # (a name left on the server connection by another client cannot collide).
     engine = create_async_engine(
-        "postgresql+asyncpg://", async_creator=lambda: asyncpg.connect(dsn), poolclass=NullPool
+        "postgresql+asyncpg://",
+        connect_args={
+            "dsn": dsn,
+            "statement_cache_size": 0,
+            "prepared_statement_cache_size": 0,
+            "prepared_statement_name_func": lambda: f"__tasklease_{uuid.uuid4().hex}__",
+        },
+        poolclass=NullPool,
     )
     cfg = _config()
 

@@ -2,6 +2,12 @@
 
 The server is the embedded one (under .tasklease/test) unless TASKLEASE_TEST_DATABASE_URL
 names another; that role must be allowed to create databases.
+
+TASKLEASE_TEST_PGBOUNCER_URL (the CI's pooler pass: a PgBouncer in transaction mode in front
+of that server, tests/support/pgbouncer.sh) puts it between tasklease and each test's
+database: `db` and `empty_db` are then the database through PgBouncer, and
+TASKLEASE_PGBOUNCER names the database directly, for LISTEN. Databases are created and
+dropped directly.
 """
 
 from __future__ import annotations
@@ -10,18 +16,21 @@ import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import asyncpg
 import pytest
 
 from tasklease import schema
-from tasklease.engine.database import normalize, with_database
+from tasklease.engine.database import PGBOUNCER_ENV, normalize, with_database
 from tasklease.engine.embedded import Embedded
 from tasklease.engine.store import Store
+from tests.support.db import connect_db
 from tests.support.procs import Procs
 
 REPO = Path(__file__).resolve().parent.parent
 TEST_URL_ENV = "TASKLEASE_TEST_DATABASE_URL"
+PGBOUNCER_URL_ENV = "TASKLEASE_TEST_PGBOUNCER_URL"
 # One row per handler execution (tests/support/handlers.py), whichever process ran it.
 EXECUTIONS_TABLE = """
 CREATE TABLE executions (
@@ -114,18 +123,44 @@ async def drop_database(admin_dsn: str, name: str) -> None:
 async def db(admin_dsn: str, template: str, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[str]:
     """A migrated database of this test's own; DATABASE_URL points at it."""
     name = await create_database(admin_dsn, template)
-    dsn = with_database(admin_dsn, name)
+    dsn = through_pooler(with_database(admin_dsn, name), monkeypatch)
     monkeypatch.setenv("DATABASE_URL", dsn)
     yield dsn
     await drop_database(admin_dsn, name)
 
 
 @pytest.fixture
-async def empty_db(admin_dsn: str) -> AsyncIterator[str]:
+async def empty_db(admin_dsn: str, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[str]:
     """A database with no schema at all."""
     name = await create_database(admin_dsn, None)
-    yield with_database(admin_dsn, name)
+    yield through_pooler(with_database(admin_dsn, name), monkeypatch)
     await drop_database(admin_dsn, name)
+
+
+def not_in_pooler_pass(why: str) -> pytest.MarkDecorator:
+    """Skip a test in the pooler pass (TASKLEASE_TEST_PGBOUNCER_URL), saying why."""
+    return pytest.mark.skipif(
+        bool(os.environ.get(PGBOUNCER_URL_ENV)), reason=f"not in the PgBouncer pass: {why}"
+    )
+
+
+def through_pooler(direct: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """`direct`, or in the pooler pass the same database through PgBouncer, with
+    TASKLEASE_PGBOUNCER naming `direct` (tasklease LISTENs there)."""
+    dsn, env = pooled(direct)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    return dsn
+
+
+def pooled(direct: str) -> tuple[str, dict[str, str]]:
+    """The DATABASE_URL tasklease processes get for the database `direct`, and the
+    environment they need besides: in the pooler pass, through PgBouncer."""
+    pooler = os.environ.get(PGBOUNCER_URL_ENV)
+    if not pooler:
+        return direct, {}
+    name = urlsplit(direct).path.lstrip("/")
+    return with_database(normalize(pooler), name), {PGBOUNCER_ENV: direct}
 
 
 @pytest.fixture
@@ -137,7 +172,7 @@ async def store(db: str) -> AsyncIterator[Store]:
 
 @pytest.fixture
 async def conn(db: str) -> AsyncIterator[asyncpg.Connection]:
-    c = await asyncpg.connect(db)
+    c = await connect_db(db)
     yield c
     await c.close()
 

@@ -17,9 +17,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tasklease.engine.database import with_database
 from tasklease.engine.states import TaskState
-from tests.conftest import create_database, drop_database
+from tests.conftest import create_database, drop_database, pooled
 from tests.e2e.test_auth_and_client import cli
-from tests.support.db import force_state, wait_until
+from tests.support.db import connect_db, force_state, wait_until
 from tests.support.procs import REPO, Procs
 
 
@@ -32,8 +32,10 @@ async def api_db(admin_dsn: str, template: str) -> AsyncIterator[str]:
 
 @pytest.fixture(scope="module")
 def api(api_db: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    dsn, env = pooled(api_db)  # through PgBouncer in the pooler pass
     procs = Procs(
-        tmp_path_factory.mktemp("api"), {"DATABASE_URL": api_db, "TASKLEASE_REPORT_SECONDS": "0.2"}
+        tmp_path_factory.mktemp("api"),
+        {"DATABASE_URL": dsn, "TASKLEASE_REPORT_SECONDS": "0.2", **env},
     )
     _, url = procs.api()
     yield url
@@ -48,7 +50,7 @@ async def http(api: str) -> AsyncIterator[httpx.AsyncClient]:
 
 @pytest.fixture
 async def conn(api_db: str) -> AsyncIterator[asyncpg.Connection]:
-    c = await asyncpg.connect(api_db)
+    c = await connect_db(api_db)
     yield c
     await c.close()
 

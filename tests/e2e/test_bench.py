@@ -4,8 +4,10 @@ figures themselves live in docs/benchmarks.md; no timing is asserted)."""
 from pathlib import Path
 
 from tasklease.engine import bench
+from tests.conftest import not_in_pooler_pass
 
 
+@not_in_pooler_pass("it benches the server directly (bench/pgbouncer_drain.py benches PgBouncer)")
 async def test_bench_runs_every_scenario(admin_dsn: str, tmp_path: Path) -> None:
     config = bench.BenchConfig(
         tasks=300,

@@ -6,14 +6,18 @@ import asyncio
 from collections.abc import Iterator
 from pathlib import Path
 
-import asyncpg
 import httpx
 import pytest
 
 from tasklease import schema
 from tasklease.engine.embedded import Embedded
-from tests.conftest import EXECUTIONS_TABLE
-from tests.support.db import assert_completed_once, assert_histories_are_paths, wait_until
+from tests.conftest import EXECUTIONS_TABLE, not_in_pooler_pass
+from tests.support.db import (
+    assert_completed_once,
+    assert_histories_are_paths,
+    connect_db,
+    wait_until,
+)
 from tests.support.procs import Procs
 
 
@@ -26,12 +30,13 @@ def own_server(tmp_path: Path) -> Iterator[Embedded]:
     server.stop()
 
 
+@not_in_pooler_pass("it restarts a PostgreSQL server of its own, with no PgBouncer in front")
 async def test_worker_and_api_survive_a_database_restart(
     own_server: Embedded, tmp_path: Path
 ) -> None:
     dsn = own_server.dsn()
     await schema.upgrade(dsn)
-    conn = await asyncpg.connect(dsn)
+    conn = await connect_db(dsn)
     await conn.execute(EXECUTIONS_TABLE)
     await conn.close()
     procs = Procs(tmp_path, {"DATABASE_URL": dsn})
@@ -50,7 +55,7 @@ async def test_worker_and_api_survive_a_database_restart(
                     ids.append(r.json()["id"])
                 return ids
 
-            conn = await asyncpg.connect(dsn)
+            conn = await connect_db(dsn)
 
             async def completed(ids: list[int]) -> bool:
                 n = await conn.fetchval(
@@ -88,7 +93,7 @@ async def test_worker_and_api_survive_a_database_restart(
 
             await wait_until(api_back, "the API to reach the database again")
             ids += in_flight + await submit(30, 0.02)
-            conn = await asyncpg.connect(dsn)
+            conn = await connect_db(dsn)
             try:
                 await wait_until(lambda: completed(ids), "every task to complete", 60)
                 await assert_completed_once(conn)

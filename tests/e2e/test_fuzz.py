@@ -28,7 +28,7 @@ from hypothesis import strategies as st
 from hypothesis.control import currently_in_test_context
 
 from tasklease.engine.database import with_database
-from tests.conftest import create_database, drop_database
+from tests.conftest import create_database, drop_database, pooled
 from tests.support.procs import Procs
 
 pytestmark = pytest.mark.slow
@@ -123,7 +123,8 @@ class Api:
 
 @pytest.fixture(scope="module")
 def api(fuzz_db: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
-    procs = Procs(tmp_path_factory.mktemp("fuzz"), {"DATABASE_URL": fuzz_db})
+    dsn, env = pooled(fuzz_db)  # through PgBouncer in the pooler pass
+    procs = Procs(tmp_path_factory.mktemp("fuzz"), {"DATABASE_URL": dsn, **env})
     _, url = procs.api(env={"TASKLEASE_API_TOKEN": TOKEN})
     with psycopg.connect(fuzz_db, autocommit=True) as db:
         api = Api(int(url.rsplit(":", 1)[1]), fuzz_db, "", 0, db)

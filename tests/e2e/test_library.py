@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from tasklease import Client, TaskState
-from tests.support.db import state_of, triggers, wait_until
+from tests.support.db import connect_db, state_of, triggers, wait_until
 from tests.support.procs import REPO, Procs, free_port, wait_for_http
 
 S = TaskState
@@ -82,7 +82,7 @@ async def test_enqueue_rolled_back_never_runs_committed_does(
 ) -> None:
     procs.worker("worker")
     async with Client(db) as client:
-        mine = await asyncpg.connect(db)
+        mine = await connect_db(db)
         try:
             tx = mine.transaction()
             await tx.start()

@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session
 
 from examples.library import ORDERS, place_order, place_order_sync
 from tasklease import Client, SyncClient, TaskState
+from tests.support.db import connect_db
 from tests.support.procs import Procs
 
 pytestmark = pytest.mark.slow
@@ -21,7 +22,7 @@ async def test_the_library_example_runs(procs: Procs, db: str, conn: asyncpg.Con
     await conn.execute(ORDERS)
     procs.worker("worker", "--handlers", "examples.library")
     async with Client(db, handlers=["examples.library"]) as client:
-        mine = await asyncpg.connect(db)
+        mine = await connect_db(db)
         try:
             order = await place_order(client, mine, "teapot")
             with pytest.raises(ZeroDivisionError):

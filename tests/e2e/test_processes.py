@@ -14,9 +14,11 @@ import pytest
 
 from tasklease.engine.embedded import Embedded
 from tasklease.engine.states import TaskState
+from tests.conftest import not_in_pooler_pass
 from tests.support.db import (
     assert_completed_once,
     assert_histories_are_paths,
+    connect_db,
     state_of,
     triggers,
     wait_until,
@@ -218,7 +220,7 @@ async def test_migrate_from_several_processes_at_once(empty_db: str) -> None:
     ]
     results = [(p.wait(60), p.stderr.read() if p.stderr else "") for p in procs]
     assert all(code == 0 for code, _ in results), results
-    conn = await asyncpg.connect(empty_db)
+    conn = await connect_db(empty_db)
     try:
         assert await conn.fetchval("SELECT count(*) FROM alembic_version") == 1
     finally:
@@ -242,6 +244,7 @@ def test_unknown_handler_module_is_one_line() -> None:
     )
 
 
+@not_in_pooler_pass("`tasklease dev` on an embedded server of its own, with no PgBouncer in front")
 async def test_dev_runs_everything_on_its_own_embedded_database(tmp_path: Path) -> None:
     """`tasklease dev` on a fresh data directory: quick start works, Ctrl-C leaves nothing."""
     data = tmp_path / "data"
@@ -279,6 +282,7 @@ async def test_dev_runs_everything_on_its_own_embedded_database(tmp_path: Path) 
         Embedded(data).stop()
 
 
+@not_in_pooler_pass("it crashes and restarts an embedded server of its own, with no PgBouncer")
 async def test_dev_restarts_a_dead_worker_and_the_embedded_database(tmp_path: Path) -> None:
     """A handler that kills its worker (os._exit) and a crashed PostgreSQL (an immediate
     stop) do not take `tasklease dev` down: each is said in the log and started again, the

@@ -27,7 +27,7 @@ from tasklease import (
     TaskState,
 )
 from tasklease.engine.store import Store
-from tests.support.db import force_state
+from tests.support.db import connect_db, connect_listener, force_state
 
 S = TaskState
 HANDLERS = ["tests.support.handlers"]
@@ -187,7 +187,7 @@ async def test_a_conflict_in_the_callers_transaction_leaves_it_usable(
     """The conflict is seen before anything is written, without an error in the database:
     the caller may catch it and go on, and commit what else it did."""
     held = await client.submit("noop", {"n": 1}, idempotency_key="k1")
-    mine = await asyncpg.connect(db)
+    mine = await connect_db(db)
     try:
         async with mine.transaction():
             kept = await client.submit("noop", {"kept": True}, connection=mine)
@@ -269,7 +269,7 @@ async def test_wait_times_out(client: Client) -> None:
 async def listen(db: str) -> tuple[asyncpg.Connection, list[str]]:
     """A connection that collects the 'tasklease' notifications (the workers' wake-ups)."""
     woken: list[str] = []
-    conn = await asyncpg.connect(db)
+    conn = await connect_listener(db)
     await conn.add_listener("tasklease", lambda *args: woken.append(args[-1]))
     return conn, woken
 
@@ -278,7 +278,7 @@ async def test_asyncpg_transaction_rolled_back_or_committed(
     client: Client, db: str, conn: asyncpg.Connection
 ) -> None:
     listener, woken = await listen(db)
-    mine = await asyncpg.connect(db)
+    mine = await connect_db(db)
     try:
         tx = mine.transaction()
         await tx.start()
@@ -307,7 +307,7 @@ async def test_asyncpg_transaction_rolled_back_or_committed(
 
 
 async def test_asyncpg_connection_without_a_transaction_is_refused(client: Client, db: str) -> None:
-    mine = await asyncpg.connect(db)
+    mine = await connect_db(db)
     try:
         with pytest.raises(NoTransaction, match="no open transaction"):
             await client.submit("noop", {}, connection=mine)

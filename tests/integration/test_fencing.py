@@ -14,7 +14,7 @@ from tasklease import LeaseLost, TaskState
 from tasklease.engine.fencing import Fence
 from tasklease.engine.store import Store
 from tests.integration.test_worker import done
-from tests.support.db import expire_lease, state_of, submit, triggers, wait_until
+from tests.support.db import connect_db, expire_lease, state_of, submit, triggers, wait_until
 from tests.support.workers import Running
 
 
@@ -136,7 +136,9 @@ async def test_a_dropped_connection_is_not_a_completion(
     with pytest.raises((asyncpg.PostgresConnectionError, asyncpg.InterfaceError, OSError)):
         async with fence.transaction(task_id, token, lambda: "1") as tx:
             await tx.execute("INSERT INTO effects VALUES ($1, 1, 'w1')", task_id)
-            await conn.execute("SELECT pg_terminate_backend($1)", tx.get_server_pid())
+            # the server's pid as the server says (through PgBouncer, get_server_pid() is not)
+            pid = await tx.fetchval("SELECT pg_backend_pid()")
+            await conn.execute("SELECT pg_terminate_backend($1)", pid)
             await asyncio.sleep(0.2)
     assert await effects(conn, task_id) == []
     assert (await state_of(conn, task_id))["state"] == "RUNNING"
@@ -149,7 +151,7 @@ async def test_a_lost_commit_reply_is_settled_by_the_lease_outcome(
     handler goes on); still RUNNING means it did not (the handler gets the error)."""
     for _ in range(2):
         await submit(store, "test_tx_write", "{}")
-    own = await asyncpg.connect(db)
+    own = await connect_db(db)
     try:
         task_id, token = await claimed(store, "w1")
         tx = own.transaction()

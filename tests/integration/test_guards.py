@@ -14,6 +14,7 @@ from tasklease.engine.store import Store
 from tests.support.db import (
     LEASES,
     assert_histories_are_paths,
+    connect_listener,
     expire_lease,
     force_state,
     state_of,
@@ -215,7 +216,8 @@ async def test_requeue_action_moves_only_dead_tasks_of_that_action(
     for task_id in [*dead, other_action]:
         await force_state(conn, task_id, S.DEAD)
     heard: list[str] = []
-    await conn.add_listener("tasklease", lambda *args: heard.append(args[3]))
+    listener = await connect_listener(store.dsn)
+    await listener.add_listener("tasklease", lambda *args: heard.append(args[3]))
 
     assert await operations.requeue_action(store, "noop", batch=2) == 5
     rows = await conn.fetch("SELECT id, state, attempt FROM tasks ORDER BY id")
@@ -226,6 +228,7 @@ async def test_requeue_action_moves_only_dead_tasks_of_that_action(
     assert await triggers(conn, not_dead) == ["submit"]
     assert await store.requeue_action("noop", 0, 10) == []
     await asyncio.sleep(0.1)
+    await listener.close()
     assert "default" in heard
 
 

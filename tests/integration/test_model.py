@@ -34,6 +34,7 @@ from hypothesis.stateful import (
 from tasklease.engine.fencing import Fence, LeaseLost
 from tasklease.engine.states import BY_TRIGGER, TaskState, build_machine, is_path
 from tasklease.engine.store import NewTask, Store
+from tests.support.db import connect_db
 
 S = TaskState
 WORKERS = ("w1", "w2", "w3")
@@ -96,7 +97,7 @@ class EngineModel(RuleBasedStateMachine):
         super().__init__()
         self.loop = asyncio.new_event_loop()
         self.store = self.run(Store.connect(self.dsn, min_size=1, max_size=2))
-        self.conn: asyncpg.Connection = self.run(asyncpg.connect(self.dsn))
+        self.conn: asyncpg.Connection = self.run(connect_db(self.dsn))
         self.run(
             self.conn.execute("TRUNCATE tasks, task_transitions, effects RESTART IDENTITY CASCADE")
         )

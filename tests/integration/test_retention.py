@@ -8,7 +8,7 @@ from tasklease.engine.queries import SQL
 from tasklease.engine.retention import Retention, RetentionConfig
 from tasklease.engine.states import TaskState
 from tasklease.engine.store import Store
-from tests.support.db import force_state, submit
+from tests.support.db import connect_db, force_state, submit
 
 HOUR = 3600.0
 
@@ -81,11 +81,12 @@ async def test_forever_keeps_them(store: Store, conn: asyncpg.Connection, db: st
 async def test_one_round_at_a_time(store: Store, conn: asyncpg.Connection, db: str) -> None:
     """Another session holds the retention lock: this round does nothing."""
     await arrange(store, conn, TaskState.COMPLETED, 48)
-    holder = await asyncpg.connect(db)
+    holder = await connect_db(db)
     try:
-        assert await holder.fetchval(SQL["retention_try_lock"])
-        assert await Retention(db, RetentionConfig(pause=0)).round() is None
-        assert len((await remaining(conn))[0]) == 1
+        async with holder.transaction():
+            assert await holder.fetchval(SQL["retention_try_lock"])
+            assert await Retention(db, RetentionConfig(pause=0)).round() is None
+            assert len((await remaining(conn))[0]) == 1
     finally:
         await holder.close()
     pruned = await Retention(db, RetentionConfig(finished_seconds=HOUR, pause=0)).round()

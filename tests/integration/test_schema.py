@@ -11,6 +11,7 @@ from tasklease import schema
 from tasklease.engine.database import with_database
 from tasklease.engine.states import TRIGGERS, TaskState
 from tests.conftest import create_database, drop_database
+from tests.support.db import connect_db
 from tests.support.schema_dump import DECLARED
 
 # What a schema is made of, read from the catalogs (alembic_version aside): equal catalogs,
@@ -39,7 +40,7 @@ CATALOG = {
 
 
 async def catalog(dsn: str) -> dict[str, list[tuple[Any, ...]]]:
-    conn = await asyncpg.connect(dsn)
+    conn = await connect_db(dsn)
     try:
         return {part: [tuple(r) for r in await conn.fetch(q)] for part, q in CATALOG.items()}
     finally:
@@ -53,7 +54,7 @@ async def test_the_declared_schema_is_what_the_migrations_make(admin_dsn: str) -
     migrated, declared = (with_database(admin_dsn, name) for name in names)
     try:
         await schema.upgrade(migrated)
-        conn = await asyncpg.connect(declared)
+        conn = await connect_db(declared)
         try:
             await conn.execute(DECLARED.read_text())
         finally:
@@ -102,7 +103,7 @@ async def test_migrate_is_idempotent(db: str) -> None:
 async def test_concurrent_migrations_on_an_empty_database(empty_db: str) -> None:
     revisions = await asyncio.gather(*(schema.upgrade(empty_db) for _ in range(4)))
     assert revisions == [schema.head()] * 4
-    conn = await asyncpg.connect(empty_db)
+    conn = await connect_db(empty_db)
     try:
         assert await schema.current(conn) == schema.head()
         assert await conn.fetchval("SELECT count(*) FROM alembic_version") == 1
@@ -131,7 +132,7 @@ async def test_0009_downgrades_to_0008_and_upgrades_again(db: str) -> None:
     """0009 replaces tasklease_submit (due_at bounded, a key reused with other content
     refused) and adds tasklease_raise; its downgrade puts 0007's function back."""
     assert await schema.downgrade(db, "0008") == "0008"
-    conn = await asyncpg.connect(db)
+    conn = await connect_db(db)
     try:
         assert await conn.fetchval("SELECT to_regproc('tasklease_raise')") is None
         first = await conn.fetchval("SELECT tasklease_submit('noop', idempotency_key => 'k')")

@@ -8,7 +8,7 @@ import asyncpg
 import pytest
 
 from tasklease.engine.store import KeyConflict, KeyTaken, NewTask, Store, submit_on
-from tests.support.db import triggers, wait_until
+from tests.support.db import connect_db, triggers, wait_until
 
 LATER = datetime(2030, 1, 1, tzinfo=UTC)
 
@@ -141,7 +141,7 @@ async def test_a_key_taken_during_a_batch_leaves_none_of_the_batch_behind(
     """The batch's statement waits on a transaction inserting one of its keys, which commits:
     the statement's snapshot does not see that task, so it cannot tell same from different.
     It fails rather than keep its other task, and runs again, seeing the task."""
-    other = await asyncpg.connect(db)
+    other = await connect_db(db)
     try:
         tx = other.transaction()
         await tx.start()
@@ -178,7 +178,7 @@ async def test_in_the_callers_transaction_a_key_taken_meanwhile_is_a_serializati
 ) -> None:
     """The caller's transaction cannot run the statement again: it gets the error that says
     "retry the transaction", and nothing of its batch stays."""
-    other, mine = await asyncpg.connect(db), await asyncpg.connect(db)
+    other, mine = await connect_db(db), await connect_db(db)
     try:
         theirs = other.transaction()
         await theirs.start()

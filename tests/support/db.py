@@ -9,9 +9,28 @@ from typing import Any
 
 import asyncpg
 
+from tasklease.engine import database
 from tasklease.engine.queries import CLAIM
 from tasklease.engine.states import TaskState, is_path
 from tasklease.engine.store import NewTask, Store
+
+
+def pooler_safe() -> dict[str, Any]:
+    """asyncpg options for the tests' own connections: behind PgBouncer in transaction mode
+    (TASKLEASE_PGBOUNCER, the CI's pooler pass), unnamed statements, as tasklease's own."""
+    return {"statement_cache_size": 0} if database.pooled() else {}
+
+
+async def connect_db(dsn: str, **kwargs: Any) -> asyncpg.Connection:
+    """asyncpg.connect for the tests' own connections (see pooler_safe)."""
+    return await asyncpg.connect(dsn, **pooler_safe(), **kwargs)
+
+
+async def connect_listener(dsn: str) -> asyncpg.Connection:
+    """A connection to LISTEN on: `dsn`, or behind a pooler the direct DSN tasklease
+    listens on (TASKLEASE_PGBOUNCER)."""
+    return await connect_db(database.listen_dsn(dsn) or dsn)
+
 
 LEASES = {"test_sleep": 2.0, "noop": 30.0, "email_user": 30.0, "test_fail": 30.0}
 

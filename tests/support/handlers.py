@@ -16,6 +16,7 @@ import asyncpg
 import msgspec
 
 from tasklease import PermanentError, Snooze, TaskContext, handler
+from tests.support.db import connect_db, pooler_safe
 
 
 class Sleep(msgspec.Struct):
@@ -25,7 +26,7 @@ class Sleep(msgspec.Struct):
 
 async def record(ctx: TaskContext) -> int:
     """One row in `executions` for this run; returns how many runs the task has had."""
-    conn = await asyncpg.connect(os.environ["DATABASE_URL"])
+    conn = await connect_db(os.environ["DATABASE_URL"])
     try:
         runs: int = await conn.fetchval(
             "WITH new AS (INSERT INTO executions (task_id, attempt, worker, token) "
@@ -48,7 +49,9 @@ def shared_pool() -> asyncio.Future[asyncpg.Pool]:
     the tests' process), for handlers that many run at once."""
     dsn = os.environ["DATABASE_URL"]
     if dsn not in _pools:
-        _pools[dsn] = asyncio.ensure_future(asyncpg.create_pool(dsn, min_size=1, max_size=4))
+        _pools[dsn] = asyncio.ensure_future(
+            asyncpg.create_pool(dsn, min_size=1, max_size=4, **pooler_safe())
+        )
     return _pools[dsn]
 
 
