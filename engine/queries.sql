@@ -86,21 +86,24 @@ WITH lease AS (
     ORDER BY priority DESC, due_at, id
     LIMIT (SELECT n FROM room) - (SELECT count(*) FROM aged)
     FOR UPDATE SKIP LOCKED
-), candidates AS MATERIALIZED (
+), candidates AS (
     -- everything this claim may start, in the order it starts them: takeovers, aged, ranked
-    SELECT id, action, NULL::task_state AS from_state, restart, 0 AS part,
-           0 AS priority, NULL::timestamptz AS due_at
+    SELECT id, action, restart, 0 AS part, 0 AS priority, NULL::timestamptz AS due_at
     FROM expired_locked
-    UNION ALL SELECT id, action, state, NULL, 1, 0, due_at FROM aged
-    UNION ALL SELECT id, action, state, NULL, 2, priority, due_at FROM ranked
+    UNION ALL SELECT id, action, NULL, 1, 0, due_at FROM aged
+    UNION ALL SELECT id, action, NULL, 2, priority, due_at FROM ranked
 ), wants AS MATERIALIZED (
-    -- each start's place in line for each limit it falls under
+    -- each start's place in line for each limit it falls under (driven by the limits, so
+    -- that with none, nothing here runs)
     SELECT c.id, l.key, l.value, l.per_seconds,
            row_number() OVER (PARTITION BY l.key
                               ORDER BY c.part, c.priority DESC, c.due_at, c.id) AS place
-    FROM candidates c
-    JOIN limited l ON l.key IN ('queue:' || $1, 'action:' || c.action, 'rate:' || c.action)
-    WHERE c.restart IS NULL OR (c.restart AND l.per_seconds IS NOT NULL)
+    FROM limited l
+    CROSS JOIN LATERAL (
+        SELECT * FROM candidates c
+        WHERE l.key IN ('queue:' || $1, 'action:' || c.action, 'rate:' || c.action)
+          AND (c.restart IS NULL OR (c.restart AND l.per_seconds IS NOT NULL))
+    ) AS c
 ), tokens AS MATERIALIZED (
     -- per limit, up to as many free tokens as starts want one, lowest numbers first, locked:
     -- a token another claim holds is skipped, one it took meanwhile is read again and left
@@ -120,8 +123,9 @@ WITH lease AS (
 ), expired AS (
     SELECT * FROM expired_locked WHERE id NOT IN (SELECT id FROM refused)
 ), due AS (
-    SELECT id, from_state FROM candidates
-    WHERE part > 0 AND id NOT IN (SELECT id FROM refused)
+    SELECT id, state AS from_state FROM aged WHERE id NOT IN (SELECT id FROM refused)
+    UNION ALL
+    SELECT id, state FROM ranked WHERE id NOT IN (SELECT id FROM refused)
 ), reclaimed AS (
     UPDATE tasks t
     SET attempt = t.attempt + 1, lease_token = gen_random_uuid(),
@@ -254,8 +258,11 @@ WITH moved AS (
         FROM (SELECT id, (row_number() OVER ()) / 300 AS chunk FROM moved) AS m GROUP BY chunk
     ) AS c
 ), freed AS (
-    -- its concurrency tokens come free (docs/scheduling.md)
-    UPDATE limit_tokens SET task_id = NULL WHERE task_id = ANY(ARRAY(SELECT id FROM moved))
+    -- its concurrency tokens come free (docs/scheduling.md); with no token held at all, no
+    -- probe per task
+    UPDATE limit_tokens SET task_id = NULL
+    WHERE task_id = ANY(ARRAY(SELECT id FROM moved))
+      AND EXISTS (SELECT FROM limit_tokens WHERE task_id IS NOT NULL)
 ), logged AS (
     INSERT INTO task_transitions (task_id, trigger, from_state, to_state, attempt, worker)
     SELECT id, 'complete', 'RUNNING', 'COMPLETED', attempt, worker FROM moved
@@ -279,8 +286,11 @@ WITH moved AS (
     RETURNING t.id, t.attempt, t.worker, t.last_error,
               ($3::float8[])[array_position($1, t.id)] AS retry_in
 ), freed AS (
-    -- its concurrency tokens come free (docs/scheduling.md)
-    UPDATE limit_tokens SET task_id = NULL WHERE task_id = ANY(ARRAY(SELECT id FROM moved))
+    -- its concurrency tokens come free (docs/scheduling.md); with no token held at all, no
+    -- probe per task
+    UPDATE limit_tokens SET task_id = NULL
+    WHERE task_id = ANY(ARRAY(SELECT id FROM moved))
+      AND EXISTS (SELECT FROM limit_tokens WHERE task_id IS NOT NULL)
 ), logged AS (
     INSERT INTO task_transitions (task_id, trigger, from_state, to_state, attempt, worker, detail)
     SELECT id, 'fail', 'RUNNING', 'FAILED', attempt, worker,
@@ -308,8 +318,11 @@ WITH moved AS (
         FROM (SELECT id, (row_number() OVER ()) / 300 AS chunk FROM moved) AS m GROUP BY chunk
     ) AS c
 ), freed AS (
-    -- its concurrency tokens come free (docs/scheduling.md)
-    UPDATE limit_tokens SET task_id = NULL WHERE task_id = ANY(ARRAY(SELECT id FROM moved))
+    -- its concurrency tokens come free (docs/scheduling.md); with no token held at all, no
+    -- probe per task
+    UPDATE limit_tokens SET task_id = NULL
+    WHERE task_id = ANY(ARRAY(SELECT id FROM moved))
+      AND EXISTS (SELECT FROM limit_tokens WHERE task_id IS NOT NULL)
 ), logged AS (
     INSERT INTO task_transitions (task_id, trigger, from_state, to_state, attempt, worker, detail)
     SELECT id, 'bury', 'RUNNING', 'DEAD', attempt, worker, split_part(last_error, E'\n', 1)
@@ -326,8 +339,11 @@ WITH moved AS (
     WHERE id = $1 AND state = 'RUNNING' AND lease_token = $2
     RETURNING id, attempt, worker, queue
 ), freed AS (
-    -- its concurrency tokens come free (docs/scheduling.md)
-    UPDATE limit_tokens SET task_id = NULL WHERE task_id = ANY(ARRAY(SELECT id FROM moved))
+    -- its concurrency tokens come free (docs/scheduling.md); with no token held at all, no
+    -- probe per task
+    UPDATE limit_tokens SET task_id = NULL
+    WHERE task_id = ANY(ARRAY(SELECT id FROM moved))
+      AND EXISTS (SELECT FROM limit_tokens WHERE task_id IS NOT NULL)
 ), logged AS (
     INSERT INTO task_transitions (task_id, trigger, from_state, to_state, attempt, worker, detail)
     SELECT id, 'release', 'RUNNING', 'PENDING', attempt, worker, 'worker shutting down'
@@ -344,8 +360,11 @@ WITH moved AS (
     WHERE id = $1 AND state = 'RUNNING' AND lease_token = $2
     RETURNING id, attempt, worker
 ), freed AS (
-    -- its concurrency tokens come free (docs/scheduling.md)
-    UPDATE limit_tokens SET task_id = NULL WHERE task_id = ANY(ARRAY(SELECT id FROM moved))
+    -- its concurrency tokens come free (docs/scheduling.md); with no token held at all, no
+    -- probe per task
+    UPDATE limit_tokens SET task_id = NULL
+    WHERE task_id = ANY(ARRAY(SELECT id FROM moved))
+      AND EXISTS (SELECT FROM limit_tokens WHERE task_id IS NOT NULL)
 ), logged AS (
     INSERT INTO task_transitions (task_id, trigger, from_state, to_state, attempt, worker, detail)
     SELECT id, 'snooze', 'RUNNING', 'PENDING', attempt, worker,
@@ -377,8 +396,11 @@ WITH moved AS (
       AND cancel_requested_at IS NOT NULL
     RETURNING id, attempt, worker
 ), freed AS (
-    -- its concurrency tokens come free (docs/scheduling.md)
-    UPDATE limit_tokens SET task_id = NULL WHERE task_id = ANY(ARRAY(SELECT id FROM moved))
+    -- its concurrency tokens come free (docs/scheduling.md); with no token held at all, no
+    -- probe per task
+    UPDATE limit_tokens SET task_id = NULL
+    WHERE task_id = ANY(ARRAY(SELECT id FROM moved))
+      AND EXISTS (SELECT FROM limit_tokens WHERE task_id IS NOT NULL)
 ), logged AS (
     INSERT INTO task_transitions (task_id, trigger, from_state, to_state, attempt, worker, detail)
     SELECT id, 'cancel_running', 'RUNNING', 'CANCELLED', attempt, worker,
