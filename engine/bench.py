@@ -258,7 +258,7 @@ async def limits(admin_dsn: str, config: BenchConfig, log_dir: Path, say: Say) -
     under a global limit above the load, in a queue under one too; the same with a rate
     limit as well."""
     with_limited = ("--handlers", "tasklease.engine.bench_limits")
-    queue_limit = (*with_limited, "--queue-limit", "default=100000")
+    queue_limit = (*with_limited, "--queue-limit", "default=10000")
     kinds: dict[str, tuple[str, tuple[str, ...]]] = {
         "none": ("noop", ()),
         "beside": ("noop", with_limited),

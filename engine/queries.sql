@@ -730,8 +730,11 @@ WITH l AS (
     WHERE NOT (excluded.declared AND NOT l.declared)
     RETURNING l.*
 ), added AS (
+    -- when some are missing: a worker starting with the value already written counts
+    -- them (an index-only scan) and writes nothing
     INSERT INTO limit_tokens (key, n)
-    SELECT key, generate_series(1, value) FROM l
+    SELECT l.key, generate_series(1, l.value) FROM l
+    WHERE (SELECT count(*) FROM limit_tokens t WHERE t.key = l.key AND t.n <= l.value) < l.value
     ON CONFLICT DO NOTHING
 ), dropped AS (
     DELETE FROM limit_tokens t USING l
