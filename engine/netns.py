@@ -240,12 +240,34 @@ class Host:
                 str(delay_ms / 1000),
                 str(loss),
                 str(seed),
+                str(self._stats),
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
         )
         _wait_wire(self.wire)
         return "wire"
+
+    @property
+    def _stats(self) -> Path:
+        return self.net.dir / f"wire-{self.name}.stats"
+
+    def link_counts(self) -> tuple[int, int]:
+        """(frames forwarded, frames dropped) on this link, both ways, since `impair()`."""
+        if self.net.netem:
+            forwarded = dropped = 0
+            for dev, where in ((self.port, ()), (self.inside, ("-n", self.ns))):
+                out = run("ip", *where, "tc", "-s", "qdisc", "show", "dev", dev).stdout
+                m = re.search(r"Sent \d+ bytes (\d+) pkt \(dropped (\d+)", out)
+                if m:
+                    forwarded += int(m.group(1))
+                    dropped += int(m.group(2))
+            return forwarded, dropped
+        try:
+            sent, lost = self._stats.read_text().split()
+        except (OSError, ValueError):
+            return 0, 0
+        return int(sent), int(lost)
 
     def clear(self) -> None:
         """No delay, no loss."""
@@ -484,11 +506,19 @@ def _packet_socket(dev: str) -> socket.socket:
     return s
 
 
-def wire(a: str, b: str, delay: float, loss: float, seed: int) -> None:
+def wire(a: str, b: str, delay: float, loss: float, seed: int, stats: str) -> None:
     """Forward frames a <-> b, each after `delay` seconds, dropping each with probability
-    `loss` (one seeded generator per direction). Runs until killed."""
+    `loss` (one seeded generator per direction). Runs until killed; writes "<forwarded>
+    <dropped>" frame counts to the file `stats` every 0.2 s."""
     rng = [random.Random(seed), random.Random(seed + 1)]
     socks = [_packet_socket(a), _packet_socket(b)]
+    counts = [0, 0]  # forwarded, dropped
+
+    def report() -> None:
+        while True:
+            Path(stats + ".new").write_text(f"{counts[0]} {counts[1]}\n")
+            os.replace(stats + ".new", stats)
+            time.sleep(0.2)
 
     def direction(i: int) -> None:
         src, dst, r = socks[i], socks[1 - i], rng[i]
@@ -513,8 +543,12 @@ def wire(a: str, b: str, delay: float, loss: float, seed: int) -> None:
             threading.Thread(target=send, daemon=True).start()
         while True:
             frame, address = src.recvfrom(70000)
-            if address[2] == PACKET_OUTGOING or (loss and r.random() < loss):
+            if address[2] == PACKET_OUTGOING:
                 continue
+            if loss and r.random() < loss:
+                counts[1] += 1
+                continue
+            counts[0] += 1
             if delay <= 0:
                 with contextlib.suppress(OSError):
                     dst.send(frame)
@@ -524,6 +558,7 @@ def wire(a: str, b: str, delay: float, loss: float, seed: int) -> None:
                 ready.notify()
 
     threading.Thread(target=direction, args=(1,), daemon=True).start()
+    threading.Thread(target=report, daemon=True).start()
     sys.stderr.write("ready\n")
     sys.stderr.flush()
     direction(0)
@@ -531,7 +566,7 @@ def wire(a: str, b: str, delay: float, loss: float, seed: int) -> None:
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["wire"]:
-        a, b, delay, loss, seed = sys.argv[2:7]
-        wire(a, b, float(delay), float(loss), int(seed))
+        a, b, delay, loss, seed, stats = sys.argv[2:8]
+        wire(a, b, float(delay), float(loss), int(seed), stats)
     elif sys.argv[1:2] == ["sweep"]:
         print("\n".join(sweep()))
