@@ -19,7 +19,7 @@ from tests.e2e.test_isolation import assert_no_overlap, runs
 from tests.hosts.conftest import Hosts
 from tests.support.db import assert_completed_once, assert_histories_are_paths, wait_until
 
-TASKS = 300
+TASKS = 200
 
 
 async def test_workers_on_delayed_lossy_links_lose_nothing_and_double_nothing(
