@@ -26,6 +26,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import asyncpg
@@ -43,6 +44,14 @@ def tree_cpu(pid: int) -> float:
         with contextlib.suppress(OSError):
             todo += map(int, Path(f"/proc/{p}/task/{p}/children").read_text().split())
     return netns.cpu_seconds(pids)
+
+
+# The workers' backends running a statement, by what they wait on (nothing: on CPU).
+ACTIVITY = """
+SELECT coalesce(wait_event_type || ':' || wait_event, 'CPU') AS what, count(*) AS n
+FROM pg_stat_activity
+WHERE application_name = 'tasklease' AND state = 'active' AND pid <> pg_backend_pid()
+GROUP BY 1"""
 
 
 def snapshot(pg: netns.Postgres, cluster: Cluster) -> dict[str, float]:
@@ -69,6 +78,8 @@ async def one_drain(
             for _ in hosts:
                 cluster.worker("--concurrency", str(concurrency))
             first: tuple[int, dict[str, float]] | None = None
+            waits: Counter[str] = Counter()  # what the workers' active backends were doing
+            samples = 0
             try:
                 while True:
                     cluster.check()
@@ -80,6 +91,10 @@ async def one_drain(
                     if done >= tasks:
                         last = snapshot(pg, cluster)
                         break
+                    if first is not None:
+                        samples += 1
+                        for r in await conn.fetch(ACTIVITY):
+                            waits[r["what"]] += r["n"]
                     await asyncio.sleep(0.05)
             finally:
                 cluster.stop()
@@ -102,6 +117,8 @@ async def one_drain(
     # the wires), other processes on the machine
     row["other_cpu"] = row["machine_cpu"] - row["db_cpu"] - row["workers_cpu"] - row["bench_cpu"]
     row["seconds"] = wall
+    for what, n in waits.items():
+        row[f"active: {what}"] = n / max(samples, 1)  # backends, on average
     return row
 
 
@@ -113,7 +130,13 @@ async def main(args: argparse.Namespace) -> None:
     log_dir = Path(tempfile.mkdtemp(prefix="tasklease-hosts-bench-"))
     results: list[dict[str, float]] = []
     with netns.Network() as net:
-        pg = netns.Postgres(net.host("db", wire=False))
+        pg = netns.Postgres(net.host("db", wire=False), dict(args.setting))
+        if args.pin:
+            # the database server on CPU 0 (its backends inherit it from the postmaster);
+            # this script, and the workers and wires it starts, on CPU 1
+            for pid in pg.backend_pids():
+                os.sched_setaffinity(pid, {0})
+            os.sched_setaffinity(0, {1})
         worker_hosts = [net.host(f"h{i + 1}", wire=impaired(args)) for i in range(max(args.hosts))]
         for i, host in enumerate(worker_hosts):
             if impaired(args):
@@ -132,7 +155,11 @@ async def main(args: argparse.Namespace) -> None:
                     f"{row['db_us_per_task']:.0f} µs, workers {row['workers_us_per_task']:.0f} µs",
                     flush=True,
                 )
+                active = {k[8:]: round(v, 2) for k, v in row.items() if k.startswith("active: ")}
+                print(f"  the workers' active backends, on average: {active}", flush=True)
     link = f", links {args.delay_ms:g} ms / {args.loss:.1%} each way" if impaired(args) else ""
+    link += "".join(f", {k} = {v}" for k, v in args.setting)
+    link += ", the database pinned to CPU 0, everything else here to CPU 1" if args.pin else ""
     print(
         f"\nmedians of {args.rounds} rounds, {args.tasks:,} no-op tasks, concurrency "
         f"{args.concurrency} per worker, {os.cpu_count()} CPUs{link}; CPU in cores busy:"
@@ -166,6 +193,19 @@ if __name__ == "__main__":
     p.add_argument("--hosts", type=lambda v: [int(x) for x in v.split(",")], default=[1, 2, 4])
     p.add_argument("--delay-ms", type=float, default=0.0, help="on each worker host's link")
     p.add_argument("--loss", type=float, default=0.0, help="0..1, on each worker host's link")
+    p.add_argument(
+        "--pin",
+        action="store_true",
+        help="the database server on CPU 0, the workers (and this script) on CPU 1",
+    )
+    p.add_argument(
+        "--setting",
+        action="append",
+        default=[],
+        type=lambda v: tuple(v.split("=", 1)),
+        metavar="NAME=VALUE",
+        help="a postgresql.conf setting of the database server (repeatable)",
+    )
     p.add_argument("--json", action="store_true")
     why = netns.unavailable()
     if why:
