@@ -44,6 +44,7 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger("tasklease.netns")
 
@@ -203,12 +204,22 @@ class Host:
         run("ip", "link", "set", self.port, "up")
         self.faults.append("heal")
 
-    def impair(self, delay_ms: float = 0.0, loss: float = 0.0, seed: int = 0) -> str:
-        """Delay (ms, each way) and loss (0..1, each way) on this host's link. Returns how:
-        "netem" or "wire"."""
-        self.faults.append(f"impair {delay_ms}ms {loss:.1%}")
+    def impair(
+        self,
+        delay_ms: float = 0.0,
+        loss: float = 0.0,
+        seed: int = 0,
+        *,
+        down_ms: float | None = None,
+    ) -> str:
+        """Delay (ms) and loss (0..1) on this host's link, each way; `down_ms`: another delay
+        toward the host (the database's answers) than from it. Returns how: "netem" or
+        "wire"."""
+        down = delay_ms if down_ms is None else down_ms
+        self.faults.append(f"impair {delay_ms}/{down}ms {loss:.1%}")
         if self.net.netem:
-            for dev, where in ((self.port, ()), (self.inside, ("-n", self.ns))):
+            # the switch's end sends toward the host, the host's end away from it
+            for dev, where, ms in ((self.port, (), down), (self.inside, ("-n", self.ns), delay_ms)):
                 run(
                     "ip",
                     *where,
@@ -220,14 +231,20 @@ class Host:
                     "root",
                     "netem",
                     "delay",
-                    f"{delay_ms}ms",
+                    f"{ms}ms",
                     "loss",
                     f"{loss * 100}%",
                 )
             return "netem"
         if self.wire_ends is None:
             raise RuntimeError(f"{self.name}: no netem in this kernel and no wire on this link")
-        self._stop_wire()
+        params = self.net.dir / f"wire-{self.name}.params"
+        params.write_text(f"{delay_ms / 1000} {down / 1000} {loss} {seed}\n")
+        if self.wire is not None and self.wire.poll() is None:
+            # the running wire takes the new figures without dropping a frame
+            self.wire.send_signal(signal.SIGHUP)
+            _wait_wire(self.wire)
+            return "wire"
         a, b = self.wire_ends
         self.wire = subprocess.Popen(
             [
@@ -237,9 +254,7 @@ class Host:
                 "wire",
                 a,
                 b,
-                str(delay_ms / 1000),
-                str(loss),
-                str(seed),
+                str(params),
                 str(self._stats),
             ],
             stdout=subprocess.DEVNULL,
@@ -494,6 +509,8 @@ ETH_P_ALL = 0x0003
 SOL_PACKET = 263
 PACKET_VNET_HDR = 15
 PACKET_OUTGOING = 4
+VNET_HDR = 10  # bytes of struct virtio_net_hdr before each frame
+ETH_P_ARP = b"\x08\x06"
 
 
 def _packet_socket(dev: str) -> socket.socket:
@@ -506,11 +523,24 @@ def _packet_socket(dev: str) -> socket.socket:
     return s
 
 
-def wire(a: str, b: str, delay: float, loss: float, seed: int, stats: str) -> None:
-    """Forward frames a <-> b, each after `delay` seconds, dropping each with probability
-    `loss` (one seeded generator per direction). Runs until killed; writes "<forwarded>
-    <dropped>" frame counts to the file `stats` every 0.2 s."""
-    rng = [random.Random(seed), random.Random(seed + 1)]
+def wire(a: str, b: str, params: str, stats: str) -> None:
+    """Forward frames between the veths a (the host's side) and b, each after a delay, or drop
+    it with a probability. The file `params` holds "<seconds a to b> <seconds b to a> <loss>
+    <seed>" and is read again on SIGHUP (which is answered with "ready" on stderr); one seeded
+    generator per direction. Frame counts "<forwarded> <dropped>" go to the file `stats` every
+    0.2 s. Runs until killed."""
+    cfg: dict[str, Any] = {}
+
+    def load(*_: object) -> None:
+        up, down, loss, seed = Path(params).read_text().split()
+        cfg.update(
+            delay=(float(up), float(down)),
+            loss=float(loss),
+            rng=(random.Random(int(seed)), random.Random(int(seed) + 1)),
+        )
+        sys.stderr.write("ready\n")
+        sys.stderr.flush()
+
     socks = [_packet_socket(a), _packet_socket(b)]
     counts = [0, 0]  # forwarded, dropped
 
@@ -521,7 +551,7 @@ def wire(a: str, b: str, delay: float, loss: float, seed: int, stats: str) -> No
             time.sleep(0.2)
 
     def direction(i: int) -> None:
-        src, dst, r = socks[i], socks[1 - i], rng[i]
+        src, dst = socks[i], socks[1 - i]
         queue: deque[tuple[float, bytes]] = deque()
         ready = threading.Condition()
 
@@ -539,34 +569,48 @@ def wire(a: str, b: str, delay: float, loss: float, seed: int, stats: str) -> No
                 with contextlib.suppress(OSError):
                     dst.send(frame)
 
-        if delay > 0:
-            threading.Thread(target=send, daemon=True).start()
+        spawn(send)
         while True:
             frame, address = src.recvfrom(70000)
             if address[2] == PACKET_OUTGOING:
                 continue
-            if loss and r.random() < loss:
+            delay, loss = cfg["delay"][i], cfg["loss"]
+            if frame[VNET_HDR + 12 : VNET_HDR + 14] == ETH_P_ARP:
+                # Address resolution goes through at once: delayed, the neighbour entries
+                # would fail (the kernel's probes time out after a second) and drop the link.
+                delay = 0.0
+            elif loss and cfg["rng"][i].random() < loss:
                 counts[1] += 1
                 continue
             counts[0] += 1
-            if delay <= 0:
-                with contextlib.suppress(OSError):
-                    dst.send(frame)
-                continue
             with ready:
+                if delay <= 0 and not queue:
+                    with contextlib.suppress(OSError):
+                        dst.send(frame)
+                    continue
                 queue.append((time.monotonic() + delay, frame))
                 ready.notify()
 
-    threading.Thread(target=direction, args=(1,), daemon=True).start()
-    threading.Thread(target=report, daemon=True).start()
-    sys.stderr.write("ready\n")
-    sys.stderr.flush()
-    direction(0)
+    def spawn(target: Any, *args: object) -> None:
+        """A thread that leaves SIGHUP to the main thread (so that it wakes for it)."""
+
+        def run_it() -> None:
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+            target(*args)
+
+        threading.Thread(target=run_it, daemon=True).start()
+
+    load()  # the sockets are bound: frames wait in them until the threads below read them
+    signal.signal(signal.SIGHUP, load)
+    spawn(direction, 0)
+    spawn(direction, 1)
+    spawn(report)
+    while True:
+        time.sleep(3600)
 
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["wire"]:
-        a, b, delay, loss, seed, stats = sys.argv[2:8]
-        wire(a, b, float(delay), float(loss), int(seed), stats)
+        wire(*sys.argv[2:6])
     elif sys.argv[1:2] == ["sweep"]:
         print("\n".join(sweep()))
