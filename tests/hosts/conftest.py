@@ -9,6 +9,7 @@ ends; and what a killed test run left is swept away by the next one (netns.sweep
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,16 @@ from tasklease.engine.database import with_database
 from tasklease.engine.store import Store
 from tests.conftest import EXECUTIONS_TABLE, create_database, drop_database
 from tests.support.procs import Proc, Procs, wait_for_http
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked `long` run only when asked for: TASKLEASE_LONG_TESTS=1, or -m long."""
+    if os.environ.get("TASKLEASE_LONG_TESTS") == "1" or "long" in (config.option.markexpr or ""):
+        return
+    skip = pytest.mark.skip(reason="long: run with TASKLEASE_LONG_TESTS=1 (or -m long)")
+    for item in items:
+        if "long" in item.keywords:
+            item.add_marker(skip)
 
 
 @dataclass

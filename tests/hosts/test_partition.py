@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import asyncpg
+import pytest
 
 from tasklease.engine.store import Store
 from tests.e2e.test_isolation import assert_no_overlap, history, runs, state
@@ -87,4 +88,63 @@ async def test_a_cut_worker_host_is_taken_over_fenced_and_its_late_outcome_refus
     await asyncio.sleep(0.5)
     await assert_completed_once(host_conn)
     await assert_histories_are_paths(host_conn)
+    assert b.popen.poll() is None and a.popen.poll() is None
+
+
+@pytest.mark.long  # ~30 s: a worker on a link this slow takes long to claim at all
+async def test_a_claim_answered_after_its_lease_ran_out_is_not_run(
+    hosts: Hosts, host_store: Store, host_conn: asyncpg.Connection, tmp_path: Path
+) -> None:
+    """The database's answers to host h1 take 4.5 s (its requests go through at once): A's
+    claim is committed at once, with a 3 s lease, but A hears of it only after B (host h2)
+    has taken the task over. A must not start the handler then: the lease it was given
+    is gone. (Found by `tasklease chaos --hosts 3`: a claim answered late across a cut link
+    ran its handler for a moment beside the run of the worker that had taken it over.)"""
+    ticks = tmp_path / "ticks"
+    h1, h2 = hosts.add("h1", wire=True), hosts.add("h2")
+    a = hosts.worker(h1, "a")
+
+    warm_up = await submit(host_store, "noop")
+
+    async def a_ready() -> bool:  # connected, statements prepared
+        return await state(host_conn, warm_up) == "COMPLETED"
+
+    await wait_until(a_ready, "worker A to run a first task")
+    h1.impair(0, 0, down_ms=4500)
+    task_id = await submit(host_store, "test_ticks", json.dumps({"path": str(ticks), "seconds": 3}))
+
+    async def claimed() -> bool:
+        return bool(await host_conn.fetchval(
+            "SELECT count(*) FROM task_transitions WHERE task_id = $1 AND trigger = 'claim'",
+            task_id,
+        ))  # fmt: skip
+
+    await wait_until(claimed, "worker A's claim to be committed", timeout=60)
+    b = hosts.worker(h2, "b")
+
+    async def completed() -> bool:
+        return await state(host_conn, task_id) == "COMPLETED"
+
+    await wait_until(completed, "worker B to take the task over and complete it", timeout=60)
+
+    async def a_heard() -> bool:  # with the fix it says so; without, it runs the handler
+        out = a.output()
+        return "claim answered too late" in out or f"task {task_id} test_ticks: PENDING" in out
+
+    await wait_until(a_heard, "worker A to hear of its claim, late", timeout=30)
+    await asyncio.sleep(0.3)  # a handler A started would have ticked by now
+    h1.clear()
+    assert_no_overlap(ticks, task_id)
+    spans = runs(ticks, task_id)
+    assert len(spans) == 1, f"only B ran the task: {spans}"
+    assert "claim answered too late (4.5s after it was sent, lease 3s); not running it" in (
+        a.output()
+    )
+    steps = await host_conn.fetch(
+        "SELECT trigger, worker FROM task_transitions WHERE task_id = $1 ORDER BY id", task_id
+    )
+    assert [s["trigger"] for s in steps] == ["submit", "claim", "reclaim", "complete"]
+    ((b_worker, _),) = spans
+    assert steps[1]["worker"] != b_worker == steps[2]["worker"] == steps[3]["worker"]
+    await assert_completed_once(host_conn)
     assert b.popen.poll() is None and a.popen.poll() is None
