@@ -9,6 +9,15 @@ engine promises: no task lost, none completed twice, every task executed at leas
 and no two executions of one task at once while their workers were alive (an execution
 ends when its handler returns or its worker is killed; times are this machine's clock).
 
+With `hosts` (`tasklease chaos --hosts N`, root only) the database, the API and the
+workers run on hosts of their own, network namespaces joined by veth links
+(engine/netns.py): the database on a PostgreSQL server started for the run and reached
+over TCP, the workers placed on N hosts in turn, and every `link_fault_every` seconds
+(seeded) a worker host's link is cut for a while, without a word, or given delay and loss.
+Runs are then recorded in a file (start and end lines, this machine's clock, written by the
+handler itself), since a cut-off worker cannot reach the database to say when its handler
+stopped.
+
 The test suite runs a short round (tests/chaos/); a soak is
 `tasklease chaos --minutes 10 --workers 6`.
 """
@@ -23,7 +32,7 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 import httpx
@@ -33,6 +42,9 @@ from tasklease.engine import database
 from tasklease.engine.cluster import Cluster
 from tasklease.engine.database import with_database
 from tasklease.engine.registry import TaskContext, handler
+
+if TYPE_CHECKING:
+    from tasklease.engine.netns import Host
 
 log = logging.getLogger("tasklease.chaos")
 ACTION = "chaos_probe"
@@ -46,13 +58,27 @@ CREATE TABLE IF NOT EXISTS chaos_executions (
     finished_at timestamptz  -- NULL: its worker was killed while it ran
 )"""
 
+RUNS_ENV = "TASKLEASE_CHAOS_RUNS"  # a file: runs are recorded there, not in the database
 _pool: asyncpg.Pool | None = None
+
+
+def _run_line(path: str, ctx: TaskContext, what: str) -> None:
+    with open(path, "a") as f:
+        f.write(f"{what} {ctx.task_id} {ctx.attempt} {ctx.worker} {time.time():.6f}\n")
 
 
 @handler(ACTION, max_attempts=100, backoff=[0.2])
 async def chaos_probe(ctx: TaskContext, payload: dict[str, Any]) -> dict[str, Any]:
     """Record this execution, sleep for payload["ms"] milliseconds, record its end."""
     global _pool
+    runs_file = os.environ.get(RUNS_ENV)
+    if runs_file:
+        _run_line(runs_file, ctx, "start")
+        try:
+            await asyncio.sleep(payload.get("ms", 10) / 1000)
+        finally:  # stopped too; written at once, whether the database is reachable or not
+            _run_line(runs_file, ctx, "end")
+        return {"attempt": ctx.attempt}
     if _pool is None:
         _pool = await asyncpg.create_pool(
             os.environ["DATABASE_URL"], min_size=1, max_size=4, **database.connect_options()
@@ -89,6 +115,8 @@ class ChaosConfig:
     sleep_ms: tuple[int, int] = (2, 40)
     drain_timeout: float = 120.0
     seed: int | None = None
+    hosts: int = 0  # worker hosts (network namespaces); 0: every process runs here
+    link_fault_every: float = 0.0  # with hosts: a link fault this often, on average
 
 
 @dataclass
@@ -108,6 +136,10 @@ class ChaosReport:
     dead: int = 0
     running_with_live_lease: int = 0
     duplicate_tasks: int = 0
+    link_cuts: int = 0
+    link_impairments: int = 0
+    self_fenced: int = 0  # handlers stopped, or worker processes ended, by self-fencing
+    refused_outcomes: int = 0  # late outcomes refused by the token guard (workers' logs)
     seconds: float = 0.0
     problems: list[str] = field(default_factory=list)
 
@@ -194,7 +226,28 @@ async def run(
     progress: Any = None,
     keep_database: bool = False,
 ) -> ChaosReport:
-    """One chaos run on a database of its own (created here, dropped at the end)."""
+    """One chaos run on a database of its own (created here, dropped at the end). With
+    `config.hosts`, on hosts of its own (`admin_dsn` is not used: the database host runs a
+    server started for the run), all removed at the end."""
+    if not config.hosts:
+        return await _run(admin_dsn, config, log_dir, progress, keep_database, None)
+    from tasklease.engine import netns
+
+    with netns.Network(wires=config.link_fault_every > 0) as net:
+        pg = netns.Postgres(net.host("db", wire=False))
+        api_host = net.host("api", wire=False)
+        hosts = [net.host(f"h{i + 1}") for i in range(config.hosts)]
+        return await _run(pg.dsn(), config, log_dir, progress, keep_database, (hosts, api_host))
+
+
+async def _run(
+    admin_dsn: str,
+    config: ChaosConfig,
+    log_dir: Path,
+    progress: Any,
+    keep_database: bool,
+    placed: tuple[list[Host], Host] | None,
+) -> ChaosReport:
     say = progress or (lambda line: log.info("%s", line))
     rng = random.Random(config.seed)
     report = ChaosReport()
@@ -202,7 +255,16 @@ async def run(
     admin = await asyncpg.connect(admin_dsn)
     await admin.execute(f"CREATE DATABASE {name}")
     dsn = with_database(admin_dsn, name)
-    cluster = Cluster(dsn, log_dir, "tasklease.engine.chaos")
+    runs_file = log_dir / "runs" if placed else None
+    hosts, api_host = placed or ([], None)
+    cluster = Cluster(
+        dsn,
+        log_dir,
+        "tasklease.engine.chaos",
+        hosts=hosts,
+        api_host=api_host,
+        env={RUNS_ENV: str(runs_file)} if runs_file else None,
+    )
     killed: dict[int, float] = {}  # worker pid -> when it was killed (time.time())
     began = time.monotonic()
     try:
@@ -210,7 +272,7 @@ async def run(
         conn = await asyncpg.connect(dsn)
         await conn.execute(EXECUTIONS)
         url = cluster.api()
-        for _ in range(config.workers):
+        for _ in range(max(config.workers, len(hosts))):
             start_worker(cluster, config)
         await _wait_api(url)
         low, high = config.sleep_ms
@@ -219,15 +281,16 @@ async def run(
                 await _submit(http, start, min(500, config.tasks - start), rng, report, low, high)
             say(
                 f"submitted {report.tasks} tasks; chaos for {config.seconds:.0f}s with "
-                f"{config.workers} workers"
+                f"{config.workers} workers" + (f" on {len(hosts)} hosts" if hosts else "")
             )
             await _chaos(cluster, http, conn, config, rng, report, say, killed)
         say("chaos over; waiting for the queue to drain")
         await _drain(conn, config, say)
-        await _verify(conn, report, killed)
+        await _verify(conn, report, killed, runs_file)
         await conn.close()
     finally:
         cluster.stop()
+        _count_logs(log_dir, report)
         report.seconds = time.monotonic() - began
         if not keep_database:
             await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
@@ -246,6 +309,7 @@ async def _chaos(
     killed: dict[int, float],
 ) -> None:
     end = time.monotonic() + config.seconds
+    links = _LinkFaults(cluster.hosts, config, report)
     next_kill = time.monotonic() + config.kill_every
     next_cut = time.monotonic() + (config.terminate_every or float("inf"))
     next_submit, next_line, submitted = time.monotonic(), time.monotonic() + 5, config.tasks
@@ -271,14 +335,71 @@ async def _chaos(
             await _submit(http, submitted, batch, rng, report, *config.sleep_ms)
             submitted += batch
             next_submit = now + 1.0
+        links.step(now)
         if now >= next_line:
             done = await conn.fetchval("SELECT count(*) FROM tasks WHERE state = 'COMPLETED'")
             say(
                 f"{now - end + config.seconds:5.0f}s: {report.tasks} submitted, {done} completed,"
                 f" {report.kills} workers killed, {report.connection_cuts} connection cuts"
+                + (f", {report.link_cuts} link cuts" if cluster.hosts else "")
             )
             next_line = now + 5
         await asyncio.sleep(0.02)
+    links.end()
+
+
+class _LinkFaults:
+    """Now and then (seeded) a worker host's link is cut, or delayed and made lossy, for a
+    while; one fault per host at a time; `end()` heals them all."""
+
+    def __init__(self, hosts: list[Host], config: ChaosConfig, report: ChaosReport) -> None:
+        self.hosts, self.config, self.report = hosts, config, report
+        # a generator of their own: which faults come, and in what order, depends on the
+        # seed only (the run's generator is also drawn on by submissions, at their pace)
+        self.rng = random.Random(None if config.seed is None else f"links-{config.seed}")
+        self.every = config.link_fault_every if hosts else 0.0
+        self.next = time.monotonic() + self.every
+        self.active: dict[str, tuple[Host, str, float]] = {}
+
+    def step(self, now: float) -> None:
+        for name, (host, kind, until) in list(self.active.items()):
+            if now >= until:
+                host.heal() if kind == "cut" else host.clear()
+                del self.active[name]
+        if not self.every or now < self.next:
+            return
+        self.next = now + self.every * self.rng.uniform(0.5, 1.5)
+        free = [h for h in self.hosts if h.name not in self.active]
+        if not free:
+            return
+        host = self.rng.choice(free)
+        lease = self.config.lease_seconds
+        if host.wire_ends is None or self.rng.random() < 0.5:
+            # from shorter than the lease (nothing to see) to three leases (taken over)
+            host.cut()
+            self.active[host.name] = (host, "cut", now + self.rng.uniform(0.3, 3.0) * lease)
+            self.report.link_cuts += 1
+        else:
+            delay, loss = self.rng.uniform(5, 50), self.rng.uniform(0, 0.05)
+            host.impair(delay, loss, seed=self.rng.randrange(1 << 30))
+            self.active[host.name] = (host, "impair", now + self.rng.uniform(1.0, 3.0) * lease)
+            self.report.link_impairments += 1
+        log.debug("link fault on %s: %s", host.name, host.faults[-1])
+
+    def end(self) -> None:
+        for host, kind, _ in self.active.values():
+            host.heal() if kind == "cut" else host.clear()
+        self.active.clear()
+
+
+def _count_logs(log_dir: Path, report: ChaosReport) -> None:
+    """What the workers said: self-fencing, and late outcomes refused by the guard."""
+    for path in log_dir.glob("worker-*.log"):
+        text = path.read_text(errors="replace")
+        report.self_fenced += text.count("(self-fencing)") + text.count(
+            "ending this worker process (status 75)"
+        )
+        report.refused_outcomes += text.count("refused: the lease was lost")
 
 
 async def _drain(conn: asyncpg.Connection, config: ChaosConfig, say: Any) -> None:
@@ -307,7 +428,26 @@ def worker_pid(worker: str) -> int:
     return int(worker.rpartition(":")[2].partition(".")[0])
 
 
-async def _verify(conn: asyncpg.Connection, report: ChaosReport, killed: dict[int, float]) -> None:
+def _file_runs(path: Path) -> dict[tuple[int, int, str], list[float]]:
+    """(task, attempt, worker) -> [start, end] (end missing: its worker was killed)."""
+    runs: dict[tuple[int, int, str], list[float]] = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            what, task, attempt, worker, at = line.split()
+            key = (int(task), int(attempt), worker)
+            if what == "start":
+                runs[key] = [float(at)]
+            elif key in runs:
+                runs[key].append(float(at))
+    return runs
+
+
+async def _verify(
+    conn: asyncpg.Connection,
+    report: ChaosReport,
+    killed: dict[int, float],
+    runs_file: Path | None = None,
+) -> None:
     row = await conn.fetchrow("""
         SELECT count(*) AS tasks,
                count(*) FILTER (WHERE state = 'COMPLETED') AS completed,
@@ -326,21 +466,37 @@ async def _verify(conn: asyncpg.Connection, report: ChaosReport, killed: dict[in
     report.reclaims = await conn.fetchval(
         "SELECT count(*) FROM task_transitions WHERE trigger = 'reclaim'"
     )
-    report.executions = await conn.fetchval("SELECT count(*) FROM chaos_executions")
+    rows: list[tuple[int, str, float, float | None]]
+    if runs_file is not None:
+        found = _file_runs(runs_file)
+        rows = [(t, w, se[0], se[1] if len(se) > 1 else None) for (t, _, w), se in found.items()]
+        ids = {r["id"] for r in await conn.fetch("SELECT id FROM tasks")}
+        report.never_executed = len(ids - {t for t, *_ in rows})
+    else:
+        rows = [
+            (r["task_id"], r["worker"], r["began"], r["ended"])
+            for r in await conn.fetch(
+                "SELECT task_id, worker, extract(epoch FROM at)::float8 AS began, "
+                "extract(epoch FROM finished_at)::float8 AS ended FROM chaos_executions"
+            )
+        ]
+        report.never_executed = await conn.fetchval(
+            "SELECT count(*) FROM tasks t WHERE NOT EXISTS "
+            "(SELECT FROM chaos_executions e WHERE e.task_id = t.id)"
+        )
+    report.executions = len(rows)
     runs: dict[int, list[tuple[float, float]]] = {}
-    for r in await conn.fetch(
-        "SELECT task_id, worker, extract(epoch FROM at)::float8 AS began, "
-        "extract(epoch FROM finished_at)::float8 AS ended FROM chaos_executions"
-    ):
-        ended = r["ended"] if r["ended"] is not None else killed.get(worker_pid(r["worker"]))
+    unended = 0
+    for task_id, worker, began, finished in rows:
+        ended = finished if finished is not None else killed.get(worker_pid(worker))
         if ended is not None:  # else its worker ended otherwise, when is not known
-            runs.setdefault(r["task_id"], []).append((r["began"], ended))
+            runs.setdefault(task_id, []).append((began, ended))
+        else:
+            unended += 1
+    if unended:
+        log.info("%d runs have no end: their worker ended otherwise, when is not known", unended)
     report.overlapping_executions = sum(overlaps(spans) for spans in runs.values())
     report.extra_executions = report.executions - row["tasks"]
-    report.never_executed = await conn.fetchval(
-        "SELECT count(*) FROM tasks t WHERE NOT EXISTS "
-        "(SELECT FROM chaos_executions e WHERE e.task_id = t.id)"
-    )
     checks = {
         "lost": report.lost,
         "double completions": report.double_completions,

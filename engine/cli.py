@@ -71,6 +71,17 @@ def _retain(value: str) -> float | None:
     return seconds
 
 
+def _ms_range(value: str) -> tuple[int, int]:
+    low, _, high = value.partition(",")
+    try:
+        pair = (int(low), int(high or low))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not LOW,HIGH in ms") from None
+    if not 0 <= pair[0] <= pair[1]:
+        raise argparse.ArgumentTypeError(f"{value!r}: need 0 <= LOW <= HIGH")
+    return pair
+
+
 def _positive(kind: type[int] | type[float]):  # type: ignore[no-untyped-def]
     def parse(value: str) -> int | float:
         try:
@@ -217,8 +228,13 @@ def cmd_chaos(args: argparse.Namespace) -> int:
 
     if args.failover:
         return _chaos_failover(args)
+    if args.hosts:
+        from tasklease.engine import netns
 
-    admin = database_url()
+        why = netns.unavailable()
+        if why:
+            raise Fatal(f"--hosts needs network namespaces: {why}")
+    admin = "" if args.hosts else database_url()  # --hosts: a server of its own
     config = chaos.ChaosConfig(
         tasks=args.tasks,
         rate=args.rate,
@@ -229,6 +245,9 @@ def cmd_chaos(args: argparse.Namespace) -> int:
         kill_every=args.kill_every,
         terminate_every=args.cut_connections_every,
         seed=args.seed,
+        sleep_ms=args.handler_ms,
+        hosts=args.hosts or 0,
+        link_fault_every=args.link_faults_every if args.hosts else 0.0,
     )
     log_dir = Path(tempfile.mkdtemp(prefix="tasklease-chaos-"))
     log.info("chaos: %s; process logs in %s", config, log_dir)
@@ -679,6 +698,29 @@ def parser() -> argparse.ArgumentParser:
         default=0.0,
         metavar="S",
         help="pg_terminate_backend every tasklease connection this often (never)",
+    )
+    ch.add_argument(
+        "--handler-ms",
+        type=_ms_range,
+        default=(2, 40),
+        metavar="LOW,HIGH",
+        help="each task's handler sleeps a random time in this range, in ms (2,40)",
+    )
+    ch.add_argument(
+        "--hosts",
+        type=_positive(int),
+        metavar="N",
+        help="root only: run the database, the API and the workers on hosts of their own "
+        "(network namespaces joined by veth links, a PostgreSQL server started for the run, "
+        "reached over TCP), the workers placed on N hosts in turn; all removed at the end",
+    )
+    ch.add_argument(
+        "--link-faults-every",
+        type=float,
+        default=2.0,
+        metavar="S",
+        help="with --hosts: this often, on average, a worker host's link is cut (for 0.3 to "
+        "3 leases) or delayed and made lossy (5-50 ms, 0-5 %%); 0: never (2)",
     )
     ch.add_argument("--seed", type=int, help="random seed, to repeat a run")
     ch.add_argument(

@@ -44,7 +44,7 @@ from typing import Any
 
 from tasklease.engine import database
 from tasklease.engine.fencing import Fence
-from tasklease.engine.leases import Blocker, Lease, LeaseKeeper
+from tasklease.engine.leases import FENCE_AT, Blocker, Lease, LeaseKeeper
 from tasklease.engine.outcomes import (
     CANCEL,
     LEASE_LOST,
@@ -368,6 +368,22 @@ class Worker:
     def _start(self, claimed: Claimed, sent: float) -> None:
         handler = self.handlers[claimed.action]
         lease_seconds = claimed.lease_seconds
+        late = time.monotonic() - sent
+        if late >= lease_seconds * FENCE_AT:
+            # The claim's answer took so long (a slow or cut link) that the lease may have run
+            # out and the task been taken over meanwhile: running it now could overlap the
+            # other run. Self-fencing from the start; the lease runs out, as for a crash.
+            self.counters.count(claimed.trigger)
+            self.counters.count("fenced")
+            log.warning(
+                "task %d (%s): claim answered too late (%.1fs after it was sent, lease %gs); "
+                "not running it (self-fencing): its lease runs out and it is taken over",
+                claimed.id,
+                claimed.action,
+                late,
+                lease_seconds,
+            )
+            return
         ctx = TaskContext(
             task_id=claimed.id,
             action=claimed.action,

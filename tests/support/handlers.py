@@ -303,6 +303,24 @@ async def ticks(ctx: TaskContext, payload: Ticks) -> None:
     tick(ctx, payload.path, "end")
 
 
+class TicksUntil(msgspec.Struct):
+    path: str  # ticks, as Ticks
+    until: str  # the handler returns once this file exists
+    seconds: float = 60.0  # or after this long
+
+
+@handler("test_ticks_until", lease_seconds=3, max_attempts=5, backoff=[0.1])
+async def ticks_until(ctx: TaskContext, payload: TicksUntil) -> None:
+    """Ticks every 50 ms until the file `until` exists: a test decides when the handler
+    ends (for instance while its worker is cut off, so that its outcome is written late)."""
+    deadline = time.monotonic() + payload.seconds
+    tick(ctx, payload.path, "start")
+    while time.monotonic() < deadline and not os.path.exists(payload.until):
+        tick(ctx, payload.path)
+        await asyncio.sleep(0.05)
+    tick(ctx, payload.path, "end")
+
+
 @handler("test_sync_ticks", lease_seconds=3, timeout=0.5, max_attempts=2, backoff=[0.0])
 def sync_ticks(ctx: TaskContext, payload: Ticks) -> None:
     """A def handler ticking every 50 ms for `seconds` (its thread cannot be interrupted);

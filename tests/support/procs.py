@@ -34,14 +34,16 @@ class Proc:
         name: str,
         env: dict[str, str | None],
         cwd: Path = REPO,
+        prefix: tuple[str, ...] = (),
     ) -> None:
-        """`env` adds to this process's environment; a None value removes that variable."""
+        """`env` adds to this process's environment; a None value removes that variable.
+        `prefix` runs it through a command that execs it (`ip netns exec NS`: same pid)."""
         self.name = name
         self.log_path = log_dir / f"{name}.log"
         self._log = open(self.log_path, "wb")  # noqa: SIM115
         merged = {**os.environ, **env}
         self.popen = subprocess.Popen(
-            [sys.executable, "-m", "tasklease.engine.cli", *args],
+            [*prefix, sys.executable, "-m", "tasklease.engine.cli", *args],
             cwd=cwd,
             env={k: v for k, v in merged.items() if v is not None},
             stdout=self._log,
@@ -98,8 +100,9 @@ class Procs:
         *args: str,
         env: dict[str, str | None] | None = None,
         cwd: Path = REPO,
+        prefix: tuple[str, ...] = (),
     ) -> Proc:
-        proc = Proc(list(args), self.log_dir, name, {**self.env, **(env or {})}, cwd)
+        proc = Proc(list(args), self.log_dir, name, {**self.env, **(env or {})}, cwd, prefix)
         self.started.append(proc)
         return proc
 
