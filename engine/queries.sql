@@ -135,7 +135,8 @@ WITH lease AS (
 ), refused AS MATERIALIZED (
     -- starts that did not get a token of some limit: not started this time
     SELECT DISTINCT w.id FROM wants w
-    WHERE NOT EXISTS (SELECT FROM tokens k WHERE k.key = w.key AND k.place = w.place)
+    LEFT JOIN tokens k ON k.key = w.key AND k.place = w.place
+    WHERE k.key IS NULL
 ), expired AS (
     SELECT * FROM expired_locked WHERE id NOT IN (SELECT id FROM refused)
 ), due AS (
