@@ -226,6 +226,8 @@ async def drain(
                 await conn.execute(
                     SQL["limit_set"], limit.key, limit.value, limit.per_seconds, True
                 )
+            if limits:  # what autovacuum would do to the new tokens, done before the drain
+                await conn.execute("VACUUM ANALYZE limit_tokens")
             # Start both drains from a clean slate: no checkpoint still writing out the load.
             await conn.execute("CHECKPOINT")
             say(
