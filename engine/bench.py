@@ -24,7 +24,7 @@ import platform
 import statistics
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,9 +37,10 @@ from tasklease import schema
 from tasklease.engine import database
 from tasklease.engine.cluster import Cluster
 from tasklease.engine.database import with_database
+from tasklease.engine.queries import SQL
 from tasklease.engine.registry import TaskContext, handler
 from tasklease.engine.retention import Retention, RetentionConfig
-from tasklease.engine.store import NewTask, Store
+from tasklease.engine.store import Limit, NewTask, Store
 
 Say = Callable[[str], None]
 
@@ -208,8 +209,11 @@ async def drain(
     action: str = "noop",
     worker_args: tuple[str, ...] = (),
     beside: Callable[[str], Any] | None = None,
+    limits: Sequence[Limit] = (),
 ) -> dict[str, float]:
-    """`beside(dsn)`, if given, is started with the workers and awaited after the drain."""
+    """`beside(dsn)`, if given, is started with the workers and awaited after the drain.
+    `limits` are written before the workers start (as a deployment has them long before its
+    workers do; a worker then finds its declarations already written)."""
     async with Database(admin_dsn) as db:
         conn = await database.connect(db.dsn, "tasklease-bench")
         try:
@@ -218,6 +222,12 @@ async def drain(
                 await _backlog(conn, backlog)
             after_id = await conn.fetchval("SELECT coalesce(max(id), 0) FROM tasks")
             insert_rate = await _insert(db.dsn, config.tasks, action)
+            for limit in limits:
+                await conn.execute(
+                    SQL["limit_set"], limit.key, limit.value, limit.per_seconds, True
+                )
+            if limits:  # what autovacuum would do to the new tokens, done before the drain
+                await conn.execute("VACUUM ANALYZE limit_tokens")
             # Start both drains from a clean slate: no checkpoint still writing out the load.
             await conn.execute("CHECKPOINT")
             say(
@@ -251,6 +261,17 @@ async def drain(
     }
 
 
+# Far above the load of the limits bench: at most 200 tasks run at once (2 workers x 100),
+# and a drain starts about 20,000 a second. engine/bench_limits.py declares these.
+ABOVE_ANY_LOAD = 10_000
+ABOVE_ANY_RATE = 100_000  # per second; the most a limit may be (engine.store.MAX_LIMIT)
+BENCH_LIMITS = (
+    Limit("action:bench_capped", ABOVE_ANY_LOAD),
+    Limit("action:bench_rated", ABOVE_ANY_LOAD),
+    Limit("rate:bench_rated", ABOVE_ANY_RATE, 1.0),
+)
+
+
 async def limits(admin_dsn: str, config: BenchConfig, log_dir: Path, say: Say) -> dict[str, float]:
     """Drains in turns (each round starting with the next kind), so that the machine's drift
     touches all alike; medians of `limit_rounds` rounds each: no limited action anywhere;
@@ -258,12 +279,18 @@ async def limits(admin_dsn: str, config: BenchConfig, log_dir: Path, say: Say) -
     under a global limit above the load, in a queue under one too; the same with a rate
     limit as well."""
     with_limited = ("--handlers", "tasklease.engine.bench_limits")
-    queue_limit = (*with_limited, "--queue-limit", "default=10000")
+    queue_limit = (*with_limited, "--queue-limit", f"default={ABOVE_ANY_LOAD}")
     kinds: dict[str, tuple[str, tuple[str, ...]]] = {
         "none": ("noop", ()),
         "beside": ("noop", with_limited),
         "global": ("bench_capped", queue_limit),
         "global+rate": ("bench_rated", with_limited),
+    }
+    written: dict[str, Sequence[Limit]] = {
+        "none": (),
+        "beside": BENCH_LIMITS,
+        "global": [*BENCH_LIMITS, Limit("queue:default", ABOVE_ANY_LOAD)],
+        "global+rate": BENCH_LIMITS,
     }
     rounds: list[dict[str, dict[str, float]]] = []
     order = list(kinds)
@@ -272,7 +299,15 @@ async def limits(admin_dsn: str, config: BenchConfig, log_dir: Path, say: Say) -
         # each round starts with the next kind: none always runs right after another
         for kind in order[n % len(order) :] + order[: n % len(order)]:
             action, args = kinds[kind]
-            d = await drain(admin_dsn, config, log_dir, say, action=action, worker_args=args)
+            d = await drain(
+                admin_dsn,
+                config,
+                log_dir,
+                say,
+                action=action,
+                worker_args=args,
+                limits=written[kind],
+            )
             rounds[-1][kind] = d
             say(
                 f"  round {n + 1}, limits {kind}: {d['drain_per_s']:,.0f} tasks/s, "

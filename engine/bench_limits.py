@@ -7,12 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from tasklease.engine.bench import ABOVE_ANY_LOAD, ABOVE_ANY_RATE
 from tasklease.engine.registry import TaskContext, handler
-
-# Far above the load: at most 200 tasks run at once (2 workers x 100), and a drain starts
-# about 20,000 a second.
-ABOVE_ANY_LOAD = 10_000
-ABOVE_ANY_RATE = 100_000  # per second; the most a limit may be (engine.store.MAX_LIMIT)
 
 
 @handler("bench_capped", global_limit=ABOVE_ANY_LOAD)

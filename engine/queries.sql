@@ -43,7 +43,9 @@ WITH lease AS (
     SELECT l.key, l.value, l.per_seconds,
            (SELECT t.n FROM limit_tokens t
             WHERE t.key = l.key AND t.task_id IS NULL AND t.free_at <= now() AND t.n <= l.value
-            ORDER BY t.free_at, t.n LIMIT 1) IS NOT NULL AS open
+            ORDER BY t.free_at, t.n LIMIT 1) IS NOT NULL AS open,
+           -- where this claim starts looking for free tokens: anywhere
+           1 + floor(random() * l.value)::integer AS start
     FROM limits l
     WHERE l.key = ANY(ARRAY['queue:' || $1]
                       || ARRAY(SELECT p || a FROM unnest($2::text[]) AS a,
@@ -95,7 +97,7 @@ WITH lease AS (
 ), wants AS MATERIALIZED (
     -- each start's place in line for each limit it falls under (driven by the limits, so
     -- that with none, nothing here runs)
-    SELECT c.id, l.key, l.value, l.per_seconds,
+    SELECT c.id, l.key, l.value, l.per_seconds, l.start,
            row_number() OVER (PARTITION BY l.key
                               ORDER BY c.part, c.priority DESC, c.due_at, c.id) AS place
     FROM limited l
@@ -105,21 +107,36 @@ WITH lease AS (
           AND (c.restart IS NULL OR (c.restart AND l.per_seconds IS NOT NULL))
     ) AS c
 ), tokens AS MATERIALIZED (
-    -- per limit, up to as many free tokens as starts want one, lowest numbers first, locked:
-    -- a token another claim holds is skipped, one it took meanwhile is read again and left
+    -- per limit, up to as many free tokens as starts want one, from a random number on (and
+    -- round), locked: a token another claim holds is skipped, one it took meanwhile is read
+    -- again and left
     SELECT w.key, t.n, row_number() OVER (PARTITION BY w.key ORDER BY t.n) AS place
-    FROM (SELECT key, value, count(*) AS k FROM wants GROUP BY key, value) AS w
+    FROM (SELECT key, value, start, count(*) AS k FROM wants GROUP BY key, value, start) AS w
     CROSS JOIN LATERAL (
-        SELECT t.n FROM limit_tokens t
-        WHERE t.key = w.key AND t.task_id IS NULL AND t.free_at <= now() AND t.n <= w.value
-        ORDER BY t.free_at, t.n
+        SELECT * FROM (
+            -- in index order from (-infinity, start): a concurrency limit's tokens from the
+            -- random number on, a rate's used tokens oldest first
+            SELECT * FROM (
+                SELECT t.n FROM limit_tokens t
+                WHERE t.key = w.key AND t.task_id IS NULL
+                  AND (t.free_at, t.n) >= ('-infinity'::timestamptz, w.start)
+                  AND t.free_at <= now() AND t.n <= w.value
+                ORDER BY t.free_at, t.n LIMIT w.k FOR UPDATE SKIP LOCKED) AS from_start
+            UNION ALL
+            -- then those below the random number never used since (a rate's unused ones)
+            SELECT * FROM (
+                SELECT t.n FROM limit_tokens t
+                WHERE t.key = w.key AND t.task_id IS NULL
+                  AND t.free_at = '-infinity' AND t.n < w.start
+                ORDER BY t.free_at, t.n LIMIT w.k FOR UPDATE SKIP LOCKED) AS round_again
+        ) AS both_ways
         LIMIT w.k
-        FOR UPDATE SKIP LOCKED
     ) AS t
 ), refused AS MATERIALIZED (
     -- starts that did not get a token of some limit: not started this time
     SELECT DISTINCT w.id FROM wants w
-    WHERE NOT EXISTS (SELECT FROM tokens k WHERE k.key = w.key AND k.place = w.place)
+    LEFT JOIN tokens k ON k.key = w.key AND k.place = w.place
+    WHERE k.key IS NULL
 ), expired AS (
     SELECT * FROM expired_locked WHERE id NOT IN (SELECT id FROM refused)
 ), due AS (

@@ -68,7 +68,10 @@ CREATE TABLE limit_tokens (
     free_at timestamptz NOT NULL DEFAULT '-infinity',
     PRIMARY KEY (key, n)
 );
--- the free tokens of a limit, as the claim takes them: a range scan that reads no held one
+-- the tokens of a limit no task holds: a rate's by when they come free, oldest first; a
+-- concurrency limit's (free_at is always -infinity) by number, which the claim reads from a
+-- random one on, so that claims spread over the tokens instead of wearing the first ones
+-- (each take and give-back leaves a row version and an index entry until vacuum)
 CREATE INDEX limit_tokens_free ON limit_tokens (key, free_at, n) WHERE task_id IS NULL;
 -- the tokens a task holds, freed when it leaves RUNNING
 CREATE INDEX limit_tokens_task ON limit_tokens (task_id) WHERE task_id IS NOT NULL;
