@@ -128,7 +128,8 @@ CREATE TABLE public.limit_tokens (
     n integer NOT NULL,
     task_id bigint,
     free_at timestamp with time zone DEFAULT '-infinity'::timestamp with time zone NOT NULL
-);
+)
+WITH (autovacuum_vacuum_scale_factor='0', autovacuum_vacuum_threshold='1000', autovacuum_vacuum_cost_delay='0');
 
 CREATE TABLE public.limits (
     key text NOT NULL,
