@@ -189,13 +189,6 @@ class Worker:
         self._stopping.set()
 
     async def run(self) -> None:
-        log.info(
-            "worker %s started: queues=%s concurrency=%d actions=%s",
-            self.config.worker_id,
-            ",".join(self.config.queues),
-            self.config.concurrency,
-            ",".join(sorted(self.handlers)),
-        )
         self.reporter.start()
         self.keeper.start()
         helpers = [
@@ -235,6 +228,15 @@ class Worker:
                 break
             except TRANSIENT_ERRORS as exc:
                 await declaring.after(exc)
+        # started: from here on it claims (its limits are written, which takes a few round
+        # trips on a slow link)
+        log.info(
+            "worker %s started: queues=%s concurrency=%d actions=%s",
+            self.config.worker_id,
+            ",".join(self.config.queues),
+            self.config.concurrency,
+            ",".join(sorted(self.handlers)),
+        )
         claiming = Retry("claim", self._stopping, log)
         queues = collections.deque(self.config.queues)
         while not self._stopping.is_set():
