@@ -40,13 +40,23 @@ WITH lease AS (
     SELECT * FROM unnest($2::text[], $5::float8[]) AS l(action, seconds)
 ), limited AS MATERIALIZED (
     -- the limits this claim starts tasks under, and whether any of their tokens is free
-    SELECT l.key, l.value, l.per_seconds,
-           (SELECT t.n FROM limit_tokens t
-            WHERE t.key = l.key AND t.task_id IS NULL AND t.free_at <= now() AND t.n <= l.value
-            ORDER BY t.free_at, t.n LIMIT 1) IS NOT NULL AS open,
-           -- where this claim starts looking for free tokens: anywhere
-           1 + floor(random() * l.value)::integer AS start
+    SELECT l.key, l.value, l.per_seconds, r.start,
+           -- a concurrency limit: a token no task holds among 64 from the random number on
+           -- (and round): a sample, since a held token is only known by reading its row
+           CASE WHEN l.per_seconds IS NULL
+                THEN EXISTS (SELECT FROM limit_tokens t
+                             WHERE t.key = l.key AND t.n >= r.start AND t.n < r.start + 64
+                               AND t.n <= l.value AND t.task_id IS NULL)
+                  OR EXISTS (SELECT FROM limit_tokens t
+                             WHERE t.key = l.key AND t.n < r.start + 64 - l.value
+                               AND t.task_id IS NULL)
+                ELSE (SELECT t.n FROM limit_tokens t
+                      WHERE t.key = l.key AND t.key LIKE 'rate:%' AND t.free_at <= now()
+                        AND t.n <= l.value
+                      ORDER BY t.free_at LIMIT 1) IS NOT NULL END AS open
     FROM limits l
+    -- where this claim starts looking for free tokens: anywhere
+    CROSS JOIN LATERAL (SELECT 1 + floor(random() * l.value)::integer AS start) AS r
     WHERE l.key = ANY(ARRAY['queue:' || $1]
                       || ARRAY(SELECT p || a FROM unnest($2::text[]) AS a,
                                                   unnest('{action:,rate:}'::text[]) AS p))
@@ -111,25 +121,32 @@ WITH lease AS (
     -- round), locked: a token another claim holds is skipped, one it took meanwhile is read
     -- again and left
     SELECT w.key, t.n, row_number() OVER (PARTITION BY w.key ORDER BY t.n) AS place
-    FROM (SELECT key, value, start, count(*) AS k FROM wants GROUP BY key, value, start) AS w
+    FROM (SELECT key, value, per_seconds, start, count(*) AS k FROM wants
+          GROUP BY key, value, per_seconds, start) AS w
     CROSS JOIN LATERAL (
         SELECT * FROM (
-            -- in index order from (-infinity, start): a concurrency limit's tokens from the
-            -- random number on, a rate's used tokens oldest first
+            -- a concurrency limit's tokens no task holds among the 2k + 16 from the random
+            -- number on (and round to 1): a window of the primary key, since a held token is
+            -- only known by reading its row; fewer than wanted are left for the next claim
             SELECT * FROM (
                 SELECT t.n FROM limit_tokens t
-                WHERE t.key = w.key AND t.task_id IS NULL
-                  AND (t.free_at, t.n) >= ('-infinity'::timestamptz, w.start)
-                  AND t.free_at <= now() AND t.n <= w.value
-                ORDER BY t.free_at, t.n LIMIT w.k FOR UPDATE SKIP LOCKED) AS from_start
+                WHERE w.per_seconds IS NULL AND t.key = w.key AND t.n >= w.start
+                  AND t.n < w.start + 2 * w.k + 16 AND t.n <= w.value AND t.task_id IS NULL
+                ORDER BY t.n LIMIT w.k FOR UPDATE SKIP LOCKED) AS from_start
             UNION ALL
-            -- then those below the random number never used since (a rate's unused ones)
             SELECT * FROM (
                 SELECT t.n FROM limit_tokens t
-                WHERE t.key = w.key AND t.task_id IS NULL
-                  AND t.free_at = '-infinity' AND t.n < w.start
-                ORDER BY t.free_at, t.n LIMIT w.k FOR UPDATE SKIP LOCKED) AS round_again
-        ) AS both_ways
+                WHERE w.per_seconds IS NULL AND t.key = w.key AND t.n < w.start
+                  AND t.n < w.start + 2 * w.k + 16 - w.value AND t.task_id IS NULL
+                ORDER BY t.n LIMIT w.k FOR UPDATE SKIP LOCKED) AS round_again
+            UNION ALL
+            -- a rate's tokens come free again, oldest first
+            SELECT * FROM (
+                SELECT t.n FROM limit_tokens t
+                WHERE w.per_seconds IS NOT NULL AND t.key = w.key AND t.key LIKE 'rate:%'
+                  AND t.free_at <= now() AND t.n <= w.value
+                ORDER BY t.free_at LIMIT w.k FOR UPDATE SKIP LOCKED) AS rate
+        ) AS found
         LIMIT w.k
     ) AS t
 ), refused AS MATERIALIZED (
@@ -137,6 +154,16 @@ WITH lease AS (
     SELECT DISTINCT w.id FROM wants w
     LEFT JOIN tokens k ON k.key = w.key AND k.place = w.place
     WHERE k.key IS NULL
+), assigned AS MATERIALIZED (
+    -- the tokens of what starts
+    SELECT w.id, w.key, k.n, w.per_seconds FROM wants w
+    JOIN tokens k ON k.key = w.key AND k.place = w.place
+    WHERE w.id NOT IN (SELECT id FROM refused)
+), held AS (
+    -- per task, the numbers of the concurrency tokens it will hold
+    SELECT id, max(n) FILTER (WHERE key LIKE 'queue:%') AS queue_token,
+           max(n) FILTER (WHERE key LIKE 'action:%') AS action_token
+    FROM assigned GROUP BY id
 ), expired AS (
     SELECT * FROM expired_locked WHERE id NOT IN (SELECT id FROM refused)
 ), due AS (
@@ -160,13 +187,14 @@ WITH lease AS (
     FROM expired
     WHERE t.id = expired.id AND NOT expired.restart
       AND t.state = 'RUNNING' AND t.lease_expires_at <= now() AND t.attempt >= t.max_attempts
-    RETURNING t.id, t.attempt, t.last_error
+    RETURNING t.id, t.attempt, t.last_error, t.queue, t.action, t.queue_token, t.action_token
 ), claimed AS (
     UPDATE tasks t
     SET state = 'RUNNING', attempt = t.attempt + 1, lease_token = gen_random_uuid(),
         lease_expires_at = now() + make_interval(secs => coalesce(t.lease_seconds, lease.seconds)),
-        worker = $4, updated_at = now()
-    FROM due, lease
+        worker = $4, updated_at = now(),
+        queue_token = held.queue_token, action_token = held.action_token
+    FROM due LEFT JOIN held ON held.id = due.id, lease
     -- the id list steers the planner to the primary key rather than re-reading the due range
     WHERE t.id = ANY(ARRAY(SELECT id FROM due)) AND t.id = due.id AND lease.action = t.action
       AND t.state IN ('PENDING', 'FAILED') AND t.due_at <= now()
@@ -175,14 +203,18 @@ WITH lease AS (
     -- the tokens of what started: a concurrency token is held by its task until the task
     -- leaves RUNNING, a rate token comes free one period after this start
     UPDATE limit_tokens t
-    SET task_id = CASE WHEN w.per_seconds IS NULL THEN w.id END,
-        free_at = CASE WHEN w.per_seconds IS NOT NULL
-                       THEN now() + make_interval(secs => w.per_seconds) ELSE t.free_at END
-    FROM wants w, tokens k
-    WHERE k.key = w.key AND k.place = w.place AND t.key = k.key AND t.n = k.n
-      AND w.id NOT IN (SELECT id FROM refused)
+    SET task_id = CASE WHEN a.per_seconds IS NULL THEN a.id END,
+        free_at = CASE WHEN a.per_seconds IS NOT NULL
+                       THEN now() + make_interval(secs => a.per_seconds) ELSE t.free_at END
+    FROM assigned a
+    WHERE t.key = a.key AND t.n = a.n
 ), freed AS (
-    UPDATE limit_tokens SET task_id = NULL WHERE task_id = ANY(ARRAY(SELECT id FROM dead))
+    -- what expired on its last attempt gives its concurrency tokens back
+    UPDATE limit_tokens k SET task_id = NULL
+    FROM dead m
+    WHERE (m.queue_token IS NOT NULL OR m.action_token IS NOT NULL) AND k.task_id = m.id
+      AND ((k.key = 'queue:' || m.queue AND k.n = m.queue_token)
+           OR (k.key = 'action:' || m.action AND k.n = m.action_token))
 ), wake AS (
     -- the earliest future due time: one ordered probe of tasks_claimable
     SELECT least(
@@ -203,7 +235,7 @@ WITH lease AS (
                    (SELECT extract(epoch FROM least(min(t.free_at), now() + make_interval(
                                                    secs => l.per_seconds)) - now())::float8
                     FROM limit_tokens t
-                    WHERE t.key = l.key AND t.task_id IS NULL AND t.free_at > now()
+                    WHERE t.key = l.key AND t.key LIKE 'rate:%' AND t.free_at > now()
                       AND t.n <= l.value) END) AS retry_in
     FROM limited l
     -- CASE: the probe of due tasks runs only when a limit is shut and none refused a start
@@ -267,7 +299,7 @@ WITH moved AS (
         lease_expires_at = NULL, updated_at = now()
     WHERE t.id = ANY($1::bigint[]) AND t.state = 'RUNNING'
       AND t.lease_token = ($2::uuid[])[array_position($1, t.id)]
-    RETURNING t.id, t.attempt, t.worker
+    RETURNING t.id, t.attempt, t.worker, t.queue, t.action, t.queue_token, t.action_token
 ), notified AS (
     -- wakes Client.wait(): the ids that finished, 300 a notification (payloads stay < 8000 bytes)
     SELECT count(pg_notify('tasklease_done', ids)) AS n FROM (
@@ -275,11 +307,12 @@ WITH moved AS (
         FROM (SELECT id, (row_number() OVER ()) / 300 AS chunk FROM moved) AS m GROUP BY chunk
     ) AS c
 ), freed AS (
-    -- its concurrency tokens come free (docs/scheduling.md); with no token held at all, no
-    -- probe per task
-    UPDATE limit_tokens SET task_id = NULL
-    WHERE task_id = ANY(ARRAY(SELECT id FROM moved))
-      AND EXISTS (SELECT FROM limit_tokens WHERE task_id IS NOT NULL)
+    -- its concurrency tokens come free (docs/scheduling.md), through the primary key
+    UPDATE limit_tokens k SET task_id = NULL
+    FROM moved m
+    WHERE (m.queue_token IS NOT NULL OR m.action_token IS NOT NULL) AND k.task_id = m.id
+      AND ((k.key = 'queue:' || m.queue AND k.n = m.queue_token)
+           OR (k.key = 'action:' || m.action AND k.n = m.action_token))
 ), logged AS (
     INSERT INTO task_transitions (task_id, trigger, from_state, to_state, attempt, worker)
     SELECT id, 'complete', 'RUNNING', 'COMPLETED', attempt, worker FROM moved
@@ -301,13 +334,15 @@ WITH moved AS (
       AND t.lease_token = ($2::uuid[])[array_position($1, t.id)]
       AND t.attempt < t.max_attempts
     RETURNING t.id, t.attempt, t.worker, t.last_error,
-              ($3::float8[])[array_position($1, t.id)] AS retry_in
+              ($3::float8[])[array_position($1, t.id)] AS retry_in,
+              t.queue, t.action, t.queue_token, t.action_token
 ), freed AS (
-    -- its concurrency tokens come free (docs/scheduling.md); with no token held at all, no
-    -- probe per task
-    UPDATE limit_tokens SET task_id = NULL
-    WHERE task_id = ANY(ARRAY(SELECT id FROM moved))
-      AND EXISTS (SELECT FROM limit_tokens WHERE task_id IS NOT NULL)
+    -- its concurrency tokens come free (docs/scheduling.md), through the primary key
+    UPDATE limit_tokens k SET task_id = NULL
+    FROM moved m
+    WHERE (m.queue_token IS NOT NULL OR m.action_token IS NOT NULL) AND k.task_id = m.id
+      AND ((k.key = 'queue:' || m.queue AND k.n = m.queue_token)
+           OR (k.key = 'action:' || m.action AND k.n = m.action_token))
 ), logged AS (
     INSERT INTO task_transitions (task_id, trigger, from_state, to_state, attempt, worker, detail)
     SELECT id, 'fail', 'RUNNING', 'FAILED', attempt, worker,
@@ -327,7 +362,7 @@ WITH moved AS (
     WHERE t.id = ANY($1::bigint[]) AND t.state = 'RUNNING'
       AND t.lease_token = ($2::uuid[])[array_position($1, t.id)]
       AND (t.attempt >= t.max_attempts OR ($4::boolean[])[array_position($1, t.id)])
-    RETURNING t.id, t.attempt, t.worker, t.last_error
+    RETURNING t.id, t.attempt, t.worker, t.last_error, t.queue, t.action, t.queue_token, t.action_token
 ), notified AS (
     -- wakes Client.wait(): the ids that finished, 300 a notification (payloads stay < 8000 bytes)
     SELECT count(pg_notify('tasklease_done', ids)) AS n FROM (
@@ -335,11 +370,12 @@ WITH moved AS (
         FROM (SELECT id, (row_number() OVER ()) / 300 AS chunk FROM moved) AS m GROUP BY chunk
     ) AS c
 ), freed AS (
-    -- its concurrency tokens come free (docs/scheduling.md); with no token held at all, no
-    -- probe per task
-    UPDATE limit_tokens SET task_id = NULL
-    WHERE task_id = ANY(ARRAY(SELECT id FROM moved))
-      AND EXISTS (SELECT FROM limit_tokens WHERE task_id IS NOT NULL)
+    -- its concurrency tokens come free (docs/scheduling.md), through the primary key
+    UPDATE limit_tokens k SET task_id = NULL
+    FROM moved m
+    WHERE (m.queue_token IS NOT NULL OR m.action_token IS NOT NULL) AND k.task_id = m.id
+      AND ((k.key = 'queue:' || m.queue AND k.n = m.queue_token)
+           OR (k.key = 'action:' || m.action AND k.n = m.action_token))
 ), logged AS (
     INSERT INTO task_transitions (task_id, trigger, from_state, to_state, attempt, worker, detail)
     SELECT id, 'bury', 'RUNNING', 'DEAD', attempt, worker, split_part(last_error, E'\n', 1)
@@ -354,13 +390,14 @@ WITH moved AS (
     UPDATE tasks SET state = 'PENDING', attempt = attempt - 1, lease_expires_at = NULL,
                      updated_at = now()
     WHERE id = $1 AND state = 'RUNNING' AND lease_token = $2
-    RETURNING id, attempt, worker, queue
+    RETURNING id, attempt, worker, queue, action, queue_token, action_token
 ), freed AS (
-    -- its concurrency tokens come free (docs/scheduling.md); with no token held at all, no
-    -- probe per task
-    UPDATE limit_tokens SET task_id = NULL
-    WHERE task_id = ANY(ARRAY(SELECT id FROM moved))
-      AND EXISTS (SELECT FROM limit_tokens WHERE task_id IS NOT NULL)
+    -- its concurrency tokens come free (docs/scheduling.md), through the primary key
+    UPDATE limit_tokens k SET task_id = NULL
+    FROM moved m
+    WHERE (m.queue_token IS NOT NULL OR m.action_token IS NOT NULL) AND k.task_id = m.id
+      AND ((k.key = 'queue:' || m.queue AND k.n = m.queue_token)
+           OR (k.key = 'action:' || m.action AND k.n = m.action_token))
 ), logged AS (
     INSERT INTO task_transitions (task_id, trigger, from_state, to_state, attempt, worker, detail)
     SELECT id, 'release', 'RUNNING', 'PENDING', attempt, worker, 'worker shutting down'
@@ -375,13 +412,14 @@ WITH moved AS (
     UPDATE tasks SET state = 'PENDING', attempt = attempt - 1, lease_expires_at = NULL,
                      due_at = now() + make_interval(secs => $3), updated_at = now()
     WHERE id = $1 AND state = 'RUNNING' AND lease_token = $2
-    RETURNING id, attempt, worker
+    RETURNING id, attempt, worker, queue, action, queue_token, action_token
 ), freed AS (
-    -- its concurrency tokens come free (docs/scheduling.md); with no token held at all, no
-    -- probe per task
-    UPDATE limit_tokens SET task_id = NULL
-    WHERE task_id = ANY(ARRAY(SELECT id FROM moved))
-      AND EXISTS (SELECT FROM limit_tokens WHERE task_id IS NOT NULL)
+    -- its concurrency tokens come free (docs/scheduling.md), through the primary key
+    UPDATE limit_tokens k SET task_id = NULL
+    FROM moved m
+    WHERE (m.queue_token IS NOT NULL OR m.action_token IS NOT NULL) AND k.task_id = m.id
+      AND ((k.key = 'queue:' || m.queue AND k.n = m.queue_token)
+           OR (k.key = 'action:' || m.action AND k.n = m.action_token))
 ), logged AS (
     INSERT INTO task_transitions (task_id, trigger, from_state, to_state, attempt, worker, detail)
     SELECT id, 'snooze', 'RUNNING', 'PENDING', attempt, worker,
@@ -411,13 +449,14 @@ WITH moved AS (
     UPDATE tasks SET state = 'CANCELLED', lease_expires_at = NULL, updated_at = now()
     WHERE id = $1 AND state = 'RUNNING' AND lease_token = $2
       AND cancel_requested_at IS NOT NULL
-    RETURNING id, attempt, worker
+    RETURNING id, attempt, worker, queue, action, queue_token, action_token
 ), freed AS (
-    -- its concurrency tokens come free (docs/scheduling.md); with no token held at all, no
-    -- probe per task
-    UPDATE limit_tokens SET task_id = NULL
-    WHERE task_id = ANY(ARRAY(SELECT id FROM moved))
-      AND EXISTS (SELECT FROM limit_tokens WHERE task_id IS NOT NULL)
+    -- its concurrency tokens come free (docs/scheduling.md), through the primary key
+    UPDATE limit_tokens k SET task_id = NULL
+    FROM moved m
+    WHERE (m.queue_token IS NOT NULL OR m.action_token IS NOT NULL) AND k.task_id = m.id
+      AND ((k.key = 'queue:' || m.queue AND k.n = m.queue_token)
+           OR (k.key = 'action:' || m.action AND k.n = m.action_token))
 ), logged AS (
     INSERT INTO task_transitions (task_id, trigger, from_state, to_state, attempt, worker, detail)
     SELECT id, 'cancel_running', 'RUNNING', 'CANCELLED', attempt, worker,

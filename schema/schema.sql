@@ -129,7 +129,7 @@ CREATE TABLE public.limit_tokens (
     task_id bigint,
     free_at timestamp with time zone DEFAULT '-infinity'::timestamp with time zone NOT NULL
 )
-WITH (autovacuum_vacuum_scale_factor='0', autovacuum_vacuum_threshold='1000', autovacuum_vacuum_cost_delay='0');
+WITH (fillfactor='50');
 
 CREATE TABLE public.limits (
     key text NOT NULL,
@@ -227,6 +227,8 @@ CREATE TABLE public.tasks (
     updated_at timestamp with time zone DEFAULT now() NOT NULL,
     lease_seconds double precision,
     timeout_seconds double precision,
+    queue_token integer,
+    action_token integer,
     CONSTRAINT tasks_action_check CHECK ((action <> ''::text)),
     CONSTRAINT tasks_check CHECK (((attempt >= 0) AND (attempt <= max_attempts))),
     CONSTRAINT tasks_check1 CHECK (((state = 'RUNNING'::public.task_state) = ((lease_expires_at IS NOT NULL) AND (lease_token IS NOT NULL)))),
@@ -276,9 +278,7 @@ ALTER TABLE ONLY public.tasks
 ALTER TABLE ONLY public.ui_sessions
     ADD CONSTRAINT ui_sessions_pkey PRIMARY KEY (id);
 
-CREATE INDEX limit_tokens_free ON public.limit_tokens USING btree (key, free_at, n) WHERE (task_id IS NULL);
-
-CREATE INDEX limit_tokens_task ON public.limit_tokens USING btree (task_id) WHERE (task_id IS NOT NULL);
+CREATE INDEX limit_tokens_rate ON public.limit_tokens USING btree (key, free_at) WHERE (key ~~ 'rate:%'::text);
 
 CREATE INDEX tasks_action_id ON public.tasks USING btree (action, id);
 

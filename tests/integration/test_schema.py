@@ -20,7 +20,9 @@ CATALOG = {
     "types": "SELECT t.typname, array_agg(e.enumlabel ORDER BY e.enumsortorder)::text "
     "FROM pg_type t JOIN pg_enum e ON e.enumtypid = t.oid "
     "WHERE t.typnamespace = 'public'::regnamespace GROUP BY 1 ORDER BY 1",
-    "columns": "SELECT table_name, ordinal_position, column_name, data_type, udt_name, "
+    # the columns in order; their numbers differ where a migration dropped a column
+    "columns": "SELECT table_name, rank() OVER (PARTITION BY table_name "
+    "ORDER BY ordinal_position), column_name, data_type, udt_name, "
     "is_nullable, column_default, is_identity, identity_generation "
     "FROM information_schema.columns WHERE table_schema = 'public' "
     "AND table_name <> 'alembic_version' ORDER BY 1, 2",

@@ -66,6 +66,7 @@ async def arrange(
     await store.set_limit(Limit("action:noop", 10), declared=True)
     if state is TaskState.RUNNING:  # as its claim would have: it holds a token
         await conn.execute("UPDATE limit_tokens SET task_id = $1 WHERE n = 1", task_id)
+        await conn.execute("UPDATE tasks SET action_token = 1 WHERE id = $1", task_id)
     if setup.get("cancel_requested"):
         await conn.execute("UPDATE tasks SET cancel_requested_at = now() WHERE id = $1", task_id)
     return task_id, token

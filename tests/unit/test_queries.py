@@ -56,4 +56,4 @@ def test_every_statement_that_ends_a_running_task_gives_its_tokens_back() -> Non
         writers = [q for q in QUERIES.values() if f"'{trigger}'" in q.sql]
         assert writers, trigger
         for q in writers:
-            assert "UPDATE limit_tokens SET task_id = NULL" in q.sql, (trigger, q.name)
+            assert "UPDATE limit_tokens k SET task_id = NULL" in q.sql, (trigger, q.name)

@@ -12,9 +12,10 @@ shard, and had rules for values that changed or that workers disagreed on. Now:
 - `limit_tokens` holds `value` tokens per limit, numbered 1..value. The claim takes a free
   token numbered at most the limit's value for each limit a task starts under, with
   `FOR UPDATE SKIP LOCKED`, in the claim statement itself. A concurrency token records the
-  task holding it (`task_id`) and is freed by every statement that moves a task out of
-  RUNNING; a rate token records when it may be taken again (`free_at`, its start plus the
-  period), so a rate limit is a sliding window with no rows to count or delete.
+  task holding it (`task_id`; the task records the token's number in `queue_token` or
+  `action_token`) and is freed by every statement that moves a task out of RUNNING; a rate
+  token records when it may be taken again (`free_at`, its start plus the period), so a
+  rate limit is a sliding window with no rows to count or delete.
 
 A token is a row lock and a row version, so what one claim takes, a concurrent claim skips,
 and a claim that locks a token after another freed or took it re-reads it: no count, no
@@ -60,6 +61,10 @@ CREATE TABLE limits (
 );
 
 -- A limit's tokens, numbered 1..value. Free: task_id IS NULL and free_at <= now().
+-- Taking and giving one back changes only task_id or free_at, which no index holds for a
+-- concurrency limit's tokens: those updates are HOT (the row's new version goes in the same
+-- page, no index changes, the old one is pruned there), so a few hundred tokens churned by
+-- thousands of tasks a second stay a few pages. Hence the room left in each page.
 CREATE TABLE limit_tokens (
     key     text        NOT NULL REFERENCES limits ON DELETE CASCADE,
     n       integer     NOT NULL,
@@ -67,22 +72,16 @@ CREATE TABLE limit_tokens (
     -- a rate token: when it may be taken again (its last start plus the period)
     free_at timestamptz NOT NULL DEFAULT '-infinity',
     PRIMARY KEY (key, n)
-);
--- the tokens of a limit no task holds: a rate's by when they come free, oldest first; a
--- concurrency limit's (free_at is always -infinity) by number, which the claim reads from a
--- random one on, so that claims spread over the tokens instead of wearing the first ones
--- (each take and give-back leaves a row version and an index entry until vacuum)
-CREATE INDEX limit_tokens_free ON limit_tokens (key, free_at, n) WHERE task_id IS NULL;
--- the tokens a task holds, freed when it leaves RUNNING
-CREATE INDEX limit_tokens_task ON limit_tokens (task_id) WHERE task_id IS NOT NULL;
--- a few hundred rows updated twice per task under a limit: vacuumed after every 1,000 dead
--- versions rather than a fifth of the table, so that they do not pile up
-ALTER TABLE limit_tokens SET (autovacuum_vacuum_scale_factor = 0,
-                              autovacuum_vacuum_threshold = 1000,
-                              autovacuum_vacuum_cost_delay = 0);
+) WITH (fillfactor = 50);
+-- a rate's tokens by when they come free, oldest first
+CREATE INDEX limit_tokens_rate ON limit_tokens (key, free_at) WHERE key LIKE 'rate:%';
+-- the numbers of the concurrency tokens a RUNNING task holds (its queue's and its action's
+-- limits), given back through the primary key when it leaves RUNNING
+ALTER TABLE tasks ADD COLUMN queue_token integer, ADD COLUMN action_token integer;
 """
 
 DROP_NEW = """
+ALTER TABLE tasks DROP COLUMN queue_token, DROP COLUMN action_token;
 DROP TABLE limit_tokens;
 DROP TABLE limits;
 """
