@@ -93,8 +93,8 @@ async def test_a_limit_lowered_while_tasks_run_is_never_exceeded_once_they_finis
     procs: Procs, store: Store, conn: asyncpg.Connection
 ) -> None:
     """test_wide_limited runs up to 256 at once over three workers; an operator lowers its
-    limit to 20 (as PUT /limits does). Nothing starts beyond what ran when it was lowered,
-    and once the tasks that ran then have finished, never more than 20 run at once."""
+    limit to 20 (as PUT /limits does). Nothing starts beyond what was RUNNING when it was
+    lowered, and once the tasks that ran then have finished, never more than 20 run at once."""
     await start_workers(procs, conn, 3, "--concurrency", "100")
     n = 600
     await store.submit_many([NewTask("test_wide_limited", '{"seconds": 0.5}') for _ in range(n)])
@@ -120,8 +120,15 @@ async def test_a_limit_lowered_while_tasks_run_is_never_exceeded_once_they_finis
     # from the moment the last task of before finished: at most 20 at once
     after = [r for r in rows if r["finished_at"] > surplus_gone]
     assert peak([_clip(r, surplus_gone) for r in after]) <= 20
-    # and between: never more than ran when the limit was lowered
-    running_then = sum(1 for r in before if r["finished_at"] > lowered_at)
+    # and between: never more than held a token when the limit was lowered, that is were
+    # RUNNING in the database (claimed before, completed after; a handler that had returned
+    # holds its token until its outcome is written)
+    running_then = await conn.fetchval(
+        "SELECT count(*) FROM task_transitions c JOIN task_transitions d "
+        "ON d.task_id = c.task_id AND d.trigger = 'complete' "
+        "WHERE c.trigger = 'claim' AND c.at < $1 AND d.at > $1",
+        lowered_at,
+    )
     assert peak([_clip(r, lowered_at) for r in rows if r["finished_at"] > lowered_at]) <= max(
         running_then, 20
     )

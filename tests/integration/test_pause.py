@@ -8,7 +8,7 @@ import asyncio
 import asyncpg
 
 from tasklease.engine.store import Store
-from tests.support.db import LEASES, expire_lease, submit, wait_until
+from tests.support.db import LEASES, connect_listener, expire_lease, submit, wait_until
 from tests.support.workers import Running
 
 
@@ -32,7 +32,7 @@ async def test_a_paused_queue_starts_nothing_and_resumes(
     assert [c.action for c in await claim(store, "other")] == ["noop"]  # others go on
     assert await store.paused_queues() == {"default": first}
 
-    listener = await asyncpg.connect(store.dsn)
+    listener = await connect_listener(store.dsn)  # behind a pooler: the direct DSN
     woken: asyncio.Queue[str] = asyncio.Queue()
     await listener.add_listener("tasklease", lambda *a: woken.put_nowait(a[3]))
     try:
