@@ -41,7 +41,9 @@ async def test_workers_on_delayed_lossy_links_lose_nothing_and_double_nothing(
         "tasks": [
             {
                 "action": "test_ticks",
-                "payload": {"path": str(ticks), "seconds": 0.1},
+                # long enough that one host alone would take 5 s: the slower host, whose
+                # first claim may wait out a retransmission, gets its share
+                "payload": {"path": str(ticks), "seconds": 0.5},
                 "idempotency_key": f"k{i}",
             }
             for i in range(TASKS)
