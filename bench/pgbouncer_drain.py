@@ -12,7 +12,7 @@ PgBouncer, interleaved (A B C C B A ...).
   what the setting itself costs;
 - pgbouncer: through PgBouncer in transaction mode, TASKLEASE_PGBOUNCER=1.
 
-Each round runs `tasklease.engine.bench.drain()` (no-op tasks on a fresh database; workers
+Each round runs `tasklease.engine.tools.bench.drain()` (no-op tasks on a fresh database; workers
 busy all along, so polling instead of LISTEN does not matter). Prints each round, then the
 median and range of tasks/s and of the machine's CPU per task.
 """

@@ -35,6 +35,7 @@ import asyncpg
 
 from tasklease.engine import database
 from tasklease.engine.queries import SQL
+from tasklease.engine.registry import LeaseLost
 from tasklease.engine.store import TRANSIENT_ERRORS, Store
 
 if TYPE_CHECKING:
@@ -42,11 +43,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("tasklease.worker")
 OUTCOME_TRIES = 5
-
-
-class LeaseLost(Exception):
-    """The task's lease was lost before its transaction could commit: the transaction was
-    rolled back, and another worker runs (or ran) the task."""
 
 
 class Fence:

@@ -22,7 +22,6 @@ from typing import TYPE_CHECKING, Any, get_type_hints
 
 import msgspec
 
-from tasklease.engine.fencing import LeaseLost
 from tasklease.engine.schedules import SCHEDULES, schedule
 
 if TYPE_CHECKING:
@@ -55,6 +54,11 @@ class Snooze(Exception):
         super().__init__(reason or f"snoozed for {seconds}s")
         self.seconds = float(seconds)
         self.reason = reason
+
+
+class LeaseLost(Exception):
+    """The task's lease was lost before its transaction could commit: the transaction was
+    rolled back, and another worker runs (or ran) the task."""
 
 
 class HandlerError(Exception):

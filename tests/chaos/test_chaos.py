@@ -11,7 +11,7 @@ from pathlib import Path
 
 import asyncpg
 
-from tasklease.engine import chaos
+from tasklease.engine.tools import chaos
 from tests.support.db import assert_completed_once, assert_histories_are_paths, triggers
 from tests.support.db import wait_until as wait
 from tests.support.procs import Procs

@@ -1,4 +1,4 @@
-"""PostgreSQL failover under load (engine/failover.py, `tasklease chaos --failover`):
+"""PostgreSQL failover under load (engine/tools/failover.py, `tasklease chaos --failover`):
 pg_auto_failover's `perform failover`, then a SIGKILL of the primary node; nothing
 acknowledged is lost, nothing completed twice, every process reconnects by itself.
 About a minute; as root, with pg_auto_failover installed (postgresql-15-auto-failover,
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tasklease.engine import failover
+from tasklease.engine.tools import failover
 
 pytestmark = [
     pytest.mark.slow,

@@ -3,7 +3,7 @@ figures themselves live in docs/benchmarks.md; no timing is asserted)."""
 
 from pathlib import Path
 
-from tasklease.engine import bench
+from tasklease.engine.tools import bench
 from tests.conftest import not_in_pooler_pass
 
 

@@ -1,4 +1,4 @@
-"""Hosts in network namespaces (engine/netns.py): a database host with a PostgreSQL server of
+"""Hosts in network namespaces (engine/tools/netns.py): a database host with a PostgreSQL server of
 its own, reached over TCP through veth links, and worker or API hosts made per test.
 
 Root only: the tests skip, saying why, when namespaces cannot be made here. Everything a
@@ -18,9 +18,9 @@ import asyncpg
 import pytest
 
 from tasklease import schema
-from tasklease.engine import netns
 from tasklease.engine.database import with_database
 from tasklease.engine.store import Store
+from tasklease.engine.tools import netns
 from tests.conftest import EXECUTIONS_TABLE, create_database, drop_database
 from tests.support.procs import Proc, Procs, wait_for_http
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tasklease.engine import chaos
-from tasklease.engine import netns as netns_module
+from tasklease.engine.tools import chaos
+from tasklease.engine.tools import netns as netns_module
 from tests.hosts.conftest import Site
 
 

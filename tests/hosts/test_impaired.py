@@ -2,7 +2,7 @@
 
 Two worker hosts, one with 20 ms each way and 2 % loss each way on its link, one with
 50 ms and 5 %; the API on a clean host. Delay and loss are made by `tc netem` where the
-kernel has it, else by the frame forwarder spliced into the link (engine/netns.py): TCP
+kernel has it, else by the frame forwarder spliced into the link (engine/tools/netns.py): TCP
 sees real loss and retransmits. The throughput is printed, not asserted (`-s` shows it;
 docs/benchmarks.md has figures with their command).
 """

@@ -1,11 +1,11 @@
-"""The harness cleans up after itself, and after runs that could not (engine/netns.py)."""
+"""The harness cleans up after itself, and after runs that could not (engine/tools/netns.py)."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
 
-from tasklease.engine import netns
+from tasklease.engine.tools import netns
 from tests.hosts.conftest import Site
 
 

@@ -10,7 +10,8 @@ from zoneinfo import ZoneInfo
 import asyncpg
 import pytest
 
-from tasklease.engine.schedules import Schedule, Scheduler
+from tasklease.engine.scheduler import Scheduler
+from tasklease.engine.schedules import Schedule
 from tasklease.engine.store import Store
 
 

@@ -1,10 +1,14 @@
-"""The layers of docs/architecture.md: schema <- engine <- api; handlers see the public API.
+"""The layers of docs/architecture.md: schema <- engine <- api; handlers see the public API;
+the CLI (engine/cli/) and the tools (engine/tools/) sit on top of the engine, which never
+imports them.
 
 Everything is imported through the one top-level package, `tasklease`: the old top-level
 names (`engine`, `api`, `schema`, `handlers`) exist only as folders of the repository.
 """
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -52,10 +56,32 @@ def test_layer_imports_only_what_it_may(layer: str) -> None:
                 layer == "examples" and (module.startswith("examples"))
             ), f"{path.relative_to(REPO)} imports {module}: import it from tasklease"
             found = layer_of(module)
-            # the CLI is where everything is put together: it serves the API
-            composition_root = path == REPO / "engine" / "cli.py" and found == "api"
+            # the CLI and the tools are where everything is put together: they serve the API
+            composition_root = path.parent.name in ("cli", "tools") and found == "api"
             if found is not None and not composition_root:
                 assert found in ALLOWED[layer], f"{path.relative_to(REPO)} imports {module}"
+
+
+def test_the_runtime_engine_does_not_import_the_cli_or_the_tools() -> None:
+    for path in (REPO / "engine").glob("*.py"):
+        for module in imports(path):
+            assert not module.startswith(("tasklease.engine.cli", "tasklease.engine.tools")), (
+                f"{path.relative_to(REPO)} imports {module}"
+            )
+
+
+def test_the_handler_api_imports_without_the_database_driver() -> None:
+    """A module of handlers (and a test of one) needs neither asyncpg nor SQLAlchemy; the
+    client's names are still there, loaded when first used."""
+    code = (
+        "import sys\n"
+        "from tasklease import handler, TaskContext, PermanentError, Snooze, schedule, LeaseLost\n"
+        "heavy = sorted(m for m in ('asyncpg', 'sqlalchemy', 'litestar') if m in sys.modules)\n"
+        "assert not heavy, heavy\n"
+        "from tasklease import Client\n"
+        "assert 'asyncpg' in sys.modules and Client.__name__ == 'Client'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
 
 
 def test_tests_import_the_package_not_the_folders() -> None:

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from tasklease.engine import cli, netns
+from tasklease.engine import cli
+from tasklease.engine.tools import netns
 
 
 def test_not_root_is_a_clear_reason(monkeypatch: pytest.MonkeyPatch) -> None:

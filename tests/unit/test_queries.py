@@ -1,7 +1,7 @@
 import re
 
 from tasklease.engine.queries import CLAIM, QUERIES, load
-from tasklease.engine.states import TRANSITIONS, TaskState
+from tasklease.engine.states import SUBMIT, TRANSITIONS, TaskState
 
 
 def test_every_query_is_named_and_described() -> None:
@@ -29,6 +29,18 @@ def test_every_trigger_is_written_by_some_statement() -> None:
     sql = " ".join(q.sql for q in QUERIES.values())
     for t in TRANSITIONS:
         assert f"'{t.trigger}'" in sql, f"no statement records {t.trigger}"
+
+
+def test_every_trigger_a_statement_records_is_declared() -> None:
+    """The trigger list is states.py's: no statement writes a trigger it does not declare (the
+    check constraint on task_transitions.trigger is held to it by test_schema.py)."""
+    declared = {t.trigger for t in TRANSITIONS} | {SUBMIT}
+    written = set()
+    for q in QUERIES.values():
+        for insert in q.sql.split("INSERT INTO task_transitions")[1:]:
+            written |= set(re.findall(r"SELECT\s+\w+,\s*'(\w+)'", insert))
+    assert "claim" in written and "submit" in written
+    assert written <= declared, written - declared
 
 
 def test_loader_splits_on_names() -> None:

@@ -15,7 +15,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from tasklease import schema
-from tasklease.engine import database, http_client, registry, states, supervisor
+from tasklease.engine import database, registry, states, supervisor
+from tasklease.engine.cli import remote as http_client
 from tasklease.engine.embedded import Embedded, EmbeddedError
 from tasklease.engine.registry import DEFAULT_LEASE_SECONDS, HandlerError
 from tasklease.engine.retention import RetentionConfig
@@ -224,12 +225,12 @@ def cmd_chaos(args: argparse.Namespace) -> int:
     import tempfile
     from pathlib import Path
 
-    from tasklease.engine import chaos
+    from tasklease.engine.tools import chaos
 
     if args.failover:
         return _chaos_failover(args)
     if args.hosts:
-        from tasklease.engine import netns
+        from tasklease.engine.tools import netns
 
         why = netns.unavailable()
         if why:
@@ -274,7 +275,7 @@ def _chaos_failover(args: argparse.Namespace) -> int:
     import tempfile
     from pathlib import Path
 
-    from tasklease.engine import failover
+    from tasklease.engine.tools import failover
 
     why = failover.missing()
     if why:
@@ -303,7 +304,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     import tempfile
     from pathlib import Path
 
-    from tasklease.engine import bench
+    from tasklease.engine.tools import bench
 
     admin = database_url()
     config = bench.BenchConfig(
@@ -814,7 +815,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

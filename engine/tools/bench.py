@@ -35,12 +35,12 @@ import httpx
 
 from tasklease import schema
 from tasklease.engine import database
-from tasklease.engine.cluster import Cluster
 from tasklease.engine.database import with_database
 from tasklease.engine.queries import SQL
 from tasklease.engine.registry import TaskContext, handler
 from tasklease.engine.retention import Retention, RetentionConfig
 from tasklease.engine.store import Limit, NewTask, Store
+from tasklease.engine.tools.cluster import Cluster
 
 Say = Callable[[str], None]
 
@@ -234,7 +234,7 @@ async def drain(
                 f"  inserted {config.tasks:,} tasks ({insert_rate:,.0f}/s); draining with "
                 f"{config.workers} workers x concurrency {config.concurrency}"
             )
-            procs = Cluster(db.dsn, log_dir, "tasklease.engine.bench", log_level="warning")
+            procs = Cluster(db.dsn, log_dir, "tasklease.engine.tools.bench", log_level="warning")
             for _ in range(config.workers):
                 procs.worker("--concurrency", str(config.concurrency), *worker_args)
             side = asyncio.ensure_future(beside(db.dsn)) if beside else None
@@ -262,7 +262,7 @@ async def drain(
 
 
 # Far above the load of the limits bench: at most 200 tasks run at once (2 workers x 100),
-# and a drain starts about 20,000 a second. engine/bench_limits.py declares these.
+# and a drain starts about 20,000 a second. engine/tools/bench_limits.py declares these.
 ABOVE_ANY_LOAD = 10_000
 ABOVE_ANY_RATE = 100_000  # per second; the most a limit may be (engine.store.MAX_LIMIT)
 BENCH_LIMITS = (
@@ -278,7 +278,7 @@ async def limits(admin_dsn: str, config: BenchConfig, log_dir: Path, say: Say) -
     no-op tasks by workers that also run limited actions (none due); tasks of an action
     under a global limit above the load, in a queue under one too; the same with a rate
     limit as well."""
-    with_limited = ("--handlers", "tasklease.engine.bench_limits")
+    with_limited = ("--handlers", "tasklease.engine.tools.bench_limits")
     queue_limit = (*with_limited, "--queue-limit", f"default={ABOVE_ANY_LOAD}")
     kinds: dict[str, tuple[str, tuple[str, ...]]] = {
         "none": ("noop", ()),
@@ -365,7 +365,7 @@ async def _backlog(conn: asyncpg.Connection, n: int) -> None:
 async def latency(admin_dsn: str, config: BenchConfig, log_dir: Path, say: Say) -> dict[str, float]:
     n = int(config.latency_rate * config.latency_seconds)
     async with Database(admin_dsn) as db:
-        procs = Cluster(db.dsn, log_dir, "tasklease.engine.bench", log_level="warning")
+        procs = Cluster(db.dsn, log_dir, "tasklease.engine.tools.bench", log_level="warning")
         for _ in range(config.workers):
             procs.worker("--concurrency", str(config.concurrency))
         conn = await database.connect(db.dsn, "tasklease-bench")
@@ -437,7 +437,7 @@ async def _post_loop(port: int, path: str, body: bytes | None, seconds: float, e
 
 async def submit(admin_dsn: str, config: BenchConfig, log_dir: Path, say: Say) -> dict[str, float]:
     async with Database(admin_dsn) as db:
-        procs = Cluster(db.dsn, log_dir, "tasklease.engine.bench", log_level="warning")
+        procs = Cluster(db.dsn, log_dir, "tasklease.engine.tools.bench", log_level="warning")
         url = procs.api()
         port = int(url.rsplit(":", 1)[1])
         try:

@@ -156,7 +156,7 @@ def _wire_pids(run_id: str) -> list[int]:
                 cmd = (proc / "cmdline").read_bytes().split(b"\0")
             except OSError:
                 continue
-            if b"tasklease.engine.netns" in cmd and f"tl{run_id}".encode() in b" ".join(cmd):
+            if b"tasklease.engine.tools.netns" in cmd and f"tl{run_id}".encode() in b" ".join(cmd):
                 found.append(int(proc.name))
     return found
 
@@ -250,7 +250,7 @@ class Host:
             [
                 sys.executable,
                 "-m",
-                "tasklease.engine.netns",
+                "tasklease.engine.tools.netns",
                 "wire",
                 a,
                 b,

@@ -8,7 +8,7 @@ and tasks are submitted through the API at a steady rate (idempotency keys, retr
 acknowledged). Then `pg_autoctl perform failover`, and later a SIGKILL of the whole primary
 node (its pg_autoctl and PostgreSQL). After each, recovery is timed: from the fault until a
 task submitted after it has been completed. At the end the queue drains and the chaos checks
-run (engine/chaos.py): no acknowledged task lost, none completed twice. Everything started is
+run (engine/tools/chaos.py): no acknowledged task lost, none completed twice. Everything started is
 stopped and the directory removed, whatever happens. Root only (it runs as `postgres`).
 """
 
@@ -33,9 +33,9 @@ import asyncpg
 import httpx
 
 from tasklease import schema
-from tasklease.engine import chaos
-from tasklease.engine.cluster import Cluster
 from tasklease.engine.store import TRANSIENT_ERRORS
+from tasklease.engine.tools import chaos
+from tasklease.engine.tools.cluster import Cluster
 
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 # The monitor's health checks, shortened so that a dead primary is noticed in seconds
@@ -363,7 +363,7 @@ async def run(config: FailoverConfig, log_dir: Path, say: Any = print) -> Failov
         await schema.upgrade(dsn)
         reader = _Reader(dsn)
         await reader.fetchval(chaos.EXECUTIONS)
-        cluster = Cluster(dsn, log_dir, "tasklease.engine.chaos", log_level="warning")
+        cluster = Cluster(dsn, log_dir, "tasklease.engine.tools.chaos", log_level="warning")
         url = cluster.api()
         for _ in range(config.workers):
             cluster.worker(

@@ -11,7 +11,7 @@ ends when its handler returns or its worker is killed; times are this machine's 
 
 With `hosts` (`tasklease chaos --hosts N`, root only) the database, the API and the
 workers run on hosts of their own, network namespaces joined by veth links
-(engine/netns.py): the database on a PostgreSQL server started for the run and reached
+(engine/tools/netns.py): the database on a PostgreSQL server started for the run and reached
 over TCP, the workers placed on N hosts in turn, and every `link_fault_every` seconds
 (seeded) a worker host's link is cut for a while, without a word, or given delay and loss.
 Runs are then recorded in a file (start and end lines, this machine's clock, written by the
@@ -39,12 +39,12 @@ import httpx
 
 from tasklease import schema
 from tasklease.engine import database
-from tasklease.engine.cluster import Cluster
 from tasklease.engine.database import with_database
 from tasklease.engine.registry import TaskContext, handler
+from tasklease.engine.tools.cluster import Cluster
 
 if TYPE_CHECKING:
-    from tasklease.engine.netns import Host
+    from tasklease.engine.tools.netns import Host
 
 log = logging.getLogger("tasklease.chaos")
 ACTION = "chaos_probe"
@@ -231,7 +231,7 @@ async def run(
     server started for the run), all removed at the end."""
     if not config.hosts:
         return await _run(admin_dsn, config, log_dir, progress, keep_database, None)
-    from tasklease.engine import netns
+    from tasklease.engine.tools import netns
 
     with netns.Network(wires=config.link_fault_every > 0) as net:
         pg = netns.Postgres(net.host("db", wire=False))
@@ -260,7 +260,7 @@ async def _run(
     cluster = Cluster(
         dsn,
         log_dir,
-        "tasklease.engine.chaos",
+        "tasklease.engine.tools.chaos",
         hosts=hosts,
         api_host=api_host,
         env={RUNS_ENV: str(runs_file)} if runs_file else None,

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from tasklease.engine.netns import Host
+    from tasklease.engine.tools.netns import Host
 
 
 class Cluster:
@@ -29,7 +29,7 @@ class Cluster:
         api_host: Host | None = None,
         env: dict[str, str] | None = None,
     ) -> None:
-        """`hosts`: network namespaces (engine/netns.py) the workers are placed in, in turn;
+        """`hosts`: network namespaces (engine/tools/netns.py) the workers are placed in, in turn;
         `api_host`: the API's. Without them every process runs here."""
         self.dsn, self.log_dir, self.handlers, self.log_level = dsn, log_dir, handlers, log_level
         self.hosts, self.api_host, self.env = list(hosts), api_host, env or {}

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from tasklease.engine.bench import ABOVE_ANY_LOAD, ABOVE_ANY_RATE
 from tasklease.engine.registry import TaskContext, handler
+from tasklease.engine.tools.bench import ABOVE_ANY_LOAD, ABOVE_ANY_RATE
 
 
 @handler("bench_capped", global_limit=ABOVE_ANY_LOAD)
