@@ -1,4 +1,5 @@
-"""Waiting out a database that cannot be reached, one way everywhere in the worker.
+"""Waiting out a database that cannot be reached, one way everywhere in the worker; and
+keeping the worker's services running.
 
 The statements are safe to run again (each transition is guarded by its token), so a
 transient error (engine.store.TRANSIENT_ERRORS: a dropped connection, a restarting server,
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 
 
 def describe(exc: BaseException) -> str:
@@ -52,3 +54,23 @@ class Retry:
         if self.failures:
             self.log.info("%s: database reachable again", self.what)
         self.failures = 0
+
+
+async def keep_running(
+    what: str, run: Callable[[], Awaitable[None]], log: logging.Logger, *, first: float = 1.0
+) -> None:
+    """Run one of the worker's services (the outcome writer, the listener, the scheduler,
+    retention) until it returns or is cancelled. A service that crashes (a bug, not the
+    database: each waits that out itself) is logged with its traceback and started again
+    after a pause that doubles from 1 s up to 60 s, instead of dying unseen while the worker
+    goes on without it."""
+    crashes = 0
+    while True:
+        try:
+            await run()
+            return
+        except Exception:
+            crashes += 1
+            delay = min(first * 2 ** (crashes - 1), 60.0)
+            log.exception("%s crashed (%d time(s)); starting it again in %gs", what, crashes, delay)
+            await asyncio.sleep(delay)

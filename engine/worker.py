@@ -49,7 +49,7 @@ from tasklease.engine.outcomes import Outcomes
 from tasklease.engine.registry import DEFAULT_LEASE_SECONDS, Handler
 from tasklease.engine.reporting import REPORT_EVERY, Counters, Reporter, process_id
 from tasklease.engine.retention import Retention, RetentionConfig
-from tasklease.engine.retry import Retry, describe, wait_for
+from tasklease.engine.retry import Retry, describe, keep_running, wait_for
 from tasklease.engine.scheduler import Scheduler
 from tasklease.engine.schedules import SCHEDULES
 from tasklease.engine.store import TRANSIENT_ERRORS, Limit, Store
@@ -144,15 +144,13 @@ class Worker:
     async def run(self) -> None:
         self.reporter.start()
         self.keeper.start()
-        helpers = [
-            asyncio.create_task(c)
-            for c in (
-                self.outcomes.run(),
-                self._listen(),
-                self.scheduler.run(),
-                Retention(self.store.dsn, self.config.retention).run(),
-            )
-        ]
+        services = {
+            "the outcome writer": self.outcomes.run,
+            "the listener": self._listen,
+            "the scheduler": self.scheduler.run,
+            "retention": Retention(self.store.dsn, self.config.retention).run,
+        }
+        helpers = [asyncio.create_task(keep_running(w, run, log)) for w, run in services.items()]
         try:
             await self._claim_loop()
         finally:
