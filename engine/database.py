@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import uuid
@@ -145,8 +146,14 @@ async def check(dsn: str, *, need_schema: bool = True, timeout: float = 10) -> N
         ) from None
     try:
         problem = await schema_problem(conn) if need_schema else None
+    except UNREACHABLE as exc:
+        raise DatabaseUnavailable(
+            f"the database at {redact(dsn)} stopped answering: {reason(exc)}"
+        ) from None
     finally:
-        await conn.close()
+        # a connection cut meanwhile fails to close (BrokenPipeError): it is gone all the same
+        with contextlib.suppress(*UNREACHABLE):
+            await conn.close()
     if problem:
         raise DatabaseUnavailable(problem)
 

@@ -174,3 +174,26 @@ async def test_0010_downgrades_to_0009_and_upgrades_again(db: str) -> None:
         assert await conn.fetchval("SELECT count(*) FROM limits") == 0
     finally:
         await conn.close()
+
+
+async def test_a_start_up_check_whose_connection_is_cut_says_so(
+    db: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker starting while its connections are cut (tasklease chaos
+    --cut-connections-every) gets DatabaseUnavailable, in words, not a BrokenPipeError from
+    closing the dead connection."""
+    from tasklease.engine import database
+
+    real = database.schema_problem
+
+    async def cut_first(conn: asyncpg.Connection) -> str | None:
+        admin = await connect_db(db)
+        try:
+            await admin.execute("SELECT pg_terminate_backend($1)", conn.get_server_pid())
+        finally:
+            await admin.close()
+        return await real(conn)
+
+    monkeypatch.setattr(database, "schema_problem", cut_first)
+    with pytest.raises(database.DatabaseUnavailable, match="stopped answering"):
+        await database.check(db)
