@@ -429,12 +429,14 @@ WITH moved AS (
 SELECT id, attempt FROM moved;
 
 -- name: task_cancel_if_waiting
--- PENDING or FAILED -> CANCELLED for task $1; $2 is the detail for the history.
+-- PENDING, FAILED or WAITING -> CANCELLED for task $1; $2 is the detail for the history.
+-- Its dependants are settled by the trigger tasks_settle_dependants (docs/workflows.md).
 WITH old AS (
-    SELECT id, state FROM tasks WHERE id = $1 AND state IN ('PENDING', 'FAILED') FOR UPDATE
+    SELECT id, state FROM tasks WHERE id = $1 AND state IN ('PENDING', 'FAILED', 'WAITING')
+    FOR UPDATE
 ), moved AS (
-    UPDATE tasks t SET state = 'CANCELLED', updated_at = now()
-    FROM old WHERE t.id = old.id AND t.state IN ('PENDING', 'FAILED')
+    UPDATE tasks t SET state = 'CANCELLED', waiting_for = 0, updated_at = now()
+    FROM old WHERE t.id = old.id AND t.state IN ('PENDING', 'FAILED', 'WAITING')
     RETURNING t.id, t.attempt, old.state AS from_state
 ), logged AS (
     INSERT INTO task_transitions (task_id, trigger, from_state, to_state, attempt, detail)
