@@ -42,6 +42,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
+
 from tasklease.engine import database
 from tasklease.engine.fencing import Fence
 from tasklease.engine.leases import FENCE_AT, Blocker, Lease, LeaseKeeper
@@ -64,6 +66,7 @@ from tasklease.engine.outcomes import (
 )
 from tasklease.engine.registry import (
     DEFAULT_LEASE_SECONDS,
+    Dependency,
     Handler,
     PermanentError,
     Snooze,
@@ -441,6 +444,19 @@ class Worker:
 
     # --- running -----------------------------------------------------------------------------
 
+    async def _dependencies(self, task_id: int) -> list[Dependency]:
+        rows = await self.store.dependency_results(task_id)
+        return [
+            Dependency(
+                r["id"],
+                r["action"],
+                r["state"],
+                None if r["result"] is None else msgspec.json.decode(r["result"]),
+                r["on_failure"],
+            )
+            for r in rows
+        ]
+
     async def _execute(self, ex: _Execution) -> None:
         result: Any = None
         error: BaseException | None = None
@@ -448,6 +464,8 @@ class Worker:
         timeout = ex.claimed.timeout_seconds or ex.handler.timeout
         limit: asyncio.Timeout | None = None
         try:
+            if ex.claimed.dependencies:  # a workflow's task: its dependencies' results
+                ex.ctx.dependencies = await self._dependencies(ex.claimed.id)
             payload = ex.handler.decode(ex.claimed.payload)
             if ex.handler.is_async:
                 work = ex.handler.fn(ex.ctx, payload)
