@@ -789,6 +789,7 @@ def parser() -> argparse.ArgumentParser:
     for name in (
         "submit",
         "show",
+        "workflow",
         "ls",
         "cancel",
         "requeue",
