@@ -706,12 +706,12 @@ UNION ALL
 SELECT false, (NULL::tasks).* FROM refused WHERE tasklease_raise('TLDEP', message);
 
 -- name: task_dependency_results
--- What task $1 waited for: each dependency's id, action, state and result (the worker reads
--- them once, before the handler runs, for ctx.dependencies / ctx.results).
-SELECT t.id, t.action, t.state, t.result, d.on_failure
+-- What the tasks in $1 waited for: per task, each dependency's id, action, state and result
+-- (a worker reads them once per claim, before the handlers run, for ctx.dependencies).
+SELECT d.task_id, t.id, t.action, t.state, t.result, d.on_failure
 FROM task_dependencies d JOIN tasks t ON t.id = d.depends_on
-WHERE d.task_id = $1
-ORDER BY t.id;
+WHERE d.task_id = ANY($1::bigint[])
+ORDER BY d.task_id, t.id;
 
 -- name: workflow_get
 -- Workflow $1 (no row: none such).

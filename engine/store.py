@@ -308,8 +308,8 @@ class Store:
             self.pool.fetch, tasks, edges, workflow=workflow, on_finish=on_finish
         )
 
-    async def dependency_results(self, task_id: int) -> list[asyncpg.Record]:
-        return await self.pool.fetch(SQL["task_dependency_results"], task_id)
+    async def dependency_results(self, task_ids: Sequence[int]) -> list[asyncpg.Record]:
+        return await self.pool.fetch(SQL["task_dependency_results"], list(task_ids))
 
     async def workflow(self, workflow_id: int) -> asyncpg.Record | None:
         return await self.pool.fetchrow(SQL["workflow_get"], workflow_id)

@@ -132,6 +132,8 @@ class _Execution:
     outliving: bool = False  # waiting for a def handler's thread that was told to stop
     stopped: str | None = None  # RELEASE, LEASE_LOST or CANCEL once the handler is stopped
     holds_slot: bool = False  # counted in Worker.handling
+    # a workflow's task: its dependencies, read for all of its claim at once
+    dependencies: asyncio.Future[dict[int, list[Dependency]]] | None = None
 
 
 class Worker:
@@ -291,8 +293,10 @@ class Worker:
                 log.warning(
                     "task %d: lease expired on its last attempt: RUNNING -> DEAD (expire)", task_id
                 )
+            waiting = [c.id for c in claim.leased if c.dependencies]
+            deps = asyncio.ensure_future(self._dependencies(waiting)) if waiting else None
             for claimed in claim.leased:
-                self._start(claimed, sent)
+                self._start(claimed, sent, deps if claimed.dependencies else None)
             busy = busy or len(claim.leased) == free
             if claim.wait_seconds is not None:
                 wait = min(wait, max(claim.wait_seconds, 0.0))
@@ -370,7 +374,12 @@ class Worker:
             self._quiet.pop(queue, None)
             self._wake.set()
 
-    def _start(self, claimed: Claimed, sent: float) -> None:
+    def _start(
+        self,
+        claimed: Claimed,
+        sent: float,
+        dependencies: asyncio.Future[dict[int, list[Dependency]]] | None = None,
+    ) -> None:
         handler = self.handlers[claimed.action]
         lease_seconds = claimed.lease_seconds
         late = time.monotonic() - sent
@@ -402,7 +411,7 @@ class Worker:
             _heartbeat=lambda: self._heartbeat_one(ex),
             _fence=self.fence,
         )
-        ex = _Execution(claimed, handler, ctx, lease_seconds)
+        ex = _Execution(claimed, handler, ctx, lease_seconds, dependencies=dependencies)
         self.counters.count(claimed.trigger)
         ctx.logger.info(
             "%s -> RUNNING (%s, attempt %d/%d)",
@@ -444,18 +453,20 @@ class Worker:
 
     # --- running -----------------------------------------------------------------------------
 
-    async def _dependencies(self, task_id: int) -> list[Dependency]:
-        rows = await self.store.dependency_results(task_id)
-        return [
-            Dependency(
-                r["id"],
-                r["action"],
-                r["state"],
-                None if r["result"] is None else msgspec.json.decode(r["result"]),
-                r["on_failure"],
+    async def _dependencies(self, task_ids: list[int]) -> dict[int, list[Dependency]]:
+        """What the tasks of one claim waited for, by task: one query for all of them."""
+        found: dict[int, list[Dependency]] = {}
+        for r in await self.store.dependency_results(task_ids):
+            found.setdefault(r["task_id"], []).append(
+                Dependency(
+                    r["id"],
+                    r["action"],
+                    r["state"],
+                    None if r["result"] is None else msgspec.json.decode(r["result"]),
+                    r["on_failure"],
+                )
             )
-            for r in rows
-        ]
+        return found
 
     async def _execute(self, ex: _Execution) -> None:
         result: Any = None
@@ -464,8 +475,9 @@ class Worker:
         timeout = ex.claimed.timeout_seconds or ex.handler.timeout
         limit: asyncio.Timeout | None = None
         try:
-            if ex.claimed.dependencies:  # a workflow's task: its dependencies' results
-                ex.ctx.dependencies = await self._dependencies(ex.claimed.id)
+            if ex.dependencies is not None:  # a workflow's task: its dependencies' results
+                found = await asyncio.shield(ex.dependencies)
+                ex.ctx.dependencies = found.get(ex.claimed.id, [])
             payload = ex.handler.decode(ex.claimed.payload)
             if ex.handler.is_async:
                 work = ex.handler.fn(ex.ctx, payload)
