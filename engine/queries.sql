@@ -727,6 +727,16 @@ SELECT task_id, depends_on, on_failure, satisfied FROM task_dependencies
 WHERE task_id = ANY($1::bigint[])
 ORDER BY task_id, depends_on;
 
+-- name: task_edges
+-- Task $1's place in a graph: what it waits for ('dependency') and what waits for it
+-- ('dependant'), with the other task's action and state.
+SELECT 'dependency' AS kind, t.id, t.action, t.state, d.on_failure, d.satisfied
+FROM task_dependencies d JOIN tasks t ON t.id = d.depends_on WHERE d.task_id = $1
+UNION ALL
+SELECT 'dependant', t.id, t.action, t.state, d.on_failure, d.satisfied
+FROM task_dependencies d JOIN tasks t ON t.id = d.task_id WHERE d.depends_on = $1
+ORDER BY 1, 2;
+
 -- name: task_list
 -- A page of tasks, newest first: id below the cursor $1, at most $2 rows. Store.list_tasks
 -- adds `AND column = $n` for each filter given (state, action, queue) in place of {filters}.
@@ -815,6 +825,8 @@ SELECT pg_try_advisory_xact_lock(hashtextextended('tasklease.retention', 0));
 -- keep). The window walks the primary key, so no index on finished tasks is needed (one would
 -- cost every completion); the caller stops at the first window created after the cutoff.
 -- A task that moved meanwhile (a DEAD one requeued) is skipped or re-checked under its lock.
+-- A deleted dependant's edges go with it (those of a deleted dependency stay with their
+-- dependant, for its ctx.dependencies and its workflow's graph).
 WITH scanned AS (
     SELECT id, state, updated_at, created_at FROM tasks WHERE id > $1 ORDER BY id LIMIT $2
 ), doomed AS (
@@ -832,6 +844,9 @@ WITH scanned AS (
     RETURNING t.id
 ), history AS (
     DELETE FROM task_transitions WHERE task_id = ANY(ARRAY(SELECT id FROM gone)) RETURNING 1
+), edges AS (
+    -- a finished dependant's edges (docs/workflows.md): nothing reads them again
+    DELETE FROM task_dependencies WHERE task_id = ANY(ARRAY(SELECT id FROM gone))
 )
 SELECT (SELECT count(*) FROM gone) AS tasks, (SELECT count(*) FROM history) AS transitions,
        (SELECT max(id) FROM scanned) AS last_id,

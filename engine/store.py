@@ -320,6 +320,9 @@ class Store:
     async def edges(self, task_ids: Sequence[int]) -> list[asyncpg.Record]:
         return await self.pool.fetch(SQL["workflow_edges"], list(task_ids))
 
+    async def task_edges(self, task_id: int) -> list[asyncpg.Record]:
+        return await self.pool.fetch(SQL["task_edges"], task_id)
+
     async def get(self, task_id: int) -> asyncpg.Record | None:
         return await self.pool.fetchrow(SQL["task_get"], task_id)
 

@@ -162,3 +162,30 @@ async def test_a_ref_means_nothing_to_one_task(http: httpx.AsyncClient) -> None:
     r = await http.post("/tasks", json={"action": "noop", "payload": {}, "depends_on": ["a"]})
     assert r.status_code == 422, r.text
     assert "ref 'a'" in r.json()["detail"]
+
+
+async def test_the_dashboard_draws_a_workflow_and_links_tasks_to_their_dependencies(
+    http: httpx.AsyncClient,
+) -> None:
+    body = (await http.post("/tasks/batch", json={"tasks": ORDER})).json()
+    charge, email, invoice, archive = body["tasks"]
+    page = await http.get(f"/ui/workflows/{body['workflow_id']}")
+    assert page.status_code == 200, page.text[:500]
+    assert '<svg xmlns="http://www.w3.org/2000/svg" class="graph"' in page.text
+    for t in body["tasks"]:
+        assert f'id="node-{t["id"]}"' in page.text
+        assert f'href="/ui/tasks/{t["id"]}"' in page.text
+    assert page.text.count('class="edge"') == 4
+    assert f"{archive['id']} waits for {invoice['id']} (run)" in page.text
+
+    task = await http.get(f"/ui/tasks/{archive['id']}")
+    assert task.status_code == 200
+    assert f'href="/ui/workflows/{body["workflow_id"]}"' in task.text
+    assert "Waiting for 2 of its 2 dependencies" in task.text
+    waits = task.text[task.text.index('id="dependencies"') :]
+    assert f'href="/ui/tasks/{email["id"]}"' in waits[: waits.index("</ul>")]
+    first = await http.get(f"/ui/tasks/{charge['id']}")
+    dependants = first.text[first.text.index('id="dependants"') :]
+    assert f'href="/ui/tasks/{invoice["id"]}"' in dependants[: dependants.index("</ul>")]
+
+    assert (await http.get("/ui/workflows/987654321")).status_code == 404
