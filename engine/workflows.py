@@ -57,10 +57,10 @@ def plan(
     inside: dict[int, list[int]] = {i: [] for i in range(len(specs))}
     for i, s in enumerate(specs):
         where = f"tasks[{i}]." if batch else ""
-        if s.idempotency_key is not None and (s.depends_on or on_finish is not None):
+        if s.idempotency_key is not None:
             raise InvalidTask(
-                f"{where}idempotency_key: not supported together with depends_on or on_finish "
-                "(docs/workflows.md)",
+                f"{where}idempotency_key: not supported in a workflow (a submission with "
+                "ref, depends_on, on_failure or on_finish; docs/workflows.md)",
                 field=f"{where}idempotency_key",
             )
         seen: set[tuple[str, int]] = set()

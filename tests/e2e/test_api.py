@@ -650,6 +650,7 @@ async def test_openapi_documents_every_route_and_its_errors(http: httpx.AsyncCli
         ("GET", "/tasks"): {"200", "400", "503"},
         ("GET", "/tasks/{task_id}"): {"200", "404", "503"},
         ("GET", "/tasks/{task_id}/transitions"): {"200", "404", "503"},
+        ("GET", "/workflows/{workflow_id}"): {"200", "400", "404", "503"},
         ("POST", "/tasks/{task_id}/cancel"): {"200", "403", "404", "409", "503"},
         ("POST", "/tasks/{task_id}/requeue"): {"200", "403", "404", "409", "503"},
         ("GET", "/stats"): {"200", "503"},

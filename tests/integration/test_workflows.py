@@ -386,3 +386,17 @@ async def test_wait_sees_waiting_as_unfinished(
 
 async def _finished(client: Client, task_id: int) -> bool:
     return (await client.get(task_id)).finished
+
+
+async def test_idempotency_keys_are_refused_in_a_workflow(
+    client: Client, conn: asyncpg.Connection
+) -> None:
+    """Not supported yet (docs/workflows.md): refused, never silently dropped."""
+    with pytest.raises(InvalidTask, match="idempotency_key: not supported in a workflow"):
+        await client.submit_many(
+            [
+                {"ref": "a", "action": "noop", "payload": {}, "idempotency_key": "k"},
+                {"action": "noop", "payload": {}, "depends_on": ["a"]},
+            ]
+        )
+    assert await conn.fetchval("SELECT count(*) FROM tasks") == 0
