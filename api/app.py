@@ -435,7 +435,7 @@ async def cancel_task(task_id: TaskId, state: State) -> TaskRead:
     outcome, row = answered(
         task_id,
         *await operations.cancel(_store(state), task_id),
-        allowed="PENDING, FAILED or RUNNING tasks can be cancelled",
+        allowed="PENDING, FAILED, WAITING or RUNNING tasks can be cancelled",
     )
     state.counters.count("cancel" if outcome is operations.Outcome.DONE else "cancel_request")
     log.info(

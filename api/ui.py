@@ -70,7 +70,7 @@ NOTICES = {
     ),
     "cancel_conflict": (
         "error",
-        "Task {id} is {state}: only PENDING, FAILED or RUNNING tasks can be cancelled.",
+        "Task {id} is {state}: only PENDING, FAILED, WAITING or RUNNING tasks can be cancelled.",
     ),
     "requeued": ("ok", "Task {id} requeued: PENDING, due now, attempts reset."),
     "requeue_conflict": ("error", "Task {id} is {state}: only DEAD tasks can be requeued."),

@@ -236,7 +236,7 @@ class Client:
         """PENDING/FAILED -> CANCELLED now; RUNNING: its worker is asked to stop the handler
         (see `cancel_requested_at`, and `wait`). TaskConflict when it already finished."""
         outcome, row = await operations.cancel(self.store, task_id)
-        return self._answer(task_id, outcome, row, "PENDING, FAILED or RUNNING tasks")
+        return self._answer(task_id, outcome, row, "PENDING, FAILED, WAITING or RUNNING tasks")
 
     async def requeue(self, task_id: int) -> Task:
         """DEAD -> PENDING, attempts reset, due now. TaskConflict unless DEAD."""

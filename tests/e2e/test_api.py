@@ -271,7 +271,8 @@ async def test_cancel_finished_task_is_a_conflict(
     r = await http.post(f"/tasks/{task['id']}/cancel")
     assert r.status_code == 409, r.text
     assert r.json()["detail"] == (
-        f"task {task['id']} is {state}: only PENDING, FAILED or RUNNING tasks can be cancelled"
+        f"task {task['id']} is {state}: only PENDING, FAILED, WAITING or RUNNING tasks "
+        "can be cancelled"
     )
 
 

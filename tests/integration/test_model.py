@@ -503,7 +503,7 @@ class EngineModel(RuleBasedStateMachine):
             assert self.tasks[task_id].completions <= 1
 
     def drain(self) -> None:
-        """Let everything run out: nothing may stay PENDING, FAILED or RUNNING."""
+        """Let everything run out: nothing may stay PENDING, FAILED, RUNNING or WAITING."""
         for _ in range(80):
             self.run(
                 self.conn.execute(
