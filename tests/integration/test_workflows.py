@@ -400,3 +400,104 @@ async def test_idempotency_keys_are_refused_in_a_workflow(
             ]
         )
     assert await conn.fetchval("SELECT count(*) FROM tasks") == 0
+
+
+async def test_a_graph_in_the_callers_transaction_asyncpg_and_psycopg(
+    client: Client, db: str, conn: asyncpg.Connection
+) -> None:
+    """Transactional enqueue of a whole graph: it exists if and only if the caller commits."""
+    from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
+
+    mine = await asyncpg.connect(db)
+    try:
+        async with mine.transaction():
+            kept = await client.submit_many(diamond("x"), connection=mine)
+            assert kept[3].state is S.WAITING
+        assert await conn.fetchval("SELECT count(*) FROM tasks") == 4
+        with pytest.raises(ZeroDivisionError):
+            async with mine.transaction():
+                await client.submit_many(diamond("y"), connection=mine)
+                _ = 1 / 0  # the application fails: no graph either
+        assert await conn.fetchval("SELECT count(*) FROM tasks") == 4
+        assert await conn.fetchval("SELECT count(*) FROM task_dependencies") == 4
+    finally:
+        await mine.close()
+    engine = create_async_engine(db.replace("postgresql://", "postgresql+psycopg://"))
+    try:
+        async with AsyncSession(engine) as session:
+            made = await client.submit_many(
+                diamond("p"), on_finish={"action": "noop", "payload": {}}, connection=session
+            )
+            await session.commit()
+    finally:
+        await engine.dispose()
+    assert [t.state for t in made] == [S.PENDING, S.WAITING, S.WAITING, S.WAITING, S.WAITING]
+    wf = await client.workflow(made[0].workflow_id)
+    assert [t.id for t in wf] == [t.id for t in made]
+    edges = await conn.fetchval(
+        "SELECT count(*) FROM task_dependencies WHERE task_id = ANY($1)", [t.id for t in made]
+    )
+    assert edges == 4 + 4
+
+
+async def _blocked_on_a_lock(conn: asyncpg.Connection) -> bool:
+    waiting = await conn.fetchval(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+        "AND wait_event_type = 'Lock'"
+    )
+    return bool(waiting)
+
+
+async def test_a_completion_that_waited_for_a_submissions_lock_sees_its_dependant(
+    client: Client, store: Store, conn: asyncpg.Connection, db: str
+) -> None:
+    """The submission counts itself on the dependency's row (its lock) and commits while the
+    completion waits for that lock: the trigger's fresh snapshot sees the new edge."""
+    dep = await client.submit("noop", {})
+    leased = await claim(store)
+    mine = await asyncpg.connect(db)
+    try:
+        tx = mine.transaction()
+        await tx.start()
+        waiting = await client.submit("noop", {}, depends_on=[dep.id], connection=mine)
+        assert waiting.state is S.WAITING
+        completing = asyncio.ensure_future(store.complete(dep.id, leased[dep.id], "1"))
+        await wait_until(lambda: _blocked_on_a_lock(conn), "the completion to wait for the lock")
+        await tx.commit()
+        assert await completing
+    finally:
+        await mine.close()
+    assert await states(conn, waiting.id) == ["PENDING"]
+    assert [s["trigger"] for s in await history(conn, waiting.id)] == ["submit", "ready"]
+
+
+async def test_a_submission_that_waited_for_a_completions_lock_sees_it_completed(
+    client: Client, store: Store, conn: asyncpg.Connection, db: str
+) -> None:
+    """The completion holds the dependency's row lock: the submission waits, then reads the
+    committed COMPLETED row and starts PENDING, its edge already satisfied."""
+    dep = await client.submit("noop", {})
+    leased = await claim(store)
+    mine = await asyncpg.connect(db)
+    try:
+        tx = mine.transaction()
+        await tx.start()
+        moved = await mine.fetch(_complete_sql(), [dep.id], [leased[dep.id]], ["1"])
+        assert [r["id"] for r in moved] == [dep.id]
+        submitting = asyncio.ensure_future(client.submit("noop", {}, depends_on=[dep.id]))
+        await wait_until(lambda: _blocked_on_a_lock(conn), "the submission to wait for the lock")
+        await tx.commit()
+        submitted = await submitting
+    finally:
+        await mine.close()
+    assert (submitted.state, submitted.waiting_for) == (S.PENDING, 0)
+    satisfied = await conn.fetchval(
+        "SELECT satisfied FROM task_dependencies WHERE task_id = $1", submitted.id
+    )
+    assert satisfied is True
+
+
+def _complete_sql() -> str:
+    from tasklease.engine.queries import SQL
+
+    return SQL["task_complete_many_if_leased"]
