@@ -13,7 +13,7 @@ import pytest
 
 from tasklease import Client, InvalidTask, TaskState
 from tasklease.engine.store import Store
-from tests.support.db import assert_histories_are_paths, wait_until
+from tests.support.db import assert_histories_are_paths, connect_db, wait_until
 from tests.support.workers import Running
 
 S = TaskState
@@ -316,7 +316,7 @@ async def test_concurrent_last_completions_wake_the_dependant_exactly_once(
             for s in stores:
                 await s.close()
         assert moved == [True, True]
-        conn = await asyncpg.connect(db)
+        conn = await connect_db(db)
         try:
             readies = await conn.fetchval(
                 "SELECT count(*) FROM task_transitions WHERE task_id = $1 AND trigger = 'ready'",
@@ -408,7 +408,7 @@ async def test_a_graph_in_the_callers_transaction_asyncpg_and_psycopg(
     """Transactional enqueue of a whole graph: it exists if and only if the caller commits."""
     from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 
-    mine = await asyncpg.connect(db)
+    mine = await connect_db(db)
     try:
         async with mine.transaction():
             kept = await client.submit_many(diamond("x"), connection=mine)
@@ -455,7 +455,7 @@ async def test_a_completion_that_waited_for_a_submissions_lock_sees_its_dependan
     completion waits for that lock: the trigger's fresh snapshot sees the new edge."""
     dep = await client.submit("noop", {})
     leased = await claim(store)
-    mine = await asyncpg.connect(db)
+    mine = await connect_db(db)
     try:
         tx = mine.transaction()
         await tx.start()
@@ -478,7 +478,7 @@ async def test_a_submission_that_waited_for_a_completions_lock_sees_it_completed
     committed COMPLETED row and starts PENDING, its edge already satisfied."""
     dep = await client.submit("noop", {})
     leased = await claim(store)
-    mine = await asyncpg.connect(db)
+    mine = await connect_db(db)
     try:
         tx = mine.transaction()
         await tx.start()
