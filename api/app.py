@@ -243,7 +243,16 @@ async def submit_task(
         graph = _planned([spec], None, None, batch=False)
         submitted = (await _submit_graph(state, [new], graph))[0]
         state.counters.count("submit")
-        return Response(TaskRead.from_row(submitted.task), status_code=HTTP_201_CREATED)
+        task = TaskRead.from_row(submitted.task)
+        log.info(
+            "task %d %s submitted: -> %s (submit), waiting for %d of %d dependencies",
+            task.id,
+            task.action,
+            task.state,
+            task.waiting_for,
+            task.dependencies,
+        )
+        return Response(task, status_code=HTTP_201_CREATED)
     try:
         submitted = (await _store(state).submit_many([new]))[0]
     except KeyTaken as taken:
