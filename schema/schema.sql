@@ -48,17 +48,27 @@ BEGIN
     FROM woken WHERE state = 'PENDING' AND pg_notify('tasklease', queue) IS NOT NULL;
 
     IF NEW.state <> 'COMPLETED' THEN
-        WITH abandoned AS (
-            UPDATE tasks t SET state = 'CANCELLED', waiting_for = 0, updated_at = now()
-            FROM task_dependencies d
-            WHERE d.depends_on = NEW.id AND NOT d.satisfied AND t.id = d.task_id
+        -- everything that waits, through 'cancel' (or 'hold', once cancelled) edges, on what
+        -- is abandoned: found in one recursive query and cancelled in one UPDATE, so that a
+        -- long chain cascades without nesting trigger calls (their triggers, fired once this
+        -- UPDATE is done, find nothing more to abandon: the stack stays two calls deep)
+        WITH RECURSIVE doomed(id) AS (
+            SELECT d.task_id FROM task_dependencies d JOIN tasks t ON t.id = d.task_id
+            WHERE d.depends_on = NEW.id AND NOT d.satisfied AND t.state = 'WAITING'
               AND (d.on_failure = 'cancel' OR (d.on_failure = 'hold' AND NEW.state = 'CANCELLED'))
-              AND t.state = 'WAITING'
+            UNION
+            SELECT d.task_id FROM doomed
+            JOIN task_dependencies d ON d.depends_on = doomed.id
+            JOIN tasks t ON t.id = d.task_id
+            WHERE NOT d.satisfied AND t.state = 'WAITING' AND d.on_failure IN ('cancel', 'hold')
+        ), abandoned AS (
+            UPDATE tasks t SET state = 'CANCELLED', waiting_for = 0, updated_at = now()
+            WHERE t.id = ANY(ARRAY(SELECT id FROM doomed)) AND t.state = 'WAITING'
             RETURNING t.id, t.attempt
         )
         INSERT INTO task_transitions (task_id, trigger, from_state, to_state, attempt, detail)
         SELECT id, 'abandon', 'WAITING', 'CANCELLED', attempt,
-               format('dependency task %s is %s', NEW.id, NEW.state)
+               format('what it waits for depends on task %s, which is %s', NEW.id, NEW.state)
         FROM abandoned WHERE pg_notify('tasklease_done', id::text) IS NOT NULL;
     END IF;
     RETURN NULL;

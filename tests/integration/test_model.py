@@ -154,11 +154,36 @@ class EngineModel(RuleBasedStateMachine):
 
     def settle(self, task_id: int) -> None:
         """As the trigger tasks_settle_dependants, once task_id has moved: when it ended
-        COMPLETED, DEAD or CANCELLED, its dependants' edges are settled."""
+        COMPLETED, DEAD or CANCELLED, its edges are settled (its 'run' edges, or all when
+        COMPLETED); when it failed, what waits on it through 'cancel' edges (or 'hold' ones,
+        once cancelled) is abandoned, and so on down the graph; then the 'run' edges of each
+        task abandoned are settled as well."""
         state = self.tasks[task_id].state
         if state not in (S.COMPLETED, S.DEAD, S.CANCELLED):
             return
-        for dep_id, m in sorted(self.tasks.items()):
+        self.settle_edges(task_id)
+        if state is S.COMPLETED:
+            return
+        doomed: list[int] = []
+        frontier = [(task_id, state)]
+        while frontier:
+            source, source_state = frontier.pop()
+            for dependant, m in sorted(self.tasks.items()):
+                policy = m.deps.get(source)
+                if policy is None or source in m.satisfied or m.state is not S.WAITING:
+                    continue
+                if policy == "cancel" or (policy == "hold" and source_state is S.CANCELLED):
+                    m.fire("abandon")
+                    m.waiting_for = 0
+                    doomed.append(dependant)
+                    frontier.append((dependant, S.CANCELLED))
+        for dependant in sorted(doomed):
+            self.settle_edges(dependant)
+
+    def settle_edges(self, task_id: int) -> None:
+        """task_id's edges that its state settles: all when COMPLETED, else the 'run' ones."""
+        state = self.tasks[task_id].state
+        for m in (m for _, m in sorted(self.tasks.items())):
             policy = m.deps.get(task_id)
             if policy is None or task_id in m.satisfied:
                 continue
@@ -169,12 +194,6 @@ class EngineModel(RuleBasedStateMachine):
                     if m.waiting_for == 0:
                         m.fire("ready")
                         m.due = True
-            elif m.state is S.WAITING and (
-                policy == "cancel" or (policy == "hold" and state is S.CANCELLED)
-            ):
-                m.fire("abandon")
-                m.waiting_for = 0
-                self.settle(dep_id)
 
     # --- rules -----------------------------------------------------------------------------
 

@@ -501,3 +501,28 @@ def _complete_sql() -> str:
     from tasklease.engine.queries import SQL
 
     return SQL["task_complete_many_if_leased"]
+
+
+async def test_a_long_chain_is_abandoned_in_one_go_and_its_run_edges_settled(
+    client: Client, store: Store, conn: asyncpg.Connection
+) -> None:
+    """A failure cascades down a chain of 2,000 tasks without nesting a trigger call per
+    link (PostgreSQL's stack would run out); a task waiting on a link under on_failure=run
+    is made ready."""
+    n = 2000
+    chain: list[dict[str, Any]] = [
+        {"ref": f"t{i}", "action": "noop", "payload": {}, "max_attempts": 1}
+        | ({"depends_on": [f"t{i - 1}"]} if i else {})
+        for i in range(n)
+    ]
+    chain.append(
+        {"action": "noop", "payload": {}, "depends_on": [{"task": "t1500", "on_failure": "run"}]}
+    )
+    tasks = await client.submit_many(chain)
+    leased = await claim(store)
+    assert set(leased) == {tasks[0].id}
+    assert await store.bury(tasks[0].id, leased[tasks[0].id], "fatal", True)
+    counts = dict(await conn.fetch("SELECT state, count(*) FROM tasks GROUP BY 1"))
+    assert counts == {"DEAD": 1, "CANCELLED": n - 1, "PENDING": 1}
+    assert [s["trigger"] for s in await history(conn, tasks[-1].id)] == ["submit", "ready"]
+    await assert_histories_are_paths(conn)

@@ -61,8 +61,9 @@ ALTER TABLE task_transitions ADD CONSTRAINT task_transitions_trigger_check CHECK
 -- (the submission counts itself in `dependants` under that lock).
 -- ready:   WAITING -> PENDING when its last unsettled edge is satisfied. The row lock makes
 --          concurrent last completions count down one after the other: exactly one sees 0.
--- abandon: WAITING -> CANCELLED under on_failure 'cancel' (or 'hold' and CANCELLED); that
---          update fires this trigger in turn, so the cancellation cascades.
+-- abandon: WAITING -> CANCELLED under on_failure 'cancel' (or 'hold' and CANCELLED), and
+--          so on down the graph (one recursive query; their own 'run' edges are settled by
+--          this trigger fired for them in turn).
 CREATE FUNCTION tasklease_settle_dependants() RETURNS trigger LANGUAGE plpgsql AS $fn$
 BEGIN
     WITH satisfied AS (
@@ -86,17 +87,27 @@ BEGIN
     FROM woken WHERE state = 'PENDING' AND pg_notify('tasklease', queue) IS NOT NULL;
 
     IF NEW.state <> 'COMPLETED' THEN
-        WITH abandoned AS (
-            UPDATE tasks t SET state = 'CANCELLED', waiting_for = 0, updated_at = now()
-            FROM task_dependencies d
-            WHERE d.depends_on = NEW.id AND NOT d.satisfied AND t.id = d.task_id
+        -- everything that waits, through 'cancel' (or 'hold', once cancelled) edges, on what
+        -- is abandoned: found in one recursive query and cancelled in one UPDATE, so that a
+        -- long chain cascades without nesting trigger calls (their triggers, fired once this
+        -- UPDATE is done, find nothing more to abandon: the stack stays two calls deep)
+        WITH RECURSIVE doomed(id) AS (
+            SELECT d.task_id FROM task_dependencies d JOIN tasks t ON t.id = d.task_id
+            WHERE d.depends_on = NEW.id AND NOT d.satisfied AND t.state = 'WAITING'
               AND (d.on_failure = 'cancel' OR (d.on_failure = 'hold' AND NEW.state = 'CANCELLED'))
-              AND t.state = 'WAITING'
+            UNION
+            SELECT d.task_id FROM doomed
+            JOIN task_dependencies d ON d.depends_on = doomed.id
+            JOIN tasks t ON t.id = d.task_id
+            WHERE NOT d.satisfied AND t.state = 'WAITING' AND d.on_failure IN ('cancel', 'hold')
+        ), abandoned AS (
+            UPDATE tasks t SET state = 'CANCELLED', waiting_for = 0, updated_at = now()
+            WHERE t.id = ANY(ARRAY(SELECT id FROM doomed)) AND t.state = 'WAITING'
             RETURNING t.id, t.attempt
         )
         INSERT INTO task_transitions (task_id, trigger, from_state, to_state, attempt, detail)
         SELECT id, 'abandon', 'WAITING', 'CANCELLED', attempt,
-               format('dependency task %s is %s', NEW.id, NEW.state)
+               format('what it waits for depends on task %s, which is %s', NEW.id, NEW.state)
         FROM abandoned WHERE pg_notify('tasklease_done', id::text) IS NOT NULL;
     END IF;
     RETURN NULL;
