@@ -197,7 +197,12 @@ class Client:
         fetch = self.store.pool.fetch if connection is None else await fetcher(connection)
         try:
             submitted = await submit_graph_on(
-                fetch, new, plan.edges, workflow=plan.workflow, on_finish=plan.on_finish
+                fetch,
+                new,
+                plan.edges,
+                workflow=plan.workflow,
+                on_finish=plan.on_finish,
+                own_transaction=connection is None,
             )
         except DependencyRefused as exc:
             raise InvalidTask(str(exc), field="depends_on") from None

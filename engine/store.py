@@ -580,10 +580,14 @@ async def submit_graph_on(
     *,
     workflow: bool,
     on_finish: int | None = None,
+    own_transaction: bool = True,
 ) -> list[Submitted]:
     """`task_submit_graph` through `fetch`: the tasks (none with an idempotency key) in input
     order, with their edges; DependencyRefused when an existing dependency cannot be waited
-    for (nothing was written). The graph must be acyclic (engine.workflows checks it)."""
+    for (nothing was written). The graph must be acyclic (engine.workflows checks it).
+    Two submissions locking the same existing dependencies in opposite orders may deadlock:
+    the one rolled back is run again (in the caller's transaction, now aborted, the error is
+    the caller's to handle)."""
     columns = (
         [t.action for t in tasks],
         [t.queue for t in tasks],
@@ -601,12 +605,17 @@ async def submit_graph_on(
         workflow,
         None if on_finish is None else on_finish + 1,
     )
-    try:
-        rows = await fetch(SQL["task_submit_graph"], *columns)
-    except asyncpg.PostgresError as exc:
-        if getattr(exc, "sqlstate", None) == "TLDEP":
-            raise DependencyRefused(str(exc)) from None
-        raise
+    for attempt in range(3):
+        try:
+            rows = await fetch(SQL["task_submit_graph"], *columns)
+            break
+        except Exception as exc:  # asyncpg's, or psycopg's on a caller's connection
+            if getattr(exc, "sqlstate", None) == "TLDEP":
+                raise DependencyRefused(str(exc)) from None
+            if not (isinstance(exc, asyncpg.DeadlockDetectedError) and own_transaction):
+                raise
+            if attempt == 2:
+                raise
     return [Submitted(True, r) for r in sorted(rows, key=lambda r: r["id"])]
 
 

@@ -526,3 +526,18 @@ async def test_a_long_chain_is_abandoned_in_one_go_and_its_run_edges_settled(
     assert counts == {"DEAD": 1, "CANCELLED": n - 1, "PENDING": 1}
     assert [s["trigger"] for s in await history(conn, tasks[-1].id)] == ["submit", "ready"]
     await assert_histories_are_paths(conn)
+
+
+async def test_a_missing_dependency_is_named_through_psycopg_too(
+    client: Client, db: str, conn: asyncpg.Connection
+) -> None:
+    from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
+
+    engine = create_async_engine(db.replace("postgresql://", "postgresql+psycopg://"))
+    try:
+        async with AsyncSession(engine) as session:
+            with pytest.raises(InvalidTask, match="task 987654321 does not exist"):
+                await client.submit("noop", {}, depends_on=[987654321], connection=session)
+    finally:
+        await engine.dispose()
+    assert await conn.fetchval("SELECT count(*) FROM tasks") == 0
