@@ -9,6 +9,7 @@ import pytest
 
 from examples.workflows import place_order
 from tasklease import Client, TaskState
+from tests.support.db import wait_until
 from tests.support.procs import Procs
 
 pytestmark = pytest.mark.slow
@@ -52,3 +53,33 @@ async def test_the_order_workflow_runs(procs: Procs, db: str, conn: asyncpg.Conn
         "GROUP BY task_id"
     )
     assert {r["task_id"]: r["n"] for r in claims}[report.id] == 1
+
+
+async def test_the_pages_http_batch_runs(procs: Procs, conn: asyncpg.Connection) -> None:
+    """The JSON that docs/workflows.md posts to /tasks/batch, as it is on the page."""
+    import json
+    import re
+    from pathlib import Path
+
+    import httpx
+
+    page = (Path(__file__).resolve().parents[2] / "docs" / "workflows.md").read_text()
+    block = re.search(r"```json\n(.*?)```", page, re.DOTALL)
+    assert block is not None, "docs/workflows.md has no JSON example"
+    body = json.loads(block.group(1))
+    _, url = procs.api("--handlers", "examples.workflows")
+    procs.worker("w1", "--handlers", "examples.workflows")
+    async with httpx.AsyncClient(base_url=url) as http:
+        r = await http.post("/tasks/batch", json=body)
+        assert r.status_code == 201, r.text
+        made = r.json()
+        report = made["on_finish"]["id"]
+
+        async def finished() -> bool:
+            return (await http.get(f"/tasks/{report}")).json()["state"] == "COMPLETED"
+
+        await wait_until(finished, "the order's report")
+        wf = (await http.get(f"/workflows/{made['workflow_id']}")).json()
+    assert wf["finished"] and wf["states"] == {"COMPLETED": 5}
+    archive = next(t for t in wf["tasks"] if t["action"] == "archive_order")
+    assert archive["result"] == {"archived": 1001, "invoice": "INV-1001"}
