@@ -295,13 +295,43 @@ RETURNING t.id, t.cancel_requested_at IS NOT NULL AS cancel_requested;
 -- name: task_complete_many_if_leased
 -- RUNNING -> COMPLETED for each (id $1[i], token $2[i], result $3[i]) whose token still
 -- holds the lease; returns the ids that moved. One statement for a whole batch.
+-- Workflows (docs/workflows.md): the dependants' edges this statement sees are settled here,
+-- for the whole batch at once (settled, woken, readied: WAITING -> PENDING when the last
+-- settles); `dependants` keeps the count of those it does not see (submitted while it waited
+-- for the row's lock), for which the trigger tasks_settle_dependants fires. Without edges,
+-- these CTEs find nothing through an index of an empty range.
 WITH moved AS (
     UPDATE tasks t
     SET state = 'COMPLETED', result = ($3::text[])[array_position($1, t.id)]::jsonb,
-        lease_expires_at = NULL, updated_at = now()
+        lease_expires_at = NULL, updated_at = now(),
+        dependants = CASE WHEN t.dependants > 0
+                          THEN t.dependants - (SELECT count(*) FROM task_dependencies d
+                                               WHERE d.depends_on = t.id)::integer
+                          ELSE 0 END
     WHERE t.id = ANY($1::bigint[]) AND t.state = 'RUNNING'
       AND t.lease_token = ($2::uuid[])[array_position($1, t.id)]
     RETURNING t.id, t.attempt, t.worker, t.queue, t.action, t.queue_token, t.action_token
+), settled AS (
+    UPDATE task_dependencies d SET satisfied = true
+    WHERE d.depends_on = ANY(ARRAY(SELECT id FROM moved)) AND NOT d.satisfied
+    RETURNING d.task_id, d.depends_on
+), woken AS (
+    -- under the row lock, counted down from its latest value: of two statements completing
+    -- the last dependencies at once, exactly one sees 0
+    UPDATE tasks t
+    SET waiting_for = t.waiting_for - s.n,
+        state = CASE WHEN t.waiting_for = s.n THEN 'PENDING'::task_state ELSE t.state END,
+        due_at = CASE WHEN t.waiting_for = s.n THEN greatest(t.due_at, now()) ELSE t.due_at END,
+        updated_at = now()
+    FROM (SELECT task_id, count(*)::integer AS n, max(depends_on) AS last FROM settled
+          GROUP BY task_id) AS s
+    WHERE t.id = s.task_id AND t.state = 'WAITING'
+    RETURNING t.id, t.state, t.attempt, t.queue, s.last
+), readied AS (
+    INSERT INTO task_transitions (task_id, trigger, from_state, to_state, attempt, detail)
+    SELECT id, 'ready', 'WAITING', 'PENDING', attempt,
+           format('dependencies settled: the last, task %s, is COMPLETED', last)
+    FROM woken WHERE state = 'PENDING' AND pg_notify('tasklease', queue) IS NOT NULL
 ), notified AS (
     -- wakes Client.wait(): the ids that finished, 300 a notification (payloads stay < 8000 bytes)
     SELECT count(pg_notify('tasklease_done', ids)) AS n FROM (
