@@ -11,7 +11,7 @@ transactional write is kept exactly when its completion is.
 
 Workflows (docs/workflows.md): tasks are also submitted waiting for others (existing tasks,
 or a diamond in one batch) under each failure policy. The model settles dependants when a
-dependency ends COMPLETED, DEAD or CANCELLED, as the trigger does; no dependant is claimed
+dependency ends COMPLETED, DEAD or CANCELLED, as the database does; no dependant is claimed
 before its dependencies are settled, and none is stranded WAITING (every WAITING task has a
 dependency that may still finish).
 
@@ -153,7 +153,7 @@ class EngineModel(RuleBasedStateMachine):
             self.settle(task_id)
 
     def settle(self, task_id: int) -> None:
-        """As the trigger tasks_settle_dependants, once task_id has moved: when it ended
+        """As the complete statement and the trigger do, once task_id has moved: when it ended
         COMPLETED, DEAD or CANCELLED, its edges are settled (its 'run' edges, or all when
         COMPLETED); when it failed, what waits on it through 'cancel' edges (or 'hold' ones,
         once cancelled) is abandoned, and so on down the graph; then the 'run' edges of each
