@@ -31,6 +31,7 @@ from litestar.types import Message, Scope
 
 from tasklease.api import metrics, ui
 from tasklease.api.schemas import (
+    EdgeRead,
     ErrorBody,
     Health,
     LimitRead,
@@ -47,13 +48,22 @@ from tasklease.api.schemas import (
     TaskRead,
     TransitionRead,
     WorkerStats,
+    WorkflowRead,
 )
 from tasklease.api.stats import ReadModel
-from tasklease.engine import database, jsontext, operations, tasks
+from tasklease.engine import database, jsontext, operations, tasks, workflows
 from tasklease.engine.registry import Handler
 from tasklease.engine.reporting import Counters, Reporter
 from tasklease.engine.states import TaskState
-from tasklease.engine.store import TRANSIENT_ERRORS, InvalidLimit, KeyTaken, Limit, NewTask, Store
+from tasklease.engine.store import (
+    TRANSIENT_ERRORS,
+    DependencyRefused,
+    InvalidLimit,
+    KeyTaken,
+    Limit,
+    NewTask,
+    Store,
+)
 
 log = logging.getLogger("tasklease.api")
 T = TypeVar("T")
@@ -227,7 +237,22 @@ async def submit_task(
 ) -> Response[TaskRead]:
     """Submit a task. 201 with the new task; 200 with the existing one for a repeated
     idempotency key with the same content; 409 when that task's content differs."""
-    new = prepare(await strict(request, TaskCreate), state.handlers)
+    spec = await strict(request, TaskCreate)
+    new = prepare(spec, state.handlers)
+    if workflows.is_graph([spec]):
+        graph = _planned([spec], None, None, batch=False)
+        submitted = (await _submit_graph(state, [new], graph))[0]
+        state.counters.count("submit")
+        task = TaskRead.from_row(submitted.task)
+        log.info(
+            "task %d %s submitted: -> %s (submit), waiting for %d of %d dependencies",
+            task.id,
+            task.action,
+            task.state,
+            task.waiting_for,
+            task.dependencies,
+        )
+        return Response(task, status_code=HTTP_201_CREATED)
     try:
         submitted = (await _store(state).submit_many([new]))[0]
     except KeyTaken as taken:
@@ -258,6 +283,8 @@ async def submit_tasks(
     other content, 409 naming the first such task (nothing is written)."""
     batch = await strict(request, TaskBatchCreate)
     new = [prepare(t, state.handlers, i) for i, t in enumerate(batch.tasks)]
+    if workflows.is_graph(batch.tasks, batch.on_finish):
+        return await _submit_workflow(state, batch, new)
     try:
         submitted = await _store(state).submit_many(new)
     except KeyTaken as taken:
@@ -266,6 +293,46 @@ async def submit_tasks(
     state.counters.count("submit", created)
     log.info("batch of %d submitted: %d new -> PENDING (submit)", len(new), created)
     return TaskBatchRead([TaskRead.from_row(s.task) for s in submitted])
+
+
+def _planned(
+    specs: list[TaskCreate],
+    on_failure: tasks.OnFailure | None,
+    on_finish: TaskCreate | None,
+    *,
+    batch: bool,
+) -> workflows.Plan:
+    try:
+        return workflows.plan(specs, on_failure=on_failure, on_finish=on_finish, batch=batch)
+    except tasks.InvalidTask as exc:
+        raise UnprocessableTask(
+            str(exc), extra={"field": exc.field} if exc.field else None
+        ) from None
+
+
+async def _submit_graph(state: State, new: list[NewTask], graph: workflows.Plan) -> list[Any]:
+    try:
+        return await _store(state).submit_graph(
+            new, graph.edges, workflow=graph.workflow, on_finish=graph.on_finish
+        )
+    except DependencyRefused as exc:
+        raise UnprocessableTask(str(exc), extra={"field": "depends_on"}) from None
+
+
+async def _submit_workflow(
+    state: State, batch: TaskBatchCreate, new: list[NewTask]
+) -> TaskBatchRead:
+    """A batch that is a graph (docs/workflows.md): checked (refs, cycles), then written with
+    its edges in one statement."""
+    graph = _planned(batch.tasks, batch.on_failure, batch.on_finish, batch=True)
+    if batch.on_finish is not None:
+        new = [*new, prepare(batch.on_finish, state.handlers, len(new))]
+    submitted = await _submit_graph(state, new, graph)
+    rows = [TaskRead.from_row(s.task) for s in submitted]
+    state.counters.count("submit", len(rows))
+    log.info("workflow of %d tasks submitted (%d edges)", len(rows), len(graph.edges))
+    finish = rows.pop() if batch.on_finish is not None else None
+    return TaskBatchRead(rows, workflow_id=rows[0].workflow_id if rows else None, on_finish=finish)
 
 
 @get("/tasks", operation_id="listTasks", responses=errors(400, 401, 503))
@@ -315,6 +382,43 @@ async def get_task_transitions(task_id: TaskId, state: State) -> list[Transition
     return [TransitionRead(**dict(r)) for r in rows]
 
 
+@get(
+    "/workflows/{workflow_id:int}",
+    operation_id="getWorkflow",
+    responses=errors(400, 401, 404, 503),
+)
+async def get_workflow(
+    workflow_id: Annotated[int, Parameter(ge=1, le=MAX_ID, description="the workflow's id")],
+    state: State,
+) -> WorkflowRead:
+    """A workflow (a batch that declared a graph): every member with its state, the edges,
+    counts by state, and whether all have finished."""
+    read = await workflow_of(_store(state), workflow_id)
+    if read is None:
+        raise NotFoundException(f"no workflow {workflow_id}")
+    return read
+
+
+async def workflow_of(store: Store, workflow_id: int) -> WorkflowRead | None:
+    row = await store.workflow(workflow_id)
+    if row is None:
+        return None
+    members = [TaskRead.from_row(r) for r in await store.workflow_tasks(workflow_id)]
+    edges = [EdgeRead(**dict(r)) for r in await store.edges([t.id for t in members])]
+    counts: dict[str, int] = {}
+    for t in members:
+        counts[t.state.value] = counts.get(t.state.value, 0) + 1
+    return WorkflowRead(
+        id=row["id"],
+        created_at=row["created_at"],
+        on_finish=row["on_finish"],
+        finished=all(t.finished for t in members),
+        states=counts,
+        tasks=members,
+        edges=edges,
+    )
+
+
 def answered(
     task_id: int, outcome: operations.Outcome, row: Any, allowed: str
 ) -> tuple[operations.Outcome, Any]:
@@ -340,7 +444,7 @@ async def cancel_task(task_id: TaskId, state: State) -> TaskRead:
     outcome, row = answered(
         task_id,
         *await operations.cancel(_store(state), task_id),
-        allowed="PENDING, FAILED or RUNNING tasks can be cancelled",
+        allowed="PENDING, FAILED, WAITING or RUNNING tasks can be cancelled",
     )
     state.counters.count("cancel" if outcome is operations.Outcome.DONE else "cancel_request")
     log.info(
@@ -640,6 +744,7 @@ def create_app(
             list_tasks,
             get_task,
             get_task_transitions,
+            get_workflow,
             cancel_task,
             requeue_task,
             get_stats,

@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 import msgspec
 
-from tasklease.engine.tasks import Task, TaskSpec, Transition
+from tasklease.engine.tasks import OnFailure, Task, TaskSpec, Transition
 
 MAX_BATCH = 10_000
 
@@ -17,9 +17,14 @@ class TaskCreate(TaskSpec):
 
 
 class TaskBatchCreate(msgspec.Struct, forbid_unknown_fields=True):
-    """Tasks submitted together: all are written, or none."""
+    """Tasks submitted together: all are written, or none. A batch whose tasks wait for one
+    another (`ref`, `depends_on`) or that has an `on_finish` task is a workflow
+    (docs/workflows.md): `on_failure` is its default failure policy, `on_finish` a task that
+    runs once when every task of the batch has finished."""
 
     tasks: Annotated[list[TaskCreate], msgspec.Meta(min_length=1, max_length=MAX_BATCH)]
+    on_failure: OnFailure | None = None
+    on_finish: TaskCreate | None = None
 
 
 def stored_json(value: str) -> Any:
@@ -39,6 +44,30 @@ class TaskRead(Task):
 
 class TaskBatchRead(msgspec.Struct):
     tasks: list[TaskRead]
+    workflow_id: int | None = None  # set when the batch made a workflow
+    on_finish: TaskRead | None = None
+
+
+class EdgeRead(msgspec.Struct, kw_only=True):
+    """task_id waits for depends_on; `satisfied`: it no longer holds task_id back."""
+
+    task_id: int
+    depends_on: int
+    on_failure: str
+    satisfied: bool
+
+
+class WorkflowRead(msgspec.Struct, kw_only=True):
+    """A workflow: every member with its state, the edges among them, counts by state, and
+    whether every member has finished (COMPLETED, DEAD or CANCELLED)."""
+
+    id: int
+    created_at: datetime
+    on_finish: int | None
+    finished: bool
+    states: dict[str, int]
+    tasks: list[TaskRead]
+    edges: list[EdgeRead]
 
 
 class TaskPage(msgspec.Struct):

@@ -38,6 +38,7 @@ from litestar.plugins.jinja import JinjaTemplateEngine
 from litestar.response import Redirect, Template
 from litestar.static_files import create_static_files_router
 from litestar.template.config import TemplateConfig
+from markupsafe import Markup, escape
 
 from tasklease.engine import operations
 from tasklease.engine.reporting import alive, minute_now, per_minute
@@ -69,7 +70,7 @@ NOTICES = {
     ),
     "cancel_conflict": (
         "error",
-        "Task {id} is {state}: only PENDING, FAILED or RUNNING tasks can be cancelled.",
+        "Task {id} is {state}: only PENDING, FAILED, WAITING or RUNNING tasks can be cancelled.",
     ),
     "requeued": ("ok", "Task {id} requeued: PENDING, due now, attempts reset."),
     "requeue_conflict": ("error", "Task {id} is {state}: only DEAD tasks can be requeued."),
@@ -491,14 +492,117 @@ async def task_detail(request: Request[Any, Any, Any], state: State, task_id: Ta
         steps.append({**dict(r), "after": None if previous is None else (r["at"] - previous)})
         previous = r["at"]
     message, _, trace = (task["last_error"] or "").partition("\n\n")
+    edges = await store.task_edges(task_id)  # two index probes; none for most tasks
     return page(
         request,
         "task.html",
         task=task,
+        dependencies=[e for e in edges if e["kind"] == "dependency"],
+        dependants=[e for e in edges if e["kind"] == "dependant"],
         steps=steps,
         error_message=message,
         error_trace=trace,
         cancellable=task["state"] in operations.CANCELLABLE,
+        now=datetime.now(UTC),
+    )
+
+
+# --- workflows (docs/workflows.md) --------------------------------------------------------
+
+NODE_W, NODE_H, GAP_X, GAP_Y = 170, 46, 60, 18
+
+
+def levels(ids: list[int], waits: dict[int, list[int]]) -> dict[int, int]:
+    """Each task's column: 0 when it waits for nothing in the graph, else one past the
+    furthest of what it waits for (a graph is acyclic: submissions with cycles are refused)."""
+    level: dict[int, int] = {}
+
+    def of(task: int, seen: frozenset[int] = frozenset()) -> int:
+        if task not in level:
+            inside = [d for d in waits.get(task, []) if d in waits and d not in seen]
+            level[task] = 1 + max((of(d, seen | {task}) for d in inside), default=-1)
+        return level[task]
+
+    for task in ids:
+        of(task)
+    return level
+
+
+def workflow_svg(tasks: list[Mapping[str, Any]], edges: list[Mapping[str, Any]]) -> Markup:
+    """The workflow as an SVG graph, drawn here: a column per level, a box per task (its
+    state's colour, a link to its page), an arrow from each dependency to its dependant
+    (dashed while it holds the dependant back)."""
+    ids = [t["id"] for t in tasks]
+    waits: dict[int, list[int]] = {i: [] for i in ids}
+    for e in edges:
+        if e["task_id"] in waits:
+            waits[e["task_id"]].append(e["depends_on"])
+    level = levels(ids, waits)
+    rows: dict[int, int] = {}
+    place: dict[int, tuple[int, int]] = {}
+    for t in tasks:
+        col = level[t["id"]]
+        place[t["id"]] = (col, rows.get(col, 0))
+        rows[col] = rows.get(col, 0) + 1
+
+    def xy(task: int) -> tuple[int, int]:
+        col, row = place[task]
+        return 10 + col * (NODE_W + GAP_X), 10 + row * (NODE_H + GAP_Y)
+
+    width = 20 + (max(level.values(), default=0) + 1) * (NODE_W + GAP_X) - GAP_X
+    height = 20 + max(rows.values(), default=1) * (NODE_H + GAP_Y) - GAP_Y
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" class="graph" viewBox="0 0 {width} {height}" '
+        f'width="{width}" height="{height}" role="img" aria-label="workflow graph">',
+        '<defs><marker id="arrow" viewBox="0 0 10 10" refX="10" refY="5" markerWidth="7" '
+        'markerHeight="7" orient="auto"><path d="M0,0 L10,5 L0,10 z"/></marker></defs>',
+    ]
+    for e in edges:
+        if e["task_id"] not in place or e["depends_on"] not in place:
+            continue
+        (x1, y1), (x2, y2) = xy(e["depends_on"]), xy(e["task_id"])
+        dash = "" if e["satisfied"] else ' stroke-dasharray="5,4"'
+        mid_y1, mid_y2 = y1 + NODE_H // 2, y2 + NODE_H // 2
+        curve = (
+            f"M{x1 + NODE_W},{mid_y1} C{x1 + NODE_W + GAP_X // 2},{mid_y1} "
+            f"{x2 - GAP_X // 2},{mid_y2} {x2},{mid_y2}"
+        )
+        title = f"{e['task_id']} waits for {e['depends_on']} ({escape(e['on_failure'])})"
+        parts.append(
+            f'<path class="edge" d="{curve}" marker-end="url(#arrow)"{dash}>'
+            f"<title>{title}</title></path>"
+        )
+    for t in tasks:
+        x, y = xy(t["id"])
+        state = escape(t["state"])
+        parts.append(
+            f'<a href="/ui/tasks/{t["id"]}"><g class="node state-{state.lower()}" '
+            f'id="node-{t["id"]}"><rect x="{x}" y="{y}" width="{NODE_W}" height="{NODE_H}" '
+            f'rx="6"/><text x="{x + 8}" y="{y + 18}">{t["id"]} · {escape(t["action"][:18])}'
+            f'</text><text x="{x + 8}" y="{y + 36}" class="state">{state}</text></g></a>'
+        )
+    parts.append("</svg>")
+    return Markup("".join(parts))
+
+
+@get("/workflows/{workflow_id:int}")
+async def workflow_detail(
+    request: Request[Any, Any, Any], state: State, workflow_id: TaskId
+) -> Template:
+    store = _store(state)
+    row = await store.workflow(workflow_id)
+    if row is None:
+        return page(request, "missing.html", status_code=404, task_id=workflow_id, what="workflow")
+    tasks = await store.workflow_tasks(workflow_id)
+    edges = await store.edges([t["id"] for t in tasks])
+    counts = collections.Counter(t["state"] for t in tasks)
+    return page(
+        request,
+        "workflow.html",
+        workflow=row,
+        tasks=tasks,
+        counts=sorted(counts.items()),
+        graph=workflow_svg(tasks, edges),
         now=datetime.now(UTC),
     )
 
@@ -656,6 +760,7 @@ router = Router(
         overview_fragment,
         task_list,
         task_detail,
+        workflow_detail,
         cancel,
         requeue,
         requeue_dead_confirm,

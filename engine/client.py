@@ -30,10 +30,20 @@ from typing import Any, TypeVar
 import asyncpg
 import msgspec
 
-from tasklease.engine import database, operations, registry
-from tasklease.engine.store import Fetch, KeyTaken, NewTask, Store, submit_on
+from tasklease.engine import database, operations, registry, workflows
+from tasklease.engine.store import (
+    DependencyRefused,
+    Fetch,
+    KeyTaken,
+    NewTask,
+    Store,
+    submit_graph_on,
+    submit_on,
+)
 from tasklease.engine.tasks import (
     IdempotencyConflict,
+    InvalidTask,
+    OnFailure,
     Task,
     TaskSpec,
     Transition,
@@ -123,11 +133,14 @@ class Client:
         priority: int = 0,
         lease_seconds: float | None = None,
         timeout_seconds: float | None = None,
+        depends_on: Sequence[int] | None = None,
+        on_failure: OnFailure | None = None,
         connection: Any = None,
     ) -> Task:
         """Submit one task; a repeated idempotency key returns the task that holds it.
         InvalidTask names what is wrong with a submission; IdempotencyConflict says that the
-        key is held by a task with other content (nothing is written)."""
+        key is held by a task with other content (nothing is written). `depends_on`: ids of
+        tasks it waits for (it is WAITING until they complete; docs/workflows.md)."""
         fields = {
             "action": action,
             "payload": _builtins(payload),
@@ -138,21 +151,68 @@ class Client:
             "priority": priority,
             "lease_seconds": lease_seconds,
             "timeout_seconds": timeout_seconds,
+            "depends_on": list(depends_on) if depends_on is not None else None,
+            "on_failure": on_failure,
         }
-        new = prepare(spec(_spec_fields(fields)), registry.REGISTRY)
+        one = spec(_spec_fields(fields))
+        new = prepare(one, registry.REGISTRY)
+        if workflows.is_graph([one]):
+            plan = workflows.plan([one], batch=False)
+            [task] = await self._write_graph([new], plan, connection)
+            return task
         [task] = await self._write([new], connection, batch=False)
         return task
 
     async def submit_many(
-        self, tasks: Iterable[Mapping[str, Any] | TaskSpec], *, connection: Any = None
+        self,
+        tasks: Iterable[Mapping[str, Any] | TaskSpec],
+        *,
+        on_failure: OnFailure | None = None,
+        on_finish: Mapping[str, Any] | TaskSpec | None = None,
+        connection: Any = None,
     ) -> list[Task]:
         """Submit tasks given as POST /tasks bodies (or TaskSpecs) together: all or none.
-        IdempotencyConflict names the first task that reuses a key with other content."""
-        new = [
-            prepare(t if isinstance(t, TaskSpec) else spec(_spec_fields(t)), registry.REGISTRY, i)
-            for i, t in enumerate(tasks)
-        ]
+        IdempotencyConflict names the first task that reuses a key with other content.
+
+        A graph (docs/workflows.md): tasks name others of the batch they wait for by `ref`
+        (`{"ref": "charge", ...}`, `{"depends_on": ["charge"], ...}`) or existing tasks by id;
+        `on_failure` is the batch's default failure policy; `on_finish` a task that runs once
+        every task of the batch has finished: it comes last in the list returned. The tasks'
+        `workflow_id` is the workflow made."""
+        specs = [t if isinstance(t, TaskSpec) else spec(_spec_fields(t)) for t in tasks]
+        new = [prepare(t, registry.REGISTRY, i) for i, t in enumerate(specs)]
+        finish = None
+        if on_finish is not None:
+            finish = on_finish if isinstance(on_finish, TaskSpec) else spec(_spec_fields(on_finish))
+        if workflows.is_graph(specs, finish):
+            plan = workflows.plan(specs, on_failure=on_failure, on_finish=finish)
+            if finish is not None:
+                new.append(prepare(finish, registry.REGISTRY, len(new)))
+            return await self._write_graph(new, plan, connection)
         return await self._write(new, connection, batch=True) if new else []
+
+    async def _write_graph(
+        self, new: Sequence[NewTask], plan: workflows.Plan, connection: Any
+    ) -> list[Task]:
+        fetch = self.store.pool.fetch if connection is None else await fetcher(connection)
+        try:
+            submitted = await submit_graph_on(
+                fetch,
+                new,
+                plan.edges,
+                workflow=plan.workflow,
+                on_finish=plan.on_finish,
+                own_transaction=connection is None,
+            )
+        except DependencyRefused as exc:
+            raise InvalidTask(str(exc), field="depends_on") from None
+        return [Task.from_row(s.task) for s in submitted]
+
+    async def workflow(self, workflow_id: int) -> list[Task]:
+        """The members of a workflow, by id (each with its state); TaskNotFound if none."""
+        if await self.store.workflow(workflow_id) is None:
+            raise TaskNotFound(f"no workflow {workflow_id}")
+        return [Task.from_row(r) for r in await self.store.workflow_tasks(workflow_id)]
 
     async def _write(self, new: Sequence[NewTask], connection: Any, *, batch: bool) -> list[Task]:
         fetch = self.store.pool.fetch if connection is None else await fetcher(connection)
@@ -181,7 +241,7 @@ class Client:
         """PENDING/FAILED -> CANCELLED now; RUNNING: its worker is asked to stop the handler
         (see `cancel_requested_at`, and `wait`). TaskConflict when it already finished."""
         outcome, row = await operations.cancel(self.store, task_id)
-        return self._answer(task_id, outcome, row, "PENDING, FAILED or RUNNING tasks")
+        return self._answer(task_id, outcome, row, "PENDING, FAILED, WAITING or RUNNING tasks")
 
     async def requeue(self, task_id: int) -> Task:
         """DEAD -> PENDING, attempts reset, due now. TaskConflict unless DEAD."""
@@ -431,6 +491,9 @@ class SyncClient:
 
     def get(self, task_id: int) -> Task:
         return self._call(self._client.get(task_id))
+
+    def workflow(self, workflow_id: int) -> list[Task]:
+        return self._call(self._client.workflow(workflow_id))
 
     def history(self, task_id: int) -> list[Transition]:
         return self._call(self._client.history(task_id))

@@ -17,10 +17,12 @@ import concurrent.futures
 import logging
 import time
 import traceback
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
+
+import msgspec
 
 from tasklease.engine.fencing import Fence
 from tasklease.engine.leases import FENCE_AT, Lease, LeaseKeeper
@@ -41,7 +43,7 @@ from tasklease.engine.outcomes import (
     decide,
     storable,
 )
-from tasklease.engine.registry import Handler, PermanentError, Snooze, TaskContext
+from tasklease.engine.registry import Dependency, Handler, PermanentError, Snooze, TaskContext
 from tasklease.engine.reporting import Counters
 from tasklease.engine.retry import Retry, describe
 from tasklease.engine.states import BY_TRIGGER
@@ -77,6 +79,8 @@ class _Execution:
     outliving: bool = False  # waiting for a def handler's thread that was told to stop
     stopped: str | None = None  # RELEASE, LEASE_LOST or CANCEL once the handler is stopped
     holds_slot: bool = False  # counted in Worker.handling
+    # a workflow's task: its dependencies, read for all of its claim at once
+    dependencies: asyncio.Future[dict[int, list[Dependency]]] | None = None
 
 
 class Executor:
@@ -112,8 +116,36 @@ class Executor:
     def close(self) -> None:
         self._threads.shutdown(wait=False, cancel_futures=True)
 
-    def start(self, claimed: Claimed, sent: float) -> None:
-        """Run a task just claimed (`sent`: when its claim was sent, by the monotonic clock)."""
+    def start(self, leased: Sequence[Claimed], sent: float) -> None:
+        """Run the tasks of one claim (`sent`: when it was sent, by the monotonic clock). The
+        dependencies of a workflow's tasks are read for all of them at once, while they
+        start."""
+        waiting = [c.id for c in leased if c.dependencies]
+        deps = asyncio.ensure_future(self._dependencies(waiting)) if waiting else None
+        for claimed in leased:
+            self._start(claimed, sent, deps if claimed.dependencies else None)
+
+    async def _dependencies(self, task_ids: list[int]) -> dict[int, list[Dependency]]:
+        """What the tasks of one claim waited for, by task: one query for all of them."""
+        found: dict[int, list[Dependency]] = {}
+        for r in await self.store.dependency_results(task_ids):
+            found.setdefault(r["task_id"], []).append(
+                Dependency(
+                    r["id"],
+                    r["action"],
+                    r["state"],
+                    None if r["result"] is None else msgspec.json.decode(r["result"]),
+                    r["on_failure"],
+                )
+            )
+        return found
+
+    def _start(
+        self,
+        claimed: Claimed,
+        sent: float,
+        dependencies: asyncio.Future[dict[int, list[Dependency]]] | None,
+    ) -> None:
         handler = self.handlers[claimed.action]
         lease_seconds = claimed.lease_seconds
         late = time.monotonic() - sent
@@ -145,7 +177,7 @@ class Executor:
             _heartbeat=lambda: self._heartbeat_one(ex),
             _fence=self.fence,
         )
-        ex = _Execution(claimed, handler, ctx, lease_seconds)
+        ex = _Execution(claimed, handler, ctx, lease_seconds, dependencies=dependencies)
         self.counters.count(claimed.trigger)
         ctx.logger.info(
             "%s -> RUNNING (%s, attempt %d/%d)",
@@ -194,6 +226,9 @@ class Executor:
         timeout = ex.claimed.timeout_seconds or ex.handler.timeout
         limit: asyncio.Timeout | None = None
         try:
+            if ex.dependencies is not None:  # a workflow's task: its dependencies' results
+                found = await asyncio.shield(ex.dependencies)
+                ex.ctx.dependencies = found.get(ex.claimed.id, [])
             payload = ex.handler.decode(ex.claimed.payload)
             if ex.handler.is_async:
                 work = ex.handler.fn(ex.ctx, payload)

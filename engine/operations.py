@@ -10,7 +10,7 @@ from tasklease.engine.states import TaskState
 from tasklease.engine.store import Store
 
 S = TaskState
-CANCELLABLE = (S.PENDING, S.FAILED, S.RUNNING)
+CANCELLABLE = (S.PENDING, S.FAILED, S.RUNNING, S.WAITING)
 REQUEUE_BATCH = 1000
 
 
@@ -22,7 +22,8 @@ class Outcome(enum.Enum):
 
 
 async def cancel(store: Store, task_id: int) -> tuple[Outcome, asyncpg.Record | None]:
-    """PENDING/FAILED -> CANCELLED now; RUNNING -> ask its worker; anything else: conflict."""
+    """PENDING/FAILED/WAITING -> CANCELLED now; RUNNING -> ask its worker; anything else:
+    conflict."""
     row = None
     for _ in range(3):  # the task may move between statements (RUNNING -> FAILED, say)
         if await store.cancel(task_id, "cancelled by an operator"):

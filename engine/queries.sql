@@ -257,18 +257,20 @@ WITH lease AS (
     FROM dead WHERE pg_notify('tasklease_done', id::text) IS NOT NULL
 )
 SELECT 'claim' AS trigger, from_state, id, action, queue, payload, attempt, max_attempts,
-       lease_token, idempotency_key, lease_for, timeout_seconds, NULL::float8 AS wait_seconds
+       lease_token, idempotency_key, lease_for, timeout_seconds, dependencies,
+       NULL::float8 AS wait_seconds
 FROM claimed
 UNION ALL
 SELECT 'reclaim', 'RUNNING', id, action, queue, payload, attempt, max_attempts,
-       lease_token, idempotency_key, lease_for, timeout_seconds, NULL
+       lease_token, idempotency_key, lease_for, timeout_seconds, dependencies, NULL
 FROM reclaimed
 UNION ALL
-SELECT 'expire', 'RUNNING', id, NULL, NULL, NULL, attempt, NULL, NULL, NULL, NULL, NULL, NULL
+SELECT 'expire', 'RUNNING', id, NULL, NULL, NULL, attempt, NULL, NULL, NULL, NULL, NULL, NULL,
+       NULL
 FROM dead
 UNION ALL
 SELECT CASE WHEN (SELECT retry_in FROM held_back) IS NULL THEN 'wait' ELSE 'held' END,
-       NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
+       NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
        -- paused: no time to look again (resuming wakes the workers)
        CASE WHEN NOT (SELECT yes FROM paused)
             THEN least(extract(epoch FROM at - now())::float8,
@@ -293,13 +295,43 @@ RETURNING t.id, t.cancel_requested_at IS NOT NULL AS cancel_requested;
 -- name: task_complete_many_if_leased
 -- RUNNING -> COMPLETED for each (id $1[i], token $2[i], result $3[i]) whose token still
 -- holds the lease; returns the ids that moved. One statement for a whole batch.
+-- Workflows (docs/workflows.md): the dependants' edges this statement sees are settled here,
+-- for the whole batch at once (settled, woken, readied: WAITING -> PENDING when the last
+-- settles); `dependants` keeps the count of those it does not see (submitted while it waited
+-- for the row's lock), for which the trigger tasks_settle_dependants fires. Without edges,
+-- these CTEs find nothing through an index of an empty range.
 WITH moved AS (
     UPDATE tasks t
     SET state = 'COMPLETED', result = ($3::text[])[array_position($1, t.id)]::jsonb,
-        lease_expires_at = NULL, updated_at = now()
+        lease_expires_at = NULL, updated_at = now(),
+        dependants = CASE WHEN t.dependants > 0
+                          THEN t.dependants - (SELECT count(*) FROM task_dependencies d
+                                               WHERE d.depends_on = t.id)::integer
+                          ELSE 0 END
     WHERE t.id = ANY($1::bigint[]) AND t.state = 'RUNNING'
       AND t.lease_token = ($2::uuid[])[array_position($1, t.id)]
     RETURNING t.id, t.attempt, t.worker, t.queue, t.action, t.queue_token, t.action_token
+), settled AS (
+    UPDATE task_dependencies d SET satisfied = true
+    WHERE d.depends_on = ANY(ARRAY(SELECT id FROM moved)) AND NOT d.satisfied
+    RETURNING d.task_id, d.depends_on
+), woken AS (
+    -- under the row lock, counted down from its latest value: of two statements completing
+    -- the last dependencies at once, exactly one sees 0
+    UPDATE tasks t
+    SET waiting_for = t.waiting_for - s.n,
+        state = CASE WHEN t.waiting_for = s.n THEN 'PENDING'::task_state ELSE t.state END,
+        due_at = CASE WHEN t.waiting_for = s.n THEN greatest(t.due_at, now()) ELSE t.due_at END,
+        updated_at = now()
+    FROM (SELECT task_id, count(*)::integer AS n, max(depends_on) AS last FROM settled
+          GROUP BY task_id) AS s
+    WHERE t.id = s.task_id AND t.state = 'WAITING'
+    RETURNING t.id, t.state, t.attempt, t.queue, s.last
+), readied AS (
+    INSERT INTO task_transitions (task_id, trigger, from_state, to_state, attempt, detail)
+    SELECT id, 'ready', 'WAITING', 'PENDING', attempt,
+           format('dependencies settled: the last, task %s, is COMPLETED', last)
+    FROM woken WHERE state = 'PENDING' AND pg_notify('tasklease', queue) IS NOT NULL
 ), notified AS (
     -- wakes Client.wait(): the ids that finished, 300 a notification (payloads stay < 8000 bytes)
     SELECT count(pg_notify('tasklease_done', ids)) AS n FROM (
@@ -429,12 +461,14 @@ WITH moved AS (
 SELECT id, attempt FROM moved;
 
 -- name: task_cancel_if_waiting
--- PENDING or FAILED -> CANCELLED for task $1; $2 is the detail for the history.
+-- PENDING, FAILED or WAITING -> CANCELLED for task $1; $2 is the detail for the history.
+-- Its dependants are settled by the trigger tasks_settle_dependants (docs/workflows.md).
 WITH old AS (
-    SELECT id, state FROM tasks WHERE id = $1 AND state IN ('PENDING', 'FAILED') FOR UPDATE
+    SELECT id, state FROM tasks WHERE id = $1 AND state IN ('PENDING', 'FAILED', 'WAITING')
+    FOR UPDATE
 ), moved AS (
-    UPDATE tasks t SET state = 'CANCELLED', updated_at = now()
-    FROM old WHERE t.id = old.id AND t.state IN ('PENDING', 'FAILED')
+    UPDATE tasks t SET state = 'CANCELLED', waiting_for = 0, updated_at = now()
+    FROM old WHERE t.id = old.id AND t.state IN ('PENDING', 'FAILED', 'WAITING')
     RETURNING t.id, t.attempt, old.state AS from_state
 ), logged AS (
     INSERT INTO task_transitions (task_id, trigger, from_state, to_state, attempt, detail)
@@ -612,6 +646,127 @@ WITH new AS (
 )
 SELECT true AS created, new.* FROM new;
 
+-- name: task_submit_graph
+-- Insert a graph of tasks (docs/workflows.md) and their edges in one statement: all or none.
+-- $1..$9 as task_submit_unkeyed (no idempotency keys). Edges as aligned arrays: the
+-- dependant's place in the batch $10[i] (from 1), and what it waits for, either the place of
+-- another task of the batch $11[i] or an existing task's id $12[i], with on_failure $13[i].
+-- $14: make a workflow (its id in every task's workflow_id); $15: the place of its fan-in
+-- task (on_finish), or NULL. The batch is checked acyclic by the caller (engine/workflows.py).
+-- An existing dependency is counted (`dependants`) under its row lock: a completion in
+-- flight commits first and is seen here (the edge is then already satisfied); one that
+-- comes later waits for this commit, and its trigger (tasks_settle_dependants) sees the edge.
+-- A dependency that does not exist, or that has already failed in a way that would cancel
+-- the task at once, fails the statement (SQLSTATE TLDEP, the message says which).
+WITH input AS MATERIALIZED (
+    SELECT action, queue, priority, payload::jsonb AS payload, max_attempts, due_at,
+           lease_seconds, timeout_seconds, ord
+    FROM unnest($1::text[], $2::text[], $3::smallint[], $4::text[], $5::integer[],
+                $6::timestamptz[], $7::text[], $8::float8[], $9::float8[])
+        WITH ORDINALITY
+        AS i(action, queue, priority, payload, max_attempts, due_at, idempotency_key,
+             lease_seconds, timeout_seconds, ord)
+), edges AS MATERIALIZED (
+    SELECT * FROM unnest($10::integer[], $11::integer[], $12::bigint[], $13::text[])
+        AS e(ord, dep_ord, dep_id, on_failure)
+), outside AS MATERIALIZED (
+    UPDATE tasks t SET dependants = t.dependants + e.n
+    FROM (SELECT dep_id, count(*)::integer AS n FROM edges WHERE dep_id IS NOT NULL
+          GROUP BY dep_id) AS e
+    WHERE t.id = e.dep_id
+    RETURNING t.id, t.state
+), settled AS MATERIALIZED (
+    SELECT e.*, o.id AS found, o.state AS dep_state,
+           e.dep_id IS NOT NULL
+           AND (o.state = 'COMPLETED'
+                OR (o.state IN ('DEAD', 'CANCELLED') AND e.on_failure = 'run')) AS satisfied
+    FROM edges e LEFT JOIN outside o ON o.id = e.dep_id
+), refused AS (
+    SELECT format('tasks[%s].depends_on: task %s %s', ord - 1, dep_id,
+                  CASE WHEN found IS NULL THEN 'does not exist'
+                       ELSE format('is %s: with on_failure=%s this task would be cancelled at '
+                                   'once', dep_state, on_failure) END) AS message
+    FROM settled
+    WHERE dep_id IS NOT NULL
+      AND (found IS NULL
+           OR (dep_state = 'CANCELLED' AND on_failure <> 'run')
+           OR (dep_state = 'DEAD' AND on_failure = 'cancel'))
+    LIMIT 1
+), workflow AS MATERIALIZED (
+    SELECT nextval(pg_get_serial_sequence('workflows', 'id')) AS id WHERE $14::boolean
+), new AS (
+    INSERT INTO tasks (action, queue, priority, payload, max_attempts, due_at, lease_seconds,
+                       timeout_seconds, state, waiting_for, dependencies, dependants,
+                       workflow_id)
+    SELECT i.action, i.queue, i.priority, i.payload, i.max_attempts, coalesce(i.due_at, now()),
+           i.lease_seconds, i.timeout_seconds,
+           CASE WHEN coalesce(w.waiting, 0) > 0 THEN 'WAITING' ELSE 'PENDING' END::task_state,
+           coalesce(w.waiting, 0), coalesce(w.total, 0), coalesce(d.n, 0),
+           (SELECT id FROM workflow)
+    FROM input i
+    LEFT JOIN (SELECT ord, count(*) FILTER (WHERE NOT satisfied)::integer AS waiting,
+                      count(*)::integer AS total
+               FROM settled GROUP BY ord) AS w ON w.ord = i.ord
+    LEFT JOIN (SELECT dep_ord, count(*)::integer AS n FROM edges WHERE dep_ord IS NOT NULL
+               GROUP BY dep_ord) AS d ON d.dep_ord = i.ord
+    ORDER BY i.ord
+    RETURNING *
+), numbered AS MATERIALIZED (
+    -- identities are given in insertion order, which is the batch's
+    SELECT id, row_number() OVER (ORDER BY id) AS ord FROM new
+), linked AS (
+    INSERT INTO task_dependencies (depends_on, task_id, on_failure, satisfied)
+    SELECT coalesce(s.dep_id, d.id), n.id, s.on_failure, s.satisfied
+    FROM settled s JOIN numbered n ON n.ord = s.ord LEFT JOIN numbered d ON d.ord = s.dep_ord
+), made AS (
+    INSERT INTO workflows (id, on_finish) OVERRIDING SYSTEM VALUE
+    SELECT id, (SELECT n.id FROM numbered n WHERE n.ord = $15) FROM workflow
+), logged AS (
+    -- NOTIFY wakes idle workers of the queue (pg_notify returns void, which IS NOT NULL)
+    INSERT INTO task_transitions (task_id, trigger, from_state, to_state, attempt, detail)
+    SELECT id, 'submit', NULL, state, 0,
+           CASE WHEN state = 'WAITING'
+                THEN format('waiting for %s of %s dependencies', waiting_for, dependencies) END
+    FROM new
+    WHERE pg_notify('tasklease', queue) IS NOT NULL
+)
+SELECT true AS created, new.* FROM new
+WHERE NOT EXISTS (SELECT FROM refused)
+UNION ALL
+SELECT false, (NULL::tasks).* FROM refused WHERE tasklease_raise('TLDEP', message);
+
+-- name: task_dependency_results
+-- What the tasks in $1 waited for: per task, each dependency's id, action, state and result
+-- (a worker reads them once per claim, before the handlers run, for ctx.dependencies).
+SELECT d.task_id, t.id, t.action, t.state, t.result, d.on_failure
+FROM task_dependencies d JOIN tasks t ON t.id = d.depends_on
+WHERE d.task_id = ANY($1::bigint[])
+ORDER BY d.task_id, t.id;
+
+-- name: workflow_get
+-- Workflow $1 (no row: none such).
+SELECT * FROM workflows WHERE id = $1;
+
+-- name: workflow_tasks
+-- The members of workflow $1, by id (tasks_workflow).
+SELECT * FROM tasks WHERE workflow_id = $1 ORDER BY id;
+
+-- name: workflow_edges
+-- The edges among the tasks in $1 and to what they wait for.
+SELECT task_id, depends_on, on_failure, satisfied FROM task_dependencies
+WHERE task_id = ANY($1::bigint[])
+ORDER BY task_id, depends_on;
+
+-- name: task_edges
+-- Task $1's place in a graph: what it waits for ('dependency') and what waits for it
+-- ('dependant'), with the other task's action and state.
+SELECT 'dependency' AS kind, t.id, t.action, t.state, d.on_failure, d.satisfied
+FROM task_dependencies d JOIN tasks t ON t.id = d.depends_on WHERE d.task_id = $1
+UNION ALL
+SELECT 'dependant', t.id, t.action, t.state, d.on_failure, d.satisfied
+FROM task_dependencies d JOIN tasks t ON t.id = d.task_id WHERE d.depends_on = $1
+ORDER BY 1, 2;
+
 -- name: task_list
 -- A page of tasks, newest first: id below the cursor $1, at most $2 rows. Store.list_tasks
 -- adds `AND column = $n` for each filter given (state, action, queue) in place of {filters}.
@@ -700,6 +855,8 @@ SELECT pg_try_advisory_xact_lock(hashtextextended('tasklease.retention', 0));
 -- keep). The window walks the primary key, so no index on finished tasks is needed (one would
 -- cost every completion); the caller stops at the first window created after the cutoff.
 -- A task that moved meanwhile (a DEAD one requeued) is skipped or re-checked under its lock.
+-- A deleted dependant's edges go with it (those of a deleted dependency stay with their
+-- dependant, for its ctx.dependencies and its workflow's graph).
 WITH scanned AS (
     SELECT id, state, updated_at, created_at FROM tasks WHERE id > $1 ORDER BY id LIMIT $2
 ), doomed AS (
@@ -717,6 +874,9 @@ WITH scanned AS (
     RETURNING t.id
 ), history AS (
     DELETE FROM task_transitions WHERE task_id = ANY(ARRAY(SELECT id FROM gone)) RETURNING 1
+), edges AS (
+    -- a finished dependant's edges (docs/workflows.md): nothing reads them again
+    DELETE FROM task_dependencies WHERE task_id = ANY(ARRAY(SELECT id FROM gone))
 )
 SELECT (SELECT count(*) FROM gone) AS tasks, (SELECT count(*) FROM history) AS transitions,
        (SELECT max(id) FROM scanned) AS last_id,

@@ -65,6 +65,18 @@ class HandlerError(Exception):
     """A handler declaration or registry lookup is wrong."""
 
 
+@dataclass(frozen=True)
+class Dependency:
+    """A task this one waited for (docs/workflows.md), as it was when this attempt started:
+    its state (COMPLETED; DEAD or CANCELLED only under on_failure "run") and its result."""
+
+    id: int
+    action: str
+    state: str
+    result: Any
+    on_failure: str
+
+
 @dataclass
 class TaskContext:
     """What a handler receives beside its payload: who the task is, its lease, a logger, and
@@ -87,6 +99,27 @@ class TaskContext:
     completed: bool = False
     _result_json: str = field(default="null", repr=False)
     _stop: bool = field(default=False, repr=False)  # set by the worker's loop, read anywhere
+    # the tasks it waited for, read with one query before the handler runs (workflows)
+    dependencies: list[Dependency] = field(default_factory=list)
+
+    @property
+    def results(self) -> dict[int, Any]:
+        """The results of the dependencies that COMPLETED, by task id."""
+        return {d.id: d.result for d in self.dependencies if d.state == "COMPLETED"}
+
+    @property
+    def results_by_action(self) -> dict[str, Any]:
+        """The results of the dependencies that COMPLETED, by action (the last by id when
+        several share one)."""
+        return {d.action: d.result for d in self.dependencies if d.state == "COMPLETED"}
+
+    @property
+    def dependency_counts(self) -> dict[str, int]:
+        """How many dependencies ended in each state (a fan-in task's completed/dead counts)."""
+        counts: dict[str, int] = {}
+        for d in self.dependencies:
+            counts[d.state] = counts.get(d.state, 0) + 1
+        return counts
 
     @property
     def is_last_attempt(self) -> bool:

@@ -28,12 +28,19 @@ class TaskState(StrEnum):
     DEAD = "DEAD"
     """Attempts exhausted or a permanent error: the dead letter. Left by requeue."""
     CANCELLED = "CANCELLED"
-    """Final: cancelled by an operator. Nothing leaves it."""
+    """Final: cancelled by an operator, or abandoned because a dependency failed. Nothing
+    leaves it."""
+    WAITING = "WAITING"
+    """Submitted with dependencies that have not finished (docs/workflows.md); no claim sees
+    it. Left by ready (its last dependency settled, in the same transaction), abandon (a
+    dependency failed under on_failure=cancel) or cancel (an operator)."""
 
 
 S = TaskState
 FINAL_STATES = frozenset({S.COMPLETED, S.CANCELLED})
 SUBMIT = "submit"
+# submit lands in PENDING, or in WAITING when the task has unfinished dependencies
+SUBMIT_STATES = (S.PENDING, S.WAITING)
 
 
 @dataclass(frozen=True)
@@ -65,7 +72,7 @@ TRANSITIONS: tuple[Transition, ...] = (
     Transition(
         "bury", (S.RUNNING,), S.DEAD, "lease token matches; attempts exhausted or permanent error"
     ),
-    Transition("cancel", (S.PENDING, S.FAILED), S.CANCELLED, "none"),
+    Transition("cancel", (S.PENDING, S.FAILED, S.WAITING), S.CANCELLED, "none"),
     Transition(
         "cancel_running",
         (S.RUNNING,),
@@ -81,6 +88,20 @@ TRANSITIONS: tuple[Transition, ...] = (
         (S.RUNNING,),
         S.PENDING,
         "lease token matches; due_at = now + the delay asked for; the attempt is given back",
+    ),
+    Transition(
+        "ready",
+        (S.WAITING,),
+        S.PENDING,
+        "its last unsettled dependency completed (or failed under on_failure=run); fired in "
+        "the transaction of that dependency's transition; due_at = max(due_at, now)",
+    ),
+    Transition(
+        "abandon",
+        (S.WAITING,),
+        S.CANCELLED,
+        "a dependency ended DEAD (on_failure=cancel) or CANCELLED (cancel or hold); fired in "
+        "the transaction of that dependency's transition, and cascades",
     ),
 )
 
@@ -114,7 +135,7 @@ def is_path(steps: list[tuple[str, TaskState | None, TaskState]]) -> bool:
     expected: TaskState | None = None
     for i, (trigger, src, dst) in enumerate(steps):
         if i == 0:
-            if (trigger, src, dst) != (SUBMIT, None, S.PENDING):
+            if trigger != SUBMIT or src is not None or dst not in SUBMIT_STATES:
                 return False
         else:
             t = BY_TRIGGER.get(trigger)
@@ -126,7 +147,7 @@ def is_path(steps: list[tuple[str, TaskState | None, TaskState]]) -> bool:
 
 def mermaid() -> str:
     """The machine as a Mermaid state diagram, generated from TRANSITIONS."""
-    lines = ["stateDiagram-v2", f"    [*] --> {S.PENDING}: {SUBMIT}"]
+    lines = ["stateDiagram-v2", *(f"    [*] --> {s}: {SUBMIT}" for s in SUBMIT_STATES)]
     for t in TRANSITIONS:
         lines += [f"    {src} --> {t.dest}: {t.trigger}" for src in t.sources]
     lines += [f"    {s} --> [*]" for s in sorted(FINAL_STATES)]

@@ -30,6 +30,9 @@ TRANSIENT_ERRORS: tuple[type[Exception], ...] = (
     # asyncpg raises this on a pooled connection whose server end was killed mid-operation
     # ("cannot switch to state N"); the pool drops that connection, so a retry works.
     asyncpg.InternalClientError,
+    # two transactions settling dependants (docs/workflows.md) in opposite orders: one is
+    # rolled back whole, and its statement succeeds when run again
+    asyncpg.DeadlockDetectedError,
 )
 
 
@@ -49,6 +52,7 @@ class Claimed:
     idempotency_key: str | None
     lease_seconds: float  # the task's own, else its action's
     timeout_seconds: float | None  # the task's own (the action's applies when None)
+    dependencies: int  # how many tasks it waited for (docs/workflows.md)
     # the columns of task_claim_due, in order, before wait_seconds
 
 
@@ -93,6 +97,22 @@ class NewTask:
     idempotency_key: str | None = None
     lease_seconds: float | None = None
     timeout_seconds: float | None = None
+
+
+@dataclass(frozen=True)
+class Edge:
+    """task (its place in a batch, from 0) waits for another task of the batch (`on`, its
+    place) or for an existing task (`on_id`)."""
+
+    task: int
+    on: int | None
+    on_id: int | None
+    on_failure: str = "cancel"
+
+
+class DependencyRefused(Exception):
+    """task_submit_graph wrote nothing: a dependency does not exist, or already failed in a
+    way that would cancel the dependant at once. The message says which."""
 
 
 @dataclass(frozen=True)
@@ -276,6 +296,33 @@ class Store:
     async def processes(self) -> list[asyncpg.Record]:
         return await self.pool.fetch(SQL["process_list"])
 
+    async def submit_graph(
+        self,
+        tasks: Sequence[NewTask],
+        edges: Sequence[Edge],
+        *,
+        workflow: bool,
+        on_finish: int | None = None,
+    ) -> list[Submitted]:
+        return await submit_graph_on(
+            self.pool.fetch, tasks, edges, workflow=workflow, on_finish=on_finish
+        )
+
+    async def dependency_results(self, task_ids: Sequence[int]) -> list[asyncpg.Record]:
+        return await self.pool.fetch(SQL["task_dependency_results"], list(task_ids))
+
+    async def workflow(self, workflow_id: int) -> asyncpg.Record | None:
+        return await self.pool.fetchrow(SQL["workflow_get"], workflow_id)
+
+    async def workflow_tasks(self, workflow_id: int) -> list[asyncpg.Record]:
+        return await self.pool.fetch(SQL["workflow_tasks"], workflow_id)
+
+    async def edges(self, task_ids: Sequence[int]) -> list[asyncpg.Record]:
+        return await self.pool.fetch(SQL["workflow_edges"], list(task_ids))
+
+    async def task_edges(self, task_id: int) -> list[asyncpg.Record]:
+        return await self.pool.fetch(SQL["task_edges"], task_id)
+
     async def get(self, task_id: int) -> asyncpg.Record | None:
         return await self.pool.fetchrow(SQL["task_get"], task_id)
 
@@ -310,7 +357,7 @@ class Store:
             elif r["trigger"] == "expire":
                 expired.append(r["id"])
             else:
-                leased.append(Claimed(*r[:12]))
+                leased.append(Claimed(*r[:13]))
         return Claim(leased, expired, wait, held)
 
     async def heartbeat(
@@ -524,6 +571,52 @@ async def submit_on(
         else:
             return result
     raise RuntimeError("idempotency keys neither inserted nor found")
+
+
+async def submit_graph_on(
+    fetch: Fetch,
+    tasks: Sequence[NewTask],
+    edges: Sequence[Edge],
+    *,
+    workflow: bool,
+    on_finish: int | None = None,
+    own_transaction: bool = True,
+) -> list[Submitted]:
+    """`task_submit_graph` through `fetch`: the tasks (none with an idempotency key) in input
+    order, with their edges; DependencyRefused when an existing dependency cannot be waited
+    for (nothing was written). The graph must be acyclic (engine.workflows checks it).
+    Two submissions locking the same existing dependencies in opposite orders may deadlock:
+    the one rolled back is run again (in the caller's transaction, now aborted, the error is
+    the caller's to handle)."""
+    columns = (
+        [t.action for t in tasks],
+        [t.queue for t in tasks],
+        [t.priority for t in tasks],
+        [t.payload_json for t in tasks],
+        [t.max_attempts for t in tasks],
+        [t.due_at for t in tasks],
+        [None for _ in tasks],
+        [t.lease_seconds for t in tasks],
+        [t.timeout_seconds for t in tasks],
+        [e.task + 1 for e in edges],
+        [None if e.on is None else e.on + 1 for e in edges],
+        [e.on_id for e in edges],
+        [e.on_failure for e in edges],
+        workflow,
+        None if on_finish is None else on_finish + 1,
+    )
+    for attempt in range(3):
+        try:
+            rows = await fetch(SQL["task_submit_graph"], *columns)
+            break
+        except Exception as exc:  # asyncpg's, or psycopg's on a caller's connection
+            if getattr(exc, "sqlstate", None) == "TLDEP":
+                raise DependencyRefused(str(exc)) from None
+            if not (isinstance(exc, asyncpg.DeadlockDetectedError) and own_transaction):
+                raise
+            if attempt == 2:
+                raise
+    return [Submitted(True, r) for r in sorted(rows, key=lambda r: r["id"])]
 
 
 def _columns(items: Sequence[tuple[Any, ...]], width: int) -> list[list[Any]]:

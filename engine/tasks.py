@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -54,8 +54,26 @@ MAX_PAYLOAD_DEPTH = 64
 RESERVED_KEY_PREFIX = "schedule:"
 
 
+# What a dependency that ends DEAD or CANCELLED does to the task waiting for it
+# (docs/workflows.md): cancel it (cascading), let it run anyway, or hold it WAITING while the
+# dependency is DEAD (a requeue that completes lets it go on).
+OnFailure = Literal["cancel", "run", "hold"]
+TaskId = Annotated[int, msgspec.Meta(ge=1, le=2**63 - 1)]
+MAX_DEPENDENCIES = 10_000
+
+
+class DependsOn(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """One dependency with its own failure policy: `task` is a task id, or in a batch the
+    `ref` of another task of the batch."""
+
+    task: TaskId | Text
+    on_failure: OnFailure | None = None
+
+
 class TaskSpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    """A task to run. `action` defaults to `payload.action`; `due_at` defaults to now."""
+    """A task to run. `action` defaults to `payload.action`; `due_at` defaults to now.
+    `depends_on`: tasks it waits for (ids, or in a batch other tasks' `ref`s); it is WAITING
+    until they complete. `on_failure`: its dependencies' failure policy (docs/workflows.md)."""
 
     payload: dict[str, Any]
     action: Text | None = None
@@ -66,6 +84,11 @@ class TaskSpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     priority: Annotated[int, msgspec.Meta(ge=-1000, le=1000)] = 0
     lease_seconds: LeaseSeconds | None = None
     timeout_seconds: TimeoutSeconds | None = None
+    ref: Text | None = None
+    depends_on: (
+        Annotated[list[TaskId | Text | DependsOn], msgspec.Meta(max_length=MAX_DEPENDENCIES)] | None
+    ) = None
+    on_failure: OnFailure | None = None
 
 
 def _json(value: Any) -> Any:
@@ -94,6 +117,11 @@ class Task(msgspec.Struct, kw_only=True):
     cancel_requested_at: datetime | None
     lease_seconds: float | None
     timeout_seconds: float | None
+    # workflows (docs/workflows.md): dependencies not yet settled, how many it has, and the
+    # workflow it belongs to
+    waiting_for: int = 0
+    dependencies: int = 0
+    workflow_id: int | None = None
 
     @staticmethod
     def _json_column(value: Any) -> Any:

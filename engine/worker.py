@@ -239,8 +239,7 @@ class Worker:
                 log.warning(
                     "task %d: lease expired on its last attempt: RUNNING -> DEAD (expire)", task_id
                 )
-            for claimed in claim.leased:
-                self.executor.start(claimed, sent)
+            self.executor.start(claim.leased, sent)
             busy = busy or len(claim.leased) == free
             if claim.wait_seconds is not None:
                 wait = min(wait, max(claim.wait_seconds, 0.0))

@@ -11,7 +11,8 @@ CREATE TYPE public.task_state AS ENUM (
     'COMPLETED',
     'FAILED',
     'DEAD',
-    'CANCELLED'
+    'CANCELLED',
+    'WAITING'
 );
 
 CREATE FUNCTION public.tasklease_raise(code text, message text) RETURNS boolean
@@ -19,6 +20,58 @@ CREATE FUNCTION public.tasklease_raise(code text, message text) RETURNS boolean
     AS $$
 BEGIN
     RAISE EXCEPTION USING ERRCODE = code, MESSAGE = message;
+END
+$$;
+
+CREATE FUNCTION public.tasklease_settle_dependants() RETURNS trigger
+    LANGUAGE plpgsql
+    AS $$
+BEGIN
+    WITH satisfied AS (
+        UPDATE task_dependencies d SET satisfied = true
+        WHERE d.depends_on = NEW.id AND NOT d.satisfied
+          AND (NEW.state = 'COMPLETED' OR d.on_failure = 'run')
+        RETURNING d.task_id
+    ), woken AS (
+        UPDATE tasks t
+        SET waiting_for = t.waiting_for - 1,
+            state = CASE WHEN t.waiting_for = 1 THEN 'PENDING'::task_state ELSE t.state END,
+            due_at = CASE WHEN t.waiting_for = 1 THEN greatest(t.due_at, now()) ELSE t.due_at END,
+            updated_at = now()
+        FROM satisfied s
+        WHERE t.id = s.task_id AND t.state = 'WAITING'
+        RETURNING t.id, t.state, t.attempt, t.queue
+    )
+    INSERT INTO task_transitions (task_id, trigger, from_state, to_state, attempt, detail)
+    SELECT id, 'ready', 'WAITING', 'PENDING', attempt,
+           format('dependencies settled: the last, task %s, is %s', NEW.id, NEW.state)
+    FROM woken WHERE state = 'PENDING' AND pg_notify('tasklease', queue) IS NOT NULL;
+
+    IF NEW.state <> 'COMPLETED' THEN
+        -- everything that waits, through 'cancel' (or 'hold', once cancelled) edges, on what
+        -- is abandoned: found in one recursive query and cancelled in one UPDATE, so that a
+        -- long chain cascades without nesting trigger calls (their triggers, fired once this
+        -- UPDATE is done, find nothing more to abandon: the stack stays two calls deep)
+        WITH RECURSIVE doomed(id) AS (
+            SELECT d.task_id FROM task_dependencies d JOIN tasks t ON t.id = d.task_id
+            WHERE d.depends_on = NEW.id AND NOT d.satisfied AND t.state = 'WAITING'
+              AND (d.on_failure = 'cancel' OR (d.on_failure = 'hold' AND NEW.state = 'CANCELLED'))
+            UNION
+            SELECT d.task_id FROM doomed
+            JOIN task_dependencies d ON d.depends_on = doomed.id
+            JOIN tasks t ON t.id = d.task_id
+            WHERE NOT d.satisfied AND t.state = 'WAITING' AND d.on_failure IN ('cancel', 'hold')
+        ), abandoned AS (
+            UPDATE tasks t SET state = 'CANCELLED', waiting_for = 0, updated_at = now()
+            WHERE t.id = ANY(ARRAY(SELECT id FROM doomed)) AND t.state = 'WAITING'
+            RETURNING t.id, t.attempt
+        )
+        INSERT INTO task_transitions (task_id, trigger, from_state, to_state, attempt, detail)
+        SELECT id, 'abandon', 'WAITING', 'CANCELLED', attempt,
+               format('what it waits for depends on task %s, which is %s', NEW.id, NEW.state)
+        FROM abandoned WHERE pg_notify('tasklease_done', id::text) IS NOT NULL;
+    END IF;
+    RETURN NULL;
 END
 $$;
 
@@ -183,6 +236,15 @@ CREATE TABLE public.schedules (
     CONSTRAINT schedules_missed_check CHECK ((missed = ANY (ARRAY['once'::text, 'skip'::text])))
 );
 
+CREATE TABLE public.task_dependencies (
+    depends_on bigint NOT NULL,
+    task_id bigint NOT NULL,
+    on_failure text DEFAULT 'cancel'::text NOT NULL,
+    satisfied boolean DEFAULT false NOT NULL,
+    CONSTRAINT task_dependencies_check CHECK ((depends_on <> task_id)),
+    CONSTRAINT task_dependencies_on_failure_check CHECK ((on_failure = ANY (ARRAY['cancel'::text, 'run'::text, 'hold'::text])))
+);
+
 CREATE TABLE public.task_transitions (
     id bigint NOT NULL,
     task_id bigint NOT NULL,
@@ -194,7 +256,7 @@ CREATE TABLE public.task_transitions (
     at timestamp with time zone DEFAULT now() NOT NULL,
     detail text,
     CONSTRAINT task_transitions_check CHECK (((trigger = 'submit'::text) = (from_state IS NULL))),
-    CONSTRAINT task_transitions_trigger_check CHECK ((trigger = ANY (ARRAY['submit'::text, 'claim'::text, 'reclaim'::text, 'expire'::text, 'complete'::text, 'fail'::text, 'bury'::text, 'cancel'::text, 'cancel_running'::text, 'release'::text, 'requeue'::text, 'snooze'::text])))
+    CONSTRAINT task_transitions_trigger_check CHECK ((trigger = ANY (ARRAY['submit'::text, 'claim'::text, 'reclaim'::text, 'expire'::text, 'complete'::text, 'fail'::text, 'bury'::text, 'cancel'::text, 'cancel_running'::text, 'release'::text, 'requeue'::text, 'snooze'::text, 'ready'::text, 'abandon'::text])))
 );
 
 ALTER TABLE public.task_transitions ALTER COLUMN id ADD GENERATED ALWAYS AS IDENTITY (
@@ -229,13 +291,20 @@ CREATE TABLE public.tasks (
     timeout_seconds double precision,
     queue_token integer,
     action_token integer,
+    waiting_for integer DEFAULT 0 NOT NULL,
+    dependencies integer DEFAULT 0 NOT NULL,
+    dependants integer DEFAULT 0 NOT NULL,
+    workflow_id bigint,
     CONSTRAINT tasks_action_check CHECK ((action <> ''::text)),
     CONSTRAINT tasks_check CHECK (((attempt >= 0) AND (attempt <= max_attempts))),
     CONSTRAINT tasks_check1 CHECK (((state = 'RUNNING'::public.task_state) = ((lease_expires_at IS NOT NULL) AND (lease_token IS NOT NULL)))),
+    CONSTRAINT tasks_dependants_check CHECK ((dependants >= 0)),
+    CONSTRAINT tasks_dependencies_check CHECK ((dependencies >= 0)),
     CONSTRAINT tasks_lease_seconds_check CHECK ((lease_seconds > (0)::double precision)),
     CONSTRAINT tasks_max_attempts_check CHECK ((max_attempts >= 1)),
     CONSTRAINT tasks_queue_check CHECK ((queue <> ''::text)),
-    CONSTRAINT tasks_timeout_seconds_check CHECK ((timeout_seconds > (0)::double precision))
+    CONSTRAINT tasks_timeout_seconds_check CHECK ((timeout_seconds > (0)::double precision)),
+    CONSTRAINT tasks_waiting_for_check CHECK ((waiting_for >= 0))
 )
 WITH (autovacuum_vacuum_scale_factor='0.01', autovacuum_analyze_scale_factor='0.02', autovacuum_vacuum_insert_scale_factor='0.02');
 
@@ -254,6 +323,21 @@ CREATE TABLE public.ui_sessions (
     expires_at timestamp with time zone NOT NULL
 );
 
+CREATE TABLE public.workflows (
+    id bigint NOT NULL,
+    created_at timestamp with time zone DEFAULT now() NOT NULL,
+    on_finish bigint
+);
+
+ALTER TABLE public.workflows ALTER COLUMN id ADD GENERATED ALWAYS AS IDENTITY (
+    SEQUENCE NAME public.workflows_id_seq
+    START WITH 1
+    INCREMENT BY 1
+    NO MINVALUE
+    NO MAXVALUE
+    CACHE 1
+);
+
 ALTER TABLE ONLY public.limit_tokens
     ADD CONSTRAINT limit_tokens_pkey PRIMARY KEY (key, n);
 
@@ -269,6 +353,9 @@ ALTER TABLE ONLY public.queue_pauses
 ALTER TABLE ONLY public.schedules
     ADD CONSTRAINT schedules_pkey PRIMARY KEY (name);
 
+ALTER TABLE ONLY public.task_dependencies
+    ADD CONSTRAINT task_dependencies_pkey PRIMARY KEY (depends_on, task_id);
+
 ALTER TABLE ONLY public.task_transitions
     ADD CONSTRAINT task_transitions_pkey PRIMARY KEY (task_id, id);
 
@@ -278,7 +365,12 @@ ALTER TABLE ONLY public.tasks
 ALTER TABLE ONLY public.ui_sessions
     ADD CONSTRAINT ui_sessions_pkey PRIMARY KEY (id);
 
+ALTER TABLE ONLY public.workflows
+    ADD CONSTRAINT workflows_pkey PRIMARY KEY (id);
+
 CREATE INDEX limit_tokens_rate ON public.limit_tokens USING btree (key, free_at) WHERE (key ~~ 'rate:%'::text);
+
+CREATE INDEX task_dependencies_task ON public.task_dependencies USING btree (task_id);
 
 CREATE INDEX tasks_action_id ON public.tasks USING btree (action, id);
 
@@ -293,6 +385,10 @@ CREATE INDEX tasks_lease_expiry ON public.tasks USING btree (lease_expires_at) W
 CREATE INDEX tasks_queue_id ON public.tasks USING btree (queue, id);
 
 CREATE INDEX tasks_state_id ON public.tasks USING btree (state, id) WHERE (state <> ALL (ARRAY['COMPLETED'::public.task_state, 'RUNNING'::public.task_state]));
+
+CREATE INDEX tasks_workflow ON public.tasks USING btree (workflow_id, id) WHERE (workflow_id IS NOT NULL);
+
+CREATE TRIGGER tasks_settle_dependants AFTER UPDATE OF state ON public.tasks FOR EACH ROW WHEN (((new.dependants > 0) AND (new.state IS DISTINCT FROM old.state) AND (new.state = ANY (ARRAY['COMPLETED'::public.task_state, 'DEAD'::public.task_state, 'CANCELLED'::public.task_state])))) EXECUTE FUNCTION public.tasklease_settle_dependants();
 
 ALTER TABLE ONLY public.limit_tokens
     ADD CONSTRAINT limit_tokens_key_fkey FOREIGN KEY (key) REFERENCES public.limits(key) ON DELETE CASCADE;

@@ -249,6 +249,7 @@ def cmd_chaos(args: argparse.Namespace) -> int:
         sleep_ms=args.handler_ms,
         hosts=args.hosts or 0,
         link_fault_every=args.link_faults_every if args.hosts else 0.0,
+        graphs=args.graphs,
     )
     log_dir = Path(tempfile.mkdtemp(prefix="tasklease-chaos-"))
     log.info("chaos: %s; process logs in %s", config, log_dir)
@@ -723,6 +724,15 @@ def parser() -> argparse.ArgumentParser:
         help="with --hosts: this often, on average, a worker host's link is cut (for 0.3 to "
         "3 leases) or delayed and made lossy (5-50 ms, 0-5 %%); 0: never (2)",
     )
+    ch.add_argument(
+        "--graphs",
+        type=int,
+        default=100,
+        metavar="N",
+        help="workflows submitted before the chaos starts, each a diamond (a -> [b, c] -> d) "
+        "and a fan-in task; checked: no dependant claimed before its dependencies completed, "
+        "none left WAITING, each made ready exactly once (100; 0: none)",
+    )
     ch.add_argument("--seed", type=int, help="random seed, to repeat a run")
     ch.add_argument(
         "--failover",
@@ -790,6 +800,7 @@ def parser() -> argparse.ArgumentParser:
     for name in (
         "submit",
         "show",
+        "workflow",
         "ls",
         "cancel",
         "requeue",

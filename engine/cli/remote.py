@@ -148,6 +148,27 @@ def show_task(task: dict[str, Any], history: list[dict[str, Any]]) -> str:
     )
 
 
+def show_workflow(workflow: dict[str, Any]) -> str:
+    """A workflow: its counts, then each member with what it waits for."""
+    waits: dict[int, list[str]] = {}
+    for e in workflow["edges"]:
+        mark = "" if e["satisfied"] else "*"
+        policy = "" if e["on_failure"] == "cancel" else f" ({e['on_failure']})"
+        waits.setdefault(e["task_id"], []).append(f"{e['depends_on']}{mark}{policy}")
+    counts = ", ".join(f"{n} {state}" for state, n in sorted(workflow["states"].items()))
+    head = (
+        f"workflow {workflow['id']}: {len(workflow['tasks'])} tasks, {counts}"
+        f"{' (finished)' if workflow['finished'] else ''}"
+    )
+    if workflow["on_finish"] is not None:
+        head += f"; on_finish: task {workflow['on_finish']}"
+    rows = [
+        [*_task_row(t)[:4], ", ".join(waits.get(t["id"], [])) or None] for t in workflow["tasks"]
+    ]
+    body = table(rows, [*TASK_HEADERS[:4], "WAITS FOR (* unsettled)"])
+    return f"{head}\n{body}"
+
+
 def run(args: argparse.Namespace) -> int:
     client = Client(args.url, os.environ.get(TOKEN_ENV))
     out: Any
@@ -169,8 +190,15 @@ def run(args: argparse.Namespace) -> int:
             ):
                 if getattr(args, name) is not None:
                     body[name] = getattr(args, name)
+            if args.depends_on:
+                body["depends_on"] = args.depends_on
+            if args.on_failure:
+                body["on_failure"] = args.on_failure
             out = client.call("POST", "/tasks", json=body)
             text = f"task {out['id']} {out['action']} {out['state']}, due {out['due_at']}"
+        case "workflow":
+            out = client.call("GET", f"/workflows/{args.id}")
+            text = show_workflow(out)
         case "show":
             out = {
                 "task": client.call("GET", f"/tasks/{args.id}"),
@@ -329,6 +357,24 @@ def add_commands(sub: Any, state_choices: list[str]) -> None:
     p.add_argument(
         "--timeout-seconds", type=float, help="stop an attempt after this long (the handler's)"
     )
+
+    p.add_argument(
+        "--depends-on",
+        type=int,
+        action="append",
+        metavar="ID",
+        help="wait for this task to complete first (repeatable; docs/workflows.md)",
+    )
+    p.add_argument(
+        "--on-failure",
+        choices=["cancel", "run", "hold"],
+        help="what a dependency ending DEAD or CANCELLED does to it (default cancel)",
+    )
+
+    p = sub.add_parser(
+        "workflow", parents=[common], help="a workflow: every member's state and dependencies"
+    )
+    p.add_argument("id", type=int)
 
     p = sub.add_parser("show", parents=[common], help="a task and its history")
     p.add_argument("id", type=int)

@@ -39,7 +39,7 @@ from tasklease.engine.database import with_database
 from tasklease.engine.queries import SQL
 from tasklease.engine.registry import TaskContext, handler
 from tasklease.engine.retention import Retention, RetentionConfig
-from tasklease.engine.store import Limit, NewTask, Store
+from tasklease.engine.store import Edge, Limit, NewTask, Store
 from tasklease.engine.tools.cluster import Cluster
 
 Say = Callable[[str], None]
@@ -158,6 +158,30 @@ async def _insert(dsn: str, n: int, action: str = "noop") -> float:
         await store.close()
 
 
+async def _insert_diamonds(dsn: str, n: int, action: str = "noop") -> float:
+    """n tasks as n/4 diamonds (a -> [b, c] -> d, docs/workflows.md), 100 diamonds a
+    statement (task_submit_graph, one workflow each statement); returns tasks/s."""
+    store = await Store.connect(dsn, min_size=1, max_size=1)
+    try:
+        began = time.perf_counter()
+        for start in range(0, n // 4, 100):
+            k = min(100, n // 4 - start)
+            edges = [
+                Edge(4 * i + dependant, 4 * i + on, None)
+                for i in range(k)
+                for dependant, on in ((1, 0), (2, 0), (3, 1), (3, 2))
+            ]
+            await store.submit_graph(
+                [NewTask(action, "{}") for _ in range(4 * k)], edges, workflow=True
+            )
+        rate = n / (time.perf_counter() - began)
+        await store.pool.execute("ANALYZE tasks")
+        await store.pool.execute("ANALYZE task_dependencies")
+        return rate
+    finally:
+        await store.close()
+
+
 def _cpu_busy() -> float:
     """CPU seconds the machine has spent busy (user, system, interrupts; not idle, waiting
     for I/O, or stolen by the hypervisor): a cost that a noisy neighbour hardly moves."""
@@ -210,8 +234,10 @@ async def drain(
     worker_args: tuple[str, ...] = (),
     beside: Callable[[str], Any] | None = None,
     limits: Sequence[Limit] = (),
+    diamonds: bool = False,
 ) -> dict[str, float]:
     """`beside(dsn)`, if given, is started with the workers and awaited after the drain.
+    `diamonds`: the tasks are inserted as diamonds of 4 (a -> [b, c] -> d), not alone.
     `limits` are written before the workers start (as a deployment has them long before its
     workers do; a worker then finds its declarations already written)."""
     async with Database(admin_dsn) as db:
@@ -221,7 +247,8 @@ async def drain(
                 say(f"  writing {backlog:,} finished tasks and their history")
                 await _backlog(conn, backlog)
             after_id = await conn.fetchval("SELECT coalesce(max(id), 0) FROM tasks")
-            insert_rate = await _insert(db.dsn, config.tasks, action)
+            insert = _insert_diamonds if diamonds else _insert
+            insert_rate = await insert(db.dsn, config.tasks, action)
             for limit in limits:
                 await conn.execute(
                     SQL["limit_set"], limit.key, limit.value, limit.per_seconds, True
@@ -250,6 +277,16 @@ async def drain(
                 after_id,
             )
             seconds = (last - first).total_seconds()
+            # tasks per claim and per complete statement: one transaction's rows share
+            # their `at` (now()) and worker
+            per_claim, per_complete = await conn.fetchrow(
+                "SELECT count(*) FILTER (WHERE trigger = 'claim')::float8 / nullif(count(DISTINCT "
+                "(worker, at)) FILTER (WHERE trigger = 'claim'), 0), "
+                "count(*) FILTER (WHERE trigger = 'complete')::float8 / nullif(count(DISTINCT "
+                "(worker, at)) FILTER (WHERE trigger = 'complete'), 0) "
+                "FROM task_transitions WHERE task_id > $1",
+                after_id,
+            )
         finally:
             await conn.close()
     return {
@@ -257,6 +294,8 @@ async def drain(
         "drain_per_s": config.tasks / seconds,
         "drain_seconds": seconds,
         "cpu_us_per_task": cpu,
+        "tasks_per_claim": per_claim or 0.0,
+        "tasks_per_complete": per_complete or 0.0,
         **extra,
     }
 

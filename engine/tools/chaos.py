@@ -18,6 +18,11 @@ Runs are then recorded in a file (start and end lines, this machine's clock, wri
 handler itself), since a cut-off worker cannot reach the database to say when its handler
 stopped.
 
+With `graphs` (`tasklease chaos --graphs N`), N workflows are submitted too: each a diamond
+(a -> [b, c] -> d) with a fan-in task (on_finish), docs/workflows.md. Then it also checks
+that no dependant was claimed before every dependency had completed, that none is left
+WAITING, and that each waiting task became ready exactly once (the fan-in too).
+
 The test suite runs a short round (tests/chaos/); a soak is
 `tasklease chaos --minutes 10 --workers 6`.
 """
@@ -117,6 +122,7 @@ class ChaosConfig:
     seed: int | None = None
     hosts: int = 0  # worker hosts (network namespaces); 0: every process runs here
     link_fault_every: float = 0.0  # with hosts: a link fault this often, on average
+    graphs: int = 0  # workflows (a diamond and a fan-in task each) submitted up front
 
 
 @dataclass
@@ -138,6 +144,10 @@ class ChaosReport:
     duplicate_tasks: int = 0
     link_cuts: int = 0
     link_impairments: int = 0
+    workflows: int = 0  # graphs submitted (a diamond and a fan-in task each)
+    early_dependants: int = 0  # claimed before a dependency had completed
+    stranded: int = 0  # left WAITING after the drain
+    not_ready_once: int = 0  # waiting tasks that did not become ready exactly once
     self_fenced: int = 0  # handlers stopped, or worker processes ended, by self-fencing
     refused_outcomes: int = 0  # late outcomes refused by the token guard (workers' logs)
     seconds: float = 0.0
@@ -203,6 +213,41 @@ async def _submit(
         report.submit_retries += 1
         await asyncio.sleep(min(0.1 * (attempt + 1), 1.0))
     raise RuntimeError("the API did not accept a batch in 10 minutes")
+
+
+async def _submit_graph(
+    http: httpx.AsyncClient, rng: random.Random, report: ChaosReport, low: int, high: int
+) -> None:
+    """One workflow: a -> [b, c] -> d, and a fan-in task. No idempotency keys (a graph takes
+    none): a retried batch that had in fact been written is one more workflow, checked as any."""
+
+    def task(ref: str, *after: str) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "ref": ref,
+            "payload": {"action": ACTION, "ms": rng.randint(low, high)},
+        }
+        if after:
+            body["depends_on"] = list(after)
+        return body
+
+    body = {
+        "tasks": [task("a"), task("b", "a"), task("c", "a"), task("d", "b", "c")],
+        "on_finish": {"payload": {"action": ACTION, "ms": rng.randint(low, high)}},
+    }
+    for attempt in range(600):
+        try:
+            r = await http.post("/tasks/batch", json=body, timeout=30)
+            if r.status_code == 201:
+                report.workflows += 1
+                report.tasks += 5
+                return
+            if r.status_code < 500:
+                raise RuntimeError(f"the API refused a chaos graph: {r.status_code} {r.text}")
+        except httpx.HTTPError:
+            pass
+        report.submit_retries += 1
+        await asyncio.sleep(min(0.1 * (attempt + 1), 1.0))
+    raise RuntimeError("the API did not accept a graph in 10 minutes")
 
 
 async def _wait_api(url: str, timeout: float = 60) -> None:
@@ -279,6 +324,8 @@ async def _run(
         async with httpx.AsyncClient(base_url=url) as http:
             for start in range(0, config.tasks, 500):
                 await _submit(http, start, min(500, config.tasks - start), rng, report, low, high)
+            for _ in range(config.graphs // 2):  # the other half while the chaos lasts
+                await _submit_graph(http, rng, report, low, high)
             say(
                 f"submitted {report.tasks} tasks; chaos for {config.seconds:.0f}s with "
                 f"{config.workers} workers" + (f" on {len(hosts)} hosts" if hosts else "")
@@ -330,10 +377,15 @@ async def _chaos(
             report.connection_cuts += 1
             next_cut = now + config.terminate_every
             log.debug("cut %d connections", cut)
-        if config.rate and now >= next_submit:
-            batch = max(1, int(config.rate))
-            await _submit(http, submitted, batch, rng, report, *config.sleep_ms)
-            submitted += batch
+        if now >= next_submit:
+            if config.rate:
+                batch = max(1, int(config.rate))
+                await _submit(http, submitted, batch, rng, report, *config.sleep_ms)
+                submitted += batch
+            # the graphs not submitted up front, spread over the chaos's seconds
+            left = config.graphs - report.workflows
+            for _ in range(-(-left // max(1, int(end - now)))):
+                await _submit_graph(http, rng, report, *config.sleep_ms)
             next_submit = now + 1.0
         links.step(now)
         if now >= next_line:
@@ -406,7 +458,7 @@ async def _drain(conn: asyncpg.Connection, config: ChaosConfig, say: Any) -> Non
     deadline = time.monotonic() + config.drain_timeout
     while time.monotonic() < deadline:
         left = await conn.fetchval(
-            "SELECT count(*) FROM tasks WHERE state IN ('PENDING', 'FAILED', 'RUNNING')"
+            "SELECT count(*) FROM tasks WHERE state IN ('PENDING', 'FAILED', 'RUNNING', 'WAITING')"
         )
         if left == 0:
             return
@@ -453,12 +505,28 @@ async def _verify(
                count(*) FILTER (WHERE state = 'COMPLETED') AS completed,
                count(*) FILTER (WHERE state = 'DEAD') AS dead,
                count(*) FILTER (WHERE state = 'RUNNING' AND lease_expires_at > now()) AS live,
-               count(DISTINCT idempotency_key) AS keys
+               count(DISTINCT idempotency_key) AS keys,
+               count(*) FILTER (WHERE idempotency_key IS NOT NULL) AS keyed,
+               count(*) FILTER (WHERE state = 'WAITING') AS waiting
         FROM tasks""")
     report.completed, report.dead = row["completed"], row["dead"]
     report.running_with_live_lease = row["live"]
     report.lost = report.tasks - row["completed"]
-    report.duplicate_tasks = row["tasks"] - row["keys"]
+    report.duplicate_tasks = row["keyed"] - row["keys"]
+    report.stranded = row["waiting"]
+    # workflows: a dependant's first claim after each dependency's completion (history ids
+    # are one identity: the claim's transaction began after the completion's committed)
+    report.early_dependants = await conn.fetchval("""
+        SELECT count(*) FROM task_dependencies d
+        WHERE (SELECT min(id) FROM task_transitions
+               WHERE task_id = d.task_id AND trigger = 'claim')
+              < coalesce((SELECT max(id) FROM task_transitions
+                          WHERE task_id = d.depends_on AND trigger = 'complete'),
+                         9223372036854775807)""")
+    report.not_ready_once = await conn.fetchval("""
+        SELECT count(*) FROM tasks t WHERE t.dependencies > 0
+          AND (SELECT count(*) FROM task_transitions
+               WHERE task_id = t.id AND trigger = 'ready') <> 1""")
     report.double_completions = await conn.fetchval(
         "SELECT count(*) FROM (SELECT task_id FROM task_transitions WHERE trigger = 'complete' "
         "GROUP BY task_id HAVING count(*) > 1) d"
@@ -505,6 +573,9 @@ async def _verify(
         "running with a live lease": report.running_with_live_lease,
         "duplicate tasks": report.duplicate_tasks,
         "overlapping executions": report.overlapping_executions,
+        "dependants claimed before a dependency completed": report.early_dependants,
+        "tasks stranded WAITING": report.stranded,
+        "waiting tasks not made ready exactly once": report.not_ready_once,
     }
     report.problems = [f"{what}: {n}" for what, n in checks.items() if n]
     if row["tasks"] != report.tasks:

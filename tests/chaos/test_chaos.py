@@ -43,6 +43,30 @@ async def test_killed_workers_lose_nothing_and_double_nothing(
     assert report.overlapping_executions == 0
 
 
+async def test_workflows_under_killed_workers(admin_dsn: str, tmp_path: Path) -> None:
+    """Diamonds with a fan-in task each, while workers are SIGKILLed: no dependant is claimed
+    before its dependencies complete, none is stranded WAITING, each is made ready once."""
+    config = chaos.ChaosConfig(
+        tasks=300,
+        rate=20,
+        seconds=6,
+        workers=3,
+        concurrency=10,
+        lease_seconds=2,
+        kill_every=0.3,
+        sleep_ms=(20, 150),
+        seed=11,
+        graphs=100,
+    )
+    report = await chaos.run(admin_dsn, config, tmp_path, progress=print)
+    print("\n".join(report.lines()))
+    assert report.ok, report.problems
+    assert report.workflows == 100 and report.completed == report.tasks
+    assert report.reclaims > 0  # kills landed mid-lease
+    assert (report.early_dependants, report.stranded, report.not_ready_once) == (0, 0, 0)
+    assert report.kills >= 5 and report.double_completions == 0
+
+
 def test_overlaps_counts_runs_that_began_before_an_earlier_one_ended() -> None:
     assert chaos.overlaps([(0, 1), (1, 2), (3, 4)]) == 0
     assert chaos.overlaps([(0, 5), (1, 2), (3, 4)]) == 2

@@ -271,7 +271,8 @@ async def test_cancel_finished_task_is_a_conflict(
     r = await http.post(f"/tasks/{task['id']}/cancel")
     assert r.status_code == 409, r.text
     assert r.json()["detail"] == (
-        f"task {task['id']} is {state}: only PENDING, FAILED or RUNNING tasks can be cancelled"
+        f"task {task['id']} is {state}: only PENDING, FAILED, WAITING or RUNNING tasks "
+        "can be cancelled"
     )
 
 
@@ -650,6 +651,7 @@ async def test_openapi_documents_every_route_and_its_errors(http: httpx.AsyncCli
         ("GET", "/tasks"): {"200", "400", "503"},
         ("GET", "/tasks/{task_id}"): {"200", "404", "503"},
         ("GET", "/tasks/{task_id}/transitions"): {"200", "404", "503"},
+        ("GET", "/workflows/{workflow_id}"): {"200", "400", "404", "503"},
         ("POST", "/tasks/{task_id}/cancel"): {"200", "403", "404", "409", "503"},
         ("POST", "/tasks/{task_id}/requeue"): {"200", "403", "404", "409", "503"},
         ("GET", "/stats"): {"200", "503"},

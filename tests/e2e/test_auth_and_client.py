@@ -165,7 +165,7 @@ async def test_cli_client_round_trip(procs: Procs, conn: asyncpg.Connection) -> 
     assert refused.returncode == 1
     assert refused.stderr.strip() == (
         f"tasklease: 409: task {task['id']} is CANCELLED: only "
-        "PENDING, FAILED or RUNNING tasks can be cancelled"
+        "PENDING, FAILED, WAITING or RUNNING tasks can be cancelled"
     )
 
     dead = json.loads(cli("submit", "noop", "--json", url=url, token=TOKEN).stdout)

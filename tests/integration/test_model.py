@@ -9,6 +9,12 @@ invariants hold: stored state equals the model's, every history is a path of the
 machine, no task is completed twice, attempt never exceeds max_attempts, and a
 transactional write is kept exactly when its completion is.
 
+Workflows (docs/workflows.md): tasks are also submitted waiting for others (existing tasks,
+or a diamond in one batch) under each failure policy. The model settles dependants when a
+dependency ends COMPLETED, DEAD or CANCELLED, as the database does; no dependant is claimed
+before its dependencies are settled, and none is stranded WAITING (every WAITING task has a
+dependency that may still finish).
+
 Examples and steps are bounded for CI. TASKLEASE_HYPOTHESIS=long runs many more.
 """
 
@@ -33,7 +39,7 @@ from hypothesis.stateful import (
 
 from tasklease.engine.fencing import Fence, LeaseLost
 from tasklease.engine.states import BY_TRIGGER, TaskState, build_machine, is_path
-from tasklease.engine.store import NewTask, Store
+from tasklease.engine.store import DependencyRefused, Edge, NewTask, Store
 from tests.support.db import connect_db
 
 S = TaskState
@@ -77,6 +83,9 @@ class Model:
     cancel_requested: bool = False
     completions: int = 0
     effects: int = 0  # rows a transactional completion committed with the task
+    deps: dict[int, str] = field(default_factory=dict)  # dependency id -> on_failure
+    satisfied: set[int] = field(default_factory=set)  # edges that hold it back no more
+    waiting_for: int = 0
 
     @property
     def state(self) -> TaskState:
@@ -99,7 +108,10 @@ class EngineModel(RuleBasedStateMachine):
         self.store = self.run(Store.connect(self.dsn, min_size=1, max_size=2))
         self.conn: asyncpg.Connection = self.run(connect_db(self.dsn))
         self.run(
-            self.conn.execute("TRUNCATE tasks, task_transitions, effects RESTART IDENTITY CASCADE")
+            self.conn.execute(
+                "TRUNCATE tasks, task_transitions, effects, task_dependencies, workflows "
+                "RESTART IDENTITY CASCADE"
+            )
         )
         self.fence = Fence(self.store, max_size=1)
         self.tasks: dict[int, Model] = {}
@@ -138,6 +150,50 @@ class EngineModel(RuleBasedStateMachine):
         assert moved == allowed, f"task {task_id}: {trigger} moved={moved}, model says {allowed}"
         if allowed:
             self.tasks[task_id].fire(trigger)
+            self.settle(task_id)
+
+    def settle(self, task_id: int) -> None:
+        """As the complete statement and the trigger do, once task_id has moved: when it ended
+        COMPLETED, DEAD or CANCELLED, its edges are settled (its 'run' edges, or all when
+        COMPLETED); when it failed, what waits on it through 'cancel' edges (or 'hold' ones,
+        once cancelled) is abandoned, and so on down the graph; then the 'run' edges of each
+        task abandoned are settled as well."""
+        state = self.tasks[task_id].state
+        if state not in (S.COMPLETED, S.DEAD, S.CANCELLED):
+            return
+        self.settle_edges(task_id)
+        if state is S.COMPLETED:
+            return
+        doomed: list[int] = []
+        frontier = [(task_id, state)]
+        while frontier:
+            source, source_state = frontier.pop()
+            for dependant, m in sorted(self.tasks.items()):
+                policy = m.deps.get(source)
+                if policy is None or source in m.satisfied or m.state is not S.WAITING:
+                    continue
+                if policy == "cancel" or (policy == "hold" and source_state is S.CANCELLED):
+                    m.fire("abandon")
+                    m.waiting_for = 0
+                    doomed.append(dependant)
+                    frontier.append((dependant, S.CANCELLED))
+        for dependant in sorted(doomed):
+            self.settle_edges(dependant)
+
+    def settle_edges(self, task_id: int) -> None:
+        """task_id's edges that its state settles: all when COMPLETED, else the 'run' ones."""
+        state = self.tasks[task_id].state
+        for m in (m for _, m in sorted(self.tasks.items())):
+            policy = m.deps.get(task_id)
+            if policy is None or task_id in m.satisfied:
+                continue
+            if state is S.COMPLETED or policy == "run":
+                m.satisfied.add(task_id)
+                if m.state is S.WAITING:
+                    m.waiting_for -= 1
+                    if m.waiting_for == 0:
+                        m.fire("ready")
+                        m.due = True
 
     # --- rules -----------------------------------------------------------------------------
 
@@ -153,6 +209,61 @@ class EngineModel(RuleBasedStateMachine):
         )
         self.tasks[s.task["id"]] = Model(max_attempts, due=not later)
 
+    @precondition(lambda self: bool(self.tasks))
+    @rule(
+        picks=st.lists(st.integers(0, 50), min_size=1, max_size=2, unique=True),
+        policy=st.sampled_from(["cancel", "run", "hold"]),
+    )
+    def submit_dependant(self, picks: list[int], policy: str) -> None:
+        """A task waiting for existing tasks, whatever state they are in."""
+        deps = sorted({self.pick(i) for i in picks} - {None})  # type: ignore[type-var]
+        edges = [Edge(0, None, d, policy) for d in deps]
+        refused = any(
+            (self.tasks[d].state is S.CANCELLED and policy != "run")
+            or (self.tasks[d].state is S.DEAD and policy == "cancel")
+            for d in deps
+        )
+        try:
+            [s] = self.run(
+                self.store.submit_graph(
+                    [NewTask("noop", "{}", max_attempts=2)], edges, workflow=False
+                )
+            )
+        except DependencyRefused:
+            assert refused, f"a dependant of {deps} ({policy}) was refused"
+            return
+        assert not refused, f"a dependant of {deps} ({policy}) was accepted"
+        m = Model(2, deps=dict.fromkeys(deps, policy))
+        for d in deps:
+            dep = self.tasks[d]
+            if dep.state is S.COMPLETED or (dep.state in (S.DEAD, S.CANCELLED) and policy == "run"):
+                m.satisfied.add(d)
+        m.waiting_for = len(deps) - len(m.satisfied)
+        if m.waiting_for:
+            m.machine = build_machine(S.WAITING)
+        self.tasks[s.task["id"]] = m
+
+    @rule(policy=st.sampled_from(["cancel", "run", "hold"]))
+    def submit_diamond(self, policy: str) -> None:
+        """a -> [b, c] -> d in one batch (a workflow)."""
+        edges = [
+            Edge(1, 0, None, policy),
+            Edge(2, 0, None, policy),
+            Edge(3, 1, None, policy),
+            Edge(3, 2, None, policy),
+        ]
+        rows = self.run(
+            self.store.submit_graph(
+                [NewTask("noop", "{}", max_attempts=2) for _ in range(4)], edges, workflow=True
+            )
+        )
+        ids = [r.task["id"] for r in rows]
+        self.tasks[ids[0]] = Model(2)
+        for place, on in ((1, [0]), (2, [0]), (3, [1, 2])):
+            m = Model(2, deps={ids[o]: policy for o in on}, waiting_for=len(on))
+            m.machine = build_machine(S.WAITING)
+            self.tasks[ids[place]] = m
+
     @rule(worker=st.sampled_from(WORKERS), limit=st.integers(1, 3))
     def claim(self, worker: str, limit: int) -> None:
         expired = [i for i, m in self.tasks.items() if m.state is S.RUNNING and m.lease_expired]
@@ -166,12 +277,15 @@ class EngineModel(RuleBasedStateMachine):
             assert task_id in expired and m.attempt >= m.max_attempts
             m.fire("expire")
             m.lease_expired = False
+            self.settle(task_id)
         for t in leased:
             m = self.tasks[t.id]
             if t.trigger == "reclaim":
                 assert t.id in expired and m.attempt < m.max_attempts
             else:
                 assert t.id in due
+                # no dependant runs before its dependencies are settled
+                assert m.waiting_for == 0 and m.satisfied == set(m.deps), (t.id, m.deps)
             m.fire(t.trigger)
             m.attempt += 1
             assert t.attempt == m.attempt
@@ -361,6 +475,23 @@ class EngineModel(RuleBasedStateMachine):
             assert 0 <= r["attempt"] <= r["max_attempts"]
 
     @invariant()
+    def waiting_counts_match_and_none_is_stranded(self) -> None:
+        rows = self.run(self.conn.fetch("SELECT id, state, waiting_for FROM tasks"))
+        for r in rows:
+            m = self.tasks[r["id"]]
+            if m.state is S.WAITING:
+                assert r["waiting_for"] == m.waiting_for > 0, (r["id"], r["waiting_for"], m)
+                # stranded: waiting with nothing left that could settle it
+                assert any(
+                    d not in m.satisfied
+                    and (
+                        self.tasks[d].state not in (S.COMPLETED, S.DEAD, S.CANCELLED)
+                        or (self.tasks[d].state is S.DEAD and policy == "hold")
+                    )
+                    for d, policy in m.deps.items()
+                ), f"task {r['id']} is stranded WAITING: {m.deps}, settled {m.satisfied}"
+
+    @invariant()
     def transactional_writes_exactly_with_their_completion(self) -> None:
         rows = self.run(self.conn.fetch("SELECT task_id, count(*) AS n FROM effects GROUP BY 1"))
         stored = {r["task_id"]: r["n"] for r in rows}
@@ -391,8 +522,8 @@ class EngineModel(RuleBasedStateMachine):
             assert self.tasks[task_id].completions <= 1
 
     def drain(self) -> None:
-        """Let everything run out: nothing may stay PENDING, FAILED or RUNNING."""
-        for _ in range(20):
+        """Let everything run out: nothing may stay PENDING, FAILED, RUNNING or WAITING."""
+        for _ in range(80):
             self.run(
                 self.conn.execute(
                     "UPDATE tasks SET due_at = now() - interval '1s' WHERE state IN ('PENDING', "
@@ -400,17 +531,22 @@ class EngineModel(RuleBasedStateMachine):
                     "WHERE state = 'RUNNING'"
                 )
             )
+            # a WAITING task held by a DEAD dependency (on_failure=hold) waits for an
+            # operator: requeue every DEAD task, so that nothing is left waiting
+            for dead in self.run(self.conn.fetch("SELECT id FROM tasks WHERE state = 'DEAD'")):
+                assert self.run(self.store.requeue(dead["id"], "drain"))
             leased = self.run(self.store.claim("default", LEASE, 1000, "drainer")).leased
             for t in leased:
                 assert self.run(self.store.complete(t.id, t.lease_token, "1"))
             left = self.run(
                 self.conn.fetchval(
-                    "SELECT count(*) FROM tasks WHERE state IN ('PENDING', 'FAILED', 'RUNNING')"
+                    "SELECT count(*) FROM tasks "
+                    "WHERE state IN ('PENDING', 'FAILED', 'RUNNING', 'WAITING')"
                 )
             )
             if left == 0:
                 break
-        assert left == 0, f"{left} tasks never finished"
+        assert left == 0, f"{left} tasks never finished (or were stranded WAITING)"
         doubles = self.run(
             self.conn.fetchval(
                 "SELECT count(*) FROM (SELECT task_id FROM task_transitions WHERE trigger = "

@@ -101,3 +101,26 @@ async def test_a_requeued_task_is_not_deleted(store: Store, conn: asyncpg.Connec
     row = await conn.fetchrow(SQL["task_prune_finished"], 0, 100, HOUR, HOUR)
     assert row["tasks"] == 0
     assert (await remaining(conn))[0] == {task_id}
+
+
+async def test_a_deleted_dependants_edges_go_with_it(
+    store: Store, conn: asyncpg.Connection, db: str
+) -> None:
+    """docs/workflows.md: the edges of a deleted dependant go; those of a kept dependant stay,
+    even when what it waited for is deleted."""
+    S = TaskState
+    dependency = await arrange(store, conn, S.COMPLETED, 3)
+    gone = await arrange(store, conn, S.COMPLETED, 3)
+    kept = await arrange(store, conn, S.PENDING, 3)
+    await conn.execute(
+        "INSERT INTO task_dependencies (depends_on, task_id, satisfied) "
+        "VALUES ($1, $2, true), ($1, $3, true)",
+        dependency,
+        gone,
+        kept,
+    )
+    config = RetentionConfig(finished_seconds=2 * HOUR, pause=0)
+    pruned = await Retention(db, config).round()
+    assert pruned is not None and pruned.tasks == 2
+    edges = await conn.fetch("SELECT depends_on, task_id FROM task_dependencies")
+    assert [tuple(e) for e in edges] == [(dependency, kept)]

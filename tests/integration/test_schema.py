@@ -197,3 +197,29 @@ async def test_a_start_up_check_whose_connection_is_cut_says_so(
     monkeypatch.setattr(database, "schema_problem", cut_first)
     with pytest.raises(database.DatabaseUnavailable, match="stopped answering"):
         await database.check(db)
+
+
+async def test_0012_downgrades_to_0011_and_upgrades_again(db: str) -> None:
+    """0012 adds WAITING (an enum value PostgreSQL cannot drop: the downgrade makes the type
+    again), the edges, workflows and the settling trigger. A downgrade is refused while
+    tasks are or were WAITING."""
+    conn = await connect_db(db)
+    try:
+        await conn.execute(
+            "INSERT INTO tasks (action, payload, state, waiting_for) "
+            "VALUES ('noop', '{}', 'WAITING', 1)"
+        )
+        with pytest.raises(Exception, match="tasks are or were WAITING"):
+            await schema.downgrade(db, "0011")
+        await conn.execute("DELETE FROM tasks")
+        assert await schema.downgrade(db, "0011") == "0011"
+        labels = await conn.fetchval("SELECT enum_range(NULL::task_state)::text[]")
+        assert labels == ["PENDING", "RUNNING", "COMPLETED", "FAILED", "DEAD", "CANCELLED"]
+        assert await conn.fetchval("SELECT to_regclass('task_dependencies')") is None
+        task_id = await conn.fetchval("SELECT tasklease_submit('noop')")
+        with pytest.raises(asyncpg.CheckViolationError):
+            await conn.execute("UPDATE tasks SET state = 'RUNNING' WHERE id = $1", task_id)
+        assert await schema.upgrade(db) == schema.head()
+        assert await conn.fetchval("SELECT 'WAITING'::task_state::text") == "WAITING"
+    finally:
+        await conn.close()

@@ -35,6 +35,19 @@ async def claim_all(store: Store, task_id: int, token: uuid.UUID) -> None:
     await store.claim("default", LEASES, 10, WORKER)
 
 
+# the dependency arranged for a task (ready, abandon): task id -> (its id, its token)
+DEPENDENCY: dict[int, tuple[int, uuid.UUID]] = {}
+
+
+async def settle_dependency(store: Store, task_id: int, how: str) -> None:
+    """The task's dependency ends (complete, or bury for good): its trigger settles the task."""
+    dep, token = DEPENDENCY[task_id]
+    if how == "complete":
+        assert await store.complete(dep, token, "1")
+    else:
+        assert await store.bury(dep, token, "fatal", True)
+
+
 CASES: dict[str, Case] = {
     # due now; a RUNNING task's lease is still good, so claim must leave it alone
     "claim": Case({"due_in": -1, "lease_in": 60}, claim_all),
@@ -50,6 +63,13 @@ CASES: dict[str, Case] = {
     "release": Case({}, lambda s, i, t: s.release(i, t)),
     "requeue": Case({"due_in": 3600}, lambda s, i, t: s.requeue(i, "by test")),
     "snooze": Case({"attempt": 1}, lambda s, i, t: s.snooze(i, t, 30, "not yet")),
+    # workflows: the task waits for one RUNNING dependency, which completes or dies
+    "ready": Case(
+        {"due_in": -1, "dependency": True}, lambda s, i, t: settle_dependency(s, i, "complete")
+    ),
+    "abandon": Case(
+        {"due_in": -1, "dependency": True}, lambda s, i, t: settle_dependency(s, i, "bury")
+    ),
 }
 
 
@@ -61,12 +81,23 @@ async def arrange(
     store: Store, conn: asyncpg.Connection, state: TaskState, setup: dict[str, Any]
 ) -> tuple[int, uuid.UUID]:
     task_id = await submit(store, max_attempts=5)
-    options = {k: v for k, v in setup.items() if k != "cancel_requested"}
+    options = {k: v for k, v in setup.items() if k not in ("cancel_requested", "dependency")}
     token = await force_state(conn, task_id, state, **options)
     await store.set_limit(Limit("action:noop", 10), declared=True)
     if state is TaskState.RUNNING:  # as its claim would have: it holds a token
         await conn.execute("UPDATE limit_tokens SET task_id = $1 WHERE n = 1", task_id)
         await conn.execute("UPDATE tasks SET action_token = 1 WHERE id = $1", task_id)
+    if setup.get("dependency"):  # as task_submit_graph would have, then a claim of it
+        dep = await submit(store, queue="elsewhere")
+        dep_token = await force_state(conn, dep, TaskState.RUNNING)
+        await conn.execute("UPDATE tasks SET dependants = 1 WHERE id = $1", dep)
+        await conn.execute(
+            "UPDATE tasks SET waiting_for = 1, dependencies = 1 WHERE id = $1", task_id
+        )
+        await conn.execute(
+            "INSERT INTO task_dependencies (depends_on, task_id) VALUES ($1, $2)", dep, task_id
+        )
+        DEPENDENCY[task_id] = (dep, dep_token)
     if setup.get("cancel_requested"):
         await conn.execute("UPDATE tasks SET cancel_requested_at = now() WHERE id = $1", task_id)
     return task_id, token

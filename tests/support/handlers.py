@@ -347,3 +347,26 @@ async def crash(ctx: TaskContext, payload: Crash) -> None:
 
         ctypes.string_at(0)
     os._exit(0)
+
+
+class Flow(msgspec.Struct):
+    fail: bool = False  # end DEAD (a permanent error)
+    seconds: float = 0.0
+    value: Any = None
+
+
+@handler("test_flow", max_attempts=3, backoff=[0.1])
+async def flow(ctx: TaskContext, payload: Flow) -> dict[str, Any]:
+    """A workflow's task (tests of docs/workflows.md): records its run, then returns what it
+    read of its dependencies (ctx.results, ctx.dependency_counts) and payload.value."""
+    await record(ctx)
+    if payload.seconds:
+        await asyncio.sleep(payload.seconds)
+    if payload.fail:
+        raise PermanentError("asked to fail")
+    return {
+        "value": payload.value,
+        "results": {str(k): v for k, v in sorted(ctx.results.items())},
+        "states": {str(d.id): d.state for d in ctx.dependencies},
+        "counts": ctx.dependency_counts,
+    }

@@ -20,3 +20,23 @@ def test_the_page_quotes_the_example(name: str) -> None:
 def test_readme_imports_from_tasklease() -> None:
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     assert "from engine" not in readme and "from tasklease import" in readme
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "Order",
+        "charge_card",
+        "email_receipt",
+        "make_invoice",
+        "archive_order",
+        "order_report",
+        "place_order",
+    ],
+)
+def test_the_workflows_page_quotes_the_example(name: str) -> None:
+    from examples import workflows
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "workflows.md").read_text()
+    source = inspect.getsource(getattr(workflows, name))
+    assert source in doc, f"docs/workflows.md does not show examples/workflows.py's {name} as is"

@@ -1,4 +1,5 @@
 import re
+from pathlib import Path
 
 from tasklease.engine.queries import CLAIM, QUERIES, load
 from tasklease.engine.states import SUBMIT, TRANSITIONS, TaskState
@@ -25,10 +26,18 @@ def test_every_transition_statement_names_its_guard() -> None:
     } <= set(transitions)
 
 
+# Written by the database itself: the trigger tasks_settle_dependants (migration 0012), in
+# the transaction of the dependency's transition, whichever statement made it.
+BY_THE_SETTLING_TRIGGER = {"ready", "abandon"}
+
+
 def test_every_trigger_is_written_by_some_statement() -> None:
     sql = " ".join(q.sql for q in QUERIES.values())
+    schema = (Path(__file__).resolve().parents[2] / "schema" / "schema.sql").read_text()
+    settling = schema[schema.index("FUNCTION public.tasklease_settle_dependants") :]
     for t in TRANSITIONS:
-        assert f"'{t.trigger}'" in sql, f"no statement records {t.trigger}"
+        where = settling if t.trigger in BY_THE_SETTLING_TRIGGER else sql
+        assert f"'{t.trigger}'" in where, f"no statement records {t.trigger}"
 
 
 def test_every_trigger_a_statement_records_is_declared() -> None:

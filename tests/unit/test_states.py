@@ -10,7 +10,7 @@ from tasklease.engine.states import BY_TRIGGER, MACHINE, TRANSITIONS, TaskState
 DOC = Path(__file__).resolve().parents[2] / "docs" / "state-machine.md"
 
 
-def test_states_are_the_designed_six() -> None:
+def test_states_are_the_designed_six_and_waiting() -> None:
     assert [s.value for s in TaskState] == [
         "PENDING",
         "RUNNING",
@@ -18,6 +18,8 @@ def test_states_are_the_designed_six() -> None:
         "FAILED",
         "DEAD",
         "CANCELLED",
+        # added by the workflows issue (docs/state-machine.md, docs/workflows.md)
+        "WAITING",
     ]
 
 
@@ -31,12 +33,15 @@ def test_declaration_matches_design_table() -> None:
         ("complete", (S.RUNNING,), S.COMPLETED),
         ("fail", (S.RUNNING,), S.FAILED),
         ("bury", (S.RUNNING,), S.DEAD),
-        ("cancel", (S.PENDING, S.FAILED), S.CANCELLED),
+        ("cancel", (S.PENDING, S.FAILED, S.WAITING), S.CANCELLED),
         ("cancel_running", (S.RUNNING,), S.CANCELLED),
         ("release", (S.RUNNING,), S.PENDING),
         ("requeue", (S.DEAD,), S.PENDING),
         # added by the scheduling issue (docs/state-machine.md says so beside DESIGN's table)
         ("snooze", (S.RUNNING,), S.PENDING),
+        # added by the workflows issue (docs/workflows.md)
+        ("ready", (S.WAITING,), S.PENDING),
+        ("abandon", (S.WAITING,), S.CANCELLED),
     }
 
 
@@ -75,6 +80,10 @@ def test_is_path() -> None:
     assert not states.is_path([good[0], ("complete", S.PENDING, S.COMPLETED)])
     assert not states.is_path([good[0], ("claim", S.FAILED, S.RUNNING)])  # from != last to
     assert not states.is_path([])
+    waited = [("submit", None, S.WAITING), ("ready", S.WAITING, S.PENDING), *good[1:]]
+    assert states.is_path(waited)
+    assert states.is_path([waited[0], ("abandon", S.WAITING, S.CANCELLED)])
+    assert not states.is_path([waited[0], ("claim", S.WAITING, S.RUNNING)])  # never claimed
 
 
 def test_diagram_in_docs_is_current() -> None:
