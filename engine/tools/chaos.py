@@ -362,11 +362,15 @@ async def _chaos(
     next_submit, next_line, submitted = time.monotonic(), time.monotonic() + 5, config.tasks
     while (now := time.monotonic()) < end:
         if config.kill_every and now >= next_kill:
-            victim = rng.choice([p for p in cluster.workers if p.poll() is None])
-            cluster.kill(victim)
-            killed[victim.pid] = time.time()
+            live = [p for p in cluster.workers if p.poll() is None]
+            if live:
+                victim = rng.choice(live)
+                cluster.kill(victim)
+                killed[victim.pid] = time.time()
+                report.kills += 1
+            else:  # all ended by themselves (a worker exits when its start-up check fails)
+                log.warning("no worker alive to kill; starting one")
             start_worker(cluster, config)
-            report.kills += 1
             next_kill = now + config.kill_every * rng.uniform(0.5, 1.5)
         if now >= next_cut:
             cut = await conn.fetchval(
