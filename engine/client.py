@@ -155,7 +155,7 @@ class Client:
         return await self._write(new, connection, batch=True) if new else []
 
     async def _write(self, new: Sequence[NewTask], connection: Any, *, batch: bool) -> list[Task]:
-        fetch = self.store.pool.fetch if connection is None else await fetcher(connection)
+        fetch = self.store.fetch if connection is None else await fetcher(connection)
         try:
             submitted = await submit_on(fetch, new, own_transaction=connection is None)
         except KeyTaken as taken:
