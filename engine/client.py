@@ -160,6 +160,8 @@ class Client:
             submitted = await submit_on(fetch, new, own_transaction=connection is None)
         except KeyTaken as taken:
             raise IdempotencyConflict.of(taken.conflicts[0], batch=batch) from None
+        if connection is None:
+            self.store.wake(submitted)  # in the caller's transaction: NOTIFY at its commit
         return [Task.from_row(s.task) for s in submitted]
 
     # --- reading and operating ---------------------------------------------------------------
