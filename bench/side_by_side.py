@@ -13,6 +13,9 @@ Workloads (--workloads, comma-separated; all by default):
              `Queries.enqueue("noop", b'{"n": i}')` on one connection (its fastest);
   submit16   the same from 16 concurrent callers: tasklease `Client(max_size=16)`, pgqueuer
              `Queries` on an `AsyncpgPoolDriver` of 16 connections;
+  api16      tasklease only: `POST /tasks` of one task from 16 keep-alive connections (a
+             minimal HTTP/1.1 client in a process of its own) to one `tasklease api` process;
+             the CPU column is the API process's;
   drain1     --tasks no-op tasks inserted in bulk, then drained by one worker process:
              tasklease `tasklease worker --concurrency 100`; pgqueuer --pgq-managers queue
              managers dequeuing batches of --pgq-batch (2 x 100: its best on this machine of
@@ -48,6 +51,7 @@ import asyncio
 import contextlib
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -59,7 +63,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 HERE = Path(__file__).resolve()
-WORKLOADS = ("submit1", "submit16", "drain1", "drain2")
+WORKLOADS = ("submit1", "submit16", "api16", "drain1", "drain2")
 CALLERS = {"submit1": 1, "submit16": 16}
 WARMUP = 200
 
@@ -247,11 +251,56 @@ async def child_pgqueuer_drain(dsn: str, managers: int, batch: int) -> dict[str,
     return await _done({"done": done})
 
 
+async def child_http_submit(port: int, total: int, callers: int) -> dict[str, float]:
+    """POST /tasks over `callers` keep-alive connections (a minimal client: a general-purpose
+    one costs more CPU per request than the server)."""
+
+    async def connect() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        for _ in range(300):
+            with contextlib.suppress(OSError):
+                return await asyncio.open_connection("127.0.0.1", port)
+            await asyncio.sleep(0.1)
+        raise RuntimeError(f"no API on port {port}")
+
+    async def post(streams: tuple[asyncio.StreamReader, asyncio.StreamWriter], i: int) -> None:
+        reader, writer = streams
+        body = b'{"action": "noop", "payload": {"n": %d}}' % i
+        writer.write(
+            b"POST /tasks HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+        )
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = next(
+            int(line.split(b":", 1)[1])
+            for line in head.split(b"\r\n")
+            if line.lower().startswith(b"content-length:")
+        )
+        await reader.readexactly(length)
+        if head.split(b" ", 2)[1] != b"201":
+            raise RuntimeError(f"POST /tasks answered {head!r}")
+
+    conns = [await connect() for _ in range(callers)]
+    for i in range(WARMUP):
+        await post(conns[i % callers], i)
+
+    async def caller(k: int) -> None:
+        for i in range(k, total, callers):
+            await post(conns[k], i)
+
+    await _await_go()
+    c0, t0 = time.process_time(), time.perf_counter()
+    await asyncio.gather(*(caller(k) for k in range(callers)))
+    return await _done({"seconds": time.perf_counter() - t0, "cpu": time.process_time() - c0})
+
+
 def child_main(argv: list[str]) -> None:
     import uvloop
 
-    kind, dsn, *rest = argv
+    kind, dsn, *rest = argv  # http-submit: a port in place of the DSN
     ints = [int(x) for x in rest]
+    if kind == "http-submit":
+        uvloop.run(child_http_submit(int(dsn), *ints))
+        return
     run = {
         "tasklease-submit": child_tasklease_submit,
         "pgqueuer-submit": child_pgqueuer_submit,
@@ -392,6 +441,8 @@ class Bench:
                 server = await ServerCPU.find(watch)
                 if workload.startswith("submit"):
                     return await self.submit(system, dsn, CALLERS[workload], server)
+                if workload == "api16":
+                    return await self.api(system, dsn, 16, server)
                 workers = int(workload.removeprefix("drain"))
                 if system.kind == "tasklease":
                     return await self.tasklease_drain(system, dsn, workers, watch, server)
@@ -411,6 +462,41 @@ class Bench:
         s1 = server.sample() if server else None
         child.end()
         return Run(n, result["seconds"], result["cpu"], server_between(s0, s1))
+
+    async def api(self, system: System, dsn: str, callers: int, server: ServerCPU | None) -> Run:
+        n = self.args.submits
+        port = self.args.api_port
+        api = subprocess.Popen(
+            [
+                system.python,
+                "-m",
+                "tasklease.engine.cli",
+                "--log-level",
+                "warning",
+                "api",
+                "--port",
+                str(port),
+            ],
+            env={**system.env(), "DATABASE_URL": dsn},
+            cwd=system.tree,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            child = Child(
+                System("load", "http", sys.executable),
+                ["http-submit", str(port), str(n), str(callers)],
+            )
+            await _run_in_thread(child.ready)
+            a0, s0 = tree_seconds([api.pid]), server.sample() if server else None
+            child.go()
+            result = await _run_in_thread(child.result)
+            a1, s1 = tree_seconds([api.pid]), server.sample() if server else None
+            child.end()
+        finally:
+            api.terminate()
+            api.wait()
+        return Run(n, result["seconds"], a1 - a0, server_between(s0, s1))
 
     async def tasklease_drain(
         self, system: System, dsn: str, workers: int, watch: Any, server: ServerCPU | None
@@ -609,6 +695,8 @@ async def orchestrate(args: argparse.Namespace) -> None:
         for w in workloads:
             got = []
             for s in turn:
+                if w == "api16" and s.kind != "tasklease":
+                    continue  # pgqueuer has no HTTP API
                 r = await bench.run(w, s)
                 got.append(f"{s.name} {r.per_s:,.0f}/s")
                 if n >= 0:
@@ -640,9 +728,12 @@ def main() -> None:
     p.add_argument("--pgq-managers", type=int, default=2)
     p.add_argument("--pgq-batch", type=int, default=100)
     p.add_argument("--no-pgqueuer", action="store_true")
+    p.add_argument("--api-port", type=int, default=18181, help="for api16 (18181)")
     args = p.parse_args()
     if args.dsn is None:
         args.dsn = os.environ.get("DATABASE_URL")
+    # stopped (kill, timeout): unwind, so that workers are stopped and databases dropped
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     asyncio.run(orchestrate(args))
 
 
