@@ -213,6 +213,7 @@ class Store:
         # so the pool always has one for everything else
         self._kept: list[Any] = []
         self._keep = max(0, pool.get_max_size() - 1)
+        self._acquiring = 0  # fetch() calls waiting for a connection of the pool
         self._to_wake: set[str] = set()  # queues whose workers wake() is to wake
         self._waking: asyncio.Task[None] | None = None
 
@@ -248,13 +249,22 @@ class Store:
         (a shielded task per release) cost a caller about as much CPU as a one-task submit's
         statement. A connection that raised, or is in a transaction, goes back to the pool
         (which closes or resets it) as pool.fetch() would send it."""
-        conn = self._kept.pop() if self._kept else await self.pool.acquire()
+        if self._kept:
+            conn = self._kept.pop()
+        else:
+            self._acquiring += 1
+            try:
+                conn = await self.pool.acquire()
+            finally:
+                self._acquiring -= 1
         try:
             rows: list[asyncpg.Record] = await conn.fetch(sql, *args)
         except BaseException:
             await self.pool.release(conn)
             raise
-        if len(self._kept) < self._keep and not conn.is_in_transaction():
+        # kept unless other calls wait for a connection of the pool: then it goes back to
+        # the pool, which hands it to the first of them
+        if not self._acquiring and len(self._kept) < self._keep and not conn.is_in_transaction():
             self._kept.append(conn)
         else:
             await self.pool.release(conn)
