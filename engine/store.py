@@ -23,7 +23,7 @@ from tasklease.engine.queries import CLAIM, SQL
 
 log = logging.getLogger("tasklease.store")
 # Store.wake sends at most one wake-up per this many seconds (the first at once).
-WAKE_GAP = 0.002
+WAKE_GAP = 0.005
 
 # Errors after which the same statement can succeed once the database is back.
 TRANSIENT_ERRORS: tuple[type[Exception], ...] = (
