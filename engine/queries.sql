@@ -12,7 +12,8 @@
 -- JSON goes in and out as text (encoded by msgspec), so asyncpg never parses it.
 -- Notifications: 'tasklease' (payload: a queue) wakes workers when work is submitted;
 -- 'tasklease_done' (payload: task ids, comma-separated) says tasks reached a final state,
--- for Client.wait(). Both are sent at commit, so a rolled-back change wakes no one.
+-- for Client.wait(). Both are sent at commit, so a rolled-back change wakes no one; a
+-- submission in its own transaction sends its wake-up just after its commit (queue_wake).
 
 -- name: task_get
 -- One task by id.
