@@ -11,7 +11,8 @@ Workloads (--workloads, comma-separated; all by default):
   submit1    one caller submits --submits no-op tasks, one task per call, each call its own
              transaction: tasklease `Client.submit("noop", {"n": i})` against pgqueuer
              `Queries.enqueue("noop", b'{"n": i}')` on one connection (its fastest);
-  submit16   the same from 16 concurrent callers: tasklease `Client(max_size=16)`, pgqueuer
+  submit16   the same from 16 concurrent callers: tasklease `Client(max_size=16)` (submit1:
+             `Client()`, its default pool of 10), pgqueuer
              `Queries` on an `AsyncpgPoolDriver` of 16 connections;
   api16      tasklease only: `POST /tasks` of one task from 16 keep-alive connections (a
              minimal HTTP/1.1 client in a process of its own) to one `tasklease api` process;
@@ -176,7 +177,8 @@ async def _done(result: dict[str, float]) -> dict[str, float]:
 async def child_tasklease_submit(dsn: str, total: int, callers: int) -> dict[str, float]:
     from tasklease import Client
 
-    async with Client(dsn, max_size=callers) as client:
+    # the default pool (10) as `Client()` has it; more when more callers submit at once
+    async with Client(dsn, max_size=max(10, callers)) as client:
         for i in range(WARMUP):
             await client.submit("noop", {"n": i})
 
