@@ -247,8 +247,8 @@ class Store:
     async def fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]:
         """pool.fetch(), on a connection kept between calls: asyncpg's acquire and release
         (a shielded task per release) cost a caller about as much CPU as a one-task submit's
-        statement. A connection that raised, or is in a transaction, goes back to the pool
-        (which closes or resets it) as pool.fetch() would send it."""
+        statement. A connection whose statement raised, or left in a transaction, goes back
+        to the pool, as pool.fetch() would have sent it back."""
         if self._kept:
             conn = self._kept.pop()
         else:
