@@ -8,6 +8,7 @@ nothing changed. Callers report it; they never retry it blindly.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
@@ -24,6 +25,7 @@ from tasklease.engine.queries import CLAIM, SQL
 log = logging.getLogger("tasklease.store")
 # Store.wake sends at most one wake-up per this many seconds (the first at once).
 WAKE_GAP = 0.005
+WAKE_CLOSE_SECONDS = 5.0  # how long Store.close waits for the last one
 
 # Errors after which the same statement can succeed once the database is back.
 TRANSIENT_ERRORS: tuple[type[Exception], ...] = (
@@ -196,6 +198,15 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
     sets no session state (no LISTEN, advisory locks or SET) on pooled connections."""
 
 
+def _gone(conn: Any) -> bool:
+    """Whether a pool connection kept by Store.fetch was closed meanwhile: asyncpg then gives
+    it back to the pool itself and detaches its proxy, whose methods raise InterfaceError."""
+    try:
+        return bool(conn.is_closed())
+    except asyncpg.InterfaceError:
+        return True
+
+
 @dataclass(frozen=True)
 class Claim:
     leased: list[Claimed]
@@ -237,8 +248,10 @@ class Store:
         return cls(pool, dsn)
 
     async def close(self) -> None:
-        if self._waking is not None:
-            await self._waking  # the last submissions' wake-up
+        if self._waking is not None and not self._waking.done():
+            # the last submissions' wake-up, unless the database does not answer it
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._waking, WAKE_CLOSE_SECONDS)
         kept, self._kept = self._kept, []
         for conn in kept:
             await self.pool.release(conn)
@@ -249,9 +262,13 @@ class Store:
         (a shielded task per release) cost a caller about as much CPU as a one-task submit's
         statement. A connection whose statement raised, or left in a transaction, goes back
         to the pool, as pool.fetch() would have sent it back."""
-        if self._kept:
+        conn = None
+        while self._kept and conn is None:
             conn = self._kept.pop()
-        else:
+            if _gone(conn):  # the server closed it meanwhile: the pool will connect anew
+                await self.pool.release(conn)  # (nothing to do if asyncpg already did it)
+                conn = None
+        if conn is None:
             self._acquiring += 1
             try:
                 conn = await self.pool.acquire()
