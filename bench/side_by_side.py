@@ -227,6 +227,8 @@ async def child_pgqueuer_setup(dsn: str, jobs: int, install: int) -> dict[str, f
         n = min(5000, jobs - start)
         await queries.enqueue(["noop"] * n, [None] * n, [0] * n)
     await conn.execute("ANALYZE")
+    if jobs:
+        await conn.execute("CHECKPOINT")  # as before tasklease's drain: the load written out
     await conn.close()
     return await _done({})
 
