@@ -215,11 +215,13 @@ class Client:
         return [Task.from_row(r) for r in await self.store.workflow_tasks(workflow_id)]
 
     async def _write(self, new: Sequence[NewTask], connection: Any, *, batch: bool) -> list[Task]:
-        fetch = self.store.pool.fetch if connection is None else await fetcher(connection)
+        fetch = self.store.fetch if connection is None else await fetcher(connection)
         try:
             submitted = await submit_on(fetch, new, own_transaction=connection is None)
         except KeyTaken as taken:
             raise IdempotencyConflict.of(taken.conflicts[0], batch=batch) from None
+        if connection is None:
+            self.store.wake(submitted)  # in the caller's transaction: NOTIFY at its commit
         return [Task.from_row(s.task) for s in submitted]
 
     # --- reading and operating ---------------------------------------------------------------

@@ -12,7 +12,8 @@
 -- JSON goes in and out as text (encoded by msgspec), so asyncpg never parses it.
 -- Notifications: 'tasklease' (payload: a queue) wakes workers when work is submitted;
 -- 'tasklease_done' (payload: task ids, comma-separated) says tasks reached a final state,
--- for Client.wait(). Both are sent at commit, so a rolled-back change wakes no one.
+-- for Client.wait(). Both are sent at commit, so a rolled-back change wakes no one; a
+-- submission in its own transaction sends its wake-up just after its commit (queue_wake).
 
 -- name: task_get
 -- One task by id.
@@ -531,7 +532,8 @@ SELECT state, lease_token = $2 AS ours FROM tasks WHERE id = $1;
 
 -- name: task_submit_many
 -- Insert a batch of PENDING tasks and their `submit` rows in one statement. $1..$9 are
--- aligned arrays, one element per task. Returns the inserted tasks (created) and, for
+-- aligned arrays, one element per task; $10: NOTIFY the tasks' queues at commit (a caller's
+-- transaction) or not (the caller wakes them after its own commit, Store.wake). Returns the inserted tasks (created) and, for
 -- idempotency keys already taken, the existing tasks (not created).
 -- A key is repeated faithfully when the task that holds it (or, within the batch, the first
 -- task that gives it) has the same action, payload (as a JSON value), queue, priority,
@@ -594,9 +596,10 @@ WITH input AS MATERIALIZED (
     RETURNING *
 ), logged AS (
     -- NOTIFY wakes idle workers of the queue (pg_notify returns void, which IS NOT NULL)
+    -- when $10; else the caller wakes them after the commit (Store.wake)
     INSERT INTO task_transitions (task_id, trigger, from_state, to_state, attempt)
     SELECT id, 'submit', NULL, 'PENDING', 0 FROM new
-    WHERE pg_notify('tasklease', queue) IS NOT NULL
+    WHERE CASE WHEN $10::boolean THEN pg_notify('tasklease', queue) IS NOT NULL ELSE true END
 ), raced AS (
     -- keys neither inserted nor seen: taken by a transaction that committed after our snapshot
     SELECT idempotency_key FROM input
@@ -625,7 +628,7 @@ WHERE CASE WHEN EXISTS (SELECT FROM new)
 
 -- name: task_submit_unkeyed
 -- task_submit_many for tasks none of which has an idempotency key (most submissions):
--- nothing to find or compare, so none of its checks. $1..$9 as there ($7 all NULL).
+-- nothing to find or compare, so none of its checks. $1..$10 as there ($7 all NULL).
 WITH new AS (
     INSERT INTO tasks (action, queue, priority, payload, max_attempts, due_at, idempotency_key,
                        lease_seconds, timeout_seconds)
@@ -640,9 +643,10 @@ WITH new AS (
     RETURNING *
 ), logged AS (
     -- NOTIFY wakes idle workers of the queue (pg_notify returns void, which IS NOT NULL)
+    -- when $10; else the caller wakes them after the commit (Store.wake)
     INSERT INTO task_transitions (task_id, trigger, from_state, to_state, attempt)
     SELECT id, 'submit', NULL, 'PENDING', 0 FROM new
-    WHERE pg_notify('tasklease', queue) IS NOT NULL
+    WHERE CASE WHEN $10::boolean THEN pg_notify('tasklease', queue) IS NOT NULL ELSE true END
 )
 SELECT true AS created, new.* FROM new;
 
@@ -986,6 +990,15 @@ SELECT paused_at FROM queue_pauses WHERE queue = $1;
 -- Resume queue $1 and wake the workers of it; returns the queue if it was paused.
 DELETE FROM queue_pauses WHERE queue = $1 AND pg_notify('tasklease', queue) IS NOT NULL
 RETURNING queue;
+
+-- name: queue_wake
+-- Wake the workers of the queues in $1: what a submission in a transaction of its own sends
+-- after its commit (Store.wake). A transaction that notifies holds a lock from its commit
+-- until its WAL is flushed, so a NOTIFY inside each submission serialised their commits
+-- (no group commit). This one writes nothing durable: its commit need not wait for the
+-- flush (a crash may lose the wake-up, never a task; workers poll as a safety net).
+SELECT set_config('synchronous_commit', 'off', true), pg_notify('tasklease', q)
+FROM unnest($1::text[]) AS q;
 
 -- name: queue_paused_list
 -- The paused queues, with when each was paused.

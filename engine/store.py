@@ -7,8 +7,11 @@ nothing changed. Callers report it; they never retry it blindly.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import uuid
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
@@ -18,6 +21,11 @@ import msgspec
 
 from tasklease.engine import database
 from tasklease.engine.queries import CLAIM, SQL
+
+log = logging.getLogger("tasklease.store")
+# Store.wake sends at most one wake-up per this many seconds (the first at once).
+WAKE_GAP = 0.005
+WAKE_CLOSE_SECONDS = 5.0  # how long Store.close waits for the last one
 
 # Errors after which the same statement can succeed once the database is back.
 TRANSIENT_ERRORS: tuple[type[Exception], ...] = (
@@ -210,6 +218,15 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
     sets no session state (no LISTEN, advisory locks or SET) on pooled connections."""
 
 
+def _gone(conn: Any) -> bool:
+    """Whether a pool connection kept by Store.fetch was closed meanwhile: asyncpg then gives
+    it back to the pool itself and detaches its proxy, whose methods raise InterfaceError."""
+    try:
+        return bool(conn.is_closed())
+    except asyncpg.InterfaceError:
+        return True
+
+
 @dataclass(frozen=True)
 class Claim:
     leased: list[Claimed]
@@ -223,6 +240,13 @@ class Store:
         self.pool = pool
         self.dsn = dsn  # for connections of their own (the lease keeper, retention)
         self.listen_dsn = database.listen_dsn(dsn)  # None: behind a pooler, poll only
+        # connections fetch() keeps out of the pool between its calls; at most max_size - 1,
+        # so the pool always has one for everything else
+        self._kept: list[Any] = []
+        self._keep = max(0, pool.get_max_size() - 1)
+        self._acquiring = 0  # fetch() calls waiting for a connection of the pool
+        self._to_wake: set[str] = set()  # queues whose workers wake() is to wake
+        self._waking: asyncio.Task[None] | None = None
 
     @classmethod
     async def connect(
@@ -244,11 +268,73 @@ class Store:
         return cls(pool, dsn)
 
     async def close(self) -> None:
+        if self._waking is not None and not self._waking.done():
+            # the last submissions' wake-up, unless the database does not answer it
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._waking, WAKE_CLOSE_SECONDS)
+        kept, self._kept = self._kept, []
+        for conn in kept:
+            await self.pool.release(conn)
         await self.pool.close()
 
+    async def fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]:
+        """pool.fetch(), on a connection kept between calls: asyncpg's acquire and release
+        (a shielded task per release) cost a caller about as much CPU as a one-task submit's
+        statement. A connection whose statement raised, or left in a transaction, goes back
+        to the pool, as pool.fetch() would have sent it back."""
+        conn = None
+        while self._kept and conn is None:
+            conn = self._kept.pop()
+            if _gone(conn):  # the server closed it meanwhile: the pool will connect anew
+                await self.pool.release(conn)  # (nothing to do if asyncpg already did it)
+                conn = None
+        if conn is None:
+            self._acquiring += 1
+            try:
+                conn = await self.pool.acquire()
+            finally:
+                self._acquiring -= 1
+        try:
+            rows: list[asyncpg.Record] = await conn.fetch(sql, *args)
+        except BaseException:
+            await self.pool.release(conn)
+            raise
+        # kept unless other calls wait for a connection of the pool: then it goes back to
+        # the pool, which hands it to the first of them
+        if not self._acquiring and len(self._kept) < self._keep and not conn.is_in_transaction():
+            self._kept.append(conn)
+        else:
+            await self.pool.release(conn)
+        return rows
+
     async def submit_many(self, tasks: Sequence[NewTask]) -> list[Submitted]:
-        """All tasks in one statement (one transaction): all are written or none."""
-        return await submit_on(self.pool.fetch, tasks)
+        """All tasks in one statement (one transaction): all are written or none. Their
+        workers are woken after the commit (wake)."""
+        submitted = await submit_on(self.fetch, tasks)
+        self.wake(submitted)
+        return submitted
+
+    def wake(self, submitted: Iterable[Submitted]) -> None:
+        """NOTIFY the queues of the tasks created, after the commit that wrote them, in a
+        statement of its own (queue_wake), sent from a task of this store's: at once if none
+        was sent in the last WAKE_GAP seconds, else at the end of it, for all the queues
+        gathered meanwhile, so that many submissions share one. A NOTIFY inside each
+        submission's transaction would serialise their commits (PostgreSQL holds a lock from
+        a notifying commit until its WAL is flushed). close() waits for the last one."""
+        self._to_wake.update(s.task["queue"] for s in submitted if s.created)
+        if self._to_wake and (self._waking is None or self._waking.done()):
+            self._waking = asyncio.get_running_loop().create_task(self._wake())
+
+    async def _wake(self) -> None:
+        while self._to_wake:
+            queues, self._to_wake = sorted(self._to_wake), set()
+            try:
+                await self.fetch(SQL["queue_wake"], queues)
+            except Exception as exc:  # written all the same: workers poll for it
+                log.warning("could not wake the workers of %s: %s", ", ".join(queues), exc)
+            # the submissions of the next WAKE_GAP share the next one (a caller submitting
+            # one task after another would otherwise send one per task)
+            await asyncio.sleep(WAKE_GAP)
 
     async def list_tasks(
         self, *, limit: int, before: int | None = None, **filters: str | None
@@ -508,11 +594,18 @@ Fetch = Callable[..., Awaitable[Sequence[Mapping[str, Any]]]]
 
 
 async def submit_on(
-    fetch: Fetch, tasks: Sequence[NewTask], *, own_transaction: bool = True
+    fetch: Fetch,
+    tasks: Sequence[NewTask],
+    *,
+    own_transaction: bool = True,
+    notify: bool | None = None,
 ) -> list[Submitted]:
     """`task_submit_many` through `fetch` (a pool's, or a connection inside the caller's
     transaction: `own_transaction` False), each task paired with its row. KeyTaken when a
     task reuses an idempotency key with other content: then nothing was written.
+
+    `notify`: whether the statement NOTIFYs the queues at commit; by default only in the
+    caller's transaction (in its own, the caller wakes them after: Store.wake).
 
     A key taken by a transaction that committed during the statement: the statement is run
     again, with a snapshot that sees it. If the statement had inserted other tasks meanwhile,
@@ -531,9 +624,10 @@ async def submit_on(
     )
     keyed = any(t.idempotency_key is not None for t in tasks)
     statement = SQL["task_submit_many" if keyed else "task_submit_unkeyed"]
+    notifies = not own_transaction if notify is None else notify
     for _ in range(3):
         try:
-            rows = await fetch(statement, *columns)
+            rows = await fetch(statement, *columns, notifies)
         except asyncpg.SerializationError:
             if not own_transaction:
                 raise

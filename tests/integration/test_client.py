@@ -306,6 +306,34 @@ async def test_asyncpg_transaction_rolled_back_or_committed(
         await listener.close()
 
 
+async def test_a_submit_in_its_own_transaction_wakes_its_queue_after_the_commit(
+    client: Client, db: str
+) -> None:
+    """Not a NOTIFY inside the submission (it would serialise concurrent commits): one sent
+    after it, for the tasks created only."""
+    listener, woken = await listen(db)
+
+    async def heard(expected: list[str]) -> None:
+        for _ in range(50):
+            if woken == expected:
+                return
+            await asyncio.sleep(0.05)
+        assert woken == expected
+
+    try:
+        await client.submit("noop", {"n": 1}, queue="q2")
+        await heard(["q2"])
+        await client.submit("noop", {}, queue="q3", idempotency_key="wake-once")
+        await heard(["q2", "q3"])
+        await client.submit("noop", {}, queue="q3", idempotency_key="wake-once")  # a repeat
+        await asyncio.sleep(0.3)
+        assert woken == ["q2", "q3"], "a repeat created nothing, so wakes no one"
+        await client.submit_many([{"action": "noop", "payload": {}, "queue": q} for q in "ab"])
+        await heard(["q2", "q3", "a", "b"])
+    finally:
+        await listener.close()
+
+
 async def test_asyncpg_connection_without_a_transaction_is_refused(client: Client, db: str) -> None:
     mine = await connect_db(db)
     try:

@@ -179,3 +179,38 @@ async def test_dashboard_queries_read_an_index(
     seq = [n for n in plan if n["Node Type"] == "Seq Scan" and n.get("Relation Name") == "tasks"]
     assert seq == [], plan[0]
     assert sum(n.get("Rows Removed by Filter", 0) for n in plan) <= 100, plan[0]
+
+
+@pytest.mark.parametrize("plan_mode", ["auto", "force_generic_plan"])
+@pytest.mark.parametrize("keyed", [False, True], ids=["unkeyed", "keyed"])
+async def test_a_submission_reads_no_other_task(
+    conn: asyncpg.Connection, plan_mode: str, keyed: bool
+) -> None:
+    """One task submitted beside 30,000 others in a table never analyzed (autovacuum has not
+    come by yet): without an idempotency key the statement reads no table at all; with one,
+    it finds the key through its index, never by a scan of `tasks` (PostgreSQL 15 chose a
+    sequential scan for the generic plan of such a table)."""
+    await conn.execute("""
+        INSERT INTO tasks (action, payload, idempotency_key)
+        SELECT 'noop', '{}', 'key ' || g FROM generate_series(1, 30000) g""")
+    await conn.execute(f"SET plan_cache_mode = {plan_mode}")
+    sql = SQL["task_submit_many" if keyed else "task_submit_unkeyed"]
+    key = "a new key" if keyed else None
+    args = (["noop"], ["default"], [0], ["{}"], [5], [None], [key], [None], [None], False)
+    tr = conn.transaction()
+    await tr.start()
+    try:
+        raw = await conn.fetchval("EXPLAIN (ANALYZE, FORMAT JSON) " + sql, *args)
+    finally:
+        await tr.rollback()
+    plan = nodes(msgspec.json.decode(raw)[0]["Plan"])
+    reads = {
+        (n["Node Type"], n.get("Index Name"))
+        for n in plan
+        if n.get("Relation Name") in ("tasks", "task_transitions")
+        and n["Node Type"] != "ModifyTable"
+    }
+    if keyed:
+        assert reads and all(index == "tasks_idempotency_key" for _, index in reads), reads
+    else:
+        assert reads == set(), reads

@@ -244,3 +244,25 @@ async def test_batch_is_all_or_nothing(store: Store, conn: asyncpg.Connection) -
         await store.submit_many(batch)
     assert await conn.fetchval("SELECT count(*) FROM tasks") == 0
     assert await conn.fetchval("SELECT count(*) FROM task_transitions") == 0
+
+
+async def test_fetch_keeps_connections_but_never_starves_the_pool(db: str) -> None:
+    """Store.fetch keeps connections between calls (at most max_size - 1), and gives them
+    back to the pool whenever a call waits for one: many submissions at once beside reads on
+    the pool all finish, and close() ends."""
+    store = await Store.connect(db, min_size=0, max_size=3)
+    try:
+
+        async def submits() -> None:
+            for _ in range(20):
+                await store.submit_many([NewTask("noop", "{}")])
+
+        async def reads() -> None:
+            for _ in range(20):
+                await store.counts()
+
+        await asyncio.wait_for(asyncio.gather(*(submits() for _ in range(8)), reads()), 60)
+        assert len(store._kept) <= 2
+        assert sum(r["tasks"] for r in await store.counts()) == 160
+    finally:
+        await asyncio.wait_for(store.close(), 30)
