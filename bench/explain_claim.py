@@ -24,7 +24,7 @@ LIMITS = {"queue:default": None, "action:noop": None, "rate:noop": 1.0}
 
 async def set_limits(conn: asyncpg.Connection) -> None:
     for key, per in LIMITS.items():
-        await conn.execute(SQL["limit_set"], key, 100_000, per, True)
+        await conn.execute(SQL["limit_set"], key, 100_000, per, True, None)
     await conn.execute("""
         UPDATE limit_tokens SET task_id = -n WHERE n % 2 = 0 AND key NOT LIKE 'rate:%';
         UPDATE limit_tokens SET free_at = now() + interval '1 hour'

@@ -224,7 +224,7 @@ async def drain(
             insert_rate = await _insert(db.dsn, config.tasks, action)
             for limit in limits:
                 await conn.execute(
-                    SQL["limit_set"], limit.key, limit.value, limit.per_seconds, True
+                    SQL["limit_set"], limit.key, limit.value, limit.per_seconds, True, limit.by
                 )
             if limits:  # what autovacuum would do to the new tokens, done before the drain
                 await conn.execute("VACUUM ANALYZE limit_tokens")

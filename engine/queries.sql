@@ -60,11 +60,24 @@ WITH lease AS (
     WHERE l.key = ANY(ARRAY['queue:' || $1]
                       || ARRAY(SELECT p || a FROM unnest($2::text[]) AS a,
                                                   unnest('{action:,rate:}'::text[]) AS p))
+), keyed AS MATERIALIZED (
+    -- per-key limits (`key:ACTION`): at most `value` tasks of the action RUNNING at once for
+    -- each value of the payload field `by` (a task without it counts under '')
+    SELECT l.key, substr(l.key, 5) AS action, l.value, l.by FROM limits l
+    WHERE l.key = ANY(ARRAY(SELECT 'key:' || a FROM unnest($2::text[]) AS a))
+), full_keys AS MATERIALIZED (
+    -- the values at their cap in this snapshot (tasks_running_keyed): the scans below step
+    -- over their due tasks, so that one value's backlog holds back no other value. A value
+    -- filled meanwhile is refused its token below; one freed meanwhile waits for the next claim.
+    SELECT k.action, k.by, r.limit_key FROM keyed k
+    JOIN tasks r ON r.action = k.action AND r.state = 'RUNNING' AND r.limit_key IS NOT NULL
+    GROUP BY k.action, k.by, k.value, r.limit_key HAVING count(*) >= k.value
 ), shut AS MATERIALIZED (
     -- actions that may start nothing now: the scans below step over their due tasks
     SELECT a FROM unnest($2::text[]) AS a
     WHERE EXISTS (SELECT FROM limited
                   WHERE NOT open AND key IN ('queue:' || $1, 'action:' || a, 'rate:' || a))
+       OR EXISTS (SELECT FROM keyed WHERE keyed.action = a AND keyed.value = 0)
 ), paused AS MATERIALIZED (
     -- a paused queue starts nothing, neither claims nor takeovers
     SELECT EXISTS (SELECT FROM queue_pauses WHERE queue = $1) AS yes
@@ -84,6 +97,9 @@ WITH lease AS (
     WHERE state IN ('PENDING', 'FAILED') AND due_at <= now() - make_interval(secs => $6)
       AND queue = $1 AND action = ANY($2::text[])
       AND action NOT IN (SELECT a FROM shut)
+      AND (NOT EXISTS (SELECT FROM full_keys)
+           OR NOT EXISTS (SELECT FROM full_keys f WHERE f.action = tasks.action
+                          AND f.limit_key = coalesce(tasks.payload ->> f.by, '')))
     ORDER BY due_at, id
     -- half the room, rounded up or down at random: a one-slot claim takes the oldest half
     -- of the time
@@ -94,6 +110,9 @@ WITH lease AS (
     WHERE state IN ('PENDING', 'FAILED') AND due_at <= now()
       AND queue = $1 AND action = ANY($2::text[])
       AND action NOT IN (SELECT a FROM shut)
+      AND (NOT EXISTS (SELECT FROM full_keys)
+           OR NOT EXISTS (SELECT FROM full_keys f WHERE f.action = tasks.action
+                          AND f.limit_key = coalesce(tasks.payload ->> f.by, '')))
       AND id <> ALL(ARRAY(SELECT id FROM aged))
     ORDER BY priority DESC, due_at, id
     LIMIT (SELECT n FROM room) - (SELECT count(*) FROM aged)
@@ -154,11 +173,64 @@ WITH lease AS (
     SELECT DISTINCT w.id FROM wants w
     LEFT JOIN tokens k ON k.key = w.key AND k.place = w.place
     WHERE k.key IS NULL
+), kwants AS MATERIALIZED (
+    -- each start under a per-key limit (not a takeover: it keeps its token; not one another
+    -- limit refused), its value of the field, and its place in line for that value's tokens
+    SELECT c.id, k.key, k.value, s.sub,
+           row_number() OVER (PARTITION BY k.key, s.sub
+                              ORDER BY c.part, c.priority DESC, c.due_at, c.id) AS place
+    FROM keyed k
+    JOIN candidates c ON c.action = k.action AND c.restart IS NULL
+    JOIN tasks t ON t.id = c.id
+    CROSS JOIN LATERAL (SELECT coalesce(t.payload ->> k.by, '') AS sub) AS s
+    WHERE c.id NOT IN (SELECT id FROM refused)
+), kgroups AS MATERIALIZED (
+    SELECT key, sub, value, count(*) AS k FROM kwants GROUP BY key, sub, value
+), kfree AS MATERIALIZED (
+    -- per value, up to as many of its free tokens as its starts want, locked: as `tokens`
+    SELECT g.key, g.sub, t.n, row_number() OVER (PARTITION BY g.key, g.sub ORDER BY t.n) AS place
+    FROM kgroups g
+    CROSS JOIN LATERAL (
+        SELECT t.n FROM limit_key_tokens t
+        WHERE t.key = g.key AND t.sub = g.sub AND t.n <= g.value AND t.task_id IS NULL
+        ORDER BY t.n LIMIT g.k FOR UPDATE SKIP LOCKED) AS t
+), kgot AS MATERIALIZED (
+    SELECT w.id, w.key, w.sub, f.n FROM kwants w
+    JOIN kfree f ON f.key = w.key AND f.sub = w.sub AND f.place = w.place
+), kmade AS (
+    -- the starts left: tokens of their value that no row is in this snapshot (numbers up to
+    -- the value), made here, held at once. A number made by a claim that committed meanwhile
+    -- conflicts and that start is refused this time; one a claim still running is making is
+    -- waited for (then refused): made in (key, sub, n) order, so no two claims wait on each
+    -- other. So a value's tokens appear as it needs them, each at most once.
+    INSERT INTO limit_key_tokens (key, sub, n, task_id)
+    SELECT w.key, w.sub, m.n, w.id
+    FROM kgroups g
+    CROSS JOIN LATERAL (SELECT count(*) AS got FROM kfree f
+                        WHERE f.key = g.key AND f.sub = g.sub) AS f
+    CROSS JOIN LATERAL (
+        SELECT s.n, row_number() OVER (ORDER BY s.n) AS i FROM (
+            SELECT s.n FROM generate_series(1, g.value) AS s(n)
+            WHERE NOT EXISTS (SELECT FROM limit_key_tokens t
+                              WHERE t.key = g.key AND t.sub = g.sub AND t.n = s.n)
+            ORDER BY s.n LIMIT greatest(g.k - f.got, 0)) AS s
+    ) AS m
+    JOIN kwants w ON w.key = g.key AND w.sub = g.sub AND w.place = f.got + m.i
+    WHERE f.got < g.k
+    ORDER BY w.key, w.sub, m.n
+    ON CONFLICT DO NOTHING
+    RETURNING task_id AS id, sub, n
+), kheld AS MATERIALIZED (
+    -- per start under a per-key limit, the token of its value it holds
+    SELECT id, sub, n FROM kgot UNION ALL SELECT id, sub, n FROM kmade
+), krefused AS MATERIALIZED (
+    -- starts that got no token of their value: not started this time
+    SELECT id FROM kwants WHERE id NOT IN (SELECT id FROM kheld)
 ), assigned AS MATERIALIZED (
     -- the tokens of what starts
     SELECT w.id, w.key, k.n, w.per_seconds FROM wants w
     JOIN tokens k ON k.key = w.key AND k.place = w.place
-    WHERE w.id NOT IN (SELECT id FROM refused)
+    WHERE w.id NOT IN (SELECT id FROM refused) AND w.id NOT IN (SELECT id FROM krefused)
 ), held AS (
     -- per task, the numbers of the concurrency tokens it will hold
     SELECT id, max(n) FILTER (WHERE key LIKE 'queue:%') AS queue_token,
@@ -167,9 +239,11 @@ WITH lease AS (
 ), expired AS (
     SELECT * FROM expired_locked WHERE id NOT IN (SELECT id FROM refused)
 ), due AS (
-    SELECT id, state AS from_state FROM aged WHERE id NOT IN (SELECT id FROM refused)
+    SELECT id, state AS from_state FROM aged
+    WHERE id NOT IN (SELECT id FROM refused) AND id NOT IN (SELECT id FROM krefused)
     UNION ALL
-    SELECT id, state FROM ranked WHERE id NOT IN (SELECT id FROM refused)
+    SELECT id, state FROM ranked
+    WHERE id NOT IN (SELECT id FROM refused) AND id NOT IN (SELECT id FROM krefused)
 ), reclaimed AS (
     UPDATE tasks t
     SET attempt = t.attempt + 1, lease_token = gen_random_uuid(),
@@ -187,14 +261,16 @@ WITH lease AS (
     FROM expired
     WHERE t.id = expired.id AND NOT expired.restart
       AND t.state = 'RUNNING' AND t.lease_expires_at <= now() AND t.attempt >= t.max_attempts
-    RETURNING t.id, t.attempt, t.last_error, t.queue, t.action, t.queue_token, t.action_token
+    RETURNING t.id, t.attempt, t.last_error, t.queue, t.action, t.queue_token, t.action_token,
+              t.limit_key, t.key_token
 ), claimed AS (
     UPDATE tasks t
     SET state = 'RUNNING', attempt = t.attempt + 1, lease_token = gen_random_uuid(),
         lease_expires_at = now() + make_interval(secs => coalesce(t.lease_seconds, lease.seconds)),
         worker = $4, updated_at = now(),
-        queue_token = held.queue_token, action_token = held.action_token
-    FROM due LEFT JOIN held ON held.id = due.id, lease
+        queue_token = held.queue_token, action_token = held.action_token,
+        limit_key = kheld.sub, key_token = kheld.n
+    FROM due LEFT JOIN held ON held.id = due.id LEFT JOIN kheld ON kheld.id = due.id, lease
     -- the id list steers the planner to the primary key rather than re-reading the due range
     WHERE t.id = ANY(ARRAY(SELECT id FROM due)) AND t.id = due.id AND lease.action = t.action
       AND t.state IN ('PENDING', 'FAILED') AND t.due_at <= now()
@@ -208,6 +284,11 @@ WITH lease AS (
                        THEN now() + make_interval(secs => a.per_seconds) ELSE t.free_at END
     FROM assigned a
     WHERE t.key = a.key AND t.n = a.n
+), ktaken AS (
+    -- the free tokens of a value found above, now held by what started
+    UPDATE limit_key_tokens t SET task_id = g.id
+    FROM kgot g
+    WHERE t.key = g.key AND t.sub = g.sub AND t.n = g.n
 ), freed AS (
     -- what expired on its last attempt gives its concurrency tokens back
     UPDATE limit_tokens k SET task_id = NULL
@@ -215,6 +296,12 @@ WITH lease AS (
     WHERE (m.queue_token IS NOT NULL OR m.action_token IS NOT NULL) AND k.task_id = m.id
       AND ((k.key = 'queue:' || m.queue AND k.n = m.queue_token)
            OR (k.key = 'action:' || m.action AND k.n = m.action_token))
+), kfreed AS (
+    -- and its token of a per-key limit
+    UPDATE limit_key_tokens k SET task_id = NULL
+    FROM dead m
+    WHERE m.key_token IS NOT NULL AND k.task_id = m.id
+      AND k.key = 'key:' || m.action AND k.sub = m.limit_key AND k.n = m.key_token
 ), wake AS (
     -- the earliest future due time: one ordered probe of tasks_claimable
     SELECT least(
@@ -246,6 +333,20 @@ WITH lease AS (
                        AND t.due_at <= now() AND t.action IN (SELECT a FROM shut)
                      ORDER BY t.due_at LIMIT 1) IS NOT NULL
           END
+), key_held AS (
+    -- a per-key limit held due work back: it refused a start, or a value at its cap has due
+    -- tasks that the scans stepped over (among the first 1000 due: past those, this worker
+    -- has other work): look again soon, as for a concurrency limit
+    SELECT CASE WHEN EXISTS (SELECT FROM krefused) THEN 0.1::float8
+                WHEN NOT EXISTS (SELECT FROM full_keys) THEN NULL
+                WHEN EXISTS (
+                    SELECT FROM (SELECT action, payload FROM tasks
+                                 WHERE queue = $1 AND state IN ('PENDING', 'FAILED')
+                                   AND due_at <= now()
+                                 ORDER BY due_at LIMIT 1000) AS t
+                    WHERE EXISTS (SELECT FROM full_keys f WHERE f.action = t.action
+                                  AND f.limit_key = coalesce(t.payload ->> f.by, '')))
+                THEN 0.1 END AS retry_in
 ), logged AS (
     INSERT INTO task_transitions (task_id, trigger, from_state, to_state, attempt, worker, detail)
     SELECT id, 'claim', from_state, 'RUNNING'::task_state, attempt, $4, NULL FROM claimed
@@ -267,12 +368,13 @@ UNION ALL
 SELECT 'expire', 'RUNNING', id, NULL, NULL, NULL, attempt, NULL, NULL, NULL, NULL, NULL, NULL
 FROM dead
 UNION ALL
-SELECT CASE WHEN (SELECT retry_in FROM held_back) IS NULL THEN 'wait' ELSE 'held' END,
+SELECT CASE WHEN (SELECT retry_in FROM held_back) IS NULL
+                 AND (SELECT retry_in FROM key_held) IS NULL THEN 'wait' ELSE 'held' END,
        NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
        -- paused: no time to look again (resuming wakes the workers)
        CASE WHEN NOT (SELECT yes FROM paused)
             THEN least(extract(epoch FROM at - now())::float8,
-                       (SELECT retry_in FROM held_back)) END
+                       (SELECT retry_in FROM held_back), (SELECT retry_in FROM key_held)) END
 FROM wake;
 
 -- name: task_heartbeat_if_leased
@@ -299,7 +401,8 @@ WITH moved AS (
         lease_expires_at = NULL, updated_at = now()
     WHERE t.id = ANY($1::bigint[]) AND t.state = 'RUNNING'
       AND t.lease_token = ($2::uuid[])[array_position($1, t.id)]
-    RETURNING t.id, t.attempt, t.worker, t.queue, t.action, t.queue_token, t.action_token
+    RETURNING t.id, t.attempt, t.worker, t.queue, t.action, t.queue_token, t.action_token,
+              t.limit_key, t.key_token
 ), notified AS (
     -- wakes Client.wait(): the ids that finished, 300 a notification (payloads stay < 8000 bytes)
     SELECT count(pg_notify('tasklease_done', ids)) AS n FROM (
@@ -313,6 +416,12 @@ WITH moved AS (
     WHERE (m.queue_token IS NOT NULL OR m.action_token IS NOT NULL) AND k.task_id = m.id
       AND ((k.key = 'queue:' || m.queue AND k.n = m.queue_token)
            OR (k.key = 'action:' || m.action AND k.n = m.action_token))
+), kfreed AS (
+    -- and its token of a per-key limit
+    UPDATE limit_key_tokens k SET task_id = NULL
+    FROM moved m
+    WHERE m.key_token IS NOT NULL AND k.task_id = m.id
+      AND k.key = 'key:' || m.action AND k.sub = m.limit_key AND k.n = m.key_token
 ), logged AS (
     INSERT INTO task_transitions (task_id, trigger, from_state, to_state, attempt, worker)
     SELECT id, 'complete', 'RUNNING', 'COMPLETED', attempt, worker FROM moved
@@ -335,7 +444,7 @@ WITH moved AS (
       AND t.attempt < t.max_attempts
     RETURNING t.id, t.attempt, t.worker, t.last_error,
               ($3::float8[])[array_position($1, t.id)] AS retry_in,
-              t.queue, t.action, t.queue_token, t.action_token
+              t.queue, t.action, t.queue_token, t.action_token, t.limit_key, t.key_token
 ), freed AS (
     -- its concurrency tokens come free (docs/scheduling.md), through the primary key
     UPDATE limit_tokens k SET task_id = NULL
@@ -343,6 +452,12 @@ WITH moved AS (
     WHERE (m.queue_token IS NOT NULL OR m.action_token IS NOT NULL) AND k.task_id = m.id
       AND ((k.key = 'queue:' || m.queue AND k.n = m.queue_token)
            OR (k.key = 'action:' || m.action AND k.n = m.action_token))
+), kfreed AS (
+    -- and its token of a per-key limit
+    UPDATE limit_key_tokens k SET task_id = NULL
+    FROM moved m
+    WHERE m.key_token IS NOT NULL AND k.task_id = m.id
+      AND k.key = 'key:' || m.action AND k.sub = m.limit_key AND k.n = m.key_token
 ), logged AS (
     INSERT INTO task_transitions (task_id, trigger, from_state, to_state, attempt, worker, detail)
     SELECT id, 'fail', 'RUNNING', 'FAILED', attempt, worker,
@@ -362,7 +477,8 @@ WITH moved AS (
     WHERE t.id = ANY($1::bigint[]) AND t.state = 'RUNNING'
       AND t.lease_token = ($2::uuid[])[array_position($1, t.id)]
       AND (t.attempt >= t.max_attempts OR ($4::boolean[])[array_position($1, t.id)])
-    RETURNING t.id, t.attempt, t.worker, t.last_error, t.queue, t.action, t.queue_token, t.action_token
+    RETURNING t.id, t.attempt, t.worker, t.last_error, t.queue, t.action, t.queue_token,
+              t.action_token, t.limit_key, t.key_token
 ), notified AS (
     -- wakes Client.wait(): the ids that finished, 300 a notification (payloads stay < 8000 bytes)
     SELECT count(pg_notify('tasklease_done', ids)) AS n FROM (
@@ -376,6 +492,12 @@ WITH moved AS (
     WHERE (m.queue_token IS NOT NULL OR m.action_token IS NOT NULL) AND k.task_id = m.id
       AND ((k.key = 'queue:' || m.queue AND k.n = m.queue_token)
            OR (k.key = 'action:' || m.action AND k.n = m.action_token))
+), kfreed AS (
+    -- and its token of a per-key limit
+    UPDATE limit_key_tokens k SET task_id = NULL
+    FROM moved m
+    WHERE m.key_token IS NOT NULL AND k.task_id = m.id
+      AND k.key = 'key:' || m.action AND k.sub = m.limit_key AND k.n = m.key_token
 ), logged AS (
     INSERT INTO task_transitions (task_id, trigger, from_state, to_state, attempt, worker, detail)
     SELECT id, 'bury', 'RUNNING', 'DEAD', attempt, worker, split_part(last_error, E'\n', 1)
@@ -390,7 +512,8 @@ WITH moved AS (
     UPDATE tasks SET state = 'PENDING', attempt = attempt - 1, lease_expires_at = NULL,
                      updated_at = now()
     WHERE id = $1 AND state = 'RUNNING' AND lease_token = $2
-    RETURNING id, attempt, worker, queue, action, queue_token, action_token
+    RETURNING id, attempt, worker, queue, action, queue_token, action_token,
+              limit_key, key_token
 ), freed AS (
     -- its concurrency tokens come free (docs/scheduling.md), through the primary key
     UPDATE limit_tokens k SET task_id = NULL
@@ -398,6 +521,12 @@ WITH moved AS (
     WHERE (m.queue_token IS NOT NULL OR m.action_token IS NOT NULL) AND k.task_id = m.id
       AND ((k.key = 'queue:' || m.queue AND k.n = m.queue_token)
            OR (k.key = 'action:' || m.action AND k.n = m.action_token))
+), kfreed AS (
+    -- and its token of a per-key limit
+    UPDATE limit_key_tokens k SET task_id = NULL
+    FROM moved m
+    WHERE m.key_token IS NOT NULL AND k.task_id = m.id
+      AND k.key = 'key:' || m.action AND k.sub = m.limit_key AND k.n = m.key_token
 ), logged AS (
     INSERT INTO task_transitions (task_id, trigger, from_state, to_state, attempt, worker, detail)
     SELECT id, 'release', 'RUNNING', 'PENDING', attempt, worker, 'worker shutting down'
@@ -412,7 +541,8 @@ WITH moved AS (
     UPDATE tasks SET state = 'PENDING', attempt = attempt - 1, lease_expires_at = NULL,
                      due_at = now() + make_interval(secs => $3), updated_at = now()
     WHERE id = $1 AND state = 'RUNNING' AND lease_token = $2
-    RETURNING id, attempt, worker, queue, action, queue_token, action_token
+    RETURNING id, attempt, worker, queue, action, queue_token, action_token,
+              limit_key, key_token
 ), freed AS (
     -- its concurrency tokens come free (docs/scheduling.md), through the primary key
     UPDATE limit_tokens k SET task_id = NULL
@@ -420,6 +550,12 @@ WITH moved AS (
     WHERE (m.queue_token IS NOT NULL OR m.action_token IS NOT NULL) AND k.task_id = m.id
       AND ((k.key = 'queue:' || m.queue AND k.n = m.queue_token)
            OR (k.key = 'action:' || m.action AND k.n = m.action_token))
+), kfreed AS (
+    -- and its token of a per-key limit
+    UPDATE limit_key_tokens k SET task_id = NULL
+    FROM moved m
+    WHERE m.key_token IS NOT NULL AND k.task_id = m.id
+      AND k.key = 'key:' || m.action AND k.sub = m.limit_key AND k.n = m.key_token
 ), logged AS (
     INSERT INTO task_transitions (task_id, trigger, from_state, to_state, attempt, worker, detail)
     SELECT id, 'snooze', 'RUNNING', 'PENDING', attempt, worker,
@@ -449,7 +585,8 @@ WITH moved AS (
     UPDATE tasks SET state = 'CANCELLED', lease_expires_at = NULL, updated_at = now()
     WHERE id = $1 AND state = 'RUNNING' AND lease_token = $2
       AND cancel_requested_at IS NOT NULL
-    RETURNING id, attempt, worker, queue, action, queue_token, action_token
+    RETURNING id, attempt, worker, queue, action, queue_token, action_token,
+              limit_key, key_token
 ), freed AS (
     -- its concurrency tokens come free (docs/scheduling.md), through the primary key
     UPDATE limit_tokens k SET task_id = NULL
@@ -457,6 +594,12 @@ WITH moved AS (
     WHERE (m.queue_token IS NOT NULL OR m.action_token IS NOT NULL) AND k.task_id = m.id
       AND ((k.key = 'queue:' || m.queue AND k.n = m.queue_token)
            OR (k.key = 'action:' || m.action AND k.n = m.action_token))
+), kfreed AS (
+    -- and its token of a per-key limit
+    UPDATE limit_key_tokens k SET task_id = NULL
+    FROM moved m
+    WHERE m.key_token IS NOT NULL AND k.task_id = m.id
+      AND k.key = 'key:' || m.action AND k.sub = m.limit_key AND k.n = m.key_token
 ), logged AS (
     INSERT INTO task_transitions (task_id, trigger, from_state, to_state, attempt, worker, detail)
     SELECT id, 'cancel_running', 'RUNNING', 'CANCELLED', attempt, worker,
@@ -769,19 +912,22 @@ SELECT EXISTS (SELECT 1 FROM ui_sessions WHERE id = $1 AND expires_at > now());
 DELETE FROM ui_sessions WHERE id = $1;
 
 -- name: limit_set
--- Give global limit $1 ('queue:NAME', 'action:NAME' or 'rate:NAME') the value $2 (a rate:
--- per $3 seconds), declared by code ($4 true: an operator's value is left alone) or set by
--- an operator ($4 false). Adds its tokens up to the value and deletes the free ones above it
--- (those still held stay with their tasks, and are never taken again). Returns the limit,
--- or no row when a declaration met an operator's value.
+-- Give global limit $1 ('queue:NAME', 'action:NAME', 'rate:NAME' or 'key:NAME') the value $2
+-- (a rate: per $3 seconds; a key: per value of the payload field $5, NULL keeping the one
+-- stored), declared by code ($4 true: an operator's value is left alone) or set by an
+-- operator ($4 false). Adds its tokens up to the value and deletes the free ones above it
+-- (those still held stay with their tasks, and are never taken again); a key's tokens are
+-- made by the claim as each value needs them. Returns the limit, or no row when a
+-- declaration met an operator's value.
 WITH l AS (
-    INSERT INTO limits AS l (key, value, per_seconds, declared) VALUES ($1, $2, $3, $4)
+    INSERT INTO limits AS l (key, value, per_seconds, declared, by)
+    VALUES ($1, $2, $3, $4, coalesce($5, (SELECT by FROM limits WHERE key = $1)))
     ON CONFLICT (key) DO UPDATE
     SET value = excluded.value, per_seconds = excluded.per_seconds,
-        declared = excluded.declared,
-        updated_at = CASE WHEN (l.value, l.per_seconds, l.declared)
+        declared = excluded.declared, by = excluded.by,
+        updated_at = CASE WHEN (l.value, l.per_seconds, l.declared, l.by)
                                IS DISTINCT FROM (excluded.value, excluded.per_seconds,
-                                                 excluded.declared)
+                                                 excluded.declared, excluded.by)
                           THEN now() ELSE l.updated_at END
     WHERE NOT (excluded.declared AND NOT l.declared)
     RETURNING l.*
@@ -790,13 +936,17 @@ WITH l AS (
     -- them (an index-only scan) and writes nothing
     INSERT INTO limit_tokens (key, n)
     SELECT l.key, generate_series(1, l.value) FROM l
-    WHERE (SELECT count(*) FROM limit_tokens t WHERE t.key = l.key AND t.n <= l.value) < l.value
+    WHERE l.key NOT LIKE 'key:%'
+      AND (SELECT count(*) FROM limit_tokens t WHERE t.key = l.key AND t.n <= l.value) < l.value
     ON CONFLICT DO NOTHING
 ), dropped AS (
     DELETE FROM limit_tokens t USING l
     WHERE t.key = l.key AND t.n > l.value AND t.task_id IS NULL
+), dropped_per_key AS (
+    DELETE FROM limit_key_tokens t USING l
+    WHERE l.key LIKE 'key:%' AND t.key = l.key AND t.n > l.value AND t.task_id IS NULL
 )
-SELECT key, value, per_seconds, declared, updated_at FROM l;
+SELECT key, value, per_seconds, declared, by, updated_at FROM l;
 
 -- name: limit_unset
 -- Remove the global limits in $1, those declared by code only if $2 (a worker whose code no
@@ -804,12 +954,20 @@ SELECT key, value, per_seconds, declared, updated_at FROM l;
 DELETE FROM limits WHERE key = ANY($1::text[]) AND (declared OR NOT $2) RETURNING key;
 
 -- name: limit_list
--- Every global limit with what holds its tokens now: running tasks (concurrency) or starts
--- within the last period (rate).
-SELECT l.key, l.value, l.per_seconds, l.declared, l.updated_at,
-       count(t.n) FILTER (WHERE t.task_id IS NOT NULL OR t.free_at > now()) AS used
-FROM limits l LEFT JOIN limit_tokens t ON t.key = l.key
-GROUP BY l.key ORDER BY l.key;
+-- Every global limit with what holds its tokens now: running tasks (concurrency, per-key)
+-- or starts within the last period (rate); for a per-key limit, `keys`: how many values of
+-- its field have a task running.
+SELECT l.key, l.value, l.per_seconds, l.declared, l.by, l.updated_at,
+       CASE WHEN l.key LIKE 'key:%'
+            THEN (SELECT count(*) FROM limit_key_tokens k
+                  WHERE k.key = l.key AND k.task_id IS NOT NULL)
+            ELSE (SELECT count(*) FROM limit_tokens t
+                  WHERE t.key = l.key AND (t.task_id IS NOT NULL OR t.free_at > now()))
+       END AS used,
+       CASE WHEN l.key LIKE 'key:%'
+            THEN (SELECT count(DISTINCT k.sub) FROM limit_key_tokens k
+                  WHERE k.key = l.key AND k.task_id IS NOT NULL) END AS keys
+FROM limits l ORDER BY l.key;
 
 -- name: queue_pause
 -- Pause queue $1: claims in it start nothing until it is resumed. Returns when it was

@@ -99,18 +99,24 @@ class NewTask:
 class Limit:
     """A global limit, the same for every worker (docs/scheduling.md): `key` is
     'queue:NAME' (tasks of the queue RUNNING at once), 'action:NAME' (tasks of the action
-    RUNNING at once) or 'rate:NAME' (starts of the action per `per_seconds`)."""
+    RUNNING at once), 'rate:NAME' (starts of the action per `per_seconds`) or 'key:NAME'
+    (tasks of the action RUNNING at once per value of its payload field `by`; None: the
+    field already stored for it)."""
 
     key: str
     value: int
     per_seconds: float | None = None
+    by: str | None = None
 
     def __post_init__(self) -> None:
         kind, _, name = self.key.partition(":")
-        if kind not in ("queue", "action", "rate") or not name:
-            raise InvalidLimit(f"limit {self.key!r}: a key is queue:NAME, action:NAME or rate:NAME")
-        if not 0 <= self.value <= MAX_LIMIT:
-            raise InvalidLimit(f"limit {self.key}: the value must be 0 to {MAX_LIMIT}")
+        if kind not in ("queue", "action", "rate", "key") or not name:
+            raise InvalidLimit(
+                f"limit {self.key!r}: a key is queue:NAME, action:NAME, rate:NAME or key:NAME"
+            )
+        top = MAX_KEY_LIMIT if kind == "key" else MAX_LIMIT
+        if not 0 <= self.value <= top:
+            raise InvalidLimit(f"limit {self.key}: the value must be 0 to {top}")
         if (kind == "rate") != (self.per_seconds is not None):
             raise InvalidLimit(
                 f"limit {self.key}: a rate takes per_seconds, a concurrency limit does not"
@@ -119,6 +125,11 @@ class Limit:
             raise InvalidLimit(
                 f"limit {self.key}: per_seconds must be above 0 and at most {MAX_PERIOD}"
             )
+        if self.by is not None and (kind != "key" or not self.by):
+            raise InvalidLimit(
+                f"limit {self.key}: only a key:NAME limit takes a payload field (by), "
+                "and not an empty one"
+            )
 
 
 class InvalidLimit(ValueError):
@@ -126,6 +137,7 @@ class InvalidLimit(ValueError):
 
 
 MAX_LIMIT = 100_000
+MAX_KEY_LIMIT = 1000  # per value of a field: a claim may read that many tokens of a value
 MAX_PERIOD = 366 * 86400  # a rate's period: at most a year
 
 
@@ -364,9 +376,17 @@ class Store:
     async def set_limit(self, limit: Limit, *, declared: bool) -> asyncpg.Record | None:
         """Give a global limit its value (declared by code: an operator's value stays).
         Returns the limit as stored, or None when nothing changed."""
-        return await self.pool.fetchrow(
-            SQL["limit_set"], limit.key, limit.value, limit.per_seconds, declared
-        )
+        try:
+            return await self.pool.fetchrow(
+                SQL["limit_set"], limit.key, limit.value, limit.per_seconds, declared, limit.by
+            )
+        except asyncpg.CheckViolationError as exc:
+            if exc.constraint_name == "limits_by_check":
+                raise InvalidLimit(
+                    f"limit {limit.key}: which payload field? none is stored for it: "
+                    "give one (by, --by FIELD)"
+                ) from None
+            raise
 
     async def unset_limits(self, keys: Sequence[str], *, declared_only: bool) -> list[str]:
         rows = await self.pool.fetch(SQL["limit_unset"], list(keys), declared_only)

@@ -44,8 +44,8 @@ def test_the_claim_is_one_statement_with_its_six_parameters() -> None:
 
 
 def test_every_statement_that_ends_a_running_task_gives_its_tokens_back() -> None:
-    """Its concurrency tokens are held while a task is RUNNING: whatever moves it out of
-    RUNNING frees them in the same statement (docs/scheduling.md)."""
+    """Its concurrency tokens (and per-key token) are held while a task is RUNNING: whatever
+    moves it out of RUNNING frees them in the same statement (docs/scheduling.md)."""
     leaving = {
         t.trigger
         for t in TRANSITIONS
@@ -57,3 +57,5 @@ def test_every_statement_that_ends_a_running_task_gives_its_tokens_back() -> Non
         assert writers, trigger
         for q in writers:
             assert "UPDATE limit_tokens k SET task_id = NULL" in q.sql, (trigger, q.name)
+            # and the token of its value under a per-key limit
+            assert "UPDATE limit_key_tokens k SET task_id = NULL" in q.sql, (trigger, q.name)
