@@ -9,6 +9,7 @@ import asyncio
 import random
 import uuid
 from collections import Counter
+from dataclasses import replace
 
 import asyncpg
 import pytest
@@ -25,7 +26,8 @@ from tests.integration.test_limits import (
     claim,
     started,
 )
-from tests.support.db import expire_lease, submit
+from tests.support.db import expire_lease, submit, wait_until
+from tests.support.workers import HANDLERS, Running
 
 
 def of(customer: str | None) -> str:
@@ -242,3 +244,30 @@ async def test_the_field_is_needed_once_and_tokens_go_with_their_limit(
     assert await store.unset_limits(["key:noop"], declared_only=True) == ["key:noop"]
     assert await conn.fetchval("SELECT count(*) FROM limit_key_tokens") == 0
     assert await store.limits() == []
+
+
+async def test_a_worker_declares_the_limit_its_code_gives_and_removes_it_once_gone(
+    store: Store, workers: Running
+) -> None:
+    """test_per_customer: limit_by="customer", global_limit=2 is key:test_per_customer (2 per
+    customer), not action:test_per_customer; a worker whose code drops limit_by removes it."""
+
+    async def limits() -> dict[str, tuple[int, str | None]]:
+        return {r["key"]: (r["value"], r["by"]) for r in await store.limits()}
+
+    async def declared() -> bool:
+        return (await limits()).get("key:test_per_customer") == (2, "customer")
+
+    first = workers.start(store)
+    await wait_until(declared, "the per-key limit declared", 30)
+    assert "action:test_per_customer" not in await limits()
+    await workers.stop(first)
+    plain = dict(HANDLERS)
+    plain["test_per_customer"] = replace(plain["test_per_customer"], limit_by=None)
+
+    async def as_one_limit() -> bool:
+        return (await limits()).get("action:test_per_customer") == (2, None)
+
+    workers.start(store, plain)
+    await wait_until(as_one_limit, "the action's limit declared", 30)
+    assert "key:test_per_customer" not in await limits()
