@@ -36,6 +36,10 @@ FROM task_transitions WHERE task_id = $1 ORDER BY id;
 -- A last row says in how many seconds to look again: the next due time or lease expiry
 -- (trigger 'wait'), or, when a limit held due work back ('held'), sooner if a token may
 -- free sooner. A paused queue (queue_pauses) starts nothing and gives no time.
+-- Two variants (engine/queries.py): this one steps over the actions under a per-key limit
+-- (`key:ACTION`) and says so ('keyed'); task_claim_due_keyed starts them, each with a token of
+-- its value of the field (`kwants` to `krefused`), and says when none of its actions has one
+-- ('plain'). So a claim with no per-key limit pays nothing for them (Store.claim picks).
 WITH lease AS (
     SELECT * FROM unnest($2::text[], $5::float8[]) AS l(action, seconds)
 ), limited AS MATERIALIZED (
@@ -59,7 +63,9 @@ WITH lease AS (
     CROSS JOIN LATERAL (SELECT 1 + floor(random() * l.value)::integer AS start) AS r
     WHERE l.key = ANY(ARRAY['queue:' || $1]
                       || ARRAY(SELECT p || a FROM unnest($2::text[]) AS a,
-                                                  unnest('{action:,rate:}'::text[]) AS p))
+                                                  unnest('{action:,rate:}'::text[]) AS p))  --+ keyed
+                                                  unnest('{action:,rate:,key:}'::text[]) AS p))  --+ plain
+--+ keyed {
 ), keyed AS MATERIALIZED (
     -- per-key limits (`key:ACTION`): at most `value` tasks of the action RUNNING at once for
     -- each value of the payload field `by` (a task without it counts under '')
@@ -72,12 +78,16 @@ WITH lease AS (
     SELECT k.action, k.by, r.limit_key FROM keyed k
     JOIN tasks r ON r.action = k.action AND r.state = 'RUNNING' AND r.limit_key IS NOT NULL
     GROUP BY k.action, k.by, k.value, r.limit_key HAVING count(*) >= k.value
+--+ }
 ), shut AS MATERIALIZED (
-    -- actions that may start nothing now: the scans below step over their due tasks
+    -- actions that may start nothing now: the scans below step over their due tasks (here,
+    -- an action under a per-key limit: that has no token in limit_tokens, so is never open)
     SELECT a FROM unnest($2::text[]) AS a
     WHERE EXISTS (SELECT FROM limited
-                  WHERE NOT open AND key IN ('queue:' || $1, 'action:' || a, 'rate:' || a))
-       OR EXISTS (SELECT FROM keyed WHERE keyed.action = a AND keyed.value = 0)
+                  WHERE NOT open AND key IN ('queue:' || $1, 'action:' || a, 'rate:' || a))  --+ keyed
+                  WHERE NOT open  --+ plain
+                    AND key IN ('queue:' || $1, 'action:' || a, 'rate:' || a, 'key:' || a))  --+ plain
+       OR EXISTS (SELECT FROM keyed WHERE keyed.action = a AND keyed.value = 0)  --+ keyed
 ), paused AS MATERIALIZED (
     -- a paused queue starts nothing, neither claims nor takeovers
     SELECT EXISTS (SELECT FROM queue_pauses WHERE queue = $1) AS yes
@@ -97,9 +107,9 @@ WITH lease AS (
     WHERE state IN ('PENDING', 'FAILED') AND due_at <= now() - make_interval(secs => $6)
       AND queue = $1 AND action = ANY($2::text[])
       AND action NOT IN (SELECT a FROM shut)
-      AND (NOT EXISTS (SELECT FROM full_keys)
-           OR NOT EXISTS (SELECT FROM full_keys f WHERE f.action = tasks.action
-                          AND f.limit_key = coalesce(tasks.payload ->> f.by, '')))
+      AND (NOT EXISTS (SELECT FROM full_keys)  --+ keyed
+           OR NOT EXISTS (SELECT FROM full_keys f WHERE f.action = tasks.action  --+ keyed
+                          AND f.limit_key = coalesce(tasks.payload ->> f.by, '')))  --+ keyed
     ORDER BY due_at, id
     -- half the room, rounded up or down at random: a one-slot claim takes the oldest half
     -- of the time
@@ -110,9 +120,9 @@ WITH lease AS (
     WHERE state IN ('PENDING', 'FAILED') AND due_at <= now()
       AND queue = $1 AND action = ANY($2::text[])
       AND action NOT IN (SELECT a FROM shut)
-      AND (NOT EXISTS (SELECT FROM full_keys)
-           OR NOT EXISTS (SELECT FROM full_keys f WHERE f.action = tasks.action
-                          AND f.limit_key = coalesce(tasks.payload ->> f.by, '')))
+      AND (NOT EXISTS (SELECT FROM full_keys)  --+ keyed
+           OR NOT EXISTS (SELECT FROM full_keys f WHERE f.action = tasks.action  --+ keyed
+                          AND f.limit_key = coalesce(tasks.payload ->> f.by, '')))  --+ keyed
       AND id <> ALL(ARRAY(SELECT id FROM aged))
     ORDER BY priority DESC, due_at, id
     LIMIT (SELECT n FROM room) - (SELECT count(*) FROM aged)
@@ -173,6 +183,7 @@ WITH lease AS (
     SELECT DISTINCT w.id FROM wants w
     LEFT JOIN tokens k ON k.key = w.key AND k.place = w.place
     WHERE k.key IS NULL
+--+ keyed {
 ), kwants AS MATERIALIZED (
     -- each start under a per-key limit (not a takeover: it keeps its token; not one another
     -- limit refused), its value of the field, and its place in line for that value's tokens
@@ -226,11 +237,13 @@ WITH lease AS (
 ), krefused AS MATERIALIZED (
     -- starts that got no token of their value: not started this time
     SELECT id FROM kwants WHERE id NOT IN (SELECT id FROM kheld)
+--+ }
 ), assigned AS MATERIALIZED (
     -- the tokens of what starts
     SELECT w.id, w.key, k.n, w.per_seconds FROM wants w
     JOIN tokens k ON k.key = w.key AND k.place = w.place
-    WHERE w.id NOT IN (SELECT id FROM refused) AND w.id NOT IN (SELECT id FROM krefused)
+    WHERE w.id NOT IN (SELECT id FROM refused)
+      AND w.id NOT IN (SELECT id FROM krefused)  --+ keyed
 ), held AS (
     -- per task, the numbers of the concurrency tokens it will hold
     SELECT id, max(n) FILTER (WHERE key LIKE 'queue:%') AS queue_token,
@@ -240,10 +253,12 @@ WITH lease AS (
     SELECT * FROM expired_locked WHERE id NOT IN (SELECT id FROM refused)
 ), due AS (
     SELECT id, state AS from_state FROM aged
-    WHERE id NOT IN (SELECT id FROM refused) AND id NOT IN (SELECT id FROM krefused)
+    WHERE id NOT IN (SELECT id FROM refused)
+      AND id NOT IN (SELECT id FROM krefused)  --+ keyed
     UNION ALL
     SELECT id, state FROM ranked
-    WHERE id NOT IN (SELECT id FROM refused) AND id NOT IN (SELECT id FROM krefused)
+    WHERE id NOT IN (SELECT id FROM refused)
+      AND id NOT IN (SELECT id FROM krefused)  --+ keyed
 ), reclaimed AS (
     UPDATE tasks t
     SET attempt = t.attempt + 1, lease_token = gen_random_uuid(),
@@ -268,9 +283,11 @@ WITH lease AS (
     SET state = 'RUNNING', attempt = t.attempt + 1, lease_token = gen_random_uuid(),
         lease_expires_at = now() + make_interval(secs => coalesce(t.lease_seconds, lease.seconds)),
         worker = $4, updated_at = now(),
-        queue_token = held.queue_token, action_token = held.action_token,
-        limit_key = kheld.sub, key_token = kheld.n
-    FROM due LEFT JOIN held ON held.id = due.id LEFT JOIN kheld ON kheld.id = due.id, lease
+        queue_token = held.queue_token, action_token = held.action_token  --+ plain
+        queue_token = held.queue_token, action_token = held.action_token,  --+ keyed
+        limit_key = kheld.sub, key_token = kheld.n  --+ keyed
+    FROM due LEFT JOIN held ON held.id = due.id, lease  --+ plain
+    FROM due LEFT JOIN held ON held.id = due.id LEFT JOIN kheld ON kheld.id = due.id, lease  --+ keyed
     -- the id list steers the planner to the primary key rather than re-reading the due range
     WHERE t.id = ANY(ARRAY(SELECT id FROM due)) AND t.id = due.id AND lease.action = t.action
       AND t.state IN ('PENDING', 'FAILED') AND t.due_at <= now()
@@ -284,11 +301,13 @@ WITH lease AS (
                        THEN now() + make_interval(secs => a.per_seconds) ELSE t.free_at END
     FROM assigned a
     WHERE t.key = a.key AND t.n = a.n
+--+ keyed {
 ), ktaken AS (
     -- the free tokens of a value found above, now held by what started
     UPDATE limit_key_tokens t SET task_id = g.id
     FROM kgot g
     WHERE t.key = g.key AND t.sub = g.sub AND t.n = g.n
+--+ }
 ), freed AS (
     -- what expired on its last attempt gives its concurrency tokens back
     UPDATE limit_tokens k SET task_id = NULL
@@ -333,6 +352,7 @@ WITH lease AS (
                        AND t.due_at <= now() AND t.action IN (SELECT a FROM shut)
                      ORDER BY t.due_at LIMIT 1) IS NOT NULL
           END
+--+ keyed {
 ), key_held AS (
     -- a per-key limit held due work back: it refused a start, or a value at its cap has due
     -- tasks that the scans stepped over (among the first 1000 due: past those, this worker
@@ -347,6 +367,7 @@ WITH lease AS (
                     WHERE EXISTS (SELECT FROM full_keys f WHERE f.action = t.action
                                   AND f.limit_key = coalesce(t.payload ->> f.by, '')))
                 THEN 0.1 END AS retry_in
+--+ }
 ), logged AS (
     INSERT INTO task_transitions (task_id, trigger, from_state, to_state, attempt, worker, detail)
     SELECT id, 'claim', from_state, 'RUNNING'::task_state, attempt, $4, NULL FROM claimed
@@ -368,13 +389,21 @@ UNION ALL
 SELECT 'expire', 'RUNNING', id, NULL, NULL, NULL, attempt, NULL, NULL, NULL, NULL, NULL, NULL
 FROM dead
 UNION ALL
-SELECT CASE WHEN (SELECT retry_in FROM held_back) IS NULL
-                 AND (SELECT retry_in FROM key_held) IS NULL THEN 'wait' ELSE 'held' END,
+-- 'keyed': some action here has a per-key limit, which this variant steps over ('plain': none
+-- has, in the one that takes them): claim again at once with the other
+SELECT CASE
+            WHEN EXISTS (SELECT FROM limited WHERE key LIKE 'key:%') THEN 'keyed'  --+ plain
+            WHEN NOT EXISTS (SELECT FROM keyed) THEN 'plain'  --+ keyed
+            WHEN (SELECT retry_in FROM held_back) IS NULL
+                 AND (SELECT retry_in FROM key_held) IS NULL  --+ keyed
+            THEN 'wait' ELSE 'held' END,
        NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
        -- paused: no time to look again (resuming wakes the workers)
        CASE WHEN NOT (SELECT yes FROM paused)
             THEN least(extract(epoch FROM at - now())::float8,
-                       (SELECT retry_in FROM held_back), (SELECT retry_in FROM key_held)) END
+                       (SELECT retry_in FROM held_back),  --+ keyed
+                       (SELECT retry_in FROM key_held)) END  --+ keyed
+                       (SELECT retry_in FROM held_back)) END  --+ plain
 FROM wake;
 
 -- name: task_heartbeat_if_leased

@@ -17,7 +17,7 @@ import asyncpg
 import msgspec
 
 from tasklease.engine import database
-from tasklease.engine.queries import CLAIM, SQL
+from tasklease.engine.queries import CLAIM, CLAIM_KEYED, SQL
 
 # Errors after which the same statement can succeed once the database is back.
 TRANSIENT_ERRORS: tuple[type[Exception], ...] = (
@@ -215,6 +215,10 @@ class Store:
         self.pool = pool
         self.dsn = dsn  # for connections of their own (the lease keeper, retention)
         self.listen_dsn = database.listen_dsn(dsn)  # None: behind a pooler, poll only
+        # queues whose claims take per-key limits into account (task_claim_due_keyed): a
+        # claim without says 'keyed' when one of its actions has such a limit, the one with
+        # says 'plain' when none has any more
+        self.keyed_queues: set[str] = set()
 
     @classmethod
     async def connect(
@@ -311,14 +315,28 @@ class Store:
         """Lease up to `limit` tasks of `queue` (claim or reclaim), expire dead leases, and say
         when to look again. `leases`: lease seconds by action, the actions this worker runs.
         `aging_seconds`: how long a task may wait before it is taken ahead of higher
-        priorities (None: strict priority). Global limits are read by the claim itself."""
+        priorities (None: strict priority). Global limits are read by the claim itself.
+        A claim that finds it ran the wrong variant (with or without per-key limits) says to
+        look again at once (held, 0 s), and the next claim of the queue runs the other."""
         rows = await self.pool.fetch(
-            CLAIM, queue, list(leases), limit, worker, list(leases.values()), aging_seconds
+            CLAIM_KEYED if queue in self.keyed_queues else CLAIM,
+            queue,
+            list(leases),
+            limit,
+            worker,
+            list(leases.values()),
+            aging_seconds,
         )
         leased, expired, wait, held = [], [], None, False
         for r in rows:
             if r["trigger"] in ("wait", "held"):
                 wait, held = r["wait_seconds"], r["trigger"] == "held"
+            elif r["trigger"] in ("keyed", "plain"):
+                wait, held = 0.0, True
+                if r["trigger"] == "keyed":
+                    self.keyed_queues.add(queue)
+                else:
+                    self.keyed_queues.discard(queue)
             elif r["trigger"] == "expire":
                 expired.append(r["id"])
             else:

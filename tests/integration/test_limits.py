@@ -19,12 +19,14 @@ from tests.support.db import expire_lease, submit
 ACTIONS = {"noop": 30.0, "test_sleep": 30.0}
 
 
-async def claim(conn: asyncpg.Connection | Store, k: int, worker: str = "w") -> list[Any]:
+async def claim(
+    conn: asyncpg.Connection | Store, k: int, worker: str = "w", statement: str = CLAIM
+) -> list[Any]:
     """One claim of up to k tasks: its rows (the last says 'wait' or 'held')."""
     args = ("default", list(ACTIONS), k, worker, list(ACTIONS.values()), None)
     if isinstance(conn, Store):
-        return list(await conn.pool.fetch(CLAIM, *args))
-    return list(await conn.fetch(CLAIM, *args))
+        return list(await conn.pool.fetch(statement, *args))
+    return list(await conn.fetch(statement, *args))
 
 
 def started(rows: list[Any]) -> list[tuple[int, uuid.UUID]]:

@@ -8,7 +8,7 @@ import asyncpg
 import msgspec
 import pytest
 
-from tasklease.engine.queries import CLAIM, SQL
+from tasklease.engine.queries import CLAIM, CLAIM_KEYED, SQL
 from tasklease.engine.store import FIRST_PAGE, LIST_FILTERS
 from tests.support.db import LEASES
 
@@ -33,14 +33,14 @@ def nodes(plan: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 async def claim_plan(
-    conn: asyncpg.Connection, plan_mode: str, args: tuple[Any, ...]
+    conn: asyncpg.Connection, plan_mode: str, args: tuple[Any, ...], claim: str = CLAIM
 ) -> list[dict[str, Any]]:
     """The claim's plan, run (and rolled back)."""
     await conn.execute(f"SET plan_cache_mode = {plan_mode}")
     tr = conn.transaction()
     await tr.start()
     try:
-        raw = await conn.fetchval("EXPLAIN (ANALYZE, FORMAT JSON) " + CLAIM, *args)
+        raw = await conn.fetchval("EXPLAIN (ANALYZE, FORMAT JSON) " + claim, *args)
     finally:
         await tr.rollback()
     plan = nodes(msgspec.json.decode(raw)[0]["Plan"])
@@ -116,16 +116,18 @@ async def test_claim_never_scans_finished_or_future_tasks(
 
 @RULES
 @pytest.mark.parametrize("plan_mode", ["auto", "force_generic_plan"])
+@pytest.mark.parametrize("claim", [CLAIM, CLAIM_KEYED], ids=["claim", "claim-keyed"])
 async def test_claim_from_a_backlog_reads_one_batch(
-    conn: asyncpg.Connection, plan_mode: str, with_limits: bool
+    conn: asyncpg.Connection, plan_mode: str, with_limits: bool, claim: str
 ) -> None:
-    """20,000 tasks due: the claim walks the order index and stops after its 10."""
+    """20,000 tasks due: the claim (either variant) walks the order index and stops after
+    its 10."""
     await set_limits(conn, with_limits)
     await conn.execute("""
         INSERT INTO tasks (action, payload, priority)
         SELECT 'noop', '{}', g % 3 FROM generate_series(1, 20000) g;
         ANALYZE tasks;""")
-    assert rows_read(await claim_plan(conn, plan_mode, ARGS)) <= 10
+    assert rows_read(await claim_plan(conn, plan_mode, ARGS, claim)) <= 10
 
 
 @pytest.mark.parametrize("plan_mode", ["auto", "force_generic_plan"])
@@ -146,10 +148,10 @@ async def test_claim_under_a_per_key_limit_reads_past_full_values_only(
         SELECT 'noop', jsonb_build_object('customer', 'c' || g % 100)
         FROM generate_series(1, 20000) g;
         ANALYZE tasks;""")
-    plan = await claim_plan(conn, plan_mode, ARGS)
+    plan = await claim_plan(conn, plan_mode, ARGS, CLAIM_KEYED)
     assert rows_read(plan) <= 30
     assert rows_read(plan, ("tasks_running_keyed",)) <= 100
-    rows = await conn.fetch(CLAIM, *ARGS)
+    rows = await conn.fetch(CLAIM_KEYED, *ARGS)
     assert [r["trigger"] for r in rows] == ["claim"] * 10 + ["held"]
 
 
