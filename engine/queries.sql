@@ -103,7 +103,12 @@ WITH lease AS (
     SELECT CASE WHEN (SELECT yes FROM paused) THEN 0
                 ELSE greatest($3 - (SELECT count(*) FROM expired_locked), 0) END AS n
 ), aged AS (
-    SELECT id, state, action, priority, due_at FROM tasks
+    SELECT id, state, action, priority, due_at FROM tasks  --+ plain
+    SELECT id, state, action, priority, due_at,  --+ keyed
+           -- its value of the field of its action's per-key limit, if it has one  --+ keyed
+           (SELECT coalesce(tasks.payload ->> k.by, '') FROM keyed k  --+ keyed
+            WHERE k.action = tasks.action) AS sub  --+ keyed
+    FROM tasks  --+ keyed
     WHERE state IN ('PENDING', 'FAILED') AND due_at <= now() - make_interval(secs => $6)
       AND queue = $1 AND action = ANY($2::text[])
       AND action NOT IN (SELECT a FROM shut)
@@ -116,7 +121,12 @@ WITH lease AS (
     LIMIT (SELECT floor(n * 0.5 + random())::integer FROM room)
     FOR UPDATE SKIP LOCKED
 ), ranked AS (
-    SELECT id, state, action, priority, due_at FROM tasks
+    SELECT id, state, action, priority, due_at FROM tasks  --+ plain
+    SELECT id, state, action, priority, due_at,  --+ keyed
+           -- its value of the field of its action's per-key limit, if it has one  --+ keyed
+           (SELECT coalesce(tasks.payload ->> k.by, '') FROM keyed k  --+ keyed
+            WHERE k.action = tasks.action) AS sub  --+ keyed
+    FROM tasks  --+ keyed
     WHERE state IN ('PENDING', 'FAILED') AND due_at <= now()
       AND queue = $1 AND action = ANY($2::text[])
       AND action NOT IN (SELECT a FROM shut)
@@ -130,9 +140,12 @@ WITH lease AS (
 ), candidates AS (
     -- everything this claim may start, in the order it starts them: takeovers, aged, ranked
     SELECT id, action, restart, 0 AS part, 0 AS priority, NULL::timestamptz AS due_at
+           , NULL AS sub  --+ keyed
     FROM expired_locked
-    UNION ALL SELECT id, action, NULL, 1, 0, due_at FROM aged
-    UNION ALL SELECT id, action, NULL, 2, priority, due_at FROM ranked
+    UNION ALL SELECT id, action, NULL, 1, 0, due_at FROM aged  --+ plain
+    UNION ALL SELECT id, action, NULL, 2, priority, due_at FROM ranked  --+ plain
+    UNION ALL SELECT id, action, NULL, 1, 0, due_at, sub FROM aged  --+ keyed
+    UNION ALL SELECT id, action, NULL, 2, priority, due_at, sub FROM ranked  --+ keyed
 ), wants AS MATERIALIZED (
     -- each start's place in line for each limit it falls under (driven by the limits, so
     -- that with none, nothing here runs)
@@ -187,53 +200,52 @@ WITH lease AS (
 ), kwants AS MATERIALIZED (
     -- each start under a per-key limit (not a takeover: it keeps its token; not one another
     -- limit refused), its value of the field, and its place in line for that value's tokens
-    SELECT c.id, k.key, k.value, s.sub,
-           row_number() OVER (PARTITION BY k.key, s.sub
+    SELECT c.id, k.key, k.value, c.sub,
+           row_number() OVER (PARTITION BY k.key, c.sub
                               ORDER BY c.part, c.priority DESC, c.due_at, c.id) AS place
     FROM keyed k
     JOIN candidates c ON c.action = k.action AND c.restart IS NULL
-    JOIN tasks t ON t.id = c.id
-    CROSS JOIN LATERAL (SELECT coalesce(t.payload ->> k.by, '') AS sub) AS s
     WHERE c.id NOT IN (SELECT id FROM refused)
-), kgroups AS MATERIALIZED (
-    SELECT key, sub, value, count(*) AS k FROM kwants GROUP BY key, sub, value
-), kfree AS MATERIALIZED (
-    -- per value, up to as many of its free tokens as its starts want, locked: as `tokens`
-    SELECT g.key, g.sub, t.n, row_number() OVER (PARTITION BY g.key, g.sub ORDER BY t.n) AS place
-    FROM kgroups g
-    CROSS JOIN LATERAL (
-        SELECT t.n FROM limit_key_tokens t
-        WHERE t.key = g.key AND t.sub = g.sub AND t.n <= g.value AND t.task_id IS NULL
-        ORDER BY t.n LIMIT g.k FOR UPDATE SKIP LOCKED) AS t
 ), kgot AS MATERIALIZED (
-    SELECT w.id, w.key, w.sub, f.n FROM kwants w
-    JOIN kfree f ON f.key = w.key AND f.sub = w.sub AND f.place = w.place
+    -- per start, the free token of its value that its place in line comes to, locked as
+    -- `tokens` does (a token another claim holds is skipped, one it took meanwhile is read
+    -- again and left). Each start's own probe: the p-th start locks the value's first p free
+    -- tokens (its earlier ones' included, which stay first) and takes the p-th, so no two
+    -- starts take the same one, and no join of one CTE with another
+    SELECT w.id, w.key, w.sub, w.value, w.place, t.n FROM kwants w
+    LEFT JOIN LATERAL (
+        SELECT t.n FROM limit_key_tokens t
+        WHERE t.key = w.key AND t.sub = w.sub AND t.n <= w.value AND t.task_id IS NULL
+        ORDER BY t.n OFFSET w.place - 1 LIMIT 1 FOR UPDATE SKIP LOCKED) AS t ON true
 ), kmade AS (
-    -- the starts left: tokens of their value that no row is in this snapshot (numbers up to
-    -- the value), made here, held at once. A number made by a claim that committed meanwhile
-    -- conflicts and that start is refused this time; one a claim still running is making is
-    -- waited for (then refused): made in (key, sub, n) order, so no two claims wait on each
-    -- other. So a value's tokens appear as it needs them, each at most once.
+    -- a start that found none: a number up to the value that no row is in this snapshot (the
+    -- first ones, one each, past the free tokens the others took), made here, held at once.
+    -- A number made by a claim that committed meanwhile conflicts, and that start is refused
+    -- this time; one that a claim still running is making is waited for (then refused): made
+    -- in (key, sub, n) order, so no two claims wait on each other. So a value's tokens appear
+    -- as it needs them, each at most once.
     INSERT INTO limit_key_tokens (key, sub, n, task_id)
-    SELECT w.key, w.sub, m.n, w.id
-    FROM kgroups g
-    CROSS JOIN LATERAL (SELECT count(*) AS got FROM kfree f
-                        WHERE f.key = g.key AND f.sub = g.sub) AS f
+    SELECT w.key, w.sub, m.n, w.id FROM kgot w
     CROSS JOIN LATERAL (
-        SELECT s.n, row_number() OVER (ORDER BY s.n) AS i FROM (
-            SELECT s.n FROM generate_series(1, g.value) AS s(n)
-            WHERE NOT EXISTS (SELECT FROM limit_key_tokens t
-                              WHERE t.key = g.key AND t.sub = g.sub AND t.n = s.n)
-            ORDER BY s.n LIMIT greatest(g.k - f.got, 0)) AS s
-    ) AS m
-    JOIN kwants w ON w.key = g.key AND w.sub = g.sub AND w.place = f.got + m.i
-    WHERE f.got < g.k
+        SELECT count(*) AS free FROM (
+            SELECT FROM limit_key_tokens t
+            WHERE t.key = w.key AND t.sub = w.sub AND t.n <= w.value AND t.task_id IS NULL
+            FOR UPDATE SKIP LOCKED) AS f) AS f
+    CROSS JOIN LATERAL (
+        SELECT s.n FROM generate_series(1, w.value) AS s(n)
+        WHERE (SELECT t.n FROM limit_key_tokens t
+               WHERE t.key = w.key AND t.sub = w.sub AND t.n = s.n) IS NULL
+        ORDER BY s.n OFFSET greatest(w.place - f.free - 1, 0) LIMIT 1) AS m
+    WHERE w.n IS NULL
     ORDER BY w.key, w.sub, m.n
     ON CONFLICT DO NOTHING
     RETURNING task_id AS id, sub, n
 ), kheld AS MATERIALIZED (
     -- per start under a per-key limit, the token of its value it holds
-    SELECT id, sub, n FROM kgot UNION ALL SELECT id, sub, n FROM kmade
+    SELECT id, sub, n FROM kgot WHERE n IS NOT NULL UNION ALL SELECT id, sub, n FROM kmade
+), kmap AS MATERIALIZED (
+    -- the same as aligned arrays, for `claimed` to look up by id (array_position)
+    SELECT array_agg(id) AS ids, array_agg(sub) AS subs, array_agg(n) AS ns FROM kheld
 ), krefused AS MATERIALIZED (
     -- starts that got no token of their value: not started this time
     SELECT id FROM kwants WHERE id NOT IN (SELECT id FROM kheld)
@@ -285,9 +297,9 @@ WITH lease AS (
         worker = $4, updated_at = now(),
         queue_token = held.queue_token, action_token = held.action_token  --+ plain
         queue_token = held.queue_token, action_token = held.action_token,  --+ keyed
-        limit_key = kheld.sub, key_token = kheld.n  --+ keyed
-    FROM due LEFT JOIN held ON held.id = due.id, lease  --+ plain
-    FROM due LEFT JOIN held ON held.id = due.id LEFT JOIN kheld ON kheld.id = due.id, lease  --+ keyed
+        limit_key = (SELECT subs[array_position(ids, t.id)] FROM kmap),  --+ keyed
+        key_token = (SELECT ns[array_position(ids, t.id)] FROM kmap)  --+ keyed
+    FROM due LEFT JOIN held ON held.id = due.id, lease
     -- the id list steers the planner to the primary key rather than re-reading the due range
     WHERE t.id = ANY(ARRAY(SELECT id FROM due)) AND t.id = due.id AND lease.action = t.action
       AND t.state IN ('PENDING', 'FAILED') AND t.due_at <= now()
@@ -306,7 +318,7 @@ WITH lease AS (
     -- the free tokens of a value found above, now held by what started
     UPDATE limit_key_tokens t SET task_id = g.id
     FROM kgot g
-    WHERE t.key = g.key AND t.sub = g.sub AND t.n = g.n
+    WHERE t.key = g.key AND t.sub = g.sub AND t.n = g.n AND g.n IS NOT NULL
 --+ }
 ), freed AS (
     -- what expired on its last attempt gives its concurrency tokens back
