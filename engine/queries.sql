@@ -69,13 +69,18 @@ WITH lease AS (
 ), keyed AS MATERIALIZED (
     -- per-key limits (`key:ACTION`): at most `value` tasks of the action RUNNING at once for
     -- each value of the payload field `by` (a task without it counts under '')
-    SELECT l.key, substr(l.key, 5) AS action, l.value, l.by FROM limits l
+    SELECT l.key, substr(l.key, 5) AS action, l.value, l.by,
+           -- where this claim starts looking for a value's tokens: anywhere, so that claims
+           -- side by side take and make different ones
+           1 + floor(random() * l.value)::integer AS start
+    FROM limits l
     WHERE l.key = ANY(ARRAY(SELECT 'key:' || a FROM unnest($2::text[]) AS a))
 ), full_keys AS MATERIALIZED (
     -- the values at their cap in this snapshot (tasks_running_keyed): the scans below step
-    -- over their due tasks, so that one value's backlog holds back no other value. A value
-    -- filled meanwhile is refused its token below; one freed meanwhile waits for the next claim.
-    SELECT k.action, k.by, r.limit_key FROM keyed k
+    -- over their due tasks (a hashed NOT IN), so that one value's backlog holds back no other
+    -- value. A value filled meanwhile is refused its token below; one freed meanwhile waits
+    -- for the next claim.
+    SELECT k.action, r.limit_key FROM keyed k
     JOIN tasks r ON r.action = k.action AND r.state = 'RUNNING' AND r.limit_key IS NOT NULL
     GROUP BY k.action, k.by, k.value, r.limit_key HAVING count(*) >= k.value
 --+ }
@@ -113,8 +118,9 @@ WITH lease AS (
       AND queue = $1 AND action = ANY($2::text[])
       AND action NOT IN (SELECT a FROM shut)
       AND (NOT EXISTS (SELECT FROM full_keys)  --+ keyed
-           OR NOT EXISTS (SELECT FROM full_keys f WHERE f.action = tasks.action  --+ keyed
-                          AND f.limit_key = coalesce(tasks.payload ->> f.by, '')))  --+ keyed
+           OR (action, coalesce(payload ->> (SELECT k.by FROM keyed k  --+ keyed
+                                             WHERE k.action = tasks.action), ''))  --+ keyed
+              NOT IN (SELECT action, limit_key FROM full_keys))  --+ keyed
     ORDER BY due_at, id
     -- half the room, rounded up or down at random: a one-slot claim takes the oldest half
     -- of the time
@@ -131,8 +137,9 @@ WITH lease AS (
       AND queue = $1 AND action = ANY($2::text[])
       AND action NOT IN (SELECT a FROM shut)
       AND (NOT EXISTS (SELECT FROM full_keys)  --+ keyed
-           OR NOT EXISTS (SELECT FROM full_keys f WHERE f.action = tasks.action  --+ keyed
-                          AND f.limit_key = coalesce(tasks.payload ->> f.by, '')))  --+ keyed
+           OR (action, coalesce(payload ->> (SELECT k.by FROM keyed k  --+ keyed
+                                             WHERE k.action = tasks.action), ''))  --+ keyed
+              NOT IN (SELECT action, limit_key FROM full_keys))  --+ keyed
       AND id <> ALL(ARRAY(SELECT id FROM aged))
     ORDER BY priority DESC, due_at, id
     LIMIT (SELECT n FROM room) - (SELECT count(*) FROM aged)
@@ -200,43 +207,43 @@ WITH lease AS (
 ), kwants AS MATERIALIZED (
     -- each start under a per-key limit (not a takeover: it keeps its token; not one another
     -- limit refused), its value of the field, and its place in line for that value's tokens
-    SELECT c.id, k.key, k.value, c.sub,
+    SELECT c.id, k.key, k.value, k.start, c.sub,
            row_number() OVER (PARTITION BY k.key, c.sub
                               ORDER BY c.part, c.priority DESC, c.due_at, c.id) AS place
     FROM keyed k
     JOIN candidates c ON c.action = k.action AND c.restart IS NULL
     WHERE c.id NOT IN (SELECT id FROM refused)
 ), kgot AS MATERIALIZED (
-    -- per start, the free token of its value that its place in line comes to, locked as
-    -- `tokens` does (a token another claim holds is skipped, one it took meanwhile is read
-    -- again and left). Each start's own probe: the p-th start locks the value's first p free
-    -- tokens (its earlier ones' included, which stay first) and takes the p-th, so no two
-    -- starts take the same one, and no join of one CTE with another
-    SELECT w.id, w.key, w.sub, w.value, w.place, t.n FROM kwants w
+    -- per start, the free token of its value that its place in line comes to, from the
+    -- claim's random number on (and round), locked as `tokens` does (a token another claim
+    -- holds is skipped, one it took meanwhile is read again and left). Each start's own
+    -- probe: the p-th start locks the value's first p free tokens (its earlier ones'
+    -- included, which stay first) and takes the p-th, so no two starts take the same one,
+    -- and no CTE is joined with another
+    SELECT w.id, w.key, w.sub, w.value, w.start, w.place, t.n FROM kwants w
     LEFT JOIN LATERAL (
         SELECT t.n FROM limit_key_tokens t
         WHERE t.key = w.key AND t.sub = w.sub AND t.n <= w.value AND t.task_id IS NULL
-        ORDER BY t.n OFFSET w.place - 1 LIMIT 1 FOR UPDATE SKIP LOCKED) AS t ON true
+        ORDER BY t.n < w.start, t.n OFFSET w.place - 1 LIMIT 1 FOR UPDATE SKIP LOCKED) AS t
+        ON true
 ), kmade AS (
-    -- a start that found none: a number up to the value that no row is in this snapshot (the
-    -- first ones, one each, past the free tokens the others took), made here, held at once.
+    -- a start that found none: a number up to the value that no row is in this snapshot (from
+    -- the random number on, one each: the i-th start of a value that found none takes the
+    -- i-th; generate_series gives them in order), made here, held at once.
     -- A number made by a claim that committed meanwhile conflicts, and that start is refused
     -- this time; one that a claim still running is making is waited for (then refused): made
     -- in (key, sub, n) order, so no two claims wait on each other. So a value's tokens appear
     -- as it needs them, each at most once.
     INSERT INTO limit_key_tokens (key, sub, n, task_id)
-    SELECT w.key, w.sub, m.n, w.id FROM kgot w
+    SELECT w.key, w.sub, m.n, w.id
+    FROM (SELECT *, row_number() OVER (PARTITION BY key, sub ORDER BY place) AS miss
+          FROM kgot WHERE n IS NULL) AS w
     CROSS JOIN LATERAL (
-        SELECT count(*) AS free FROM (
-            SELECT FROM limit_key_tokens t
-            WHERE t.key = w.key AND t.sub = w.sub AND t.n <= w.value AND t.task_id IS NULL
-            FOR UPDATE SKIP LOCKED) AS f) AS f
-    CROSS JOIN LATERAL (
-        SELECT s.n FROM generate_series(1, w.value) AS s(n)
+        SELECT s.n FROM (SELECT (i - 1) % w.value + 1 AS n
+                         FROM generate_series(w.start, w.start + w.value - 1) AS g(i)) AS s
         WHERE (SELECT t.n FROM limit_key_tokens t
                WHERE t.key = w.key AND t.sub = w.sub AND t.n = s.n) IS NULL
-        ORDER BY s.n OFFSET greatest(w.place - f.free - 1, 0) LIMIT 1) AS m
-    WHERE w.n IS NULL
+        OFFSET w.miss - 1 LIMIT 1) AS m
     ORDER BY w.key, w.sub, m.n
     ON CONFLICT DO NOTHING
     RETURNING task_id AS id, sub, n
@@ -366,19 +373,11 @@ WITH lease AS (
           END
 --+ keyed {
 ), key_held AS (
-    -- a per-key limit held due work back: it refused a start, or a value at its cap has due
-    -- tasks that the scans stepped over (among the first 1000 due: past those, this worker
-    -- has other work): look again soon, as for a concurrency limit
-    SELECT CASE WHEN EXISTS (SELECT FROM krefused) THEN 0.1::float8
-                WHEN NOT EXISTS (SELECT FROM full_keys) THEN NULL
-                WHEN EXISTS (
-                    SELECT FROM (SELECT action, payload FROM tasks
-                                 WHERE queue = $1 AND state IN ('PENDING', 'FAILED')
-                                   AND due_at <= now()
-                                 ORDER BY due_at LIMIT 1000) AS t
-                    WHERE EXISTS (SELECT FROM full_keys f WHERE f.action = t.action
-                                  AND f.limit_key = coalesce(t.payload ->> f.by, '')))
-                THEN 0.1 END AS retry_in
+    -- a per-key limit held due work back: it refused a start, or some value is at its cap
+    -- (its due tasks, if any, were stepped over): look again soon, as for a concurrency
+    -- limit (the worker also does as soon as its own outcomes are written)
+    SELECT CASE WHEN EXISTS (SELECT FROM krefused) OR EXISTS (SELECT FROM full_keys)
+                THEN 0.1::float8 END AS retry_in
 --+ }
 ), logged AS (
     INSERT INTO task_transitions (task_id, trigger, from_state, to_state, attempt, worker, detail)

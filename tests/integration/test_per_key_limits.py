@@ -75,15 +75,16 @@ async def test_each_value_of_the_field_gets_its_own_cap(
         "AND k.n = t.key_token WHERE t.state = 'RUNNING'"
     )
     assert len(tokens) == 7 and all(r["task_id"] == r["id"] for r in tokens)
-    assert sorted((r["limit_key"], r["key_token"]) for r in tokens) == [
-        ("", 1),
-        ("", 2),
-        ("7", 1),
-        ("a", 1),
-        ("a", 2),
-        ("b", 1),
-        ("b", 2),
-    ]
+    # tokens numbered 1..2 per value, each at most once (a claim starts looking anywhere)
+    numbers: dict[str, list[int]] = {}
+    for r in tokens:
+        numbers.setdefault(r["limit_key"], []).append(r["key_token"])
+    assert {k: sorted(v) for k, v in numbers.items() if k != "7"} == {
+        "": [1, 2],
+        "a": [1, 2],
+        "b": [1, 2],
+    }
+    assert numbers["7"] in ([1], [2])
     [row] = await store.limits()
     assert (row["key"], row["value"], row["by"], row["used"], row["keys"]) == (
         "key:noop",
