@@ -30,8 +30,8 @@ async def set_limits(conn: asyncpg.Connection) -> None:
     await conn.execute("""
         UPDATE limit_tokens SET task_id = -n WHERE n % 2 = 0 AND key NOT LIKE 'rate:%';
         UPDATE limit_tokens SET free_at = now() + interval '1 hour'
-        WHERE n % 2 = 0 AND key LIKE 'rate:%';
-        VACUUM ANALYZE limit_tokens""")
+        WHERE n % 2 = 0 AND key LIKE 'rate:%'""")
+    await conn.execute("VACUUM ANALYZE limit_tokens")
 
 
 async def main(admin: str) -> None:
@@ -87,8 +87,9 @@ async def main(admin: str) -> None:
             INSERT INTO limit_key_tokens (key, sub, n, task_id)
             SELECT 'key:noop', limit_key, key_token, id FROM tasks WHERE state = 'RUNNING';
             INSERT INTO limit_key_tokens (key, sub, n)
-            SELECT 'key:noop', 'c' || (g % 50) * 2 + 1, 1 + g / 50 FROM generate_series(0, 99) g;
-            VACUUM ANALYZE tasks; VACUUM ANALYZE limit_key_tokens""")
+            SELECT 'key:noop', 'c' || (g % 50) * 2 + 1, 1 + g / 50 FROM generate_series(0, 99) g""")
+        await conn.execute("VACUUM ANALYZE tasks")
+        await conn.execute("VACUUM ANALYZE limit_key_tokens")
         explain = "EXPLAIN (ANALYZE, BUFFERS, COSTS OFF) " + CLAIM_KEYED
         for _ in range(3):
             tr = conn.transaction()
