@@ -555,14 +555,15 @@ async def list_limits(state: State) -> list[LimitRead]:
 )
 async def set_limit(key: str, data: LimitWrite, state: State) -> LimitRead:
     """Give a global limit a value (`queue:NAME`, `action:NAME`: running at once;
-    `rate:NAME`: starts per `per_seconds`). Workers' declarations leave it alone until it is
-    deleted. Lowering it stops new starts beyond it; running tasks are not stopped."""
+    `rate:NAME`: starts per `per_seconds`; `key:NAME`: running at once per value of the
+    payload field `by`). Workers' declarations leave it alone until it is deleted. Lowering
+    it stops new starts beyond it; running tasks are not stopped."""
+    store = _store(state)
     try:
-        limit = Limit(key, data.value, data.per_seconds)
+        limit = Limit(key, data.value, data.per_seconds, data.by)
+        await store.set_limit(limit, declared=False)
     except InvalidLimit as exc:
         raise ClientException(str(exc)) from None
-    store = _store(state)
-    await store.set_limit(limit, declared=False)
     log.info(
         "limit %s set to %d%s",
         key,

@@ -106,16 +106,21 @@ class ScheduleRead(msgspec.Struct, kw_only=True):
 
 class LimitWrite(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """A global limit's new value: at most `value` tasks RUNNING at once (queue:, action:),
-    or `value` starts per `per_seconds` (rate:)."""
+    or `value` starts per `per_seconds` (rate:), or at most `value` (up to 1000) tasks of the
+    action RUNNING at once per value of the payload field `by` (key:; `by` may be left out
+    when the limit has one already)."""
 
     value: Annotated[int, msgspec.Meta(ge=0, le=100_000)]
     per_seconds: Annotated[float, msgspec.Meta(gt=0, le=366 * 86400)] | None = None
+    by: Annotated[str, msgspec.Meta(min_length=1, max_length=200)] | None = None
 
 
 class LimitRead(msgspec.Struct, kw_only=True):
     """A global limit, the same for every worker. `declared`: written by a worker from its
     code (false: set by an operator, which declarations leave alone). `used`: tokens held
-    now (running tasks; for a rate, starts within the last period)."""
+    now (running tasks; for a rate, starts within the last period). A per-key limit (key:)
+    has `by`, the payload field it is kept per value of, and `keys`: how many values of it
+    have a task running."""
 
     key: str
     value: int
@@ -123,6 +128,8 @@ class LimitRead(msgspec.Struct, kw_only=True):
     declared: bool
     used: int
     updated_at: datetime
+    by: str | None = None
+    keys: int | None = None
 
     @classmethod
     def from_row(cls, row: Any) -> LimitRead:

@@ -1,5 +1,7 @@
 """EXPLAIN (ANALYZE, BUFFERS) of the claim beside 1,000,000 finished tasks, without and
-with global limits (each far above the load, half of each limit's tokens held).
+with global limits (each far above the load, half of each limit's tokens held), and of the
+claim with per-key limits (task_claim_due_keyed) under one: 10,000 due tasks of 100
+customers, 50 of them at their cap of 2 (100 RUNNING), the others' tokens made.
 
     .venv/bin/python bench/explain_claim.py
 
@@ -16,7 +18,7 @@ import asyncpg
 
 from tasklease import schema
 from tasklease.engine.database import resolve, with_database
-from tasklease.engine.queries import CLAIM, SQL
+from tasklease.engine.queries import CLAIM, CLAIM_KEYED, SQL
 
 ARGS = ("default", ["noop"], 10, "w", [30.0], 300.0)
 LIMITS = {"queue:default": None, "action:noop": None, "rate:noop": 1.0}
@@ -24,12 +26,12 @@ LIMITS = {"queue:default": None, "action:noop": None, "rate:noop": 1.0}
 
 async def set_limits(conn: asyncpg.Connection) -> None:
     for key, per in LIMITS.items():
-        await conn.execute(SQL["limit_set"], key, 100_000, per, True)
+        await conn.execute(SQL["limit_set"], key, 100_000, per, True, None)
     await conn.execute("""
         UPDATE limit_tokens SET task_id = -n WHERE n % 2 = 0 AND key NOT LIKE 'rate:%';
         UPDATE limit_tokens SET free_at = now() + interval '1 hour'
-        WHERE n % 2 = 0 AND key LIKE 'rate:%';
-        VACUUM ANALYZE limit_tokens""")
+        WHERE n % 2 = 0 AND key LIKE 'rate:%'""")
+    await conn.execute("VACUUM ANALYZE limit_tokens")
 
 
 async def main(admin: str) -> None:
@@ -70,6 +72,32 @@ async def main(admin: str) -> None:
                 await tr.rollback()
             print(f"===== {title}")
             print("\n".join(r[0] for r in rows))
+        await conn.execute("""
+            DELETE FROM limits;
+            UPDATE tasks SET payload = jsonb_build_object('customer', 'c' || id % 100)
+            WHERE state = 'PENDING';
+            INSERT INTO tasks (action, payload, state, attempt, lease_expires_at, lease_token,
+                               worker, limit_key, key_token)
+            SELECT 'noop', jsonb_build_object('customer', 'c' || (g % 50) * 2), 'RUNNING', 1,
+                   now() + interval '1 hour', gen_random_uuid(), 'w', 'c' || (g % 50) * 2,
+                   1 + g / 50
+            FROM generate_series(0, 99) g""")
+        await conn.execute(SQL["limit_set"], "key:noop", 2, None, True, "customer")
+        await conn.execute("""
+            INSERT INTO limit_key_tokens (key, sub, n, task_id)
+            SELECT 'key:noop', limit_key, key_token, id FROM tasks WHERE state = 'RUNNING';
+            INSERT INTO limit_key_tokens (key, sub, n)
+            SELECT 'key:noop', 'c' || (g % 50) * 2 + 1, 1 + g / 50 FROM generate_series(0, 99) g""")
+        await conn.execute("VACUUM ANALYZE tasks")
+        await conn.execute("VACUUM ANALYZE limit_key_tokens")
+        explain = "EXPLAIN (ANALYZE, BUFFERS, COSTS OFF) " + CLAIM_KEYED
+        for _ in range(3):
+            tr = conn.transaction()
+            await tr.start()
+            rows = await conn.fetch(explain, *ARGS)
+            await tr.rollback()
+        print("===== per-key limit of 2, 100 customers, 50 at their cap (task_claim_due_keyed)")
+        print("\n".join(r[0] for r in rows))
     finally:
         await conn.close()
         admin_conn = await asyncpg.connect(admin)

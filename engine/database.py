@@ -91,13 +91,22 @@ def connect_options(application_name: str = "tasklease", **settings: str) -> dic
     Behind a pooler: unnamed statements (statement_cache_size=0; asyncpg then parses each
     statement in the same round trip as it runs it) and no startup settings but
     application_name, which PgBouncer passes on (it refuses others, such as plan_cache_mode,
-    and a SET would leak to the next client of the server connection)."""
+    and a SET would leak to the next client of the server connection). Otherwise statements
+    are prepared once per connection, the claim too: asyncpg caches none longer than
+    max_cacheable_statement_size (15 KiB by default), and the claim is longer (parsed and
+    planned again at every claim, it would cost twice its run)."""
     if pooled():
         return {
             "server_settings": {"application_name": application_name},
             "statement_cache_size": 0,
         }
-    return {"server_settings": {"application_name": application_name, **settings}}
+    return {
+        "server_settings": {"application_name": application_name, **settings},
+        "max_cacheable_statement_size": MAX_CACHED_STATEMENT,
+    }
+
+
+MAX_CACHED_STATEMENT = 64 * 1024  # bytes of SQL text; the claim is about 19 KiB
 
 
 async def connect(
@@ -117,8 +126,15 @@ def sqlalchemy_connect_args(dsn: str, application_name: str = "tasklease") -> di
     return args
 
 
-# What a failed connection attempt can raise.
-UNREACHABLE = (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError)
+# What a failed connection attempt can raise; InternalClientError ("cannot switch to state
+# N"): a connection whose server end was killed mid-operation.
+UNREACHABLE = (
+    TimeoutError,
+    OSError,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+)
 
 
 def reason(exc: BaseException) -> str:

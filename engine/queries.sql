@@ -37,6 +37,10 @@ FROM task_transitions WHERE task_id = $1 ORDER BY id;
 -- A last row says in how many seconds to look again: the next due time or lease expiry
 -- (trigger 'wait'), or, when a limit held due work back ('held'), sooner if a token may
 -- free sooner. A paused queue (queue_pauses) starts nothing and gives no time.
+-- Two variants (engine/queries.py): this one steps over the actions under a per-key limit
+-- (`key:ACTION`) and says so ('keyed'); task_claim_due_keyed starts them, each with a token of
+-- its value of the field (`kwants` to `krefused`), and says when none of its actions has one
+-- ('plain'). So a claim with no per-key limit pays nothing for them (Store.claim picks).
 WITH lease AS (
     SELECT * FROM unnest($2::text[], $5::float8[]) AS l(action, seconds)
 ), limited AS MATERIALIZED (
@@ -60,12 +64,36 @@ WITH lease AS (
     CROSS JOIN LATERAL (SELECT 1 + floor(random() * l.value)::integer AS start) AS r
     WHERE l.key = ANY(ARRAY['queue:' || $1]
                       || ARRAY(SELECT p || a FROM unnest($2::text[]) AS a,
-                                                  unnest('{action:,rate:}'::text[]) AS p))
+                                                  unnest('{action:,rate:}'::text[]) AS p))  --+ keyed
+                                                  unnest('{action:,rate:,key:}'::text[]) AS p))  --+ plain
+--+ keyed {
+), keyed AS MATERIALIZED (
+    -- per-key limits (`key:ACTION`): at most `value` tasks of the action RUNNING at once for
+    -- each value of the payload field `by` (a task without it counts under '')
+    SELECT l.key, substr(l.key, 5) AS action, l.value, l.by,
+           -- where this claim starts looking for a value's tokens: anywhere, so that claims
+           -- side by side take and make different ones
+           1 + floor(random() * l.value)::integer AS start
+    FROM limits l
+    WHERE l.key = ANY(ARRAY(SELECT 'key:' || a FROM unnest($2::text[]) AS a))
+), full_keys AS MATERIALIZED (
+    -- the values at their cap in this snapshot (tasks_running_keyed): the scans below step
+    -- over their due tasks (a hashed NOT IN), so that one value's backlog holds back no other
+    -- value. A value filled meanwhile is refused its token below; one freed meanwhile waits
+    -- for the next claim.
+    SELECT k.action, r.limit_key FROM keyed k
+    JOIN tasks r ON r.action = k.action AND r.state = 'RUNNING' AND r.limit_key IS NOT NULL
+    GROUP BY k.action, k.by, k.value, r.limit_key HAVING count(*) >= k.value
+--+ }
 ), shut AS MATERIALIZED (
-    -- actions that may start nothing now: the scans below step over their due tasks
+    -- actions that may start nothing now: the scans below step over their due tasks (here,
+    -- an action under a per-key limit: that has no token in limit_tokens, so is never open)
     SELECT a FROM unnest($2::text[]) AS a
     WHERE EXISTS (SELECT FROM limited
-                  WHERE NOT open AND key IN ('queue:' || $1, 'action:' || a, 'rate:' || a))
+                  WHERE NOT open AND key IN ('queue:' || $1, 'action:' || a, 'rate:' || a))  --+ keyed
+                  WHERE NOT open  --+ plain
+                    AND key IN ('queue:' || $1, 'action:' || a, 'rate:' || a, 'key:' || a))  --+ plain
+       OR EXISTS (SELECT FROM keyed WHERE keyed.action = a AND keyed.value = 0)  --+ keyed
 ), paused AS MATERIALIZED (
     -- a paused queue starts nothing, neither claims nor takeovers
     SELECT EXISTS (SELECT FROM queue_pauses WHERE queue = $1) AS yes
@@ -81,20 +109,38 @@ WITH lease AS (
     SELECT CASE WHEN (SELECT yes FROM paused) THEN 0
                 ELSE greatest($3 - (SELECT count(*) FROM expired_locked), 0) END AS n
 ), aged AS (
-    SELECT id, state, action, priority, due_at FROM tasks
+    SELECT id, state, action, priority, due_at FROM tasks  --+ plain
+    SELECT id, state, action, priority, due_at,  --+ keyed
+           -- its value of the field of its action's per-key limit, if it has one  --+ keyed
+           (SELECT coalesce(tasks.payload ->> k.by, '') FROM keyed k  --+ keyed
+            WHERE k.action = tasks.action) AS sub  --+ keyed
+    FROM tasks  --+ keyed
     WHERE state IN ('PENDING', 'FAILED') AND due_at <= now() - make_interval(secs => $6)
       AND queue = $1 AND action = ANY($2::text[])
       AND action NOT IN (SELECT a FROM shut)
+      AND (NOT EXISTS (SELECT FROM full_keys)  --+ keyed
+           OR (action, coalesce(payload ->> (SELECT k.by FROM keyed k  --+ keyed
+                                             WHERE k.action = tasks.action), ''))  --+ keyed
+              NOT IN (SELECT action, limit_key FROM full_keys))  --+ keyed
     ORDER BY due_at, id
     -- half the room, rounded up or down at random: a one-slot claim takes the oldest half
     -- of the time
     LIMIT (SELECT floor(n * 0.5 + random())::integer FROM room)
     FOR UPDATE SKIP LOCKED
 ), ranked AS (
-    SELECT id, state, action, priority, due_at FROM tasks
+    SELECT id, state, action, priority, due_at FROM tasks  --+ plain
+    SELECT id, state, action, priority, due_at,  --+ keyed
+           -- its value of the field of its action's per-key limit, if it has one  --+ keyed
+           (SELECT coalesce(tasks.payload ->> k.by, '') FROM keyed k  --+ keyed
+            WHERE k.action = tasks.action) AS sub  --+ keyed
+    FROM tasks  --+ keyed
     WHERE state IN ('PENDING', 'FAILED') AND due_at <= now()
       AND queue = $1 AND action = ANY($2::text[])
       AND action NOT IN (SELECT a FROM shut)
+      AND (NOT EXISTS (SELECT FROM full_keys)  --+ keyed
+           OR (action, coalesce(payload ->> (SELECT k.by FROM keyed k  --+ keyed
+                                             WHERE k.action = tasks.action), ''))  --+ keyed
+              NOT IN (SELECT action, limit_key FROM full_keys))  --+ keyed
       AND id <> ALL(ARRAY(SELECT id FROM aged))
     ORDER BY priority DESC, due_at, id
     LIMIT (SELECT n FROM room) - (SELECT count(*) FROM aged)
@@ -102,9 +148,12 @@ WITH lease AS (
 ), candidates AS (
     -- everything this claim may start, in the order it starts them: takeovers, aged, ranked
     SELECT id, action, restart, 0 AS part, 0 AS priority, NULL::timestamptz AS due_at
+           , NULL AS sub  --+ keyed
     FROM expired_locked
-    UNION ALL SELECT id, action, NULL, 1, 0, due_at FROM aged
-    UNION ALL SELECT id, action, NULL, 2, priority, due_at FROM ranked
+    UNION ALL SELECT id, action, NULL, 1, 0, due_at FROM aged  --+ plain
+    UNION ALL SELECT id, action, NULL, 2, priority, due_at FROM ranked  --+ plain
+    UNION ALL SELECT id, action, NULL, 1, 0, due_at, sub FROM aged  --+ keyed
+    UNION ALL SELECT id, action, NULL, 2, priority, due_at, sub FROM ranked  --+ keyed
 ), wants AS MATERIALIZED (
     -- each start's place in line for each limit it falls under (driven by the limits, so
     -- that with none, nothing here runs)
@@ -155,11 +204,66 @@ WITH lease AS (
     SELECT DISTINCT w.id FROM wants w
     LEFT JOIN tokens k ON k.key = w.key AND k.place = w.place
     WHERE k.key IS NULL
+--+ keyed {
+), kwants AS MATERIALIZED (
+    -- each start under a per-key limit (not a takeover: it keeps its token; not one another
+    -- limit refused), its value of the field, and its place in line for that value's tokens
+    SELECT c.id, k.key, k.value, k.start, c.sub,
+           row_number() OVER (PARTITION BY k.key, c.sub
+                              ORDER BY c.part, c.priority DESC, c.due_at, c.id) AS place
+    FROM keyed k
+    JOIN candidates c ON c.action = k.action AND c.restart IS NULL
+    WHERE c.id NOT IN (SELECT id FROM refused)
+), kgot AS MATERIALIZED (
+    -- per start, the free token of its value that its place in line comes to, from the
+    -- claim's random number on (and round), locked as `tokens` does (a token another claim
+    -- holds is skipped, one it took meanwhile is read again and left). Each start's own
+    -- probe: the p-th start locks the value's first p free tokens (its earlier ones'
+    -- included, which stay first) and takes the p-th, so no two starts take the same one,
+    -- and no CTE is joined with another
+    SELECT w.id, w.key, w.sub, w.value, w.start, w.place, t.n FROM kwants w
+    LEFT JOIN LATERAL (
+        SELECT t.n FROM limit_key_tokens t
+        WHERE t.key = w.key AND t.sub = w.sub AND t.n <= w.value AND t.task_id IS NULL
+        ORDER BY t.n < w.start, t.n OFFSET w.place - 1 LIMIT 1 FOR UPDATE SKIP LOCKED) AS t
+        ON true
+), kmade AS (
+    -- a start that found none: a number up to the value that no row is in this snapshot (from
+    -- the random number on, one each: the i-th start of a value that found none takes the
+    -- i-th; generate_series gives them in order), made here, held at once.
+    -- A number made by a claim that committed meanwhile conflicts, and that start is refused
+    -- this time; one that a claim still running is making is waited for (then refused): made
+    -- in (key, sub, n) order, so no two claims wait on each other. So a value's tokens appear
+    -- as it needs them, each at most once.
+    INSERT INTO limit_key_tokens (key, sub, n, task_id)
+    SELECT w.key, w.sub, m.n, w.id
+    FROM (SELECT *, row_number() OVER (PARTITION BY key, sub ORDER BY place) AS miss
+          FROM kgot WHERE n IS NULL) AS w
+    CROSS JOIN LATERAL (
+        SELECT s.n FROM (SELECT (i - 1) % w.value + 1 AS n
+                         FROM generate_series(w.start, w.start + w.value - 1) AS g(i)) AS s
+        WHERE (SELECT t.n FROM limit_key_tokens t
+               WHERE t.key = w.key AND t.sub = w.sub AND t.n = s.n) IS NULL
+        OFFSET w.miss - 1 LIMIT 1) AS m
+    ORDER BY w.key, w.sub, m.n
+    ON CONFLICT DO NOTHING
+    RETURNING task_id AS id, sub, n
+), kheld AS MATERIALIZED (
+    -- per start under a per-key limit, the token of its value it holds
+    SELECT id, sub, n FROM kgot WHERE n IS NOT NULL UNION ALL SELECT id, sub, n FROM kmade
+), kmap AS MATERIALIZED (
+    -- the same as aligned arrays, for `claimed` to look up by id (array_position)
+    SELECT array_agg(id) AS ids, array_agg(sub) AS subs, array_agg(n) AS ns FROM kheld
+), krefused AS MATERIALIZED (
+    -- starts that got no token of their value: not started this time
+    SELECT id FROM kwants WHERE id NOT IN (SELECT id FROM kheld)
+--+ }
 ), assigned AS MATERIALIZED (
     -- the tokens of what starts
     SELECT w.id, w.key, k.n, w.per_seconds FROM wants w
     JOIN tokens k ON k.key = w.key AND k.place = w.place
     WHERE w.id NOT IN (SELECT id FROM refused)
+      AND w.id NOT IN (SELECT id FROM krefused)  --+ keyed
 ), held AS (
     -- per task, the numbers of the concurrency tokens it will hold
     SELECT id, max(n) FILTER (WHERE key LIKE 'queue:%') AS queue_token,
@@ -168,9 +272,13 @@ WITH lease AS (
 ), expired AS (
     SELECT * FROM expired_locked WHERE id NOT IN (SELECT id FROM refused)
 ), due AS (
-    SELECT id, state AS from_state FROM aged WHERE id NOT IN (SELECT id FROM refused)
+    SELECT id, state AS from_state FROM aged
+    WHERE id NOT IN (SELECT id FROM refused)
+      AND id NOT IN (SELECT id FROM krefused)  --+ keyed
     UNION ALL
-    SELECT id, state FROM ranked WHERE id NOT IN (SELECT id FROM refused)
+    SELECT id, state FROM ranked
+    WHERE id NOT IN (SELECT id FROM refused)
+      AND id NOT IN (SELECT id FROM krefused)  --+ keyed
 ), reclaimed AS (
     UPDATE tasks t
     SET attempt = t.attempt + 1, lease_token = gen_random_uuid(),
@@ -188,13 +296,17 @@ WITH lease AS (
     FROM expired
     WHERE t.id = expired.id AND NOT expired.restart
       AND t.state = 'RUNNING' AND t.lease_expires_at <= now() AND t.attempt >= t.max_attempts
-    RETURNING t.id, t.attempt, t.last_error, t.queue, t.action, t.queue_token, t.action_token
+    RETURNING t.id, t.attempt, t.last_error, t.queue, t.action, t.queue_token, t.action_token,
+              t.limit_key, t.key_token
 ), claimed AS (
     UPDATE tasks t
     SET state = 'RUNNING', attempt = t.attempt + 1, lease_token = gen_random_uuid(),
         lease_expires_at = now() + make_interval(secs => coalesce(t.lease_seconds, lease.seconds)),
         worker = $4, updated_at = now(),
-        queue_token = held.queue_token, action_token = held.action_token
+        queue_token = held.queue_token, action_token = held.action_token  --+ plain
+        queue_token = held.queue_token, action_token = held.action_token,  --+ keyed
+        limit_key = (SELECT subs[array_position(ids, t.id)] FROM kmap),  --+ keyed
+        key_token = (SELECT ns[array_position(ids, t.id)] FROM kmap)  --+ keyed
     FROM due LEFT JOIN held ON held.id = due.id, lease
     -- the id list steers the planner to the primary key rather than re-reading the due range
     WHERE t.id = ANY(ARRAY(SELECT id FROM due)) AND t.id = due.id AND lease.action = t.action
@@ -209,6 +321,13 @@ WITH lease AS (
                        THEN now() + make_interval(secs => a.per_seconds) ELSE t.free_at END
     FROM assigned a
     WHERE t.key = a.key AND t.n = a.n
+--+ keyed {
+), ktaken AS (
+    -- the free tokens of a value found above, now held by what started
+    UPDATE limit_key_tokens t SET task_id = g.id
+    FROM kgot g
+    WHERE t.key = g.key AND t.sub = g.sub AND t.n = g.n AND g.n IS NOT NULL
+--+ }
 ), freed AS (
     -- what expired on its last attempt gives its concurrency tokens back
     UPDATE limit_tokens k SET task_id = NULL
@@ -216,6 +335,12 @@ WITH lease AS (
     WHERE (m.queue_token IS NOT NULL OR m.action_token IS NOT NULL) AND k.task_id = m.id
       AND ((k.key = 'queue:' || m.queue AND k.n = m.queue_token)
            OR (k.key = 'action:' || m.action AND k.n = m.action_token))
+), kfreed AS (
+    -- and its token of a per-key limit
+    UPDATE limit_key_tokens k SET task_id = NULL
+    FROM dead m
+    WHERE m.key_token IS NOT NULL AND k.task_id = m.id
+      AND k.key = 'key:' || m.action AND k.sub = m.limit_key AND k.n = m.key_token
 ), wake AS (
     -- the earliest future due time: one ordered probe of tasks_claimable
     SELECT least(
@@ -247,6 +372,14 @@ WITH lease AS (
                        AND t.due_at <= now() AND t.action IN (SELECT a FROM shut)
                      ORDER BY t.due_at LIMIT 1) IS NOT NULL
           END
+--+ keyed {
+), key_held AS (
+    -- a per-key limit held due work back: it refused a start, or some value is at its cap
+    -- (its due tasks, if any, were stepped over): look again soon, as for a concurrency
+    -- limit (the worker also does as soon as its own outcomes are written)
+    SELECT CASE WHEN EXISTS (SELECT FROM krefused) OR EXISTS (SELECT FROM full_keys)
+                THEN 0.1::float8 END AS retry_in
+--+ }
 ), logged AS (
     INSERT INTO task_transitions (task_id, trigger, from_state, to_state, attempt, worker, detail)
     SELECT id, 'claim', from_state, 'RUNNING'::task_state, attempt, $4, NULL FROM claimed
@@ -270,12 +403,21 @@ SELECT 'expire', 'RUNNING', id, NULL, NULL, NULL, attempt, NULL, NULL, NULL, NUL
        NULL
 FROM dead
 UNION ALL
-SELECT CASE WHEN (SELECT retry_in FROM held_back) IS NULL THEN 'wait' ELSE 'held' END,
+-- 'keyed': some action here has a per-key limit, which this variant steps over ('plain': none
+-- has, in the one that takes them): claim again at once with the other
+SELECT CASE
+            WHEN EXISTS (SELECT FROM limited WHERE key LIKE 'key:%') THEN 'keyed'  --+ plain
+            WHEN NOT EXISTS (SELECT FROM keyed) THEN 'plain'  --+ keyed
+            WHEN (SELECT retry_in FROM held_back) IS NULL
+                 AND (SELECT retry_in FROM key_held) IS NULL  --+ keyed
+            THEN 'wait' ELSE 'held' END,
        NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
        -- paused: no time to look again (resuming wakes the workers)
        CASE WHEN NOT (SELECT yes FROM paused)
             THEN least(extract(epoch FROM at - now())::float8,
-                       (SELECT retry_in FROM held_back)) END
+                       (SELECT retry_in FROM held_back),  --+ keyed
+                       (SELECT retry_in FROM key_held)) END  --+ keyed
+                       (SELECT retry_in FROM held_back)) END  --+ plain
 FROM wake;
 
 -- name: task_heartbeat_if_leased
@@ -311,7 +453,8 @@ WITH moved AS (
                           ELSE 0 END
     WHERE t.id = ANY($1::bigint[]) AND t.state = 'RUNNING'
       AND t.lease_token = ($2::uuid[])[array_position($1, t.id)]
-    RETURNING t.id, t.attempt, t.worker, t.queue, t.action, t.queue_token, t.action_token
+    RETURNING t.id, t.attempt, t.worker, t.queue, t.action, t.queue_token, t.action_token,
+              t.limit_key, t.key_token
 ), settled AS (
     UPDATE task_dependencies d SET satisfied = true
     WHERE d.depends_on = ANY(ARRAY(SELECT id FROM moved)) AND NOT d.satisfied
@@ -346,6 +489,12 @@ WITH moved AS (
     WHERE (m.queue_token IS NOT NULL OR m.action_token IS NOT NULL) AND k.task_id = m.id
       AND ((k.key = 'queue:' || m.queue AND k.n = m.queue_token)
            OR (k.key = 'action:' || m.action AND k.n = m.action_token))
+), kfreed AS (
+    -- and its token of a per-key limit
+    UPDATE limit_key_tokens k SET task_id = NULL
+    FROM moved m
+    WHERE m.key_token IS NOT NULL AND k.task_id = m.id
+      AND k.key = 'key:' || m.action AND k.sub = m.limit_key AND k.n = m.key_token
 ), logged AS (
     INSERT INTO task_transitions (task_id, trigger, from_state, to_state, attempt, worker)
     SELECT id, 'complete', 'RUNNING', 'COMPLETED', attempt, worker FROM moved
@@ -368,7 +517,7 @@ WITH moved AS (
       AND t.attempt < t.max_attempts
     RETURNING t.id, t.attempt, t.worker, t.last_error,
               ($3::float8[])[array_position($1, t.id)] AS retry_in,
-              t.queue, t.action, t.queue_token, t.action_token
+              t.queue, t.action, t.queue_token, t.action_token, t.limit_key, t.key_token
 ), freed AS (
     -- its concurrency tokens come free (docs/scheduling.md), through the primary key
     UPDATE limit_tokens k SET task_id = NULL
@@ -376,6 +525,12 @@ WITH moved AS (
     WHERE (m.queue_token IS NOT NULL OR m.action_token IS NOT NULL) AND k.task_id = m.id
       AND ((k.key = 'queue:' || m.queue AND k.n = m.queue_token)
            OR (k.key = 'action:' || m.action AND k.n = m.action_token))
+), kfreed AS (
+    -- and its token of a per-key limit
+    UPDATE limit_key_tokens k SET task_id = NULL
+    FROM moved m
+    WHERE m.key_token IS NOT NULL AND k.task_id = m.id
+      AND k.key = 'key:' || m.action AND k.sub = m.limit_key AND k.n = m.key_token
 ), logged AS (
     INSERT INTO task_transitions (task_id, trigger, from_state, to_state, attempt, worker, detail)
     SELECT id, 'fail', 'RUNNING', 'FAILED', attempt, worker,
@@ -395,7 +550,8 @@ WITH moved AS (
     WHERE t.id = ANY($1::bigint[]) AND t.state = 'RUNNING'
       AND t.lease_token = ($2::uuid[])[array_position($1, t.id)]
       AND (t.attempt >= t.max_attempts OR ($4::boolean[])[array_position($1, t.id)])
-    RETURNING t.id, t.attempt, t.worker, t.last_error, t.queue, t.action, t.queue_token, t.action_token
+    RETURNING t.id, t.attempt, t.worker, t.last_error, t.queue, t.action, t.queue_token,
+              t.action_token, t.limit_key, t.key_token
 ), notified AS (
     -- wakes Client.wait(): the ids that finished, 300 a notification (payloads stay < 8000 bytes)
     SELECT count(pg_notify('tasklease_done', ids)) AS n FROM (
@@ -409,6 +565,12 @@ WITH moved AS (
     WHERE (m.queue_token IS NOT NULL OR m.action_token IS NOT NULL) AND k.task_id = m.id
       AND ((k.key = 'queue:' || m.queue AND k.n = m.queue_token)
            OR (k.key = 'action:' || m.action AND k.n = m.action_token))
+), kfreed AS (
+    -- and its token of a per-key limit
+    UPDATE limit_key_tokens k SET task_id = NULL
+    FROM moved m
+    WHERE m.key_token IS NOT NULL AND k.task_id = m.id
+      AND k.key = 'key:' || m.action AND k.sub = m.limit_key AND k.n = m.key_token
 ), logged AS (
     INSERT INTO task_transitions (task_id, trigger, from_state, to_state, attempt, worker, detail)
     SELECT id, 'bury', 'RUNNING', 'DEAD', attempt, worker, split_part(last_error, E'\n', 1)
@@ -423,7 +585,8 @@ WITH moved AS (
     UPDATE tasks SET state = 'PENDING', attempt = attempt - 1, lease_expires_at = NULL,
                      updated_at = now()
     WHERE id = $1 AND state = 'RUNNING' AND lease_token = $2
-    RETURNING id, attempt, worker, queue, action, queue_token, action_token
+    RETURNING id, attempt, worker, queue, action, queue_token, action_token,
+              limit_key, key_token
 ), freed AS (
     -- its concurrency tokens come free (docs/scheduling.md), through the primary key
     UPDATE limit_tokens k SET task_id = NULL
@@ -431,6 +594,12 @@ WITH moved AS (
     WHERE (m.queue_token IS NOT NULL OR m.action_token IS NOT NULL) AND k.task_id = m.id
       AND ((k.key = 'queue:' || m.queue AND k.n = m.queue_token)
            OR (k.key = 'action:' || m.action AND k.n = m.action_token))
+), kfreed AS (
+    -- and its token of a per-key limit
+    UPDATE limit_key_tokens k SET task_id = NULL
+    FROM moved m
+    WHERE m.key_token IS NOT NULL AND k.task_id = m.id
+      AND k.key = 'key:' || m.action AND k.sub = m.limit_key AND k.n = m.key_token
 ), logged AS (
     INSERT INTO task_transitions (task_id, trigger, from_state, to_state, attempt, worker, detail)
     SELECT id, 'release', 'RUNNING', 'PENDING', attempt, worker, 'worker shutting down'
@@ -445,7 +614,8 @@ WITH moved AS (
     UPDATE tasks SET state = 'PENDING', attempt = attempt - 1, lease_expires_at = NULL,
                      due_at = now() + make_interval(secs => $3), updated_at = now()
     WHERE id = $1 AND state = 'RUNNING' AND lease_token = $2
-    RETURNING id, attempt, worker, queue, action, queue_token, action_token
+    RETURNING id, attempt, worker, queue, action, queue_token, action_token,
+              limit_key, key_token
 ), freed AS (
     -- its concurrency tokens come free (docs/scheduling.md), through the primary key
     UPDATE limit_tokens k SET task_id = NULL
@@ -453,6 +623,12 @@ WITH moved AS (
     WHERE (m.queue_token IS NOT NULL OR m.action_token IS NOT NULL) AND k.task_id = m.id
       AND ((k.key = 'queue:' || m.queue AND k.n = m.queue_token)
            OR (k.key = 'action:' || m.action AND k.n = m.action_token))
+), kfreed AS (
+    -- and its token of a per-key limit
+    UPDATE limit_key_tokens k SET task_id = NULL
+    FROM moved m
+    WHERE m.key_token IS NOT NULL AND k.task_id = m.id
+      AND k.key = 'key:' || m.action AND k.sub = m.limit_key AND k.n = m.key_token
 ), logged AS (
     INSERT INTO task_transitions (task_id, trigger, from_state, to_state, attempt, worker, detail)
     SELECT id, 'snooze', 'RUNNING', 'PENDING', attempt, worker,
@@ -484,7 +660,8 @@ WITH moved AS (
     UPDATE tasks SET state = 'CANCELLED', lease_expires_at = NULL, updated_at = now()
     WHERE id = $1 AND state = 'RUNNING' AND lease_token = $2
       AND cancel_requested_at IS NOT NULL
-    RETURNING id, attempt, worker, queue, action, queue_token, action_token
+    RETURNING id, attempt, worker, queue, action, queue_token, action_token,
+              limit_key, key_token
 ), freed AS (
     -- its concurrency tokens come free (docs/scheduling.md), through the primary key
     UPDATE limit_tokens k SET task_id = NULL
@@ -492,6 +669,12 @@ WITH moved AS (
     WHERE (m.queue_token IS NOT NULL OR m.action_token IS NOT NULL) AND k.task_id = m.id
       AND ((k.key = 'queue:' || m.queue AND k.n = m.queue_token)
            OR (k.key = 'action:' || m.action AND k.n = m.action_token))
+), kfreed AS (
+    -- and its token of a per-key limit
+    UPDATE limit_key_tokens k SET task_id = NULL
+    FROM moved m
+    WHERE m.key_token IS NOT NULL AND k.task_id = m.id
+      AND k.key = 'key:' || m.action AND k.sub = m.limit_key AND k.n = m.key_token
 ), logged AS (
     INSERT INTO task_transitions (task_id, trigger, from_state, to_state, attempt, worker, detail)
     SELECT id, 'cancel_running', 'RUNNING', 'CANCELLED', attempt, worker,
@@ -933,19 +1116,22 @@ SELECT EXISTS (SELECT 1 FROM ui_sessions WHERE id = $1 AND expires_at > now());
 DELETE FROM ui_sessions WHERE id = $1;
 
 -- name: limit_set
--- Give global limit $1 ('queue:NAME', 'action:NAME' or 'rate:NAME') the value $2 (a rate:
--- per $3 seconds), declared by code ($4 true: an operator's value is left alone) or set by
--- an operator ($4 false). Adds its tokens up to the value and deletes the free ones above it
--- (those still held stay with their tasks, and are never taken again). Returns the limit,
--- or no row when a declaration met an operator's value.
+-- Give global limit $1 ('queue:NAME', 'action:NAME', 'rate:NAME' or 'key:NAME') the value $2
+-- (a rate: per $3 seconds; a key: per value of the payload field $5, NULL keeping the one
+-- stored), declared by code ($4 true: an operator's value is left alone) or set by an
+-- operator ($4 false). Adds its tokens up to the value and deletes the free ones above it
+-- (those still held stay with their tasks, and are never taken again); a key's tokens are
+-- made by the claim as each value needs them. Returns the limit, or no row when a
+-- declaration met an operator's value.
 WITH l AS (
-    INSERT INTO limits AS l (key, value, per_seconds, declared) VALUES ($1, $2, $3, $4)
+    INSERT INTO limits AS l (key, value, per_seconds, declared, by)
+    VALUES ($1, $2, $3, $4, coalesce($5, (SELECT by FROM limits WHERE key = $1)))
     ON CONFLICT (key) DO UPDATE
     SET value = excluded.value, per_seconds = excluded.per_seconds,
-        declared = excluded.declared,
-        updated_at = CASE WHEN (l.value, l.per_seconds, l.declared)
+        declared = excluded.declared, by = excluded.by,
+        updated_at = CASE WHEN (l.value, l.per_seconds, l.declared, l.by)
                                IS DISTINCT FROM (excluded.value, excluded.per_seconds,
-                                                 excluded.declared)
+                                                 excluded.declared, excluded.by)
                           THEN now() ELSE l.updated_at END
     WHERE NOT (excluded.declared AND NOT l.declared)
     RETURNING l.*
@@ -954,13 +1140,17 @@ WITH l AS (
     -- them (an index-only scan) and writes nothing
     INSERT INTO limit_tokens (key, n)
     SELECT l.key, generate_series(1, l.value) FROM l
-    WHERE (SELECT count(*) FROM limit_tokens t WHERE t.key = l.key AND t.n <= l.value) < l.value
+    WHERE l.key NOT LIKE 'key:%'
+      AND (SELECT count(*) FROM limit_tokens t WHERE t.key = l.key AND t.n <= l.value) < l.value
     ON CONFLICT DO NOTHING
 ), dropped AS (
     DELETE FROM limit_tokens t USING l
     WHERE t.key = l.key AND t.n > l.value AND t.task_id IS NULL
+), dropped_per_key AS (
+    DELETE FROM limit_key_tokens t USING l
+    WHERE l.key LIKE 'key:%' AND t.key = l.key AND t.n > l.value AND t.task_id IS NULL
 )
-SELECT key, value, per_seconds, declared, updated_at FROM l;
+SELECT key, value, per_seconds, declared, by, updated_at FROM l;
 
 -- name: limit_unset
 -- Remove the global limits in $1, those declared by code only if $2 (a worker whose code no
@@ -968,12 +1158,20 @@ SELECT key, value, per_seconds, declared, updated_at FROM l;
 DELETE FROM limits WHERE key = ANY($1::text[]) AND (declared OR NOT $2) RETURNING key;
 
 -- name: limit_list
--- Every global limit with what holds its tokens now: running tasks (concurrency) or starts
--- within the last period (rate).
-SELECT l.key, l.value, l.per_seconds, l.declared, l.updated_at,
-       count(t.n) FILTER (WHERE t.task_id IS NOT NULL OR t.free_at > now()) AS used
-FROM limits l LEFT JOIN limit_tokens t ON t.key = l.key
-GROUP BY l.key ORDER BY l.key;
+-- Every global limit with what holds its tokens now: running tasks (concurrency, per-key)
+-- or starts within the last period (rate); for a per-key limit, `keys`: how many values of
+-- its field have a task running.
+SELECT l.key, l.value, l.per_seconds, l.declared, l.by, l.updated_at,
+       CASE WHEN l.key LIKE 'key:%'
+            THEN (SELECT count(*) FROM limit_key_tokens k
+                  WHERE k.key = l.key AND k.task_id IS NOT NULL)
+            ELSE (SELECT count(*) FROM limit_tokens t
+                  WHERE t.key = l.key AND (t.task_id IS NOT NULL OR t.free_at > now()))
+       END AS used,
+       CASE WHEN l.key LIKE 'key:%'
+            THEN (SELECT count(DISTINCT k.sub) FROM limit_key_tokens k
+                  WHERE k.key = l.key AND k.task_id IS NOT NULL) END AS keys
+FROM limits l ORDER BY l.key;
 
 -- name: queue_pause
 -- Pause queue $1: claims in it start nothing until it is resumed. Returns when it was

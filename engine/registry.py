@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from tasklease.engine.fencing import Fence
 
 DEFAULT_LEASE_SECONDS = 120.0
+MAX_KEY_LIMIT = 1000  # per value of a field: a claim may read that many tokens of a value
 DEFAULT_MAX_ATTEMPTS = 5
 DEFAULT_BACKOFF: tuple[float, ...] = (60, 300, 900)
 BACKOFF_GROWTH = 3.0
@@ -191,6 +192,8 @@ class Handler:
     timeout: float | None = None
     global_limit: int | None = None
     rate_limit: tuple[int, float] | None = None
+    # global_limit is per value of this payload field (the limit key:ACTION), not over all
+    limit_by: str | None = None
 
     def lease(self, default: float) -> float:
         return self.lease_seconds if self.lease_seconds is not None else default
@@ -253,6 +256,7 @@ def handler(
     timeout: float | None = None,
     global_limit: int | None = None,
     rate_limit: str | tuple[int, float] | None = None,
+    limit_by: str | None = None,
     cron: str | None = None,
     every: float | None = None,
     timezone: str = "UTC",
@@ -268,6 +272,9 @@ def handler(
     `timeout`: seconds an attempt may run before it is stopped and counted as failed.
     `global_limit`: at most this many tasks of the action RUNNING at once, over all
     workers. `rate_limit`: at most N starts per period over all workers ("10/s").
+    `limit_by`: a payload field; `global_limit` then holds per value of it (at most that many
+    tasks of the action RUNNING at once per customer_id, say; tasks without the field share
+    one value), and no longer over all values: `limit_by="customer_id", global_limit=5`.
     `cron` or `every` (seconds) also schedules the action periodically, with an empty
     payload (see `engine.schedule` for more), in `timezone`; `missed` says what happens
     to times missed while no worker ran: "once" (run the latest of them once) or "skip".
@@ -282,6 +289,17 @@ def handler(
         raise HandlerError(f"{action}: timeout must be positive")
     if global_limit is not None and global_limit < 1:
         raise HandlerError(f"{action}: global_limit must be at least 1")
+    if limit_by is not None:
+        if not isinstance(limit_by, str) or not limit_by:
+            raise HandlerError(f"{action}: limit_by must name a payload field")
+        if global_limit is None:
+            raise HandlerError(
+                f"{action}: limit_by={limit_by!r} needs global_limit, the cap per value"
+            )
+        if global_limit > MAX_KEY_LIMIT:
+            raise HandlerError(
+                f"{action}: global_limit per {limit_by} must be at most {MAX_KEY_LIMIT}"
+            )
     rate = parse_rate(action, rate_limit)
     if cron is not None or every is not None:
         schedule(action, action, cron=cron, every=every, timezone=timezone, missed=missed)
@@ -292,10 +310,19 @@ def handler(
             raise HandlerError(
                 f"action {action!r} is already handled by {existing.__module__}.{existing.__name__}"
             )
+        payload_type = _payload_type(fn)
+        if (
+            limit_by is not None
+            and payload_type is not None
+            and limit_by not in _payload_fields(payload_type)
+        ):
+            raise HandlerError(
+                f"{action}: limit_by={limit_by!r} is not a field of {payload_type.__name__}"
+            )
         REGISTRY[action] = Handler(
             action=action,
             fn=fn,
-            payload_type=_payload_type(fn),
+            payload_type=payload_type,
             lease_seconds=lease_seconds,
             max_attempts=max_attempts,
             backoff=backoff,
@@ -304,6 +331,7 @@ def handler(
             timeout=timeout,
             global_limit=global_limit,
             rate_limit=rate,
+            limit_by=limit_by,
         )
         return fn
 
@@ -318,6 +346,11 @@ def _payload_type(fn: HandlerFn) -> type | None:
     if isinstance(hint, type) and issubclass(hint, msgspec.Struct):
         return hint
     return None
+
+
+def _payload_fields(payload_type: type) -> set[str]:
+    """The names a Struct's fields have in JSON (renamed ones by their JSON name)."""
+    return set(getattr(payload_type, "__struct_encode_fields__", ()))
 
 
 BUILTIN_PACKAGE = "tasklease.handlers"

@@ -20,7 +20,8 @@ import asyncpg
 import msgspec
 
 from tasklease.engine import database
-from tasklease.engine.queries import CLAIM, SQL
+from tasklease.engine.queries import CLAIM, CLAIM_KEYED, SQL
+from tasklease.engine.registry import MAX_KEY_LIMIT
 
 log = logging.getLogger("tasklease.store")
 # Store.wake sends at most one wake-up per this many seconds (the first at once).
@@ -127,18 +128,24 @@ class DependencyRefused(Exception):
 class Limit:
     """A global limit, the same for every worker (docs/scheduling.md): `key` is
     'queue:NAME' (tasks of the queue RUNNING at once), 'action:NAME' (tasks of the action
-    RUNNING at once) or 'rate:NAME' (starts of the action per `per_seconds`)."""
+    RUNNING at once), 'rate:NAME' (starts of the action per `per_seconds`) or 'key:NAME'
+    (tasks of the action RUNNING at once per value of its payload field `by`; None: the
+    field already stored for it)."""
 
     key: str
     value: int
     per_seconds: float | None = None
+    by: str | None = None
 
     def __post_init__(self) -> None:
         kind, _, name = self.key.partition(":")
-        if kind not in ("queue", "action", "rate") or not name:
-            raise InvalidLimit(f"limit {self.key!r}: a key is queue:NAME, action:NAME or rate:NAME")
-        if not 0 <= self.value <= MAX_LIMIT:
-            raise InvalidLimit(f"limit {self.key}: the value must be 0 to {MAX_LIMIT}")
+        if kind not in ("queue", "action", "rate", "key") or not name:
+            raise InvalidLimit(
+                f"limit {self.key!r}: a key is queue:NAME, action:NAME, rate:NAME or key:NAME"
+            )
+        top = MAX_KEY_LIMIT if kind == "key" else MAX_LIMIT
+        if not 0 <= self.value <= top:
+            raise InvalidLimit(f"limit {self.key}: the value must be 0 to {top}")
         if (kind == "rate") != (self.per_seconds is not None):
             raise InvalidLimit(
                 f"limit {self.key}: a rate takes per_seconds, a concurrency limit does not"
@@ -146,6 +153,11 @@ class Limit:
         if self.per_seconds is not None and not 0 < self.per_seconds <= MAX_PERIOD:
             raise InvalidLimit(
                 f"limit {self.key}: per_seconds must be above 0 and at most {MAX_PERIOD}"
+            )
+        if self.by is not None and (kind != "key" or not self.by):
+            raise InvalidLimit(
+                f"limit {self.key}: only a key:NAME limit takes a payload field (by), "
+                "and not an empty one"
             )
 
 
@@ -247,6 +259,10 @@ class Store:
         self._acquiring = 0  # fetch() calls waiting for a connection of the pool
         self._to_wake: set[str] = set()  # queues whose workers wake() is to wake
         self._waking: asyncio.Task[None] | None = None
+        # queues whose claims take per-key limits into account (task_claim_due_keyed): a
+        # claim without says 'keyed' when one of its actions has such a limit, the one with
+        # says 'plain' when none has any more
+        self.keyed_queues: set[str] = set()
 
     @classmethod
     async def connect(
@@ -432,14 +448,28 @@ class Store:
         """Lease up to `limit` tasks of `queue` (claim or reclaim), expire dead leases, and say
         when to look again. `leases`: lease seconds by action, the actions this worker runs.
         `aging_seconds`: how long a task may wait before it is taken ahead of higher
-        priorities (None: strict priority). Global limits are read by the claim itself."""
+        priorities (None: strict priority). Global limits are read by the claim itself.
+        A claim that finds it ran the wrong variant (with or without per-key limits) says to
+        look again at once (held, 0 s), and the next claim of the queue runs the other."""
         rows = await self.pool.fetch(
-            CLAIM, queue, list(leases), limit, worker, list(leases.values()), aging_seconds
+            CLAIM_KEYED if queue in self.keyed_queues else CLAIM,
+            queue,
+            list(leases),
+            limit,
+            worker,
+            list(leases.values()),
+            aging_seconds,
         )
         leased, expired, wait, held = [], [], None, False
         for r in rows:
             if r["trigger"] in ("wait", "held"):
                 wait, held = r["wait_seconds"], r["trigger"] == "held"
+            elif r["trigger"] in ("keyed", "plain"):
+                wait, held = 0.0, True
+                if r["trigger"] == "keyed":
+                    self.keyed_queues.add(queue)
+                else:
+                    self.keyed_queues.discard(queue)
             elif r["trigger"] == "expire":
                 expired.append(r["id"])
             else:
@@ -497,9 +527,17 @@ class Store:
     async def set_limit(self, limit: Limit, *, declared: bool) -> asyncpg.Record | None:
         """Give a global limit its value (declared by code: an operator's value stays).
         Returns the limit as stored, or None when nothing changed."""
-        return await self.pool.fetchrow(
-            SQL["limit_set"], limit.key, limit.value, limit.per_seconds, declared
-        )
+        try:
+            return await self.pool.fetchrow(
+                SQL["limit_set"], limit.key, limit.value, limit.per_seconds, declared, limit.by
+            )
+        except asyncpg.CheckViolationError as exc:
+            if exc.constraint_name == "limits_by_check":
+                raise InvalidLimit(
+                    f"limit {limit.key}: which payload field? none is stored for it: "
+                    "give one (by, --by FIELD)"
+                ) from None
+            raise
 
     async def unset_limits(self, keys: Sequence[str], *, declared_only: bool) -> list[str]:
         rows = await self.pool.fetch(SQL["limit_unset"], list(keys), declared_only)

@@ -251,10 +251,15 @@ class Worker:
         declared = [Limit(f"queue:{q}", n) for q, n in self.config.queue_limits.items()]
         undeclared = []
         for action, h in self.handlers.items():
-            if h.global_limit is None:
+            # with limit_by, global_limit is per value of the field: key:ACTION, not action:
+            if h.global_limit is None or h.limit_by is not None:
                 undeclared.append(f"action:{action}")
             else:
                 declared.append(Limit(f"action:{action}", h.global_limit))
+            if h.global_limit is None or h.limit_by is None:
+                undeclared.append(f"key:{action}")
+            else:
+                declared.append(Limit(f"key:{action}", h.global_limit, by=h.limit_by))
             if h.rate_limit is None:
                 undeclared.append(f"rate:{action}")
             else:
@@ -268,6 +273,7 @@ class Worker:
         for row in await self.store.limits():
             if row["key"] in mine:
                 per = f" per {row['per_seconds']:g}s" if row["per_seconds"] else ""
+                per += f" per value of {row['by']}" if row["by"] else ""
                 by = "" if row["declared"] else " (set by an operator)"
                 log.info("global limit %s = %d%s%s", row["key"], row["value"], per, by)
 

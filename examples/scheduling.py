@@ -34,6 +34,18 @@ async def build_report(ctx: TaskContext, payload: dict[str, Any]) -> dict[str, A
     return {"report": payload.get("name", "adhoc"), "attempt": ctx.attempt}
 
 
+class Invoice(msgspec.Struct):
+    customer_id: str
+    amount: int
+
+
+# Per-key limit: at most 5 invoices of one customer in flight at once, so that one customer's
+# month-end batch cannot take every slot from the others (limit key:send_invoice).
+@handler("send_invoice", limit_by="customer_id", global_limit=5)
+async def send_invoice(ctx: TaskContext, payload: Invoice) -> dict[str, Any]:
+    return {"customer_id": payload.customer_id, "amount": payload.amount}
+
+
 # Periodic, declared on the handler: every night at 03:00, Paris time, daylight saving and all.
 @handler("nightly_report", cron="0 3 * * *", timezone="Europe/Paris")
 async def nightly_report(ctx: TaskContext, payload: dict[str, Any]) -> dict[str, str | None]:

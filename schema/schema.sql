@@ -176,6 +176,14 @@ BEGIN
 END
 $$;
 
+CREATE TABLE public.limit_key_tokens (
+    key text NOT NULL,
+    sub text NOT NULL,
+    n integer NOT NULL,
+    task_id bigint
+)
+WITH (fillfactor='50');
+
 CREATE TABLE public.limit_tokens (
     key text NOT NULL,
     n integer NOT NULL,
@@ -190,8 +198,11 @@ CREATE TABLE public.limits (
     per_seconds double precision,
     declared boolean NOT NULL,
     updated_at timestamp with time zone DEFAULT now() NOT NULL,
+    by text,
+    CONSTRAINT limits_by_check CHECK ((((key ~~ 'key:%'::text) = (by IS NOT NULL)) AND (by <> ''::text))),
     CONSTRAINT limits_check CHECK (((key ~~ 'rate:%'::text) = (per_seconds IS NOT NULL))),
-    CONSTRAINT limits_key_check CHECK ((key ~ '^(queue|action|rate):.'::text)),
+    CONSTRAINT limits_key_check CHECK ((key ~ '^(queue|action|rate|key):.'::text)),
+    CONSTRAINT limits_key_value_check CHECK (((key !~~ 'key:%'::text) OR (value <= 1000))),
     CONSTRAINT limits_per_seconds_check CHECK (((per_seconds > (0)::double precision) AND (per_seconds <= ((366 * 86400))::double precision))),
     CONSTRAINT limits_value_check CHECK (((value >= 0) AND (value <= 100000)))
 );
@@ -295,6 +306,8 @@ CREATE TABLE public.tasks (
     dependencies integer DEFAULT 0 NOT NULL,
     dependants integer DEFAULT 0 NOT NULL,
     workflow_id bigint,
+    limit_key text,
+    key_token integer,
     CONSTRAINT tasks_action_check CHECK ((action <> ''::text)),
     CONSTRAINT tasks_check CHECK (((attempt >= 0) AND (attempt <= max_attempts))),
     CONSTRAINT tasks_check1 CHECK (((state = 'RUNNING'::public.task_state) = ((lease_expires_at IS NOT NULL) AND (lease_token IS NOT NULL)))),
@@ -337,6 +350,9 @@ ALTER TABLE public.workflows ALTER COLUMN id ADD GENERATED ALWAYS AS IDENTITY (
     NO MAXVALUE
     CACHE 1
 );
+
+ALTER TABLE ONLY public.limit_key_tokens
+    ADD CONSTRAINT limit_key_tokens_pkey PRIMARY KEY (key, sub, n);
 
 ALTER TABLE ONLY public.limit_tokens
     ADD CONSTRAINT limit_tokens_pkey PRIMARY KEY (key, n);
@@ -384,11 +400,16 @@ CREATE INDEX tasks_lease_expiry ON public.tasks USING btree (lease_expires_at) W
 
 CREATE INDEX tasks_queue_id ON public.tasks USING btree (queue, id);
 
+CREATE INDEX tasks_running_keyed ON public.tasks USING btree (action, limit_key) WHERE ((state = 'RUNNING'::public.task_state) AND (limit_key IS NOT NULL));
+
 CREATE INDEX tasks_state_id ON public.tasks USING btree (state, id) WHERE (state <> ALL (ARRAY['COMPLETED'::public.task_state, 'RUNNING'::public.task_state]));
 
 CREATE INDEX tasks_workflow ON public.tasks USING btree (workflow_id, id) WHERE (workflow_id IS NOT NULL);
 
 CREATE TRIGGER tasks_settle_dependants AFTER UPDATE OF state ON public.tasks FOR EACH ROW WHEN (((new.dependants > 0) AND (new.state IS DISTINCT FROM old.state) AND (new.state = ANY (ARRAY['COMPLETED'::public.task_state, 'DEAD'::public.task_state, 'CANCELLED'::public.task_state])))) EXECUTE FUNCTION public.tasklease_settle_dependants();
+
+ALTER TABLE ONLY public.limit_key_tokens
+    ADD CONSTRAINT limit_key_tokens_key_fkey FOREIGN KEY (key) REFERENCES public.limits(key) ON DELETE CASCADE;
 
 ALTER TABLE ONLY public.limit_tokens
     ADD CONSTRAINT limit_tokens_key_fkey FOREIGN KEY (key) REFERENCES public.limits(key) ON DELETE CASCADE;

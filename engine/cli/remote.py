@@ -278,7 +278,13 @@ def run(args: argparse.Namespace) -> int:
                 )
             if args.op == "set":
                 value, per = limit_value(args.key, args.value)
-                body = {"value": value} | ({"per_seconds": per} if per else {})
+                if args.by is not None and not args.key.startswith("key:"):
+                    raise ClientError(f"limit {args.key}: --by is for a key:NAME limit only")
+                body = (
+                    {"value": value}
+                    | ({"per_seconds": per} if per else {})
+                    | ({"by": args.by} if args.by is not None else {})
+                )
                 out = client.call("PUT", f"/limits/{args.key}", json=body)
                 text = f"limit {out['key']} = {_limit_text(out)}"
             elif args.op == "unset":
@@ -315,13 +321,16 @@ def limit_value(key: str, text: str) -> tuple[int, float | None]:
         )
     if key.startswith("rate:") != bool(unit):
         raise ClientError(
-            f"limit {key}: a rate: key takes a rate (10/s), a queue: or action: key a count (5)"
+            f"limit {key}: a rate: key takes a rate (10/s), a queue:, action: or key: key "
+            "a count (5)"
         )
     return int(count), RATE_UNITS[unit] if unit else None
 
 
 def _limit_text(limit: dict[str, Any]) -> str:
     per = limit["per_seconds"]
+    if limit.get("by"):
+        return f"{limit['value']} running per {limit['by']}"
     return str(limit["value"]) + (f" per {per:g}s" if per else " running")
 
 
@@ -413,13 +422,23 @@ def add_commands(sub: Any, state_choices: list[str]) -> None:
         parents=[common],
         help="global limits: list, set or unset",
         description="Global limits, the same for every worker, stored in the database. "
-        "KEY is queue:NAME or action:NAME (at most VALUE tasks running at once) or rate:NAME "
-        "(at most VALUE starts per period, e.g. 10/s, 600/min, 1000/h). A value set here "
+        "KEY is queue:NAME or action:NAME (at most VALUE tasks running at once), rate:NAME "
+        "(at most VALUE starts per period, e.g. 10/s, 600/min, 1000/h) or key:NAME (at most "
+        "VALUE tasks of the action running at once per value of a payload field, --by FIELD, "
+        "which a key: limit declared by code already has). A value set here "
         "stays until unset, whatever the workers' code declares; lowering a limit stops "
         "new starts beyond it, running tasks finish. "
         "Examples: tasklease limits set action:send_email 5; "
-        "tasklease limits set rate:send_email 10/s; tasklease limits unset queue:reports",
+        "tasklease limits set rate:send_email 10/s; "
+        "tasklease limits set key:send_email 2 --by customer_id; "
+        "tasklease limits unset queue:reports",
     )
     p.add_argument("op", nargs="?", choices=["set", "unset"], help="without: list them")
-    p.add_argument("key", nargs="?", help="queue:NAME, action:NAME or rate:NAME")
+    p.add_argument("key", nargs="?", help="queue:NAME, action:NAME, rate:NAME or key:NAME")
     p.add_argument("value", nargs="?", help="N, or for a rate N/s, N/min, N/h")
+    p.add_argument(
+        "--by",
+        metavar="FIELD",
+        help="key:NAME only: the payload field whose values each get the limit "
+        "(default: the one the limit has)",
+    )

@@ -10,7 +10,8 @@ Scenarios (each on a fresh database, created and dropped here):
            POST /tasks/batch with batches of B;
 - backlog: the drain again with 1,000,000 finished tasks (and their history) in the tables.
 - limits:  the drain with global limits set far above the load (a queue limit and an action's
-           global_limit; then a rate limit too), against the same drain without, in turns;
+           global_limit; then a rate limit too; then per-key limits over 100 customers, one
+           above the load and one near it), against the same drain without, in turns;
 - retention: 1,000,000 finished tasks older than the retention age, deleted by one round
            while a drain runs beside it: deleted tasks/s and the drain's tasks/s.
 """
@@ -143,13 +144,21 @@ class Database:
             await conn.close()
 
 
-async def _insert(dsn: str, n: int, action: str = "noop") -> float:
-    """Bulk insert n tasks through Store.submit_many; returns tasks/s."""
+async def _insert(
+    dsn: str, n: int, action: str = "noop", payload: Callable[[int], str] | None = None
+) -> float:
+    """Bulk insert n tasks through Store.submit_many (the i-th with `payload(i)`, else an
+    empty payload); returns tasks/s."""
     store = await Store.connect(dsn, min_size=1, max_size=1)
     try:
         began = time.perf_counter()
         for start in range(0, n, 5000):
-            await store.submit_many([NewTask(action, "{}") for _ in range(min(5000, n - start))])
+            await store.submit_many(
+                [
+                    NewTask(action, payload(i) if payload else "{}")
+                    for i in range(start, min(start + 5000, n))
+                ]
+            )
         rate = n / (time.perf_counter() - began)
         # What autovacuum would do soon after a bulk load: statistics for the planner.
         await store.pool.execute("ANALYZE tasks")
@@ -235,6 +244,7 @@ async def drain(
     beside: Callable[[str], Any] | None = None,
     limits: Sequence[Limit] = (),
     diamonds: bool = False,
+    payload: Callable[[int], str] | None = None,
 ) -> dict[str, float]:
     """`beside(dsn)`, if given, is started with the workers and awaited after the drain.
     `diamonds`: the tasks are inserted as diamonds of 4 (a -> [b, c] -> d), not alone.
@@ -247,14 +257,17 @@ async def drain(
                 say(f"  writing {backlog:,} finished tasks and their history")
                 await _backlog(conn, backlog)
             after_id = await conn.fetchval("SELECT coalesce(max(id), 0) FROM tasks")
-            insert = _insert_diamonds if diamonds else _insert
-            insert_rate = await insert(db.dsn, config.tasks, action)
+            if diamonds:
+                insert_rate = await _insert_diamonds(db.dsn, config.tasks, action)
+            else:
+                insert_rate = await _insert(db.dsn, config.tasks, action, payload)
             for limit in limits:
                 await conn.execute(
-                    SQL["limit_set"], limit.key, limit.value, limit.per_seconds, True
+                    SQL["limit_set"], limit.key, limit.value, limit.per_seconds, True, limit.by
                 )
             if limits:  # what autovacuum would do to the new tokens, done before the drain
                 await conn.execute("VACUUM ANALYZE limit_tokens")
+                await conn.execute("VACUUM ANALYZE limit_key_tokens")
             # Start both drains from a clean slate: no checkpoint still writing out the load.
             await conn.execute("CHECKPOINT")
             say(
@@ -304,11 +317,24 @@ async def drain(
 # and a drain starts about 20,000 a second. engine/tools/bench_limits.py declares these.
 ABOVE_ANY_LOAD = 10_000
 ABOVE_ANY_RATE = 100_000  # per second; the most a limit may be (engine.store.MAX_LIMIT)
+# Per-key limits over 100 customers (tasks dealt to them in turn): one that no customer
+# reaches (the most a per-key limit may be, engine.registry.MAX_KEY_LIMIT), and one a little
+# above the load (3 a customer, 300 for the 200 slots).
+PER_KEY_CUSTOMERS = 100
+PER_KEY_ABOVE_LOAD = 1000
+PER_KEY_NEAR_LOAD = 3
 BENCH_LIMITS = (
     Limit("action:bench_capped", ABOVE_ANY_LOAD),
     Limit("action:bench_rated", ABOVE_ANY_LOAD),
     Limit("rate:bench_rated", ABOVE_ANY_RATE, 1.0),
+    Limit("key:bench_per_key", PER_KEY_ABOVE_LOAD, by="customer"),
+    Limit("key:bench_per_key_near", PER_KEY_NEAR_LOAD, by="customer"),
 )
+
+
+def per_customer(i: int) -> str:
+    """The i-th task's payload in the per-key drains: customers in turn."""
+    return f'{{"customer": "c{i % PER_KEY_CUSTOMERS}"}}'
 
 
 async def limits(admin_dsn: str, config: BenchConfig, log_dir: Path, say: Say) -> dict[str, float]:
@@ -316,7 +342,8 @@ async def limits(admin_dsn: str, config: BenchConfig, log_dir: Path, say: Say) -
     touches all alike; medians of `limit_rounds` rounds each: no limited action anywhere;
     no-op tasks by workers that also run limited actions (none due); tasks of an action
     under a global limit above the load, in a queue under one too; the same with a rate
-    limit as well."""
+    limit as well; tasks of 100 customers under a per-key limit (per customer) above the
+    load, and under one a little above it."""
     with_limited = ("--handlers", "tasklease.engine.tools.bench_limits")
     queue_limit = (*with_limited, "--queue-limit", f"default={ABOVE_ANY_LOAD}")
     kinds: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -324,12 +351,16 @@ async def limits(admin_dsn: str, config: BenchConfig, log_dir: Path, say: Say) -
         "beside": ("noop", with_limited),
         "global": ("bench_capped", queue_limit),
         "global+rate": ("bench_rated", with_limited),
+        "per-key": ("bench_per_key", with_limited),
+        "per-key-near": ("bench_per_key_near", with_limited),
     }
     written: dict[str, Sequence[Limit]] = {
         "none": (),
         "beside": BENCH_LIMITS,
         "global": [*BENCH_LIMITS, Limit("queue:default", ABOVE_ANY_LOAD)],
         "global+rate": BENCH_LIMITS,
+        "per-key": BENCH_LIMITS,
+        "per-key-near": BENCH_LIMITS,
     }
     rounds: list[dict[str, dict[str, float]]] = []
     order = list(kinds)
@@ -346,6 +377,7 @@ async def limits(admin_dsn: str, config: BenchConfig, log_dir: Path, say: Say) -
                 action=action,
                 worker_args=args,
                 limits=written[kind],
+                payload=per_customer if kind.startswith("per-key") else None,
             )
             rounds[-1][kind] = d
             say(
@@ -581,6 +613,8 @@ async def run(admin_dsn: str, config: BenchConfig, log_dir: Path, say: Say) -> B
             "beside": "workers also running limited actions",
             "global": "an action and its queue under global limits above the load",
             "global+rate": "an action under global and rate limits above the load",
+            "per-key": "100 customers under a per-key limit above the load",
+            "per-key-near": "100 customers under a per-key limit of 3 (200 slots)",
         }
         for kind, what in named.items():
             f[f"  {what}: tasks/s (% of the same round's)"] = lim[f"{kind}_vs_none_pct"]

@@ -590,7 +590,11 @@ async def test_limits_are_set_listed_and_removed_over_the_api_and_the_cli(
     }
     assert await conn.fetchval("SELECT count(*) FROM limit_tokens") == 3
     for key, body, problem in (
-        ("noop", {"value": 1}, "a key is queue:NAME, action:NAME or rate:NAME"),
+        ("noop", {"value": 1}, "a key is queue:NAME, action:NAME, rate:NAME or key:NAME"),
+        ("key:noop", {"value": 1}, "which payload field? none is stored for it"),
+        ("key:noop", {"value": 1001, "by": "customer"}, "must be 0 to 1000"),
+        ("key:noop", {"value": 1, "by": ""}, "by"),
+        ("action:noop", {"value": 1, "by": "customer"}, "only a key:NAME limit takes"),
         ("rate:noop", {"value": 1}, "a rate takes per_seconds"),
         ("action:noop", {"value": -1}, "value"),
         ("action:noop", {"value": "3"}, "value"),
@@ -609,6 +613,15 @@ async def test_limits_are_set_listed_and_removed_over_the_api_and_the_cli(
     wrong = cli("limits", "set", "rate:noop", "10", url=api)
     assert wrong.returncode == 1 and "a rate: key takes a rate" in wrong.stderr
     assert cli("limits", "unset", "rate:noop", url=api).returncode == 0
+    # a per-key limit: the field once, then the value alone
+    done = cli("limits", "set", "key:noop", "2", "--by", "customer", url=api)
+    assert done.returncode == 0 and "key:noop = 2 running per customer" in done.stdout, done
+    r = await http.put("/limits/key:noop", json={"value": 4})
+    assert r.status_code == 200 and (r.json()["by"], r.json()["value"]) == ("customer", 4)
+    assert r.json()["keys"] == 0
+    wrong = cli("limits", "set", "action:noop", "2", "--by", "customer", url=api)
+    assert wrong.returncode == 1 and "--by is for a key:NAME limit only" in wrong.stderr
+    assert (await http.delete("/limits/key:noop")).status_code == 200
     assert (await http.delete("/limits/action:noop")).status_code == 200
     gone = await http.delete("/limits/action:noop")
     assert gone.status_code == 404 and "no limit action:noop" in gone.text

@@ -35,6 +35,8 @@ async def test_bench_runs_every_scenario(admin_dsn: str, tmp_path: Path) -> None
         "drain, no limited action (tasks/s, median)",
         "  an action and its queue under global limits above the load: tasks/s "
         "(% of the same round's)",
+        "  100 customers under a per-key limit above the load: tasks/s (% of the same round's)",
+        "  100 customers under a per-key limit of 3 (200 slots): tasks/s (% of the same round's)",
     ):
         assert f[key] > 0, key
     assert f["start lag p50 (ms)"] <= f["start lag p99 (ms)"] <= f["start lag max (ms)"]

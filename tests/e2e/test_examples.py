@@ -27,18 +27,24 @@ async def test_the_scheduling_examples_run(procs: Procs, conn: asyncpg.Connectio
                 {"action": "send_email", "payload": {"to": "ada@example.com"}},
                 {"action": "build_report", "payload": {"name": "q3"}, "timeout_seconds": 30},
                 {"action": "wait_for_export", "payload": {"ready_at": ready_at}},
+                {"action": "send_invoice", "payload": {"customer_id": "c1", "amount": 10}},
             )
         ]
-        assert [t["state"] for t in submitted] == ["PENDING"] * 3, submitted
+        assert [t["state"] for t in submitted] == ["PENDING"] * 4, submitted
 
         async def all_done() -> bool:
             states = [(await http.get(f"/tasks/{t['id']}")).json()["state"] for t in submitted]
-            return states == ["COMPLETED"] * 3
+            return states == ["COMPLETED"] * 4
 
         await wait_until(all_done, "the example tasks to complete")
         export = (await http.get(f"/tasks/{submitted[2]['id']}/transitions")).json()
         assert "snooze" in [h["trigger"] for h in export]
         schedules = {s["name"]: s for s in (await http.get("/schedules")).json()}
+        limits = {lim["key"]: lim for lim in (await http.get("/limits")).json()}
+    assert (limits["key:send_invoice"]["value"], limits["key:send_invoice"]["by"]) == (
+        5,
+        "customer_id",
+    )
     assert set(schedules) == {"nightly_report", "status-ping"}
     nightly = schedules["nightly_report"]
     assert (nightly["cron"], nightly["timezone"], nightly["missed"]) == (

@@ -75,6 +75,35 @@ async def test_global_limit_is_never_exceeded_across_workers(
     await assert_completed_once(conn)
 
 
+async def test_a_per_key_limit_holds_per_customer_across_workers_and_a_flood_blocks_no_one(
+    procs: Procs, store: Store, conn: asyncpg.Connection
+) -> None:
+    """test_per_customer: at most 2 running per customer (limit_by="customer"). Three workers
+    of concurrency 4 (12 slots): a flood of 30 tasks of one customer, then 6 of each of three
+    others, submitted after it. Per customer, never more than 2 at once, over all workers;
+    and the flood holds back no one: every other customer's first run starts before the
+    flood's third (its first two hold its 2 tokens; the others take free slots at once)."""
+    await start_workers(procs, conn, 3, "--concurrency", "4")
+    customers = ["flood"] * 30 + ["b", "c", "d"] * 6
+    await store.submit_many(
+        [NewTask("test_per_customer", f'{{"customer": "{c}", "seconds": 0.5}}') for c in customers]
+    )
+    n = len(customers)
+    await wait_until(lambda: all_completed(conn, "test_per_customer", n), f"{n} tasks", 90)
+    rows = await conn.fetch("""
+        SELECT t.payload ->> 'customer' AS customer, e.at, e.finished_at, e.worker
+        FROM executions e JOIN tasks t ON t.id = e.task_id
+        WHERE t.action = 'test_per_customer'""")
+    assert len(rows) == n
+    for customer in set(customers):
+        assert peak([r for r in rows if r["customer"] == customer]) == 2, customer
+    assert len({r["worker"] for r in rows}) >= 2, "the limit was only tested inside one process"
+    flood_third = sorted(r["at"] for r in rows if r["customer"] == "flood")[2]
+    for customer in "bcd":
+        assert min(r["at"] for r in rows if r["customer"] == customer) < flood_third, customer
+    await assert_completed_once(conn)
+
+
 async def test_a_wide_global_limit_is_never_exceeded_and_is_used_whole(
     procs: Procs, store: Store, conn: asyncpg.Connection
 ) -> None:

@@ -19,12 +19,14 @@ from tests.support.db import expire_lease, submit
 ACTIONS = {"noop": 30.0, "test_sleep": 30.0}
 
 
-async def claim(conn: asyncpg.Connection | Store, k: int, worker: str = "w") -> list[Any]:
+async def claim(
+    conn: asyncpg.Connection | Store, k: int, worker: str = "w", statement: str = CLAIM
+) -> list[Any]:
     """One claim of up to k tasks: its rows (the last says 'wait' or 'held')."""
     args = ("default", list(ACTIONS), k, worker, list(ACTIONS.values()), None)
     if isinstance(conn, Store):
-        return list(await conn.pool.fetch(CLAIM, *args))
-    return list(await conn.fetch(CLAIM, *args))
+        return list(await conn.pool.fetch(statement, *args))
+    return list(await conn.fetch(statement, *args))
 
 
 def started(rows: list[Any]) -> list[tuple[int, uuid.UUID]]:
@@ -267,19 +269,23 @@ async def test_a_declared_value_yields_to_an_operators(
 
 
 @pytest.mark.parametrize(
-    "key, value, per, problem",
+    "key, value, per, by, problem",
     [
-        ("noop", 1, None, "a key is queue:NAME, action:NAME or rate:NAME"),
-        ("action:", 1, None, "a key is"),
-        ("action:x", -1, None, "must be 0 to 100000"),
-        ("rate:x", 1, None, "a rate takes per_seconds"),
-        ("action:x", 1, 1.0, "a rate takes per_seconds"),
-        ("rate:x", 1, 0.0, "per_seconds must be above 0"),
-        ("rate:x", 1, 1e300, "at most 31622400"),
+        ("noop", 1, None, None, "a key is queue:NAME, action:NAME, rate:NAME or key:NAME"),
+        ("action:", 1, None, None, "a key is"),
+        ("action:x", -1, None, None, "must be 0 to 100000"),
+        ("rate:x", 1, None, None, "a rate takes per_seconds"),
+        ("action:x", 1, 1.0, None, "a rate takes per_seconds"),
+        ("rate:x", 1, 0.0, None, "per_seconds must be above 0"),
+        ("rate:x", 1, 1e300, None, "at most 31622400"),
+        ("key:x", 1001, None, "customer", "must be 0 to 1000"),
+        ("key:x", 1, 1.0, "customer", "a rate takes per_seconds"),
+        ("key:x", 1, None, "", "not an empty one"),
+        ("action:x", 1, None, "customer", "only a key:NAME limit takes a payload field"),
     ],
 )
 def test_a_limit_that_cannot_be_is_named(
-    key: str, value: int, per: float | None, problem: str
+    key: str, value: int, per: float | None, by: str | None, problem: str
 ) -> None:
     with pytest.raises(InvalidLimit, match=problem):
-        Limit(key, value, per)
+        Limit(key, value, per, by)

@@ -8,7 +8,7 @@ import asyncpg
 import msgspec
 import pytest
 
-from tasklease.engine.queries import CLAIM, SQL
+from tasklease.engine.queries import CLAIM, CLAIM_KEYED, SQL
 from tasklease.engine.store import FIRST_PAGE, LIST_FILTERS
 from tests.support.db import LEASES
 
@@ -23,6 +23,8 @@ ALLOWED_INDEXES = {
     "limit_tokens_pkey",
     "limit_tokens_rate",
     "queue_pauses_pkey",
+    "limit_key_tokens_pkey",
+    "tasks_running_keyed",
 }
 
 
@@ -31,14 +33,14 @@ def nodes(plan: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 async def claim_plan(
-    conn: asyncpg.Connection, plan_mode: str, args: tuple[Any, ...]
+    conn: asyncpg.Connection, plan_mode: str, args: tuple[Any, ...], claim: str = CLAIM
 ) -> list[dict[str, Any]]:
     """The claim's plan, run (and rolled back)."""
     await conn.execute(f"SET plan_cache_mode = {plan_mode}")
     tr = conn.transaction()
     await tr.start()
     try:
-        raw = await conn.fetchval("EXPLAIN (ANALYZE, FORMAT JSON) " + CLAIM, *args)
+        raw = await conn.fetchval("EXPLAIN (ANALYZE, FORMAT JSON) " + claim, *args)
     finally:
         await tr.rollback()
     plan = nodes(msgspec.json.decode(raw)[0]["Plan"])
@@ -74,7 +76,7 @@ async def set_limits(conn: asyncpg.Connection, with_limits: bool) -> None:
         keys = ["queue:default", *(f"{p}:{a}" for a in LEASES for p in ("action", "rate"))]
         for key in keys:
             per = 1.0 if key.startswith("rate:") else None
-            await conn.execute(SQL["limit_set"], key, 10_000, per, True)
+            await conn.execute(SQL["limit_set"], key, 10_000, per, True, None)
         # half of every concurrency limit held (by tasks that do not exist), half of every
         # rate's tokens taken a moment ago, one token in two as claims that start anywhere
         # leave them: the claim reads few of them
@@ -114,16 +116,43 @@ async def test_claim_never_scans_finished_or_future_tasks(
 
 @RULES
 @pytest.mark.parametrize("plan_mode", ["auto", "force_generic_plan"])
+@pytest.mark.parametrize("claim", [CLAIM, CLAIM_KEYED], ids=["claim", "claim-keyed"])
 async def test_claim_from_a_backlog_reads_one_batch(
-    conn: asyncpg.Connection, plan_mode: str, with_limits: bool
+    conn: asyncpg.Connection, plan_mode: str, with_limits: bool, claim: str
 ) -> None:
-    """20,000 tasks due: the claim walks the order index and stops after its 10."""
+    """20,000 tasks due: the claim (either variant) walks the order index and stops after
+    its 10."""
     await set_limits(conn, with_limits)
     await conn.execute("""
         INSERT INTO tasks (action, payload, priority)
         SELECT 'noop', '{}', g % 3 FROM generate_series(1, 20000) g;
         ANALYZE tasks;""")
-    assert rows_read(await claim_plan(conn, plan_mode, ARGS)) <= 10
+    assert rows_read(await claim_plan(conn, plan_mode, ARGS, claim)) <= 10
+
+
+@pytest.mark.parametrize("plan_mode", ["auto", "force_generic_plan"])
+async def test_claim_under_a_per_key_limit_reads_past_full_values_only(
+    conn: asyncpg.Connection, plan_mode: str
+) -> None:
+    """20,000 tasks due from 100 customers, one in two at its cap of 2: the claim reads the
+    100 RUNNING tasks of the action by value, and walks the order index past the tasks of
+    the full values (one in two) to its 10; it reads the tokens of the values it starts."""
+    await conn.execute(SQL["limit_set"], "key:noop", 2, None, True, "customer")
+    await conn.execute("""
+        INSERT INTO tasks (action, payload, state, attempt, lease_expires_at, lease_token,
+                           worker, limit_key)
+        SELECT 'noop', jsonb_build_object('customer', 'c' || (g % 50) * 2), 'RUNNING', 1,
+               now() + interval '1 hour', gen_random_uuid(), 'w', 'c' || (g % 50) * 2
+        FROM generate_series(1, 100) g;
+        INSERT INTO tasks (action, payload)
+        SELECT 'noop', jsonb_build_object('customer', 'c' || g % 100)
+        FROM generate_series(1, 20000) g;
+        ANALYZE tasks;""")
+    plan = await claim_plan(conn, plan_mode, ARGS, CLAIM_KEYED)
+    assert rows_read(plan) <= 30
+    assert rows_read(plan, ("tasks_running_keyed",)) <= 100
+    rows = await conn.fetch(CLAIM_KEYED, *ARGS)
+    assert [r["trigger"] for r in rows] == ["claim"] * 10 + ["held"]
 
 
 @pytest.mark.parametrize(

@@ -9,6 +9,7 @@ import pytest
 
 from tasklease import schema
 from tasklease.engine.database import with_database
+from tasklease.engine.queries import SQL
 from tasklease.engine.states import TRIGGERS, TaskState
 from tests.conftest import create_database, drop_database
 from tests.support.db import connect_db
@@ -221,5 +222,22 @@ async def test_0012_downgrades_to_0011_and_upgrades_again(db: str) -> None:
             await conn.execute("UPDATE tasks SET state = 'RUNNING' WHERE id = $1", task_id)
         assert await schema.upgrade(db) == schema.head()
         assert await conn.fetchval("SELECT 'WAITING'::task_state::text") == "WAITING"
+    finally:
+        await conn.close()
+
+
+async def test_0013_downgrades_to_0012_and_upgrades_again(db: str) -> None:
+    """0013 adds per-key limits (limits.by, limit_key_tokens, tasks.limit_key/key_token);
+    its downgrade removes them with the key: limits, and leaves the other limits."""
+    conn = await asyncpg.connect(db)
+    try:
+        await conn.execute(SQL["limit_set"], "action:noop", 3, None, True, None)
+        await conn.execute(SQL["limit_set"], "key:noop", 2, None, True, "customer")
+        assert await schema.downgrade(db, "0012") == "0012"
+        assert await conn.fetchval("SELECT to_regclass('limit_key_tokens')") is None
+        assert [r["key"] for r in await conn.fetch("SELECT key FROM limits")] == ["action:noop"]
+        assert await schema.upgrade(db) == schema.head()
+        await conn.execute(SQL["limit_set"], "key:noop", 2, None, True, "customer")
+        assert await conn.fetchval("SELECT count(*) FROM limits") == 2
     finally:
         await conn.close()

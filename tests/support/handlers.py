@@ -184,6 +184,17 @@ async def limited(ctx: TaskContext, payload: Sleep) -> None:
     await run_timed(ctx, payload.seconds)
 
 
+class PerCustomer(msgspec.Struct):
+    customer: str
+    seconds: float = 0.0
+
+
+@handler("test_per_customer", limit_by="customer", global_limit=2, lease_seconds=5)
+async def per_customer(ctx: TaskContext, payload: PerCustomer) -> None:
+    """At most 2 running at once per customer over all workers."""
+    await run_timed(ctx, payload.seconds)
+
+
 @handler("test_wide_limited", global_limit=256, lease_seconds=5)
 async def wide_limited(ctx: TaskContext, payload: Sleep) -> None:
     """At most 256 running at once over all workers: more than any one claim takes."""

@@ -1,7 +1,7 @@
 import re
 from pathlib import Path
 
-from tasklease.engine.queries import CLAIM, QUERIES, load
+from tasklease.engine.queries import CLAIM, CLAIM_KEYED, QUERIES, load, variant
 from tasklease.engine.states import SUBMIT, TRANSITIONS, TaskState
 
 
@@ -61,12 +61,31 @@ def test_loader_splits_on_names() -> None:
 
 
 def test_the_claim_is_one_statement_with_its_six_parameters() -> None:
-    assert {int(n) for n in re.findall(r"\$(\d+)", CLAIM)} == set(range(1, 7))
+    for claim in (CLAIM, CLAIM_KEYED):
+        assert {int(n) for n in re.findall(r"\$(\d+)", claim)} == set(range(1, 7))
+        assert "--+" not in claim
+
+
+def test_a_statement_in_two_variants() -> None:
+    sql = "a\n--+ keyed {\nb\nc\n--+ }\nd  --+ plain\ne  --+ keyed\nf"
+    assert variant(sql, "plain") == "a\nd\nf"
+    assert variant(sql, "keyed") == "a\nb\nc\ne\nf"
+    qs = load(f"-- name: q\n-- doc\n{sql};\n")
+    assert (qs["q"].sql, qs["q_keyed"].sql) == ("a\nd\nf", "a\nb\nc\ne\nf")
+
+
+def test_only_the_claim_with_per_key_limits_reads_them() -> None:
+    """The claim a queue without per-key limits runs touches none of their tables."""
+    for table in ("limit_key_tokens", "tasks_running_keyed", "full_keys", "kwants"):
+        assert table in CLAIM_KEYED
+    assert "kwants" not in CLAIM and "full_keys" not in CLAIM
+    # but it frees the token of a task that expires on its last attempt
+    assert "UPDATE limit_key_tokens k SET task_id = NULL" in CLAIM
 
 
 def test_every_statement_that_ends_a_running_task_gives_its_tokens_back() -> None:
-    """Its concurrency tokens are held while a task is RUNNING: whatever moves it out of
-    RUNNING frees them in the same statement (docs/scheduling.md)."""
+    """Its concurrency tokens (and per-key token) are held while a task is RUNNING: whatever
+    moves it out of RUNNING frees them in the same statement (docs/scheduling.md)."""
     leaving = {
         t.trigger
         for t in TRANSITIONS
@@ -78,3 +97,5 @@ def test_every_statement_that_ends_a_running_task_gives_its_tokens_back() -> Non
         assert writers, trigger
         for q in writers:
             assert "UPDATE limit_tokens k SET task_id = NULL" in q.sql, (trigger, q.name)
+            # and the token of its value under a per-key limit
+            assert "UPDATE limit_key_tokens k SET task_id = NULL" in q.sql, (trigger, q.name)
