@@ -28,7 +28,7 @@ from tests.integration.test_limits import (
     started,
 )
 from tests.integration.test_limits import claim as claim_plain
-from tests.support.db import expire_lease, submit, wait_until
+from tests.support.db import connect_db, expire_lease, submit, wait_until
 from tests.support.workers import HANDLERS, Running
 
 
@@ -121,7 +121,7 @@ async def test_claimers_in_open_transactions_share_a_value_without_waiting(
     first = started(await claim(conn, 3))  # makes the value's 3 tokens
     for task, token in first:
         assert await store.complete(task, token, "null")
-    other = await asyncpg.connect(db)
+    other = await connect_db(db)
     try:
         async with conn.transaction(), other.transaction():
             a = started(await claim(conn, 2, "a"))
@@ -143,7 +143,7 @@ async def test_concurrent_claims_and_exits_never_exceed_a_cap(
     customers = [f"c{i}" for i in range(5)]
     for i in range(300):
         await submit(store, "noop", of(customers[i % 5]))
-    conns = [await asyncpg.connect(db) for _ in range(8)]
+    conns = [await connect_db(db) for _ in range(8)]
     worst: Counter[str] = Counter()
     rng = random.Random(16)
 
