@@ -364,8 +364,9 @@ class Executor:
         match decision:
             case Complete(result_json):
                 trigger = "complete"
+                kind = "settle" if ex.claimed.dependants else trigger
                 try:
-                    done = await self.outcomes.put(trigger, (task_id, token, result_json))
+                    done = await self.outcomes.put(kind, (task_id, token, result_json))
                 except Exception as exc:
                     error = storable(f"result cannot be stored: {describe(exc)}")
                     return await self._record(ex, Bury(error, permanent=True))

@@ -140,6 +140,8 @@ class Outcomes:
         self.written = written  # called after a write that moved tasks out of RUNNING
         self.writers: dict[str, Callable[[Sequence[Any]], Awaitable[set[int]]]] = {
             "complete": store.complete_many,
+            # completions of tasks with dependants, which this statement settles (workflows)
+            "settle": lambda items: store.complete_many(items, settle=True),
             "fail": store.fail_many,
             "bury": store.bury_many,
         }

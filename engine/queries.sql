@@ -391,16 +391,16 @@ WITH lease AS (
     FROM dead WHERE pg_notify('tasklease_done', id::text) IS NOT NULL
 )
 SELECT 'claim' AS trigger, from_state, id, action, queue, payload, attempt, max_attempts,
-       lease_token, idempotency_key, lease_for, timeout_seconds, dependencies,
+       lease_token, idempotency_key, lease_for, timeout_seconds, dependencies, dependants,
        NULL::float8 AS wait_seconds
 FROM claimed
 UNION ALL
 SELECT 'reclaim', 'RUNNING', id, action, queue, payload, attempt, max_attempts,
-       lease_token, idempotency_key, lease_for, timeout_seconds, dependencies, NULL
+       lease_token, idempotency_key, lease_for, timeout_seconds, dependencies, dependants, NULL
 FROM reclaimed
 UNION ALL
 SELECT 'expire', 'RUNNING', id, NULL, NULL, NULL, attempt, NULL, NULL, NULL, NULL, NULL, NULL,
-       NULL
+       NULL, NULL
 FROM dead
 UNION ALL
 -- 'keyed': some action here has a per-key limit, which this variant steps over ('plain': none
@@ -411,7 +411,7 @@ SELECT CASE
             WHEN (SELECT retry_in FROM held_back) IS NULL
                  AND (SELECT retry_in FROM key_held) IS NULL  --+ keyed
             THEN 'wait' ELSE 'held' END,
-       NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
+       NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
        -- paused: no time to look again (resuming wakes the workers)
        CASE WHEN NOT (SELECT yes FROM paused)
             THEN least(extract(epoch FROM at - now())::float8,
@@ -438,7 +438,47 @@ RETURNING t.id, t.cancel_requested_at IS NOT NULL AS cancel_requested;
 -- name: task_complete_many_if_leased
 -- RUNNING -> COMPLETED for each (id $1[i], token $2[i], result $3[i]) whose token still
 -- holds the lease; returns the ids that moved. One statement for a whole batch.
--- Workflows (docs/workflows.md): the dependants' edges this statement sees are settled here,
+-- A task with dependants (docs/workflows.md) has them settled by the trigger
+-- tasks_settle_dependants; a worker completes such tasks with
+-- task_complete_settling_many_if_leased, which settles them set-based, for the whole batch.
+WITH moved AS (
+    UPDATE tasks t
+    SET state = 'COMPLETED', result = ($3::text[])[array_position($1, t.id)]::jsonb,
+        lease_expires_at = NULL, updated_at = now()
+    WHERE t.id = ANY($1::bigint[]) AND t.state = 'RUNNING'
+      AND t.lease_token = ($2::uuid[])[array_position($1, t.id)]
+    RETURNING t.id, t.attempt, t.worker, t.queue, t.action, t.queue_token, t.action_token,
+              t.limit_key, t.key_token
+), notified AS (
+    -- wakes Client.wait(): the ids that finished, 300 a notification (payloads stay < 8000 bytes)
+    SELECT count(pg_notify('tasklease_done', ids)) AS n FROM (
+        SELECT string_agg(id::text, ',') AS ids
+        FROM (SELECT id, (row_number() OVER ()) / 300 AS chunk FROM moved) AS m GROUP BY chunk
+    ) AS c
+), freed AS (
+    -- its concurrency tokens come free (docs/scheduling.md), through the primary key
+    UPDATE limit_tokens k SET task_id = NULL
+    FROM moved m
+    WHERE (m.queue_token IS NOT NULL OR m.action_token IS NOT NULL) AND k.task_id = m.id
+      AND ((k.key = 'queue:' || m.queue AND k.n = m.queue_token)
+           OR (k.key = 'action:' || m.action AND k.n = m.action_token))
+), kfreed AS (
+    -- and its token of a per-key limit
+    UPDATE limit_key_tokens k SET task_id = NULL
+    FROM moved m
+    WHERE m.key_token IS NOT NULL AND k.task_id = m.id
+      AND k.key = 'key:' || m.action AND k.sub = m.limit_key AND k.n = m.key_token
+), logged AS (
+    INSERT INTO task_transitions (task_id, trigger, from_state, to_state, attempt, worker)
+    SELECT id, 'complete', 'RUNNING', 'COMPLETED', attempt, worker FROM moved
+    WHERE (SELECT n FROM notified) IS NOT NULL
+)
+SELECT id FROM moved;
+
+-- name: task_complete_settling_many_if_leased
+-- RUNNING -> COMPLETED for each (id $1[i], token $2[i], result $3[i]) whose token still
+-- holds the lease, as task_complete_many_if_leased, for a batch that holds a task with
+-- dependants (the worker knows from its claim). Workflows (docs/workflows.md): the dependants' edges this statement sees are settled here,
 -- for the whole batch at once (settled, woken, readied: WAITING -> PENDING when the last
 -- settles); `dependants` keeps the count of those it does not see (submitted while it waited
 -- for the row's lock), for which the trigger tasks_settle_dependants fires. Without edges,

@@ -62,6 +62,7 @@ class Claimed:
     lease_seconds: float  # the task's own, else its action's
     timeout_seconds: float | None  # the task's own (the action's applies when None)
     dependencies: int  # how many tasks it waited for (docs/workflows.md)
+    dependants: int  # how many wait for it: its completion settles them (complete_many)
     # the columns of task_claim_due, in order, before wait_seconds
 
 
@@ -473,7 +474,7 @@ class Store:
             elif r["trigger"] == "expire":
                 expired.append(r["id"])
             else:
-                leased.append(Claimed(*r[:13]))
+                leased.append(Claimed(*r[:14]))
         return Claim(leased, expired, wait, held)
 
     async def heartbeat(
@@ -483,9 +484,17 @@ class Store:
             SQL["task_heartbeat_if_leased"], task_id, token, lease_seconds
         )
 
-    async def complete_many(self, items: Sequence[tuple[int, uuid.UUID, str]]) -> set[int]:
-        """(id, token, result JSON) each: the ids that moved to COMPLETED."""
-        return await self._moved_many("task_complete_many_if_leased", items, 3)
+    async def complete_many(
+        self, items: Sequence[tuple[int, uuid.UUID, str]], *, settle: bool = False
+    ) -> set[int]:
+        """(id, token, result JSON) each: the ids that moved to COMPLETED. `settle`: some of
+        them have dependants, settled by this statement for the batch (else by the trigger
+        tasks_settle_dependants, one call per task: docs/workflows.md)."""
+        name = "task_complete_settling_many_if_leased" if settle else "task_complete_many_if_leased"
+        return await self._moved_many(name, items, 3)
+
+    async def complete_settling_many(self, items: Sequence[tuple[int, uuid.UUID, str]]) -> set[int]:
+        return await self.complete_many(items, settle=True)
 
     async def fail_many(self, items: Sequence[tuple[int, uuid.UUID, float, str]]) -> set[int]:
         """(id, token, retry in seconds, error) each: the ids that moved to FAILED."""

@@ -448,8 +448,9 @@ async def _blocked_on_a_lock(conn: asyncpg.Connection) -> bool:
     return bool(waiting)
 
 
+@pytest.mark.parametrize("settle", [False, True], ids=["by-trigger", "settling-statement"])
 async def test_a_completion_that_waited_for_a_submissions_lock_sees_its_dependant(
-    client: Client, store: Store, conn: asyncpg.Connection, db: str
+    client: Client, store: Store, conn: asyncpg.Connection, db: str, settle: bool
 ) -> None:
     """The submission counts itself on the dependency's row (its lock) and commits while the
     completion waits for that lock: the trigger's fresh snapshot sees the new edge."""
@@ -461,18 +462,21 @@ async def test_a_completion_that_waited_for_a_submissions_lock_sees_its_dependan
         await tx.start()
         waiting = await client.submit("noop", {}, depends_on=[dep.id], connection=mine)
         assert waiting.state is S.WAITING
-        completing = asyncio.ensure_future(store.complete(dep.id, leased[dep.id], "1"))
+        completing = asyncio.ensure_future(
+            store.complete_many([(dep.id, leased[dep.id], "1")], settle=settle)
+        )
         await wait_until(lambda: _blocked_on_a_lock(conn), "the completion to wait for the lock")
         await tx.commit()
-        assert await completing
+        assert await completing == {dep.id}
     finally:
         await mine.close()
     assert await states(conn, waiting.id) == ["PENDING"]
     assert [s["trigger"] for s in await history(conn, waiting.id)] == ["submit", "ready"]
 
 
+@pytest.mark.parametrize("settle", [False, True], ids=["by-trigger", "settling-statement"])
 async def test_a_submission_that_waited_for_a_completions_lock_sees_it_completed(
-    client: Client, store: Store, conn: asyncpg.Connection, db: str
+    client: Client, store: Store, conn: asyncpg.Connection, db: str, settle: bool
 ) -> None:
     """The completion holds the dependency's row lock: the submission waits, then reads the
     committed COMPLETED row and starts PENDING, its edge already satisfied."""
@@ -482,7 +486,7 @@ async def test_a_submission_that_waited_for_a_completions_lock_sees_it_completed
     try:
         tx = mine.transaction()
         await tx.start()
-        moved = await mine.fetch(_complete_sql(), [dep.id], [leased[dep.id]], ["1"])
+        moved = await mine.fetch(_complete_sql(settle), [dep.id], [leased[dep.id]], ["1"])
         assert [r["id"] for r in moved] == [dep.id]
         submitting = asyncio.ensure_future(client.submit("noop", {}, depends_on=[dep.id]))
         await wait_until(lambda: _blocked_on_a_lock(conn), "the submission to wait for the lock")
@@ -497,10 +501,12 @@ async def test_a_submission_that_waited_for_a_completions_lock_sees_it_completed
     assert satisfied is True
 
 
-def _complete_sql() -> str:
+def _complete_sql(settle: bool) -> str:
     from tasklease.engine.queries import SQL
 
-    return SQL["task_complete_many_if_leased"]
+    return SQL[
+        "task_complete_settling_many_if_leased" if settle else "task_complete_many_if_leased"
+    ]
 
 
 async def test_a_long_chain_is_abandoned_in_one_go_and_its_run_edges_settled(
@@ -541,3 +547,21 @@ async def test_a_missing_dependency_is_named_through_psycopg_too(
     finally:
         await engine.dispose()
     assert await conn.fetchval("SELECT count(*) FROM tasks") == 0
+
+
+async def test_the_claim_says_how_many_wait_for_a_task_so_the_worker_settles_them_at_once(
+    client: Client, store: Store, conn: asyncpg.Connection
+) -> None:
+    """A worker completes a batch holding a task with dependants with the settling statement
+    (engine/executor.py), the others with the plain one: the claim tells it which."""
+    charge, email, invoice, archive = await client.submit_many(diamond())
+    alone = await client.submit("noop", {})
+    leased = {t.id: t for t in (await store.claim("default", LEASES, 10, "w")).leased}
+    assert {i: t.dependants for i, t in leased.items()} == {charge.id: 2, alone.id: 0}
+    assert await store.complete_many(
+        [(charge.id, leased[charge.id].lease_token, "1")], settle=True
+    ) == {charge.id}
+    assert await states(conn, email.id) == ["PENDING"] == await states(conn, invoice.id)
+    assert await states(conn, archive.id) == ["WAITING"]
+    # the settling statement counted the edges it settled: the trigger is not called for them
+    assert await conn.fetchval("SELECT dependants FROM tasks WHERE id = $1", charge.id) == 0
