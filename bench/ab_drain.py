@@ -37,12 +37,19 @@ print(json.dumps(asyncio.run(bench.drain(dsn, config, Path(tempfile.mkdtemp()), 
 
 
 def drain(
-    tree: Path, tasks: int, workers: int, env: dict[str, str] | None = None
+    tree: Path,
+    tasks: int,
+    workers: int,
+    env: dict[str, str] | None = None,
+    *,
+    code: str = ONE_DRAIN,
+    args: tuple[str, ...] = (),
 ) -> dict[str, float]:
     """One drain with `tree`'s code, on DATABASE_URL (in `env`, else this process's) or the
-    embedded server."""
+    embedded server: `code` run with the number of tasks, of workers and `args`, printing
+    its figures as JSON on its last line."""
     out = subprocess.run(
-        [sys.executable, "-c", ONE_DRAIN, str(tasks), str(workers)],
+        [sys.executable, "-c", code, str(tasks), str(workers), *args],
         cwd=tree,
         env={**os.environ, "PYTHONPATH": str(tree), **(env or {})},
         capture_output=True,

@@ -12,12 +12,10 @@ ranges of tasks/s and of the machine's CPU per task, and the median of the round
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
-import subprocess
-import sys
 from pathlib import Path
+
+from ab_drain import drain as drain_tree  # bench/ is first on sys.path when run as a script
 
 ONE_DRAIN = """
 import asyncio, json, sys, tempfile
@@ -35,17 +33,7 @@ TREE = Path(__file__).resolve().parents[1]
 
 
 def drain(kind: str, tasks: int, workers: int) -> dict[str, float]:
-    out = subprocess.run(
-        [sys.executable, "-c", ONE_DRAIN, str(tasks), str(workers), kind],
-        cwd=TREE,
-        env={**os.environ, "PYTHONPATH": str(TREE)},
-        capture_output=True,
-        text=True,
-        timeout=1800,
-        check=True,
-    )
-    result: dict[str, float] = json.loads(out.stdout.strip().splitlines()[-1])
-    return result
+    return drain_tree(TREE, tasks, workers, code=ONE_DRAIN, args=(kind,))
 
 
 def main() -> None:

@@ -640,6 +640,21 @@ class Store:
 Fetch = Callable[..., Awaitable[Sequence[Mapping[str, Any]]]]
 
 
+def _task_columns(tasks: Sequence[NewTask]) -> tuple[list[Any], ...]:
+    """The submit statements' first parameters: one array per column, a row per task."""
+    return (
+        [t.action for t in tasks],
+        [t.queue for t in tasks],
+        [t.priority for t in tasks],
+        [t.payload_json for t in tasks],
+        [t.max_attempts for t in tasks],
+        [t.due_at for t in tasks],
+        [t.idempotency_key for t in tasks],
+        [t.lease_seconds for t in tasks],
+        [t.timeout_seconds for t in tasks],
+    )
+
+
 async def submit_on(
     fetch: Fetch,
     tasks: Sequence[NewTask],
@@ -658,17 +673,7 @@ async def submit_on(
     again, with a snapshot that sees it. If the statement had inserted other tasks meanwhile,
     it failed instead (serialization_failure) so that none of them stays; in the caller's
     transaction, now aborted, that error is the caller's to handle (retry the transaction)."""
-    columns = (
-        [t.action for t in tasks],
-        [t.queue for t in tasks],
-        [t.priority for t in tasks],
-        [t.payload_json for t in tasks],
-        [t.max_attempts for t in tasks],
-        [t.due_at for t in tasks],
-        [t.idempotency_key for t in tasks],
-        [t.lease_seconds for t in tasks],
-        [t.timeout_seconds for t in tasks],
-    )
+    columns = _task_columns(tasks)
     keyed = any(t.idempotency_key is not None for t in tasks)
     statement = SQL["task_submit_many" if keyed else "task_submit_unkeyed"]
     notifies = not own_transaction if notify is None else notify
@@ -730,15 +735,7 @@ async def submit_graph_on(
     the one rolled back is run again (in the caller's transaction, now aborted, the error is
     the caller's to handle)."""
     columns = (
-        [t.action for t in tasks],
-        [t.queue for t in tasks],
-        [t.priority for t in tasks],
-        [t.payload_json for t in tasks],
-        [t.max_attempts for t in tasks],
-        [t.due_at for t in tasks],
-        [None for _ in tasks],
-        [t.lease_seconds for t in tasks],
-        [t.timeout_seconds for t in tasks],
+        *_task_columns(tasks),  # the tasks of a graph have no idempotency key (engine.tasks)
         [e.task + 1 for e in edges],
         [None if e.on is None else e.on + 1 for e in edges],
         [e.on_id for e in edges],
