@@ -388,8 +388,6 @@ CREATE INDEX limit_tokens_rate ON public.limit_tokens USING btree (key, free_at)
 
 CREATE INDEX task_dependencies_task ON public.task_dependencies USING btree (task_id);
 
-CREATE INDEX tasks_action_id ON public.tasks USING btree (action, id);
-
 CREATE INDEX tasks_claimable ON public.tasks USING btree (queue, due_at) WHERE (state = ANY (ARRAY['PENDING'::public.task_state, 'FAILED'::public.task_state]));
 
 CREATE INDEX tasks_claimable_order ON public.tasks USING btree (queue, priority DESC, due_at, id) WHERE (state = ANY (ARRAY['PENDING'::public.task_state, 'FAILED'::public.task_state]));
@@ -397,8 +395,6 @@ CREATE INDEX tasks_claimable_order ON public.tasks USING btree (queue, priority 
 CREATE UNIQUE INDEX tasks_idempotency_key ON public.tasks USING btree (idempotency_key) WHERE (idempotency_key IS NOT NULL);
 
 CREATE INDEX tasks_lease_expiry ON public.tasks USING btree (lease_expires_at) WHERE (lease_expires_at IS NOT NULL);
-
-CREATE INDEX tasks_queue_id ON public.tasks USING btree (queue, id);
 
 CREATE INDEX tasks_running_keyed ON public.tasks USING btree (action, limit_key) WHERE ((state = 'RUNNING'::public.task_state) AND (limit_key IS NOT NULL));
 

@@ -242,3 +242,19 @@ async def test_0013_downgrades_to_0012_and_upgrades_again(db: str) -> None:
         assert await conn.fetchval("SELECT count(*) FROM limits") == 2
     finally:
         await conn.close()
+
+
+async def test_0014_downgrades_to_0013_and_upgrades_again(db: str) -> None:
+    """0014 drops the full indexes tasks_action_id and tasks_queue_id; its downgrade makes
+    them again."""
+    conn = await connect_db(db)
+    indexes = """SELECT to_regclass('tasks_action_id') IS NOT NULL,
+                        to_regclass('tasks_queue_id') IS NOT NULL"""
+    try:
+        assert tuple(await conn.fetchrow(indexes)) == (False, False)
+        assert await schema.downgrade(db, "0013") == "0013"
+        assert tuple(await conn.fetchrow(indexes)) == (True, True)
+        assert await schema.upgrade(db) == schema.head()
+        assert tuple(await conn.fetchrow(indexes)) == (False, False)
+    finally:
+        await conn.close()
