@@ -535,7 +535,7 @@ class Bench:
                     "warning",
                     "worker",
                     "--concurrency",
-                    "100",
+                    str(self.args.concurrency),
                 ],
                 env={**system.env(), "DATABASE_URL": dsn},
                 cwd=system.tree,
@@ -728,6 +728,9 @@ def main() -> None:
     p.add_argument("--submits", type=int, default=3000, help="tasks a submit run (3000)")
     p.add_argument("--tasks", type=int, default=20_000, help="tasks a drain run (20000)")
     p.add_argument("--tree", action="append", metavar="NAME=PATH", help="tasklease checkouts")
+    p.add_argument(
+        "--concurrency", type=int, default=100, help="per tasklease worker process (100)"
+    )
     p.add_argument("--pgq-python", default="/tmp/pgq/bin/python")
     p.add_argument("--pgq-managers", type=int, default=2)
     p.add_argument("--pgq-batch", type=int, default=100)

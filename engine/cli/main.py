@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -74,7 +75,17 @@ def run_fast(coro: Any) -> Any:
     """asyncio.run on uvloop, a faster event loop (about twice the worker's throughput)."""
     import uvloop
 
+    freeze_start_up()
     return uvloop.run(coro)
+
+
+def freeze_start_up() -> None:
+    """What start-up made (modules, handlers, the app) lives as long as the process: hand it
+    to gc.freeze() so that the collector's full passes, which a worker's allocations trigger
+    every few thousand tasks, stop walking the tens of thousands of objects that never die.
+    A worker drains ~20 % faster for ~10 % less CPU a task (docs/benchmarks.md)."""
+    gc.collect()
+    gc.freeze()
 
 
 def migrate(dsn: str) -> str:
@@ -180,6 +191,7 @@ def cmd_api(args: argparse.Namespace) -> int:
         else f"none ({http_client.TOKEN_ENV} is not set)",
     )
     server = uvicorn.Server(server_config(app, args.host, args.port))
+    freeze_start_up()
     server.run()
     return 0 if server.started else 1
 
