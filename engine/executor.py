@@ -13,6 +13,7 @@ when a task it failed or snoozed comes due again (`due_in`).
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import logging
 import time
@@ -58,12 +59,6 @@ class HandlerExited(Exception):
 
 class TaskTimeout(Exception):
     """The attempt ran longer than its timeout and was stopped."""
-
-
-class _TaskLogger(logging.LoggerAdapter[logging.Logger]):
-    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
-        assert self.extra is not None
-        return f"task {self.extra['task_id']} {self.extra['action']}: {msg}", kwargs
 
 
 @dataclass
@@ -122,6 +117,8 @@ class Executor:
         start."""
         waiting = [c.id for c in leased if c.dependencies]
         deps = asyncio.ensure_future(self._dependencies(waiting)) if waiting else None
+        for trigger, n in collections.Counter(c.trigger for c in leased).items():
+            self.counters.count(trigger, n)
         for claimed in leased:
             self._start(claimed, sent, deps if claimed.dependencies else None)
 
@@ -153,7 +150,6 @@ class Executor:
             # The claim's answer took so long (a slow or cut link) that the lease may have run
             # out and the task been taken over meanwhile: running it now could overlap the
             # other run. Self-fencing from the start; the lease runs out, as for a crash.
-            self.counters.count(claimed.trigger)
             self.counters.count("fenced")
             log.warning(
                 "task %d (%s): claim answered too late (%.1fs after it was sent, lease %gs); "
@@ -173,19 +169,18 @@ class Executor:
             idempotency_key=claimed.idempotency_key,
             queue=claimed.queue,
             worker=self.worker_id,
-            logger=_TaskLogger(log, {"task_id": claimed.id, "action": claimed.action}),
             _heartbeat=lambda: self._heartbeat_one(ex),
             _fence=self.fence,
         )
         ex = _Execution(claimed, handler, ctx, lease_seconds, dependencies=dependencies)
-        self.counters.count(claimed.trigger)
-        ctx.logger.info(
-            "%s -> RUNNING (%s, attempt %d/%d)",
-            claimed.from_state,
-            claimed.trigger,
-            claimed.attempt,
-            claimed.max_attempts,
-        )
+        if log.isEnabledFor(logging.INFO):
+            ctx.logger.info(
+                "%s -> RUNNING (%s, attempt %d/%d)",
+                claimed.from_state,
+                claimed.trigger,
+                claimed.attempt,
+                claimed.max_attempts,
+            )
         self.handling += 1
         ex.holds_slot = True
         ex.task = asyncio.create_task(self._execute(ex))

@@ -78,6 +78,17 @@ class Dependency:
     on_failure: str
 
 
+class TaskLogger(logging.LoggerAdapter[logging.Logger]):
+    """The worker's logger with each line starting `task ID ACTION: `."""
+
+    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
+        assert self.extra is not None
+        return f"task {self.extra['task_id']} {self.extra['action']}: {msg}", kwargs
+
+
+WORKER_LOG = logging.getLogger("tasklease.worker")
+
+
 @dataclass
 class TaskContext:
     """What a handler receives beside its payload: who the task is, its lease, a logger, and
@@ -91,7 +102,6 @@ class TaskContext:
     idempotency_key: str | None
     queue: str
     worker: str
-    logger: logging.LoggerAdapter[logging.Logger]
     _heartbeat: Callable[[], Awaitable[bool]] = field(repr=False)
     _fence: Fence | None = field(default=None, repr=False)
     lease_lost: bool = False
@@ -102,6 +112,15 @@ class TaskContext:
     _stop: bool = field(default=False, repr=False)  # set by the worker's loop, read anywhere
     # the tasks it waited for, read with one query before the handler runs (workflows)
     dependencies: list[Dependency] = field(default_factory=list)
+    _logger: TaskLogger | None = field(default=None, repr=False)
+
+    @property
+    def logger(self) -> logging.LoggerAdapter[logging.Logger]:
+        """The worker's logger (`tasklease.worker`), each line starting `task ID ACTION: `;
+        made on first use."""
+        if self._logger is None:
+            self._logger = TaskLogger(WORKER_LOG, {"task_id": self.task_id, "action": self.action})
+        return self._logger
 
     @property
     def results(self) -> dict[int, Any]:

@@ -23,7 +23,7 @@ HANDLER = Handler("x", lambda c, p: None, None, None, 3, [10], 0.0, True)
 
 
 def ctx(attempt: int = 1) -> TaskContext:
-    return TaskContext(1, "x", attempt, 3, uuid.uuid4(), None, "default", "w", None, lambda: None)  # type: ignore[arg-type,return-value]
+    return TaskContext(1, "x", attempt, 3, uuid.uuid4(), None, "default", "w", lambda: None)  # type: ignore[arg-type,return-value]
 
 
 def test_result_completes_as_json() -> None:

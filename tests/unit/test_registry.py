@@ -124,11 +124,14 @@ def test_context_heartbeat_delegates() -> None:
         None,
         "default",
         "w",
-        None,  # type: ignore[arg-type]
         beat,
     )
     assert asyncio.run(ctx.heartbeat()) is False and calls == [1]
     assert ctx.is_last_attempt
+    # its logger is made on first use, and says which task a line is about
+    assert ctx._logger is None
+    assert ctx.logger.process("hello", {}) == ("task 1 x: hello", {})
+    assert ctx.logger is ctx.logger
 
 
 def test_load_imports_builtins_and_named_modules(monkeypatch: pytest.MonkeyPatch) -> None:
