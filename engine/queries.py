@@ -17,26 +17,6 @@ class Query:
     sql: str
 
 
-# A statement written in two variants: a line ending in `--+ keyed` is only in NAME_keyed, one
-# ending in `--+ plain` only in NAME; the lines from `--+ keyed {` to `--+ }` only in NAME_keyed.
-_ONLY = re.compile(r"\s*--\+ (keyed|plain)$")
-_BLOCK_START, _BLOCK_END = "--+ keyed {", "--+ }"
-
-
-def variant(sql: str, which: str) -> str:
-    """`sql` as the variant `which` ('plain' or 'keyed') has it, without the markers."""
-    lines, inside = [], False
-    for line in sql.splitlines():
-        if line.strip() in (_BLOCK_START, _BLOCK_END):
-            inside = line.strip() == _BLOCK_START
-            continue
-        only = _ONLY.search(line)
-        if (inside and which != "keyed") or (only and only.group(1) != which):
-            continue
-        lines.append(line[: only.start()] if only else line)
-    return "\n".join(lines)
-
-
 def load(text: str) -> dict[str, Query]:
     matches = list(_HEADER.finditer(text))
     queries: dict[str, Query] = {}
@@ -45,17 +25,13 @@ def load(text: str) -> dict[str, Query]:
         doc = " ".join(line.removeprefix("--").strip() for line in match.group(2).splitlines())
         sql = text[match.end() : end].strip().removesuffix(";")
         name = match.group(1)
-        if "--+ " in sql:
-            queries[name] = Query(name, doc, variant(sql, "plain"))
-            queries[f"{name}_keyed"] = Query(f"{name}_keyed", doc, variant(sql, "keyed"))
-        else:
-            queries[name] = Query(name, doc, sql)
+        queries[name] = Query(name, doc, sql)
     return queries
 
 
 QUERIES = load(SOURCE.read_text())
 SQL: dict[str, str] = {name: q.sql for name, q in QUERIES.items()}
-# The claim, without per-key limits (it steps over the actions that have one and says
-# 'keyed'), and with them (it says 'plain' when none of its actions has one): see Store.claim.
+# The claim where no limit applies (it says 'limited' where one does), and the claim with the
+# limits joined in (it says 'plain' where none does any more): see Store.claim.
 CLAIM = SQL["task_claim_due"]
-CLAIM_KEYED = SQL["task_claim_due_keyed"]
+CLAIM_LIMITED = SQL["task_claim_due_limited"]

@@ -31,16 +31,135 @@ FROM task_transitions WHERE task_id = $1 ORDER BY id;
 -- PENDING/FAILED tasks are claimed: highest priority, then earliest due, except that with
 -- aging on ($6 seconds) about half of each claim goes to tasks due for longer than that,
 -- oldest first, so no priority starves another. SKIP LOCKED lets workers claim side by side.
--- Global limits (the `limits` table) join in at one place, `tokens`: a task starts only
+-- A last row says in how many seconds to look again: the next due time or lease expiry
+-- ('wait'). A paused queue (queue_pauses) starts nothing and gives no time.
+-- Limits are not here: when a global or per-key limit (the `limits` table) applies to the
+-- queue or one of its actions, this statement starts nothing and says 'limited', and the
+-- worker claims from that queue with task_claim_due_limited (below), which is this
+-- statement with the limits joined in, until that one says 'plain'. So a claim with no limit
+-- pays nothing for them (docs/benchmarks.md, "The claim without limits").
+WITH lease AS (
+    SELECT * FROM unnest($2::text[], $5::float8[]) AS l(action, seconds)
+), stop AS MATERIALIZED (
+    -- a paused queue starts nothing, neither claims nor takeovers; nor does this statement
+    -- where a limit applies
+    SELECT EXISTS (SELECT FROM queue_pauses WHERE queue = $1) AS paused,
+           EXISTS (SELECT FROM limits
+                   WHERE key = ANY(ARRAY['queue:' || $1]
+                                   || ARRAY(SELECT p || a FROM unnest($2::text[]) AS a,
+                                                 unnest('{action:,rate:,key:}'::text[]) AS p)))
+               AS limited
+), expired_locked AS (
+    -- a crashed worker's lease: no reaper, whoever claims next takes it over
+    SELECT id, worker AS old_worker, attempt < max_attempts AS restart FROM tasks
+    WHERE state = 'RUNNING' AND lease_expires_at <= now()
+      AND queue = $1 AND action = ANY($2::text[])
+    ORDER BY lease_expires_at
+    LIMIT (SELECT CASE WHEN paused OR limited THEN 0 ELSE $3 END FROM stop)
+    FOR UPDATE SKIP LOCKED
+), room AS MATERIALIZED (
+    SELECT CASE WHEN (SELECT paused OR limited FROM stop) THEN 0
+                ELSE greatest($3 - (SELECT count(*) FROM expired_locked), 0) END AS n
+), aged AS (
+    SELECT id, state FROM tasks
+    WHERE state IN ('PENDING', 'FAILED') AND due_at <= now() - make_interval(secs => $6)
+      AND queue = $1 AND action = ANY($2::text[])
+    ORDER BY due_at, id
+    -- half the room, rounded up or down at random: a one-slot claim takes the oldest half
+    -- of the time
+    LIMIT (SELECT floor(n * 0.5 + random())::integer FROM room)
+    FOR UPDATE SKIP LOCKED
+), ranked AS (
+    SELECT id, state FROM tasks
+    WHERE state IN ('PENDING', 'FAILED') AND due_at <= now()
+      AND queue = $1 AND action = ANY($2::text[])
+      AND id <> ALL(ARRAY(SELECT id FROM aged))
+    ORDER BY priority DESC, due_at, id
+    LIMIT (SELECT n FROM room) - (SELECT count(*) FROM aged)
+    FOR UPDATE SKIP LOCKED
+), due AS (
+    SELECT id, state AS from_state FROM aged UNION ALL SELECT id, state FROM ranked
+), reclaimed AS (
+    UPDATE tasks t
+    SET attempt = t.attempt + 1, lease_token = gen_random_uuid(),
+        lease_expires_at = now() + make_interval(secs => coalesce(t.lease_seconds, lease.seconds)),
+        worker = $4, updated_at = now()
+    FROM expired_locked expired, lease
+    WHERE t.id = expired.id AND lease.action = t.action AND expired.restart
+      AND t.state = 'RUNNING' AND t.lease_expires_at <= now() AND t.attempt < t.max_attempts
+    RETURNING t.*, expired.old_worker, coalesce(t.lease_seconds, lease.seconds) AS lease_for
+), dead AS (
+    UPDATE tasks t
+    SET state = 'DEAD', lease_expires_at = NULL, updated_at = now(),
+        last_error = 'lease of ' || coalesce(expired.old_worker, '?')
+                     || ' expired on the last attempt'
+    FROM expired_locked expired
+    WHERE t.id = expired.id AND NOT expired.restart
+      AND t.state = 'RUNNING' AND t.lease_expires_at <= now() AND t.attempt >= t.max_attempts
+    RETURNING t.id, t.attempt, t.last_error
+), claimed AS (
+    UPDATE tasks t
+    SET state = 'RUNNING', attempt = t.attempt + 1, lease_token = gen_random_uuid(),
+        lease_expires_at = now() + make_interval(secs => coalesce(t.lease_seconds, lease.seconds)),
+        worker = $4, updated_at = now()
+    FROM due, lease
+    -- the id list steers the planner to the primary key rather than re-reading the due range
+    WHERE t.id = ANY(ARRAY(SELECT id FROM due)) AND t.id = due.id AND lease.action = t.action
+      AND t.state IN ('PENDING', 'FAILED') AND t.due_at <= now()
+    RETURNING t.*, due.from_state, coalesce(t.lease_seconds, lease.seconds) AS lease_for
+), wake AS (
+    -- the earliest future due time: one ordered probe of tasks_claimable
+    SELECT least(
+        (SELECT due_at FROM tasks
+         WHERE queue = $1 AND state IN ('PENDING', 'FAILED') AND due_at > now()
+           AND action = ANY($2::text[])
+         ORDER BY due_at LIMIT 1),
+        (SELECT min(lease_expires_at) FROM tasks
+         WHERE state = 'RUNNING' AND lease_expires_at > now()
+           AND queue = $1 AND action = ANY($2::text[]))
+    ) AS at
+), logged AS (
+    INSERT INTO task_transitions (task_id, trigger, from_state, to_state, attempt, worker, detail)
+    SELECT id, 'claim', from_state, 'RUNNING'::task_state, attempt, $4, NULL FROM claimed
+    UNION ALL
+    SELECT id, 'reclaim', 'RUNNING'::task_state, 'RUNNING'::task_state, attempt, $4,
+           'lease of ' || coalesce(old_worker, '?') || ' expired' FROM reclaimed
+    UNION ALL
+    SELECT id, 'expire', 'RUNNING'::task_state, 'DEAD'::task_state, attempt, $4, last_error
+    FROM dead WHERE pg_notify('tasklease_done', id::text) IS NOT NULL
+)
+SELECT 'claim' AS trigger, from_state, id, action, queue, payload, attempt, max_attempts,
+       lease_token, idempotency_key, lease_for, timeout_seconds, dependencies, dependants,
+       NULL::float8 AS wait_seconds
+FROM claimed
+UNION ALL
+SELECT 'reclaim', 'RUNNING', id, action, queue, payload, attempt, max_attempts,
+       lease_token, idempotency_key, lease_for, timeout_seconds, dependencies, dependants, NULL
+FROM reclaimed
+UNION ALL
+SELECT 'expire', 'RUNNING', id, NULL, NULL, NULL, attempt, NULL, NULL, NULL, NULL, NULL, NULL,
+       NULL, NULL
+FROM dead
+UNION ALL
+-- 'limited': a limit applies here, this statement started nothing: claim again at once with
+-- task_claim_due_limited. Paused: no time to look again (resuming wakes the workers).
+SELECT CASE WHEN (SELECT limited AND NOT paused FROM stop) THEN 'limited' ELSE 'wait' END,
+       NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
+       CASE WHEN NOT (SELECT paused OR limited FROM stop)
+            THEN extract(epoch FROM at - now())::float8 END
+FROM wake;
+
+-- name: task_claim_due_limited
+-- task_claim_due with the limits joined in: what a worker runs for a queue where a global or
+-- per-key limit applies (to the queue or one of its actions), from the claim on which
+-- task_claim_due said 'limited' until this one says 'plain'.
+-- Global limits (queue:, action:, rate: in `limits`) join in at `tokens`: a task starts only
 -- with a free token of every limit it falls under (its queue's, its action's, its action's
 -- rate; a takeover keeps its concurrency tokens and needs only a rate token), taken here.
--- A last row says in how many seconds to look again: the next due time or lease expiry
--- (trigger 'wait'), or, when a limit held due work back ('held'), sooner if a token may
--- free sooner. A paused queue (queue_pauses) starts nothing and gives no time.
--- Two variants (engine/queries.py): this one steps over the actions under a per-key limit
--- (`key:ACTION`) and says so ('keyed'); task_claim_due_keyed starts them, each with a token of
--- its value of the field (`kwants` to `krefused`), and says when none of its actions has one
--- ('plain'). So a claim with no per-key limit pays nothing for them (Store.claim picks).
+-- Per-key limits (`key:ACTION`) join in at `kwants` to `krefused`: a start of such an action
+-- takes a token of its value of the field, and values at their cap are stepped over.
+-- The last row says when to look again: as task_claim_due's, or, when a limit held due work
+-- back ('held'), sooner if a token may free sooner.
 WITH lease AS (
     SELECT * FROM unnest($2::text[], $5::float8[]) AS l(action, seconds)
 ), limited AS MATERIALIZED (
@@ -64,9 +183,7 @@ WITH lease AS (
     CROSS JOIN LATERAL (SELECT 1 + floor(random() * l.value)::integer AS start) AS r
     WHERE l.key = ANY(ARRAY['queue:' || $1]
                       || ARRAY(SELECT p || a FROM unnest($2::text[]) AS a,
-                                                  unnest('{action:,rate:}'::text[]) AS p))  --+ keyed
-                                                  unnest('{action:,rate:,key:}'::text[]) AS p))  --+ plain
---+ keyed {
+                                                  unnest('{action:,rate:}'::text[]) AS p))
 ), keyed AS MATERIALIZED (
     -- per-key limits (`key:ACTION`): at most `value` tasks of the action RUNNING at once for
     -- each value of the payload field `by` (a task without it counts under '')
@@ -84,16 +201,13 @@ WITH lease AS (
     SELECT k.action, r.limit_key FROM keyed k
     JOIN tasks r ON r.action = k.action AND r.state = 'RUNNING' AND r.limit_key IS NOT NULL
     GROUP BY k.action, k.by, k.value, r.limit_key HAVING count(*) >= k.value
---+ }
 ), shut AS MATERIALIZED (
-    -- actions that may start nothing now: the scans below step over their due tasks (here,
-    -- an action under a per-key limit: that has no token in limit_tokens, so is never open)
+    -- actions that may start nothing now (a limit shut, or a per-key limit of 0): the scans
+    -- below step over their due tasks
     SELECT a FROM unnest($2::text[]) AS a
     WHERE EXISTS (SELECT FROM limited
-                  WHERE NOT open AND key IN ('queue:' || $1, 'action:' || a, 'rate:' || a))  --+ keyed
-                  WHERE NOT open  --+ plain
-                    AND key IN ('queue:' || $1, 'action:' || a, 'rate:' || a, 'key:' || a))  --+ plain
-       OR EXISTS (SELECT FROM keyed WHERE keyed.action = a AND keyed.value = 0)  --+ keyed
+                  WHERE NOT open AND key IN ('queue:' || $1, 'action:' || a, 'rate:' || a))
+       OR EXISTS (SELECT FROM keyed WHERE keyed.action = a AND keyed.value = 0)
 ), paused AS MATERIALIZED (
     -- a paused queue starts nothing, neither claims nor takeovers
     SELECT EXISTS (SELECT FROM queue_pauses WHERE queue = $1) AS yes
@@ -109,38 +223,36 @@ WITH lease AS (
     SELECT CASE WHEN (SELECT yes FROM paused) THEN 0
                 ELSE greatest($3 - (SELECT count(*) FROM expired_locked), 0) END AS n
 ), aged AS (
-    SELECT id, state, action, priority, due_at FROM tasks  --+ plain
-    SELECT id, state, action, priority, due_at,  --+ keyed
-           -- its value of the field of its action's per-key limit, if it has one  --+ keyed
-           (SELECT coalesce(tasks.payload ->> k.by, '') FROM keyed k  --+ keyed
-            WHERE k.action = tasks.action) AS sub  --+ keyed
-    FROM tasks  --+ keyed
+    SELECT id, state, action, priority, due_at,
+           -- its value of the field of its action's per-key limit, if it has one
+           (SELECT coalesce(tasks.payload ->> k.by, '') FROM keyed k
+            WHERE k.action = tasks.action) AS sub
+    FROM tasks
     WHERE state IN ('PENDING', 'FAILED') AND due_at <= now() - make_interval(secs => $6)
       AND queue = $1 AND action = ANY($2::text[])
       AND action NOT IN (SELECT a FROM shut)
-      AND (NOT EXISTS (SELECT FROM full_keys)  --+ keyed
-           OR (action, coalesce(payload ->> (SELECT k.by FROM keyed k  --+ keyed
-                                             WHERE k.action = tasks.action), ''))  --+ keyed
-              NOT IN (SELECT action, limit_key FROM full_keys))  --+ keyed
+      AND (NOT EXISTS (SELECT FROM full_keys)
+           OR (action, coalesce(payload ->> (SELECT k.by FROM keyed k
+                                             WHERE k.action = tasks.action), ''))
+              NOT IN (SELECT action, limit_key FROM full_keys))
     ORDER BY due_at, id
     -- half the room, rounded up or down at random: a one-slot claim takes the oldest half
     -- of the time
     LIMIT (SELECT floor(n * 0.5 + random())::integer FROM room)
     FOR UPDATE SKIP LOCKED
 ), ranked AS (
-    SELECT id, state, action, priority, due_at FROM tasks  --+ plain
-    SELECT id, state, action, priority, due_at,  --+ keyed
-           -- its value of the field of its action's per-key limit, if it has one  --+ keyed
-           (SELECT coalesce(tasks.payload ->> k.by, '') FROM keyed k  --+ keyed
-            WHERE k.action = tasks.action) AS sub  --+ keyed
-    FROM tasks  --+ keyed
+    SELECT id, state, action, priority, due_at,
+           -- its value of the field of its action's per-key limit, if it has one
+           (SELECT coalesce(tasks.payload ->> k.by, '') FROM keyed k
+            WHERE k.action = tasks.action) AS sub
+    FROM tasks
     WHERE state IN ('PENDING', 'FAILED') AND due_at <= now()
       AND queue = $1 AND action = ANY($2::text[])
       AND action NOT IN (SELECT a FROM shut)
-      AND (NOT EXISTS (SELECT FROM full_keys)  --+ keyed
-           OR (action, coalesce(payload ->> (SELECT k.by FROM keyed k  --+ keyed
-                                             WHERE k.action = tasks.action), ''))  --+ keyed
-              NOT IN (SELECT action, limit_key FROM full_keys))  --+ keyed
+      AND (NOT EXISTS (SELECT FROM full_keys)
+           OR (action, coalesce(payload ->> (SELECT k.by FROM keyed k
+                                             WHERE k.action = tasks.action), ''))
+              NOT IN (SELECT action, limit_key FROM full_keys))
       AND id <> ALL(ARRAY(SELECT id FROM aged))
     ORDER BY priority DESC, due_at, id
     LIMIT (SELECT n FROM room) - (SELECT count(*) FROM aged)
@@ -148,12 +260,10 @@ WITH lease AS (
 ), candidates AS (
     -- everything this claim may start, in the order it starts them: takeovers, aged, ranked
     SELECT id, action, restart, 0 AS part, 0 AS priority, NULL::timestamptz AS due_at
-           , NULL AS sub  --+ keyed
+           , NULL AS sub
     FROM expired_locked
-    UNION ALL SELECT id, action, NULL, 1, 0, due_at FROM aged  --+ plain
-    UNION ALL SELECT id, action, NULL, 2, priority, due_at FROM ranked  --+ plain
-    UNION ALL SELECT id, action, NULL, 1, 0, due_at, sub FROM aged  --+ keyed
-    UNION ALL SELECT id, action, NULL, 2, priority, due_at, sub FROM ranked  --+ keyed
+    UNION ALL SELECT id, action, NULL, 1, 0, due_at, sub FROM aged
+    UNION ALL SELECT id, action, NULL, 2, priority, due_at, sub FROM ranked
 ), wants AS MATERIALIZED (
     -- each start's place in line for each limit it falls under (driven by the limits, so
     -- that with none, nothing here runs)
@@ -204,7 +314,6 @@ WITH lease AS (
     SELECT DISTINCT w.id FROM wants w
     LEFT JOIN tokens k ON k.key = w.key AND k.place = w.place
     WHERE k.key IS NULL
---+ keyed {
 ), kwants AS MATERIALIZED (
     -- each start under a per-key limit (not a takeover: it keeps its token; not one another
     -- limit refused), its value of the field, and its place in line for that value's tokens
@@ -257,13 +366,12 @@ WITH lease AS (
 ), krefused AS MATERIALIZED (
     -- starts that got no token of their value: not started this time
     SELECT id FROM kwants WHERE id NOT IN (SELECT id FROM kheld)
---+ }
 ), assigned AS MATERIALIZED (
     -- the tokens of what starts
     SELECT w.id, w.key, k.n, w.per_seconds FROM wants w
     JOIN tokens k ON k.key = w.key AND k.place = w.place
     WHERE w.id NOT IN (SELECT id FROM refused)
-      AND w.id NOT IN (SELECT id FROM krefused)  --+ keyed
+      AND w.id NOT IN (SELECT id FROM krefused)
 ), held AS (
     -- per task, the numbers of the concurrency tokens it will hold
     SELECT id, max(n) FILTER (WHERE key LIKE 'queue:%') AS queue_token,
@@ -274,11 +382,11 @@ WITH lease AS (
 ), due AS (
     SELECT id, state AS from_state FROM aged
     WHERE id NOT IN (SELECT id FROM refused)
-      AND id NOT IN (SELECT id FROM krefused)  --+ keyed
+      AND id NOT IN (SELECT id FROM krefused)
     UNION ALL
     SELECT id, state FROM ranked
     WHERE id NOT IN (SELECT id FROM refused)
-      AND id NOT IN (SELECT id FROM krefused)  --+ keyed
+      AND id NOT IN (SELECT id FROM krefused)
 ), reclaimed AS (
     UPDATE tasks t
     SET attempt = t.attempt + 1, lease_token = gen_random_uuid(),
@@ -303,10 +411,9 @@ WITH lease AS (
     SET state = 'RUNNING', attempt = t.attempt + 1, lease_token = gen_random_uuid(),
         lease_expires_at = now() + make_interval(secs => coalesce(t.lease_seconds, lease.seconds)),
         worker = $4, updated_at = now(),
-        queue_token = held.queue_token, action_token = held.action_token  --+ plain
-        queue_token = held.queue_token, action_token = held.action_token,  --+ keyed
-        limit_key = (SELECT subs[array_position(ids, t.id)] FROM kmap),  --+ keyed
-        key_token = (SELECT ns[array_position(ids, t.id)] FROM kmap)  --+ keyed
+        queue_token = held.queue_token, action_token = held.action_token,
+        limit_key = (SELECT subs[array_position(ids, t.id)] FROM kmap),
+        key_token = (SELECT ns[array_position(ids, t.id)] FROM kmap)
     FROM due LEFT JOIN held ON held.id = due.id, lease
     -- the id list steers the planner to the primary key rather than re-reading the due range
     WHERE t.id = ANY(ARRAY(SELECT id FROM due)) AND t.id = due.id AND lease.action = t.action
@@ -321,13 +428,11 @@ WITH lease AS (
                        THEN now() + make_interval(secs => a.per_seconds) ELSE t.free_at END
     FROM assigned a
     WHERE t.key = a.key AND t.n = a.n
---+ keyed {
 ), ktaken AS (
     -- the free tokens of a value found above, now held by what started
     UPDATE limit_key_tokens t SET task_id = g.id
     FROM kgot g
     WHERE t.key = g.key AND t.sub = g.sub AND t.n = g.n AND g.n IS NOT NULL
---+ }
 ), freed AS (
     -- what expired on its last attempt gives its concurrency tokens back
     UPDATE limit_tokens k SET task_id = NULL
@@ -372,14 +477,12 @@ WITH lease AS (
                        AND t.due_at <= now() AND t.action IN (SELECT a FROM shut)
                      ORDER BY t.due_at LIMIT 1) IS NOT NULL
           END
---+ keyed {
 ), key_held AS (
     -- a per-key limit held due work back: it refused a start, or some value is at its cap
     -- (its due tasks, if any, were stepped over): look again soon, as for a concurrency
     -- limit (the worker also does as soon as its own outcomes are written)
     SELECT CASE WHEN EXISTS (SELECT FROM krefused) OR EXISTS (SELECT FROM full_keys)
                 THEN 0.1::float8 END AS retry_in
---+ }
 ), logged AS (
     INSERT INTO task_transitions (task_id, trigger, from_state, to_state, attempt, worker, detail)
     SELECT id, 'claim', from_state, 'RUNNING'::task_state, attempt, $4, NULL FROM claimed
@@ -403,21 +506,20 @@ SELECT 'expire', 'RUNNING', id, NULL, NULL, NULL, attempt, NULL, NULL, NULL, NUL
        NULL, NULL
 FROM dead
 UNION ALL
--- 'keyed': some action here has a per-key limit, which this variant steps over ('plain': none
--- has, in the one that takes them): claim again at once with the other
+-- 'plain': no limit applies to this queue or its actions any more: claim with
+-- task_claim_due from now on ('held': a limit held due work back, look again soon)
 SELECT CASE
-            WHEN EXISTS (SELECT FROM limited WHERE key LIKE 'key:%') THEN 'keyed'  --+ plain
-            WHEN NOT EXISTS (SELECT FROM keyed) THEN 'plain'  --+ keyed
+            WHEN NOT EXISTS (SELECT FROM limited) AND NOT EXISTS (SELECT FROM keyed)
+            THEN 'plain'
             WHEN (SELECT retry_in FROM held_back) IS NULL
-                 AND (SELECT retry_in FROM key_held) IS NULL  --+ keyed
+                 AND (SELECT retry_in FROM key_held) IS NULL
             THEN 'wait' ELSE 'held' END,
        NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
        -- paused: no time to look again (resuming wakes the workers)
        CASE WHEN NOT (SELECT yes FROM paused)
             THEN least(extract(epoch FROM at - now())::float8,
-                       (SELECT retry_in FROM held_back),  --+ keyed
-                       (SELECT retry_in FROM key_held)) END  --+ keyed
-                       (SELECT retry_in FROM held_back)) END  --+ plain
+                       (SELECT retry_in FROM held_back),
+                       (SELECT retry_in FROM key_held)) END
 FROM wake;
 
 -- name: task_heartbeat_if_leased

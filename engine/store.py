@@ -20,7 +20,7 @@ import asyncpg
 import msgspec
 
 from tasklease.engine import database
-from tasklease.engine.queries import CLAIM, CLAIM_KEYED, SQL
+from tasklease.engine.queries import CLAIM, CLAIM_LIMITED, SQL
 from tasklease.engine.registry import MAX_KEY_LIMIT
 
 log = logging.getLogger("tasklease.store")
@@ -260,10 +260,10 @@ class Store:
         self._acquiring = 0  # fetch() calls waiting for a connection of the pool
         self._to_wake: set[str] = set()  # queues whose workers wake() is to wake
         self._waking: asyncio.Task[None] | None = None
-        # queues whose claims take per-key limits into account (task_claim_due_keyed): a
-        # claim without says 'keyed' when one of its actions has such a limit, the one with
-        # says 'plain' when none has any more
-        self.keyed_queues: set[str] = set()
+        # queues claimed with the limits joined in (task_claim_due_limited): the claim without
+        # says 'limited' when a limit applies to the queue or one of its actions, the one with
+        # says 'plain' when none does any more
+        self.limited_queues: set[str] = set()
 
     @classmethod
     async def connect(
@@ -449,11 +449,11 @@ class Store:
         """Lease up to `limit` tasks of `queue` (claim or reclaim), expire dead leases, and say
         when to look again. `leases`: lease seconds by action, the actions this worker runs.
         `aging_seconds`: how long a task may wait before it is taken ahead of higher
-        priorities (None: strict priority). Global limits are read by the claim itself.
-        A claim that finds it ran the wrong variant (with or without per-key limits) says to
-        look again at once (held, 0 s), and the next claim of the queue runs the other."""
+        priorities (None: strict priority). Limits are read by the claim itself: a claim that
+        finds it ran the wrong statement (with or without limits) says to look again at once
+        (held, 0 s), and the next claim of the queue runs the other."""
         rows = await self.pool.fetch(
-            CLAIM_KEYED if queue in self.keyed_queues else CLAIM,
+            CLAIM_LIMITED if queue in self.limited_queues else CLAIM,
             queue,
             list(leases),
             limit,
@@ -465,12 +465,12 @@ class Store:
         for r in rows:
             if r["trigger"] in ("wait", "held"):
                 wait, held = r["wait_seconds"], r["trigger"] == "held"
-            elif r["trigger"] in ("keyed", "plain"):
+            elif r["trigger"] in ("limited", "plain"):
                 wait, held = 0.0, True
-                if r["trigger"] == "keyed":
-                    self.keyed_queues.add(queue)
+                if r["trigger"] == "limited":
+                    self.limited_queues.add(queue)
                 else:
-                    self.keyed_queues.discard(queue)
+                    self.limited_queues.discard(queue)
             elif r["trigger"] == "expire":
                 expired.append(r["id"])
             else:

@@ -12,7 +12,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from tasklease.engine.queries import CLAIM
+from tasklease.engine.queries import CLAIM_LIMITED
 from tasklease.engine.store import InvalidLimit, Limit, Store
 from tests.support.db import expire_lease, submit
 
@@ -20,9 +20,10 @@ ACTIONS = {"noop": 30.0, "test_sleep": 30.0}
 
 
 async def claim(
-    conn: asyncpg.Connection | Store, k: int, worker: str = "w", statement: str = CLAIM
+    conn: asyncpg.Connection | Store, k: int, worker: str = "w", statement: str = CLAIM_LIMITED
 ) -> list[Any]:
-    """One claim of up to k tasks: its rows (the last says 'wait' or 'held')."""
+    """One claim of up to k tasks with the limits joined in (task_claim_due_limited, what a
+    worker runs where a limit applies): its rows (the last says 'wait', 'held' or 'plain')."""
     args = ("default", list(ACTIONS), k, worker, list(ACTIONS.values()), None)
     if isinstance(conn, Store):
         return list(await conn.pool.fetch(statement, *args))

@@ -15,7 +15,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from tasklease.engine.queries import CLAIM_KEYED
+from tasklease.engine.queries import CLAIM
 from tasklease.engine.store import InvalidLimit, Limit, Store
 from tests.integration.test_limits import (
     _bury,
@@ -33,8 +33,8 @@ from tests.support.workers import HANDLERS, Running
 
 
 async def claim(conn: asyncpg.Connection | Store, k: int, worker: str = "w") -> list[Any]:
-    """One claim of up to k tasks with per-key limits (task_claim_due_keyed)."""
-    return await claim_plain(conn, k, worker, CLAIM_KEYED)
+    """One claim of up to k tasks with the limits joined in (task_claim_due_limited)."""
+    return await claim_plain(conn, k, worker)
 
 
 def of(customer: str | None) -> str:
@@ -281,27 +281,26 @@ async def test_a_worker_declares_the_limit_its_code_gives_and_removes_it_once_go
     assert "key:test_per_customer" not in await limits()
 
 
-async def test_the_claim_without_per_key_limits_steps_over_them_and_says_so(
+async def test_the_claim_without_limits_starts_nothing_where_one_applies_and_says_so(
     store: Store, conn: asyncpg.Connection
 ) -> None:
-    """task_claim_due (what a worker runs while none of a queue's actions has a per-key
-    limit) starts nothing of an action that has one, whatever its priority, and says
-    'keyed'; Store.claim then runs task_claim_due_keyed for that queue, until that one says
-    'plain' (no per-key limit left)."""
+    """task_claim_due (what a worker runs while no limit applies to a queue or its actions)
+    starts nothing, not even of an action without a limit, once one has a limit, and says
+    'limited'; Store.claim then runs task_claim_due_limited for that queue, until that one
+    says 'plain' (no limit left)."""
     await store.set_limit(Limit("key:noop", 2, by="customer"), declared=True)
     for _ in range(5):
         await submit(store, "noop", of("a"), priority=10)
-    sleeper = await submit(store, "test_sleep", '{"seconds": 0}')
-    rows = await claim_plain(conn, 3)
-    assert [task for task, _ in started(rows)] == [sleeper]
-    assert rows[-1]["trigger"] == "keyed"
+    await submit(store, "test_sleep", '{"seconds": 0}')
+    rows = await claim_plain(conn, 3, statement=CLAIM)
+    assert started(rows) == [] and rows[-1]["trigger"] == "limited"
     leases = {"noop": 30.0, "test_sleep": 30.0}
     first = await store.claim("default", leases, 3, "w")
     assert (first.leased, first.held_back, first.wait_seconds) == ([], True, 0.0)
-    assert store.keyed_queues == {"default"}
+    assert store.limited_queues == {"default"}
     second = await store.claim("default", leases, 3, "w")
     assert len(second.leased) == 2 and await running_by_key(conn) == {"a": 2}
     await store.unset_limits(["key:noop"], declared_only=False)
     third = await store.claim("default", leases, 3, "w")
-    assert (len(third.leased), third.held_back) == (3, True) and store.keyed_queues == set()
+    assert (len(third.leased), third.held_back) == (3, True) and store.limited_queues == set()
     assert (await store.claim("default", leases, 3, "w")).held_back is False

@@ -8,7 +8,7 @@ import asyncpg
 import msgspec
 import pytest
 
-from tasklease.engine.queries import CLAIM, CLAIM_KEYED, SQL
+from tasklease.engine.queries import CLAIM, CLAIM_LIMITED, SQL
 from tasklease.engine.store import FIRST_PAGE, LIST_FILTERS
 from tests.support.db import LEASES
 
@@ -86,13 +86,20 @@ async def set_limits(conn: asyncpg.Connection, with_limits: bool) -> None:
             WHERE n % 2 = 0 AND key LIKE 'rate:%'""")
 
 
-RULES = pytest.mark.parametrize("with_limits", [False, True], ids=["no-limits", "limits"])
+# without limits, the claim a worker runs (task_claim_due); with limits, the one it runs
+# then (task_claim_due_limited); and that one without limits (the claim after the last limit
+# was removed, which says 'plain')
+RULES = pytest.mark.parametrize(
+    "with_limits, claim",
+    [(False, CLAIM), (True, CLAIM_LIMITED), (False, CLAIM_LIMITED)],
+    ids=["no-limits", "limits", "no-limits-limited-claim"],
+)
 
 
 @RULES
 @pytest.mark.parametrize("plan_mode", ["auto", "force_generic_plan"])
 async def test_claim_never_scans_finished_or_future_tasks(
-    conn: asyncpg.Connection, plan_mode: str, with_limits: bool
+    conn: asyncpg.Connection, plan_mode: str, with_limits: bool, claim: str
 ) -> None:
     await set_limits(conn, with_limits)
     await conn.execute("""
@@ -103,25 +110,24 @@ async def test_claim_never_scans_finished_or_future_tasks(
         INSERT INTO tasks (action, payload) SELECT 'noop', '{}' FROM generate_series(1, 50);
         ANALYZE tasks;""")
     # rows read through the claimable indexes: the 50 due tasks, not the 35,000 others
-    plan = await claim_plan(conn, plan_mode, ARGS)
+    plan = await claim_plan(conn, plan_mode, ARGS, claim)
     assert rows_read(plan) <= 50
     if with_limits:  # windows of each limit's tokens (a sample of 64 to tell whether one is
         # free, 2k + 16 to take k), not their 10,000
         assert rows_read(plan, ("limit_tokens_rate", "limit_tokens_pkey")) <= 400
     # and it claims what is due, not the future or the finished
-    rows = await conn.fetch(CLAIM, *ARGS)
-    assert [r["trigger"] for r in rows] == ["claim"] * 10 + ["wait"]
+    rows = await conn.fetch(claim, *ARGS)
+    last = "plain" if claim is CLAIM_LIMITED and not with_limits else "wait"
+    assert [r["trigger"] for r in rows] == ["claim"] * 10 + [last]
     assert 86000 < rows[-1]["wait_seconds"] <= 86400  # the tasks due in a day
 
 
 @RULES
 @pytest.mark.parametrize("plan_mode", ["auto", "force_generic_plan"])
-@pytest.mark.parametrize("claim", [CLAIM, CLAIM_KEYED], ids=["claim", "claim-keyed"])
 async def test_claim_from_a_backlog_reads_one_batch(
     conn: asyncpg.Connection, plan_mode: str, with_limits: bool, claim: str
 ) -> None:
-    """20,000 tasks due: the claim (either variant) walks the order index and stops after
-    its 10."""
+    """20,000 tasks due: the claim walks the order index and stops after its 10."""
     await set_limits(conn, with_limits)
     await conn.execute("""
         INSERT INTO tasks (action, payload, priority)
@@ -148,10 +154,10 @@ async def test_claim_under_a_per_key_limit_reads_past_full_values_only(
         SELECT 'noop', jsonb_build_object('customer', 'c' || g % 100)
         FROM generate_series(1, 20000) g;
         ANALYZE tasks;""")
-    plan = await claim_plan(conn, plan_mode, ARGS, CLAIM_KEYED)
+    plan = await claim_plan(conn, plan_mode, ARGS, CLAIM_LIMITED)
     assert rows_read(plan) <= 30
     assert rows_read(plan, ("tasks_running_keyed",)) <= 100
-    rows = await conn.fetch(CLAIM_KEYED, *ARGS)
+    rows = await conn.fetch(CLAIM_LIMITED, *ARGS)
     assert [r["trigger"] for r in rows] == ["claim"] * 10 + ["held"]
 
 

@@ -1,7 +1,7 @@
 import re
 from pathlib import Path
 
-from tasklease.engine.queries import CLAIM, CLAIM_KEYED, QUERIES, load, variant
+from tasklease.engine.queries import CLAIM, CLAIM_LIMITED, QUERIES, load
 from tasklease.engine.states import SUBMIT, TRANSITIONS, TaskState
 
 
@@ -60,27 +60,23 @@ def test_loader_splits_on_names() -> None:
     }
 
 
-def test_the_claim_is_one_statement_with_its_six_parameters() -> None:
-    for claim in (CLAIM, CLAIM_KEYED):
+def test_both_claims_take_the_same_six_parameters_and_read_limits_in_one_place() -> None:
+    for claim in (CLAIM, CLAIM_LIMITED):
         assert {int(n) for n in re.findall(r"\$(\d+)", claim)} == set(range(1, 7))
-        assert "--+" not in claim
+    # the claim without limits reads the limits table once (to say 'limited'), and writes
+    # no token
+    assert CLAIM.count("FROM limits") == 1 and "limit_tokens" not in CLAIM
+    assert "limit_key_tokens" not in CLAIM and "limit_key_tokens" in CLAIM_LIMITED
 
 
-def test_a_statement_in_two_variants() -> None:
-    sql = "a\n--+ keyed {\nb\nc\n--+ }\nd  --+ plain\ne  --+ keyed\nf"
-    assert variant(sql, "plain") == "a\nd\nf"
-    assert variant(sql, "keyed") == "a\nb\nc\ne\nf"
-    qs = load(f"-- name: q\n-- doc\n{sql};\n")
-    assert (qs["q"].sql, qs["q_keyed"].sql) == ("a\nd\nf", "a\nb\nc\ne\nf")
-
-
-def test_only_the_claim_with_per_key_limits_reads_them() -> None:
-    """The claim a queue without per-key limits runs touches none of their tables."""
-    for table in ("limit_key_tokens", "tasks_running_keyed", "full_keys", "kwants"):
-        assert table in CLAIM_KEYED
-    assert "kwants" not in CLAIM and "full_keys" not in CLAIM
-    # but it frees the token of a task that expires on its last attempt
-    assert "UPDATE limit_key_tokens k SET task_id = NULL" in CLAIM
+def test_only_the_claim_with_limits_reads_their_tokens() -> None:
+    """The claim a queue runs while no limit applies touches no token table, nor the
+    per-key limits' parts."""
+    for part in ("limit_key_tokens", "tasks_running_keyed", "full_keys", "kwants", "limit_tokens"):
+        assert part in CLAIM_LIMITED and part not in CLAIM, part
+    # a task it expires holds no token: it starts nothing (takes over nothing) where a limit
+    # applies to its queue or its actions, whose tokens are the only ones a task there holds
+    assert "LIMIT (SELECT CASE WHEN paused OR limited THEN 0 ELSE $3 END FROM stop)" in CLAIM
 
 
 def test_every_statement_that_ends_a_running_task_gives_its_tokens_back() -> None:
@@ -93,7 +89,10 @@ def test_every_statement_that_ends_a_running_task_gives_its_tokens_back() -> Non
     }
     assert leaving == {"complete", "fail", "bury", "release", "snooze", "cancel_running", "expire"}
     for trigger in leaving:
-        writers = [q for q in QUERIES.values() if f"'{trigger}'" in q.sql]
+        # (task_claim_due expires only where no limit applies: see the test above)
+        writers = [
+            q for q in QUERIES.values() if f"'{trigger}'" in q.sql and q.name != "task_claim_due"
+        ]
         assert writers, trigger
         for q in writers:
             assert "UPDATE limit_tokens k SET task_id = NULL" in q.sql, (trigger, q.name)
