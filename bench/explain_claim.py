@@ -1,6 +1,6 @@
 """EXPLAIN (ANALYZE, BUFFERS) of the claim beside 1,000,000 finished tasks, without and
 with global limits (each far above the load, half of each limit's tokens held), and of the
-claim with per-key limits (task_claim_due_keyed) under one: 10,000 due tasks of 100
+claim with limits (task_claim_due_limited) under a per-key one: 10,000 due tasks of 100
 customers, 50 of them at their cap of 2 (100 RUNNING), the others' tokens made.
 
     .venv/bin/python bench/explain_claim.py
@@ -18,7 +18,7 @@ import asyncpg
 
 from tasklease import schema
 from tasklease.engine.database import resolve, with_database
-from tasklease.engine.queries import CLAIM, CLAIM_KEYED, SQL
+from tasklease.engine.queries import CLAIM, CLAIM_LIMITED, SQL
 
 ARGS = ("default", ["noop"], 10, "w", [30.0], 300.0)
 LIMITS = {"queue:default": None, "action:noop": None, "rate:noop": 1.0}
@@ -64,7 +64,9 @@ async def main(admin: str) -> None:
         for title in ("no limits, aging 300 s", "aging, queue, concurrency and rate limits"):
             if "limits" in title and "no limits" not in title:
                 await set_limits(conn)
-            explain = "EXPLAIN (ANALYZE, BUFFERS, COSTS OFF) " + CLAIM
+            # under limits, a worker runs the claim with the limits joined in
+            claim = CLAIM if "no limits" in title else CLAIM_LIMITED
+            explain = "EXPLAIN (ANALYZE, BUFFERS, COSTS OFF) " + claim
             for _ in range(3):  # the last of three, each rolled back
                 tr = conn.transaction()
                 await tr.start()
@@ -90,13 +92,13 @@ async def main(admin: str) -> None:
             SELECT 'key:noop', 'c' || (g % 50) * 2 + 1, 1 + g / 50 FROM generate_series(0, 99) g""")
         await conn.execute("VACUUM ANALYZE tasks")
         await conn.execute("VACUUM ANALYZE limit_key_tokens")
-        explain = "EXPLAIN (ANALYZE, BUFFERS, COSTS OFF) " + CLAIM_KEYED
+        explain = "EXPLAIN (ANALYZE, BUFFERS, COSTS OFF) " + CLAIM_LIMITED
         for _ in range(3):
             tr = conn.transaction()
             await tr.start()
             rows = await conn.fetch(explain, *ARGS)
             await tr.rollback()
-        print("===== per-key limit of 2, 100 customers, 50 at their cap (task_claim_due_keyed)")
+        print("===== per-key limit of 2, 100 customers, 50 at their cap (task_claim_due_limited)")
         print("\n".join(r[0] for r in rows))
     finally:
         await conn.close()

@@ -101,7 +101,8 @@ async def main(args: argparse.Namespace) -> None:
             got[case] = await one(dsn, case, args.tasks)
             print(
                 f"round {r + 1} {case}: {got[case]['drain_per_s']:,.0f}/s, "
-                f"{got[case]['cpu_us_per_task']:.0f} µs CPU per task",
+                f"{got[case]['cpu_us_per_task']:.0f} µs CPU per task"
+                + (f", {got[case]['fetched']:.0f} refreshes" if "fetched" in got[case] else ""),
                 flush=True,
             )
         for case in ratios:
