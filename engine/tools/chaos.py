@@ -538,17 +538,17 @@ async def _verify(
     report.reclaims = await conn.fetchval(
         "SELECT count(*) FROM task_transitions WHERE trigger = 'reclaim'"
     )
-    rows: list[tuple[int, str, float, float | None]]
+    rows: list[tuple[int, int, str, float, float | None]]
     if runs_file is not None:
         found = _file_runs(runs_file)
-        rows = [(t, w, se[0], se[1] if len(se) > 1 else None) for (t, _, w), se in found.items()]
+        rows = [(t, a, w, se[0], se[1] if len(se) > 1 else None) for (t, a, w), se in found.items()]
         ids = {r["id"] for r in await conn.fetch("SELECT id FROM tasks")}
         report.never_executed = len(ids - {t for t, *_ in rows})
     else:
         rows = [
-            (r["task_id"], r["worker"], r["began"], r["ended"])
+            (r["task_id"], r["attempt"], r["worker"], r["began"], r["ended"])
             for r in await conn.fetch(
-                "SELECT task_id, worker, extract(epoch FROM at)::float8 AS began, "
+                "SELECT task_id, attempt, worker, extract(epoch FROM at)::float8 AS began, "
                 "extract(epoch FROM finished_at)::float8 AS ended FROM chaos_executions"
             )
         ]
@@ -557,10 +557,25 @@ async def _verify(
             "(SELECT FROM chaos_executions e WHERE e.task_id = t.id)"
         )
     report.executions = len(rows)
+    # A run whose end was not recorded (its worker was killed, or the probe's own write of
+    # its end failed in a connection cut) ended, at the latest, when its worker recorded
+    # the attempt's outcome: the worker writes it only once the handler has returned (the
+    # probe never completes its task in a transaction of its own, which would write it
+    # before).
+    outcomes = {
+        (r["task_id"], r["attempt"], r["worker"]): r["at"]
+        for r in await conn.fetch(
+            "SELECT task_id, attempt, worker, extract(epoch FROM min(at))::float8 AS at "
+            "FROM task_transitions WHERE trigger IN ('complete', 'fail', 'bury', "
+            "'cancel_running') GROUP BY task_id, attempt, worker"
+        )
+    }
     runs: dict[int, list[tuple[float, float]]] = {}
     unended = 0
-    for task_id, worker, began, finished in rows:
-        ended = finished if finished is not None else killed.get(worker_pid(worker))
+    for task_id, attempt, worker, began, finished in rows:
+        bounds = [killed.get(worker_pid(worker)), outcomes.get((task_id, attempt, worker))]
+        known = [b for b in bounds if b is not None]
+        ended = finished if finished is not None else min(known) if known else None
         if ended is not None:  # else its worker ended otherwise, when is not known
             runs.setdefault(task_id, []).append((began, ended))
         else:
