@@ -1,7 +1,7 @@
 """Drain throughput of two trees of tasklease, side by side, interleaved (A B B A A B ...).
 
     git worktree add /tmp/before <commit>
-    python bench/ab_drain.py /tmp/before . --rounds 6 --workers 2
+    python bench/ab_drain.py /tmp/before . --rounds 6 --workers 2 [--concurrency 100]
 
 Each round runs `tasklease.engine.tools.bench.drain()` (20,000 no-op tasks on a fresh database)
 with each tree's own code (its folder first on PYTHONPATH, its worker processes too), on the
@@ -31,7 +31,9 @@ except ImportError:
 dsn, server = database.resolve()
 if server is not None:
     server.ensure_running()
-config = bench.BenchConfig(tasks=int(sys.argv[1]), workers=int(sys.argv[2]))
+tasks, workers = int(sys.argv[1]), int(sys.argv[2])
+concurrency = int(sys.argv[3]) if len(sys.argv) > 3 else 100
+config = bench.BenchConfig(tasks=tasks, workers=workers, concurrency=concurrency)
 print(json.dumps(asyncio.run(bench.drain(dsn, config, Path(tempfile.mkdtemp()), lambda s: None))))
 """
 
@@ -68,12 +70,13 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--tasks", type=int, default=20_000)
+    p.add_argument("--concurrency", type=int, default=100, help="per worker process (100)")
     args = p.parse_args()
     trees = {"a": args.a.resolve(), "b": args.b.resolve()}
     runs: dict[str, list[dict[str, float]]] = {"a": [], "b": []}
     for n in range(args.rounds):
         for name in ("a", "b") if n % 2 == 0 else ("b", "a"):
-            d = drain(trees[name], args.tasks, args.workers)
+            d = drain(trees[name], args.tasks, args.workers, args=(str(args.concurrency),))
             runs[name].append(d)
             print(
                 f"round {n} {name} ({trees[name]}): {d['drain_per_s']:,.0f}/s, "

@@ -158,7 +158,8 @@ class TaskContext:
         """Extend the lease now (the worker also does it on its own every lease/3).
 
         False means the lease is lost: another worker may run the task, and
-        whatever this attempt returns will be dropped.
+        whatever this attempt returns will be dropped. Once the attempt has ended (the
+        handler returned), it is always False.
         """
         return await self._heartbeat()
 
