@@ -309,11 +309,15 @@ WITH lease AS (
         ) AS found
         LIMIT w.k
     ) AS t
+), tokarr AS MATERIALIZED (
+    -- per limit, its tokens found in order: the start in place p takes the p-th (a subscript,
+    -- where a join on (key, place) was planned as a merge on key alone: every pair compared)
+    SELECT key, array_agg(n ORDER BY place) AS ns FROM tokens GROUP BY key
 ), refused AS MATERIALIZED (
     -- starts that did not get a token of some limit: not started this time
     SELECT DISTINCT w.id FROM wants w
-    LEFT JOIN tokens k ON k.key = w.key AND k.place = w.place
-    WHERE k.key IS NULL
+    LEFT JOIN tokarr k ON k.key = w.key
+    WHERE k.ns[w.place] IS NULL
 ), kwants AS MATERIALIZED (
     -- each start under a per-key limit (not a takeover: it keeps its token; not one another
     -- limit refused), its value of the field, and its place in line for that value's tokens
@@ -368,15 +372,22 @@ WITH lease AS (
     SELECT id FROM kwants WHERE id NOT IN (SELECT id FROM kheld)
 ), assigned AS MATERIALIZED (
     -- the tokens of what starts
-    SELECT w.id, w.key, k.n, w.per_seconds FROM wants w
-    JOIN tokens k ON k.key = w.key AND k.place = w.place
+    SELECT w.id, w.key, k.ns[w.place] AS n, w.per_seconds FROM wants w
+    JOIN tokarr k ON k.key = w.key
     WHERE w.id NOT IN (SELECT id FROM refused)
       AND w.id NOT IN (SELECT id FROM krefused)
-), held AS (
-    -- per task, the numbers of the concurrency tokens it will hold
-    SELECT id, max(n) FILTER (WHERE key LIKE 'queue:%') AS queue_token,
-           max(n) FILTER (WHERE key LIKE 'action:%') AS action_token
-    FROM assigned GROUP BY id
+), amap AS MATERIALIZED (
+    SELECT array_agg(key) AS keys, array_agg(n) AS ns, array_agg(id) AS ids,
+           array_agg(per_seconds) AS pers
+    FROM assigned
+), held AS MATERIALIZED (
+    -- per task, the numbers of the concurrency tokens it will hold, as aligned arrays for
+    -- `claimed` to look up by id (array_position), as kmap
+    SELECT array_agg(id) AS ids, array_agg(queue_token) AS queue_tokens,
+           array_agg(action_token) AS action_tokens
+    FROM (SELECT id, max(n) FILTER (WHERE key LIKE 'queue:%') AS queue_token,
+                 max(n) FILTER (WHERE key LIKE 'action:%') AS action_token
+          FROM assigned GROUP BY id) AS per_task
 ), expired AS (
     SELECT * FROM expired_locked WHERE id NOT IN (SELECT id FROM refused)
 ), due AS (
@@ -411,10 +422,11 @@ WITH lease AS (
     SET state = 'RUNNING', attempt = t.attempt + 1, lease_token = gen_random_uuid(),
         lease_expires_at = now() + make_interval(secs => coalesce(t.lease_seconds, lease.seconds)),
         worker = $4, updated_at = now(),
-        queue_token = held.queue_token, action_token = held.action_token,
+        queue_token = (SELECT queue_tokens[array_position(ids, t.id)] FROM held),
+        action_token = (SELECT action_tokens[array_position(ids, t.id)] FROM held),
         limit_key = (SELECT subs[array_position(ids, t.id)] FROM kmap),
         key_token = (SELECT ns[array_position(ids, t.id)] FROM kmap)
-    FROM due LEFT JOIN held ON held.id = due.id, lease
+    FROM due, lease
     -- the id list steers the planner to the primary key rather than re-reading the due range
     WHERE t.id = ANY(ARRAY(SELECT id FROM due)) AND t.id = due.id AND lease.action = t.action
       AND t.state IN ('PENDING', 'FAILED') AND t.due_at <= now()
@@ -426,7 +438,11 @@ WITH lease AS (
     SET task_id = CASE WHEN a.per_seconds IS NULL THEN a.id END,
         free_at = CASE WHEN a.per_seconds IS NOT NULL
                        THEN now() + make_interval(secs => a.per_seconds) ELSE t.free_at END
-    FROM assigned a
+    -- `assigned` read back as arrays: the planner then counts on a few rows and probes the
+    -- primary key for each (joined with the CTE, whose size it cannot know, it may choose to
+    -- read every token instead)
+    FROM unnest((SELECT keys FROM amap), (SELECT ns FROM amap), (SELECT ids FROM amap),
+                (SELECT pers FROM amap)) AS a(key, n, id, per_seconds)
     WHERE t.key = a.key AND t.n = a.n
 ), ktaken AS (
     -- the free tokens of a value found above, now held by what started
