@@ -377,6 +377,7 @@ WITH lease AS (
     WHERE w.id NOT IN (SELECT id FROM refused)
       AND w.id NOT IN (SELECT id FROM krefused)
 ), amap AS MATERIALIZED (
+    -- `assigned` as aligned arrays, for `taken`
     SELECT array_agg(key) AS keys, array_agg(n) AS ns, array_agg(id) AS ids,
            array_agg(per_seconds) AS pers
     FROM assigned

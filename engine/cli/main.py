@@ -91,7 +91,7 @@ def freeze_start_up() -> None:
     to gc.freeze() so that the collector's full passes, which a worker's allocations trigger
     every few thousand tasks, stop walking the tens of thousands of objects that never die.
     A worker drains ~20 % faster for ~10 % less CPU a task (docs/benchmarks.md); young
-    passes less often (YOUNG_COLLECTION_AFTER): ~7 % more with one worker."""
+    passes less often (YOUNG_COLLECTION_AFTER): 3 to 8 % more with one worker."""
     gc.collect()
     gc.freeze()
     gc.set_threshold(YOUNG_COLLECTION_AFTER, *gc.get_threshold()[1:])

@@ -149,7 +149,7 @@ async def test_a_large_claim_under_limits_matches_starts_and_tokens_in_one_pass(
 ) -> None:
     """A claim of 200 under limits: no step compares every start with every token or every
     task with every start (a join planned on part of its key, a subquery run per row), which
-    took 60 % of such a claim's time; and its tokens are read through their key."""
+    took more than half of such a claim's time; and its tokens are read through their key."""
     # the limits of the bench's drains under limits (engine/tools/bench.py), with their
     # tokens analyzed, as a deployment has them
     for key, per in (("queue:default", None), ("action:noop", None), ("rate:noop", 1.0)):
