@@ -69,6 +69,19 @@ def test_both_claims_take_the_same_six_parameters_and_read_limits_in_one_place()
     assert "limit_key_tokens" not in CLAIM and "limit_key_tokens" in CLAIM_LIMITED
 
 
+def test_both_claims_record_and_return_what_they_started_alike() -> None:
+    """The two claims are written out in full (docs/architecture.md): their history rows and
+    the rows they return for each start, takeover and expiry stay the same text, so that a
+    change to one cannot miss the other."""
+
+    def tail(claim: str) -> str:
+        start = claim.index("), logged AS (")
+        return claim[start : claim.index("UNION ALL\n--", start)]
+
+    assert "'reclaim'" in tail(CLAIM) and "FROM dead" in tail(CLAIM)
+    assert tail(CLAIM) == tail(CLAIM_LIMITED)
+
+
 def test_only_the_claim_with_limits_reads_their_tokens() -> None:
     """The claim a queue runs while no limit applies touches no token table, nor the
     per-key limits' parts."""
